@@ -1,0 +1,47 @@
+// The training backends behind one interface: the CPU backend (always built) and
+// the CUDA backend (when the build has CUDA and the machine a GPU).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "univ/config.hpp"
+#include "univ/train_state.hpp"
+
+namespace univ {
+
+enum class Device { cpu, cuda };
+std::string to_string(Device d);
+
+// --device auto|cpu|cuda -> the device to use. UserError for unknown names and for
+// cuda without a GPU or without CUDA support in this build.
+Device resolve_device(const std::string& flag);
+
+// Number of CUDA devices usable by this process; 0 without CUDA support.
+int cuda_device_count();
+
+struct StepStats {
+  std::vector<double> loss;       // [models], before the update
+  std::vector<double> grad_norm;  // [models], before clipping
+  bool finite = true;             // every loss and norm finite; otherwise no parameter changed
+};
+
+class TrainBackend {
+ public:
+  virtual ~TrainBackend() = default;
+  virtual Device device() const = 0;
+  virtual void set_state(const TrainState& state) = 0;
+  virtual TrainState state() const = 0;
+  // One update of every model: forward and backward on inputs/targets [models, batch,
+  // seq_len], global-norm clipping, AdamW at learning rate lr. When a loss or a
+  // gradient norm is not finite, nothing is updated (the state stays the last good one).
+  virtual StepStats step(const int32_t* inputs, const int32_t* targets, double lr) = 0;
+  // Mean loss of every model over `count` sequences of seq_len + 1 tokens (shared by
+  // all models), in batches; nothing is updated.
+  virtual std::vector<double> evaluate(const int32_t* sequences, int64_t count) = 0;
+};
+
+std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config);
+
+}  // namespace univ

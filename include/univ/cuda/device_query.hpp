@@ -1,0 +1,12 @@
+// CUDA device discovery (built only with CUDA).
+#pragma once
+#include <string>
+
+namespace univ::cuda {
+
+// Usable devices; 0 when there is no driver or no GPU (never throws).
+int device_count();
+// "NVIDIA H100 80GB HBM3 (sm_90, 79 GiB)" for device `index`.
+std::string device_description(int index);
+
+}  // namespace univ::cuda

@@ -1,0 +1,27 @@
+// File helpers: whole-file reads with clear errors, durable and atomic writes, hashing.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+namespace univ {
+
+// The whole file; UserError naming the path and the reason when it cannot be read.
+std::string read_file(const std::filesystem::path& path);
+
+// Writes `data` to `path` and flushes it to the disk (fsync) before returning.
+void write_file_durable(const std::filesystem::path& path, std::string_view data);
+
+// Writes to a temporary file beside `path`, flushes it, then renames it over `path`:
+// readers see the old file or the new one, never a part.
+void write_file_atomic(const std::filesystem::path& path, std::string_view data);
+
+// Flushes a directory's entries (renames, creations) to the disk.
+void fsync_directory(const std::filesystem::path& dir);
+
+// FNV-1a, 64-bit: a fingerprint for data files and a checksum for our own files.
+uint64_t fnv1a64(std::string_view data, uint64_t hash = 0xcbf29ce484222325ull);
+std::string hex64(uint64_t value);
+
+}  // namespace univ

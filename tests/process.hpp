@@ -1,0 +1,70 @@
+// Runs a program of ours as a child process, capturing exit code, stdout and stderr.
+#pragma once
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+extern char** environ;
+
+namespace univ::testing {
+
+struct ProcessResult {
+  int exit_code = -1;  // 128 + signal when killed by a signal
+  std::string out, err;
+};
+
+// A started child whose output goes to files in `scratch`.
+class Process {
+ public:
+  Process(const std::string& program, const std::vector<std::string>& args, const std::filesystem::path& scratch)
+      : out_path_(scratch / "stdout.txt"), err_path_(scratch / "stderr.txt") {
+    std::vector<std::string> argv_storage{program};
+    argv_storage.insert(argv_storage.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_storage) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int rc = posix_spawn(&pid_, program.c_str(), &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) throw std::runtime_error("cannot start " + program);
+  }
+  void signal(int sig) const { ::kill(pid_, sig); }
+  ProcessResult wait() {
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    ProcessResult r;
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    r.out = slurp(out_path_);
+    r.err = slurp(err_path_);
+    return r;
+  }
+
+ private:
+  static std::string slurp(const std::filesystem::path& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  }
+  std::filesystem::path out_path_, err_path_;
+  pid_t pid_ = -1;
+};
+
+inline ProcessResult run_process(const std::string& program, const std::vector<std::string>& args,
+                                 const std::filesystem::path& scratch) {
+  return Process(program, args, scratch).wait();
+}
+
+}  // namespace univ::testing

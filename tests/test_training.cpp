@@ -1,0 +1,158 @@
+// The training loop end to end on the CPU backend: learning, determinism, bit-exact
+// resume, same-init/same-data, divergence handling, protection of earlier outputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "test_util.hpp"
+#include "univ/checkpoint.hpp"
+#include "univ/error.hpp"
+#include "univ/fileio.hpp"
+#include "univ/train.hpp"
+
+namespace univ {
+namespace {
+
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+TrainOptions small_options(const fs::path& out, int64_t steps = 40) {
+  TrainOptions o;
+  RunConfig& c = o.config;
+  c.model.seq_len = 16;
+  c.model.d_model = 32;
+  c.model.heads = 2;
+  c.model.d_mlp = 64;
+  c.model.layers = 1;
+  c.data.source = "synthetic:markov";
+  c.data.test_samples = 200;
+  c.models = 2;
+  c.seeds = {3, 4};
+  c.samples = 640;
+  c.batch = 32;
+  c.steps = steps;
+  c.optim.lr = 3e-3;
+  c.optim.warmup = 10;
+  o.out_dir = out;
+  o.save_every = 1000;
+  return o;
+}
+
+std::vector<std::string> run_files(const fs::path& dir, int models) {
+  std::vector<std::string> out;
+  for (int m = 0; m < models; ++m) {
+    out.push_back(read_file(model_file(dir, m)));
+    out.push_back(read_file(optimizer_file(dir, m)));
+  }
+  return out;
+}
+
+TEST(Training, LossFallsWellBelowTheUnigramEntropy) {
+  TempDir dir;
+  TrainOptions o = small_options(dir.path(), 300);
+  o.config.samples = 3200;
+  const TrainResult r = train(o, {});
+  EXPECT_FALSE(r.interrupted);
+  EXPECT_EQ(r.step, 300);
+  ASSERT_EQ(r.test_loss.size(), 2u);
+  EXPECT_GT(r.unigram_entropy, 3.5);
+  for (double loss : r.test_loss) EXPECT_LT(loss, r.unigram_entropy - 1.5);
+  EXPECT_TRUE(fs::exists(dir / "train_log.csv"));
+  EXPECT_TRUE(fs::exists(dir / "train_summary.json"));
+}
+
+TEST(Training, TwoRunsGiveIdenticalCheckpointBytes) {
+  TempDir a, b;
+  train(small_options(a.path()), {});
+  train(small_options(b.path()), {});
+  EXPECT_EQ(run_files(a.path(), 2), run_files(b.path(), 2));
+  EXPECT_EQ(read_file(a / "train_log.csv"), read_file(b / "train_log.csv"));
+}
+
+TEST(Training, ResumedRunEqualsUninterruptedRunBitForBit) {
+  TempDir whole, parts;
+  train(small_options(whole.path()), {});
+  TrainHooks stop_after_17;
+  int64_t steps_seen = 0;
+  stop_after_17.on_step = [&](const TrainProgress& p) { steps_seen = p.step; };
+  stop_after_17.stop_requested = [&] { return steps_seen == 17; };
+  const TrainResult first = train(small_options(parts.path()), stop_after_17);
+  EXPECT_TRUE(first.interrupted);
+  EXPECT_EQ(first.step, 17);
+  EXPECT_EQ(load_checkpoint(parts.path()).state.step, 17);
+
+  TrainOptions resume = small_options(parts.path());
+  resume.resume = load_checkpoint(parts.path());
+  const TrainResult rest = train(resume, {});
+  EXPECT_EQ(rest.step, 40);
+  EXPECT_EQ(run_files(whole.path(), 2), run_files(parts.path(), 2));
+  EXPECT_EQ(read_file(whole / "train_log.csv"), read_file(parts / "train_log.csv"));
+}
+
+TEST(Training, SameInitAndSameDataMakeTwinModels) {
+  TempDir twins, same_init;
+  TrainOptions o = small_options(twins.path(), 10);
+  o.config.same_init = o.config.same_data = true;
+  train(o, {});
+  const LoadedCheckpoint t = load_checkpoint(twins.path());
+  const ParamLayout layout(t.config.model, 2);
+  for (const auto& tensor : layout.tensors())
+    for (int64_t i = 0; i < tensor.numel; ++i)
+      ASSERT_EQ(t.state.params[layout.offset(tensor, 0) + i], t.state.params[layout.offset(tensor, 1) + i]);
+  EXPECT_EQ(load_model(model_file(twins.path(), 1)).seed, 3u);  // the first seed
+
+  TrainOptions p = small_options(same_init.path(), 10);
+  p.config.same_init = true;  // same start, different data: the models drift apart
+  train(p, {});
+  const LoadedCheckpoint s = load_checkpoint(same_init.path());
+  const auto& fc = layout.at("blocks.0.mlp.fc.weight");
+  EXPECT_NE(s.state.params[layout.offset(fc, 0)], s.state.params[layout.offset(fc, 1)]);
+}
+
+TEST(Training, NonFiniteLossStopsAndKeepsTheLastCheckpoint) {
+  TempDir dir;
+  train(small_options(dir.path(), 5), {});
+  LoadedCheckpoint ckpt = load_checkpoint(dir.path());
+  ckpt.config.steps = 40;  // a longer run whose weights went bad at step 5
+  ckpt.state.params[ParamLayout(ckpt.config.model, 2).offset(
+      ParamLayout(ckpt.config.model, 2).at("blocks.0.mlp.fc.weight"), 1)] = NAN;
+  save_checkpoint(dir.path(), ckpt.config, ckpt.data, ckpt.state);
+  const auto before = run_files(dir.path(), 2);
+  TrainOptions o = small_options(dir.path());
+  o.resume = load_checkpoint(dir.path());
+  try {
+    train(o, {});
+    FAIL() << "training went on past a NaN";
+  } catch (const UserError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("model 1"), std::string::npos) << what;
+    EXPECT_NE(what.find("at step 6"), std::string::npos) << what;
+    EXPECT_NE(what.find("the checkpoint of step 5"), std::string::npos) << what;
+  }
+  EXPECT_EQ(run_files(dir.path(), 2), before);
+}
+
+TEST(Training, EarlierOutputsAreNotOverwrittenByAccident) {
+  TempDir dir;
+  train(small_options(dir.path(), 5), {});
+  const auto before = run_files(dir.path(), 2);
+  EXPECT_THROW(train(small_options(dir.path(), 5), {}), UserError);
+  EXPECT_EQ(run_files(dir.path(), 2), before);
+  TrainOptions o = small_options(dir.path(), 6);
+  o.overwrite = true;
+  EXPECT_EQ(train(o, {}).step, 6);
+}
+
+TEST(Training, AnOutputPathThatCannotBeADirectoryIsRefusedBeforeTraining) {
+  TempDir dir;
+  write_file_durable(dir / "file", "x");
+  bool started = false;
+  TrainHooks hooks;
+  hooks.on_start = [&](const RunConfig&, int64_t) { started = true; };
+  EXPECT_THROW(train(small_options(dir / "file" / "run"), hooks), UserError);
+  EXPECT_THROW(train(small_options(dir / "file"), hooks), UserError);
+  EXPECT_FALSE(started);
+}
+
+}  // namespace
+}  // namespace univ

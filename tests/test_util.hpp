@@ -1,0 +1,86 @@
+// Helpers shared by the tests: random data, finite differences, error norms, temp dirs.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace univ::testing {
+
+template <class F>
+std::vector<F> random_vector(size_t n, uint32_t seed, double scale = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, scale);
+  std::vector<F> v(n);
+  for (auto& x : v) x = static_cast<F>(normal(rng));
+  return v;
+}
+
+inline std::vector<int32_t> random_tokens(size_t n, int vocab, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, vocab - 1);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = pick(rng);
+  return v;
+}
+
+// Central differences of f with respect to every element of x (perturbed in place).
+inline std::vector<double> numeric_gradient(std::vector<double>& x, const std::function<double()>& f,
+                                            double h = 1e-5) {
+  std::vector<double> g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double saved = x[i];
+    x[i] = saved + h;
+    const double up = f();
+    x[i] = saved - h;
+    const double down = f();
+    x[i] = saved;
+    g[i] = (up - down) / (2 * h);
+  }
+  return g;
+}
+
+// ||a - b|| / ||b||
+template <class A, class B>
+double relative_error(const std::vector<A>& a, const std::vector<B>& b) {
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
+    ref += double(b[i]) * double(b[i]);
+  }
+  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-300);
+}
+
+template <class F>
+double dot(const std::vector<F>& a, const std::vector<F>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += double(a[i]) * double(b[i]);
+  return s;
+}
+
+// A fresh directory under the system temp dir, removed with the object.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "univ-test-XXXXXX").string();
+    path_ = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+}  // namespace univ::testing
