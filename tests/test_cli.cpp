@@ -162,6 +162,12 @@ TEST(TrainPairCli, BadDataFiles) {
     SCOPED_TRACE(extra[1]);
     expect_clear_error(train_pair(scratch, with(base, extra)), fragment);
   }
+  if (geteuid() != 0) {  // root reads any file
+    write_file_durable(scratch / "locked.txt", std::string(1000, 'a'));
+    fs::permissions(scratch / "locked.txt", fs::perms::none);
+    expect_clear_error(train_pair(scratch, with(base, {"--data", (scratch / "locked.txt").string()})),
+                       "Permission denied");
+  }
 }
 
 TEST(TrainPairCli, BadResumeDirectoriesLeaveTheirFilesAlone) {
@@ -207,6 +213,11 @@ TEST(TrainPairCli, UnwritableOutputAndMissingGpu) {
   TempDir scratch;
   write_file_durable(scratch / "a-file", "x");
   expect_clear_error(train_pair(scratch, tiny_flags(scratch / "a-file" / "run", 5)), "cannot create output directory");
+  if (geteuid() != 0) {  // root writes anywhere
+    fs::create_directories(scratch / "read-only");
+    fs::permissions(scratch / "read-only", fs::perms::owner_read | fs::perms::owner_exec);
+    expect_clear_error(train_pair(scratch, tiny_flags(scratch / "read-only", 5)), "Permission denied");
+  }
   if (cuda_device_count() == 0)
     expect_clear_error(train_pair(scratch, with(tiny_flags(scratch / "run", 5), {"--device", "cuda"})),
                        "--device cuda");
