@@ -1,6 +1,7 @@
 // The training loop: batches, learning-rate schedule, checkpoints, logs, test loss.
 #include "univ/train.hpp"
 
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -33,10 +34,17 @@ void prepare_out_dir(const TrainOptions& options) {
   const fs::path probe = dir / ".univ-write-test";
   write_file_durable(probe, "ok");  // UserError naming the reason when the directory is not writable
   fs::remove(probe);
-  const bool resuming_here = options.resume && fs::equivalent(options.resume->dir, dir);
+  const bool resuming_here = options.resume && fs::equivalent(options.resume->dir, dir, ec);
   if (!options.overwrite && !resuming_here && has_checkpoint(dir))
     throw UserError(dir.string() + " already holds a checkpoint: pass --resume " + dir.string() +
                     " to continue it, --overwrite to replace it, or another --out");
+}
+
+// The step a train_log.csv row starts with; -1 for the header or a damaged row.
+int64_t row_step(const std::string& line) {
+  int64_t step = -1;
+  const auto [end, ec] = std::from_chars(line.data(), line.data() + line.size(), step);
+  return ec == std::errc() && end != line.data() + line.size() && *end == ',' ? step : -1;
 }
 
 // train_log.csv: one row per step; on resume the rows after the checkpoint are dropped.
@@ -47,8 +55,10 @@ class StepLog {
     if (resume_step > 0 && fs::exists(path)) {
       std::istringstream old(read_file(path));
       std::string line;
-      for (bool header = true; std::getline(old, line); header = false)
-        if (header || std::stoll(line.substr(0, line.find(','))) <= resume_step) kept += line + '\n';
+      for (bool header = true; std::getline(old, line); header = false) {
+        const int64_t step = row_step(line);
+        if (header ? step < 0 : step >= 1 && step <= resume_step) kept += line + '\n';
+      }
     }
     if (kept.empty()) {
       kept = "step,lr";
@@ -158,9 +168,9 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
       p.eta_seconds = done > 0 ? elapsed / done * static_cast<double>(total - step) : 0;
       hooks.on_step(p);
     }
-    if (step % save_every == 0 || step == total) save();
-    if (step < total && hooks.stop_requested && hooks.stop_requested()) {
-      save();
+    const bool stop = step < total && hooks.stop_requested && hooks.stop_requested();
+    if (stop || step % save_every == 0 || step == total) save();
+    if (stop) {
       result.interrupted = true;
       break;
     }
