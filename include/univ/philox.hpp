@@ -88,7 +88,16 @@ class PhiloxStream {
 };
 
 // Stream ids keep the toolkit's uses of randomness apart: (purpose, a < 2^24, b) -> one stream.
-enum class RngPurpose : uint64_t { init = 1, test_sample = 2, train_sample = 3, shuffle = 4, split = 5, language = 6 };
+enum class RngPurpose : uint64_t {
+  init = 1,
+  test_sample = 2,
+  train_sample = 3,
+  shuffle = 4,
+  split = 5,
+  language = 6,
+  rotation = 7,
+  permutation = 8,
+};
 inline uint64_t rng_stream(RngPurpose purpose, uint32_t a, uint32_t b = 0) {
   return (static_cast<uint64_t>(purpose) << 56) | (static_cast<uint64_t>(a & 0xFFFFFFu) << 32) | b;
 }

@@ -1,0 +1,358 @@
+// Correlations, rotation baseline, matching and null counts from the statistics.
+#include "univ/analysis.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "cpu/blas.hpp"
+#include "univ/error.hpp"
+#include "univ/philox.hpp"
+#include "univ/rotation.hpp"
+
+namespace univ {
+
+std::string to_string(MatchMode m) {
+  return m == MatchMode::index ? "index" : m == MatchMode::max ? "max" : "one-to-one";
+}
+std::string to_string(MatchScope s) { return s == MatchScope::layer ? "layer" : "all"; }
+
+MatchMode parse_match_mode(const std::string& name) {
+  if (name == "index") return MatchMode::index;
+  if (name == "max") return MatchMode::max;
+  if (name == "one-to-one") return MatchMode::one_to_one;
+  throw UserError("unknown --match '" + name + "' (expected index, max or one-to-one)");
+}
+
+MatchScope parse_match_scope(const std::string& name) {
+  if (name == "layer") return MatchScope::layer;
+  if (name == "all") return MatchScope::all;
+  throw UserError("unknown --scope '" + name + "' (expected layer or all)");
+}
+
+void AnalysisOptions::validate() const {
+  if (!(threshold > 0 && threshold <= 1))
+    throw UserError("--threshold must lie in (0, 1] (got " + std::to_string(threshold) + ")");
+  if (baseline_draws < 1) throw UserError("--baseline-draws must be at least 1");
+  if (null_draws < 0) throw UserError("--null-draws must be zero or positive");
+}
+
+std::vector<int> min_cost_assignment(const std::vector<double>& cost, int rows, int cols) {
+  // Shortest augmenting paths with row and column potentials (Kuhn-Munkres as
+  // refined by Jonker and Volgenant); arrays are 1-based, column 0 is a sentinel.
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> u(rows + 1, 0.0), v(cols + 1, 0.0), min_slack(cols + 1);
+  std::vector<int> row_of(cols + 1, 0), previous(cols + 1, 0);
+  std::vector<char> visited(cols + 1);
+  for (int i = 1; i <= rows; ++i) {
+    row_of[0] = i;
+    int j0 = 0;
+    std::fill(min_slack.begin(), min_slack.end(), inf);
+    std::fill(visited.begin(), visited.end(), 0);
+    do {
+      visited[j0] = 1;
+      const int i0 = row_of[j0];
+      double delta = inf;
+      int j1 = 0;
+      for (int j = 1; j <= cols; ++j) {
+        if (visited[j]) continue;
+        const double slack = cost[size_t(i0 - 1) * cols + (j - 1)] - u[i0] - v[j];
+        if (slack < min_slack[j]) {
+          min_slack[j] = slack;
+          previous[j] = j0;
+        }
+        if (min_slack[j] < delta) {
+          delta = min_slack[j];
+          j1 = j;
+        }
+      }
+      for (int j = 0; j <= cols; ++j) {
+        if (visited[j]) {
+          u[row_of[j]] += delta;
+          v[j] -= delta;
+        } else {
+          min_slack[j] -= delta;
+        }
+      }
+      j0 = j1;
+    } while (row_of[j0] != 0);
+    do {
+      const int j1 = previous[j0];
+      row_of[j0] = row_of[j1];
+      j0 = j1;
+    } while (j0 != 0);
+  }
+  std::vector<int> col_of(rows, -1);
+  for (int j = 1; j <= cols; ++j)
+    if (row_of[j] != 0) col_of[row_of[j] - 1] = j - 1;
+  return col_of;
+}
+
+double NullCount::mean() const {
+  if (counts.empty()) return 0;
+  return std::accumulate(counts.begin(), counts.end(), 0.0) / static_cast<double>(counts.size());
+}
+
+double NullCount::sd() const {
+  if (counts.size() < 2) return 0;
+  const double mu = mean();
+  double ss = 0;
+  for (int c : counts) ss += (c - mu) * (c - mu);
+  return std::sqrt(ss / static_cast<double>(counts.size() - 1));
+}
+
+double chance_bound(const NullCount& null) {
+  return null.mean() + 3 * std::max(null.sd(), std::sqrt(std::max(null.mean(), 1.0)));
+}
+
+namespace {
+
+// Matched correlation (and the matched column) of every row of a correlation matrix
+// rows x cols, under the chosen mode; layer blocks are `row_width` and `col_width` wide.
+struct Matched {
+  std::vector<double> value;
+  std::vector<int> column;
+};
+
+Matched match_rows(const std::vector<double>& r, int64_t rows, int64_t cols, int row_width, int col_width,
+                   const AnalysisOptions& o) {
+  Matched out{std::vector<double>(rows), std::vector<int>(rows)};
+  const bool per_layer = o.scope == MatchScope::layer;
+  if (o.match == MatchMode::index) {
+    for (int64_t n = 0; n < rows; ++n) {
+      out.value[n] = r[n * cols + n];
+      out.column[n] = static_cast<int>(n);
+    }
+  } else if (o.match == MatchMode::max) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < rows; ++n) {
+      const int64_t c0 = per_layer ? n / row_width * col_width : 0, c1 = per_layer ? c0 + col_width : cols;
+      const double* row = r.data() + n * cols;
+      const int64_t best = std::max_element(row + c0, row + c1) - row;
+      out.value[n] = row[best];
+      out.column[n] = static_cast<int>(best);
+    }
+  } else {
+    const int64_t blocks = per_layer ? rows / row_width : 1;
+    const int64_t bw = per_layer ? row_width : rows, bc = per_layer ? col_width : cols;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t b = 0; b < blocks; ++b) {
+      std::vector<double> cost(size_t(bw * bc));
+      for (int64_t n = 0; n < bw; ++n)
+        for (int64_t c = 0; c < bc; ++c) cost[n * bc + c] = -r[(b * bw + n) * cols + b * bc + c];
+      const std::vector<int> assigned = min_cost_assignment(cost, static_cast<int>(bw), static_cast<int>(bc));
+      for (int64_t n = 0; n < bw; ++n) {
+        const int64_t col = b * bc + assigned[n];
+        out.value[b * bw + n] = r[(b * bw + n) * cols + col];
+        out.column[b * bw + n] = static_cast<int>(col);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<double> transpose(const std::vector<double>& a, int64_t rows, int64_t cols) {
+  std::vector<double> t(a.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = a[r * cols + c];
+  return t;
+}
+
+void check_fit(const CorrelationStats& stats, const AnalysisOptions& o) {
+  if (stats.models() < 2) throw UserError("correlation needs at least 2 models");
+  if (stats.count() < 2) throw UserError("correlation needs at least 2 tokens");
+  for (int m = 1; m < stats.models(); ++m) {
+    const NeuronShape &a = stats.shapes()[0], &b = stats.shapes()[m];
+    if ((o.match == MatchMode::index || o.match == MatchMode::one_to_one) && !(a == b))
+      throw UserError("--match " + to_string(o.match) +
+                      " needs models of equal layer counts and widths; use --match max for models of different widths");
+    if (o.scope == MatchScope::layer && a.layers != b.layers)
+      throw UserError("--scope layer needs models with the same number of layers; use --scope all");
+  }
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> rotation_matrices(const NeuronShape& shape, int model, int draw, uint64_t seed) {
+  std::vector<std::vector<double>> q;
+  for (int l = 0; l < shape.layers; ++l) {
+    PhiloxStream rng(seed, rng_stream(RngPurpose::rotation, static_cast<uint32_t>(model),
+                                      (static_cast<uint32_t>(draw) << 16) | static_cast<uint32_t>(l)));
+    q.push_back(haar_orthogonal(shape.width, rng));
+  }
+  return q;
+}
+
+std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int j,
+                                       const std::vector<std::vector<double>>& q) {
+  const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
+  const int64_t Ni = si.neurons(), Nj = sj.neurons();
+  const int D = sj.width;
+  std::vector<double> c = i < j ? stats.cross(i, j) : transpose(stats.cross(j, i), Nj, Ni);
+  std::vector<double> var_j = stats.variance_sums(j);
+  if (!q.empty()) {
+    std::vector<double> rotated(c.size()), qs(size_t(D) * D);
+    for (int l = 0; l < sj.layers; ++l) {
+      // Columns of layer l: C Q^T; variances: diag(Q S Q^T).
+      cpu::gemm(false, true, static_cast<int>(Ni), D, D, 1.0, c.data() + size_t(l) * D, static_cast<int>(Nj),
+                q[l].data(), D, 0.0, rotated.data() + size_t(l) * D, static_cast<int>(Nj));
+      cpu::gemm(false, false, D, D, D, 1.0, q[l].data(), D, stats.within(j, l).data(), D, 0.0, qs.data(), D);
+      for (int k = 0; k < D; ++k) {
+        double v = 0;
+        for (int a = 0; a < D; ++a) v += qs[size_t(k) * D + a] * q[l][size_t(k) * D + a];
+        var_j[size_t(l) * D + k] = v;
+      }
+    }
+    c = std::move(rotated);
+  }
+  const std::vector<double> var_i = stats.variance_sums(i);
+  // c[a, b] / sqrt(var_a var_b); 0 where a variance is 0 (a constant neuron).
+#pragma omp parallel for schedule(static)
+  for (int64_t a = 0; a < Ni; ++a)
+    for (int64_t b = 0; b < Nj; ++b) {
+      const double denom = std::sqrt(var_i[a] * var_j[b]);
+      c[a * Nj + b] = denom > 0 ? c[a * Nj + b] / denom : 0.0;
+    }
+  return c;
+}
+
+Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) {
+  options.validate();
+  check_fit(stats, options);
+  const int K = stats.models();
+  const int draws = options.baseline_draws + options.null_draws;
+  Analysis out;
+  out.options = options;
+  out.tokens = stats.count();
+
+  std::vector<std::vector<std::vector<std::vector<double>>>> rotations(K);  // [model][draw][layer]
+  for (int m = 0; m < K; ++m)
+    for (int d = 0; d < draws; ++d) rotations[m].push_back(rotation_matrices(stats.shapes()[m], m, d, options.seed));
+
+  // Per model i: each neuron's matches, and per null draw the excess it would have.
+  for (int i = 0; i < K; ++i) {
+    const NeuronShape si = stats.shapes()[i];
+    const int64_t Ni = si.neurons();
+    std::vector<NeuronResult> neurons(Ni);
+    for (int64_t n = 0; n < Ni; ++n) {
+      neurons[n].model = i;
+      neurons[n].layer = static_cast<int>(n / si.width);
+      neurons[n].neuron = static_cast<int>(n % si.width);
+      neurons[n].dead = stats.within(i, neurons[n].layer)[size_t(neurons[n].neuron) * (si.width + 1)] <= 0;
+    }
+    std::vector<std::vector<double>> rotation_null(options.null_draws, std::vector<double>(Ni, 0.0));
+    std::vector<std::vector<double>> permutation_null(
+        options.match == MatchMode::index ? options.null_draws : 0, std::vector<double>(Ni, 0.0));
+    for (int j = 0; j < K; ++j) {
+      if (j == i) continue;
+      const NeuronShape sj = stats.shapes()[j];
+      const int64_t Nj = sj.neurons();
+      const std::vector<double> r = correlation_matrix(stats, i, j);
+      const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
+      std::vector<double> baseline(Ni, 0.0);
+      for (int d = 0; d < draws; ++d) {
+        const Matched rotated =
+            match_rows(correlation_matrix(stats, i, j, rotations[j][d]), Ni, Nj, si.width, sj.width, options);
+        for (int64_t n = 0; n < Ni; ++n) {
+          if (d < options.baseline_draws) baseline[n] += rotated.value[n] / options.baseline_draws;
+          else rotation_null[d - options.baseline_draws][n] += rotated.value[n];
+        }
+      }
+      for (size_t e = 0; e < permutation_null.size(); ++e) {
+        // Partners paired by a random permutation within each layer instead of by index.
+        for (int l = 0; l < sj.layers; ++l) {
+          std::vector<int64_t> perm(sj.width);
+          std::iota(perm.begin(), perm.end(), int64_t(l) * sj.width);
+          PhiloxStream rng(options.seed, rng_stream(RngPurpose::permutation, static_cast<uint32_t>(j),
+                                                    (static_cast<uint32_t>(e) << 16) | static_cast<uint32_t>(l)));
+          for (int k = sj.width - 1; k > 0; --k) std::swap(perm[k], perm[rng.next_below(k + 1)]);
+          for (int k = 0; k < si.width; ++k) {
+            const int64_t n = int64_t(l) * si.width + k;
+            permutation_null[e][n] += r[n * Nj + perm[k]];
+          }
+        }
+      }
+      for (int64_t n = 0; n < Ni; ++n) {
+        const int col = actual.column[n];
+        neurons[n].partners.push_back({j, col / sj.width, col % sj.width, actual.value[n], baseline[n]});
+        for (auto& null : rotation_null) null[n] -= baseline[n];
+        for (auto& null : permutation_null) null[n] -= baseline[n];
+      }
+    }
+    // Excess: the mean over partners of r - baseline; the nulls likewise.
+    const double partners = K - 1;
+    for (auto& nr : neurons) {
+      double sum = 0;
+      for (const auto& p : nr.partners) sum += p.r - p.baseline;
+      nr.excess = nr.dead ? 0.0 : sum / partners;
+      nr.universal = !nr.dead && nr.excess > options.threshold;
+    }
+    for (int l = 0; l < si.layers; ++l) {
+      LayerSummary ls{i, l, si.width, 0, 0, {}, {}};
+      for (int k = 0; k < si.width; ++k) {
+        const NeuronResult& nr = neurons[size_t(l) * si.width + k];
+        ls.dead += nr.dead;
+        ls.universal += nr.universal;
+      }
+      auto count_null = [&](const std::vector<std::vector<double>>& nulls, NullCount& into) {
+        for (const auto& null : nulls) {
+          int count = 0;
+          for (int k = 0; k < si.width; ++k) {
+            const int64_t n = int64_t(l) * si.width + k;
+            count += !neurons[n].dead && null[n] / partners > options.threshold;
+          }
+          into.counts.push_back(count);
+        }
+      };
+      count_null(rotation_null, ls.rotation_null);
+      count_null(permutation_null, ls.permutation_null);
+      out.layers.push_back(std::move(ls));
+    }
+    out.neurons.insert(out.neurons.end(), neurons.begin(), neurons.end());
+  }
+
+  // Totals and the verdict against the largest applicable null.
+  auto total = [&](NullCount LayerSummary::*which) {
+    NullCount t;
+    if (out.layers.empty() || !(out.layers[0].*which).applies()) return t;
+    t.counts.assign((out.layers[0].*which).counts.size(), 0);
+    for (const auto& ls : out.layers)
+      for (size_t e = 0; e < t.counts.size(); ++e) t.counts[e] += (ls.*which).counts[e];
+    return t;
+  };
+  out.rotation_null = total(&LayerSummary::rotation_null);
+  out.permutation_null = total(&LayerSummary::permutation_null);
+  for (const auto& ls : out.layers) out.universal += ls.universal;
+  int64_t live = 0;
+  for (const auto& nr : out.neurons) live += !nr.dead;
+
+  char text[512];
+  std::snprintf(text, sizeof text, "%d of %lld neurons are universal (excess correlation above %.2f, %s matching)",
+                out.universal, static_cast<long long>(live), options.threshold, to_string(options.match).c_str());
+  std::string verdict = text;
+  const NullCount* strongest = nullptr;
+  for (const NullCount* n : {&out.rotation_null, &out.permutation_null})
+    if (n->applies() && (!strongest || chance_bound(*n) > chance_bound(*strongest))) strongest = n;
+  if (!strongest) {
+    out.verdict = verdict + "; no null draws were made, so chance is not known.";
+    return out;
+  }
+  out.exceeds_chance = out.universal > chance_bound(*strongest);
+  if (out.permutation_null.applies()) {
+    std::snprintf(text, sizeof text, "; random partner permutations flag %.1f ± %.1f", out.permutation_null.mean(),
+                  out.permutation_null.sd());
+    verdict += text;
+  }
+  if (out.rotation_null.applies()) {
+    std::snprintf(text, sizeof text, "%s random rotations %.1f ± %.1f", out.permutation_null.applies() ? " and" : ";",
+                  out.rotation_null.mean(), out.rotation_null.sd());
+    verdict += text;
+  }
+  verdict += out.exceeds_chance ? ": the observed count exceeds what chance gives."
+                                : ": the observed count does not exceed what chance gives.";
+  out.verdict = verdict;
+  return out;
+}
+
+}  // namespace univ
