@@ -193,6 +193,7 @@ ModelCheckpoint load_model(const fs::path& file) {
     throw UserError(file.string() + ": metadata univ.seed is not an unsigned integer");
   }
   out.step = parse_meta_int(f, "univ.step", file);
+  out.checksum = f.meta(kChecksumKey);
   const ParamLayout layout(out.run.model, 1);
   out.params.assign(layout.total(), 0.0f);
   for (const auto& t : layout.tensors()) f.read_f32(t.name, t.shape, out.params.data() + t.offset);

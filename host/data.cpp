@@ -68,6 +68,31 @@ std::vector<int64_t> random_prefix_permutation(int64_t n, int64_t count, PhiloxS
   return out;
 }
 
+// The first `count` windows of L tokens of a corpus in the split's random order.
+std::vector<int64_t> window_order(const DataSource& src, int L, int64_t count) {
+  PhiloxStream rng(src.spec.seed, rng_stream(RngPurpose::split, 0));
+  return random_prefix_permutation(static_cast<int64_t>(src.corpus.size()) / L, count, rng);
+}
+
+Sequences windows_at(const DataSource& src, int L, const std::vector<int64_t>& order, int64_t first, int64_t count) {
+  Sequences s{L, {}};
+  s.tokens.reserve(count * L);
+  for (int64_t i = first; i < first + count; ++i) {
+    const auto begin = src.corpus.begin() + order[i] * L;
+    s.tokens.insert(s.tokens.end(), begin, begin + L);
+  }
+  return s;
+}
+
+Sequences synthetic_test_sequences(const DataSource& src, int L, int64_t first, int64_t count) {
+  Sequences s{L, std::vector<int32_t>(count * L)};
+  for (int64_t i = 0; i < count; ++i) {
+    PhiloxStream rng(src.spec.seed, rng_stream(RngPurpose::test_sample, 0, static_cast<uint32_t>(first + i)));
+    src.language->sample(rng, s.tokens.data() + i * L, L);
+  }
+  return s;
+}
+
 DataSplits corpus_splits(const DataSource& src, const RunConfig& config) {
   const int L = config.model.seq_len + 1;
   const int64_t windows = static_cast<int64_t>(src.corpus.size()) / L;
@@ -82,17 +107,8 @@ DataSplits corpus_splits(const DataSource& src, const RunConfig& config) {
                     " training samples + " + std::to_string(test) +
                     " test samples need " + std::to_string(needed) +
                     ": lower --samples or --test-samples, or pass --same-data");
-  PhiloxStream rng(src.spec.seed, rng_stream(RngPurpose::split, 0));
-  const std::vector<int64_t> picked = random_prefix_permutation(windows, needed, rng);
-  auto take = [&](int64_t first, int64_t count) {
-    Sequences s{L, {}};
-    s.tokens.reserve(count * L);
-    for (int64_t i = first; i < first + count; ++i) {
-      const auto begin = src.corpus.begin() + picked[i] * L;
-      s.tokens.insert(s.tokens.end(), begin, begin + L);
-    }
-    return s;
-  };
+  const std::vector<int64_t> picked = window_order(src, L, needed);
+  auto take = [&](int64_t first, int64_t count) { return windows_at(src, L, picked, first, count); };
   DataSplits splits;
   splits.test = take(0, test);
   for (int p = 0; p < config.partitions(); ++p) splits.train.push_back(take(test + p * per_partition, per_partition));
@@ -103,13 +119,8 @@ DataSplits synthetic_splits(const DataSource& src, const RunConfig& config) {
   const int L = config.model.seq_len + 1;
   const uint64_t seed = src.spec.seed;
   DataSplits splits;
-  splits.test = {L, std::vector<int32_t>(config.data.test_samples * L)};
+  splits.test = synthetic_test_sequences(src, L, 0, config.data.test_samples);
   std::unordered_set<std::string_view> test_set;
-  for (int64_t i = 0; i < config.data.test_samples; ++i) {
-    PhiloxStream rng(seed, rng_stream(RngPurpose::test_sample, 0, static_cast<uint32_t>(i)));
-    int32_t* row = splits.test.tokens.data() + i * L;
-    src.language->sample(rng, row, L);
-  }
   for (int64_t i = 0; i < config.data.test_samples; ++i)
     test_set.emplace(reinterpret_cast<const char*>(splits.test.row(i)), L * sizeof(int32_t));
   for (int p = 0; p < config.partitions(); ++p) {
@@ -160,6 +171,18 @@ DataSource open_data(const DataSpec& spec) {
     open_text(src, file);
   }
   return src;
+}
+
+int64_t corpus_windows(const DataSource& source, int seq_len) {
+  return static_cast<int64_t>(source.corpus.size()) / (seq_len + 1);
+}
+
+Sequences test_sequences(const DataSource& source, int seq_len, int64_t first, int64_t count) {
+  const int L = seq_len + 1;
+  if (source.kind == DataSource::Kind::synthetic) return synthetic_test_sequences(source, L, first, count);
+  if (first + count > corpus_windows(source, seq_len))
+    throw std::invalid_argument("test_sequences: more windows than the corpus holds");
+  return windows_at(source, L, window_order(source, L, first + count), first, count);
 }
 
 DataSplits make_splits(const DataSource& source, const RunConfig& config) {

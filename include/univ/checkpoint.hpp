@@ -47,6 +47,7 @@ struct ModelCheckpoint {
   int model_index = 0;
   uint64_t seed = 0;
   int64_t step = 0;
+  std::string checksum;  // the file's univ.checksum: identifies these exact weights
   std::vector<float> params;
 };
 ModelCheckpoint load_model(const std::filesystem::path& file);

@@ -40,6 +40,13 @@ struct DataSource {
 // token ids outside [0, vocab).
 DataSource open_data(const DataSpec& spec);
 
+// Test sequences [first, first + count) of seq_len + 1 tokens: synthetic sources draw
+// sequence i from its own stream (so any count works and a prefix never changes),
+// corpora take windows in the split's random order (at most all windows). The
+// test split of a run is test_sequences(source, seq_len, 0, test_samples).
+Sequences test_sequences(const DataSource& source, int seq_len, int64_t first, int64_t count);
+int64_t corpus_windows(const DataSource& source, int seq_len);  // 0 for synthetic sources
+
 // The held-out test split and each partition's training sequences, all of
 // seq_len + 1 tokens (inputs and next-token targets). Partitions and the test split
 // never share a sequence: files are cut into non-overlapping windows dealt out
