@@ -2,6 +2,8 @@
 #include "univ/backend.hpp"
 #include "univ/error.hpp"
 
+#include <cmath>
+
 #ifdef UNIV_HAVE_CUDA
 #include "univ/cuda/device_query.hpp"
 #endif
@@ -11,6 +13,31 @@ namespace univ {
 std::unique_ptr<TrainBackend> make_cpu_backend(const RunConfig& config);
 
 std::string to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
+
+std::string describe_fault(const StepStats& stats, const ParamLayout& layout, const std::vector<float>& params,
+                           const std::vector<float>& grads) {
+  auto first_nonfinite = [&](const std::vector<float>& buffer, int m) -> const ParamTensor* {
+    for (const auto& t : layout.tensors()) {
+      const float* x = buffer.data() + layout.offset(t, m);
+      for (int64_t i = 0; i < t.numel; ++i)
+        if (!std::isfinite(x[i])) return &t;
+    }
+    return nullptr;
+  };
+  for (size_t m = 0; m < stats.loss.size(); ++m) {
+    const bool bad_loss = !std::isfinite(stats.loss[m]);
+    if (!bad_loss && std::isfinite(stats.grad_norm[m])) continue;
+    const std::string model = "model " + std::to_string(m);
+    std::string what = bad_loss ? "the loss of " + model + " is " + std::to_string(stats.loss[m])
+                                : "the gradient norm of " + model + " is " + std::to_string(stats.grad_norm[m]);
+    if (const ParamTensor* t = first_nonfinite(params, static_cast<int>(m)))
+      what += " (its parameter " + t->name + " holds a non-finite value)";
+    else if (const ParamTensor* g = first_nonfinite(grads, static_cast<int>(m)))
+      what += " (the gradient of its " + g->name + " is not finite)";
+    return what;
+  }
+  return "";
+}
 
 int cuda_device_count() {
 #ifdef UNIV_HAVE_CUDA

@@ -81,18 +81,6 @@ class StepLog {
   std::ofstream out_;
 };
 
-std::string describe_divergence(const StepStats& s, int64_t step) {
-  for (size_t m = 0; m < s.loss.size(); ++m) {
-    if (!std::isfinite(s.loss[m]))
-      return "the loss of model " + std::to_string(m) + " is " + std::to_string(s.loss[m]) + " at step " +
-             std::to_string(step);
-    if (!std::isfinite(s.grad_norm[m]))
-      return "the gradient norm of model " + std::to_string(m) + " is " + std::to_string(s.grad_norm[m]) +
-             " at step " + std::to_string(step);
-  }
-  return "a non-finite value at step " + std::to_string(step);
-}
-
 }  // namespace
 
 TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
@@ -155,7 +143,7 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
       const std::string kept = saved_step >= 0 ? "the checkpoint of step " + std::to_string(saved_step) + " in " +
                                                      options.out_dir.string() + " is kept"
                                                : "no checkpoint was written";
-      throw UserError("training stopped: " + describe_divergence(stats, step + 1) + "; " + kept);
+      throw UserError("training stopped at step " + std::to_string(step + 1) + ": " + stats.fault + "; " + kept);
     }
     ++step;
     log.add(step, lr, stats);

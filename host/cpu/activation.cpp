@@ -14,7 +14,7 @@ template <class F>
 void activation_forward(F* out, const F* inp, int64_t n, Activation act) {
   if (act == Activation::relu) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) out[i] = inp[i] > F(0) ? inp[i] : F(0);
+    for (int64_t i = 0; i < n; ++i) out[i] = inp[i] < F(0) ? F(0) : inp[i];  // NaN passes, as in PyTorch
   } else {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = F(0.5) * inp[i] * (F(1) + std::erf(inp[i] * F(kInvSqrt2)));

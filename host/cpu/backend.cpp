@@ -54,7 +54,10 @@ class CpuBackend final : public TrainBackend {
     }
     for (int m = 0; m < M; ++m)
       stats.finite = stats.finite && std::isfinite(stats.loss[m]) && std::isfinite(stats.grad_norm[m]);
-    if (!stats.finite) return stats;
+    if (!stats.finite) {
+      stats.fault = describe_fault(stats, layout, model_.params(), model_.grads());
+      return stats;
+    }
 
     ++step_;
     const OptimConfig& o = config_.optim;

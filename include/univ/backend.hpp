@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "univ/config.hpp"
+#include "univ/param_layout.hpp"
 #include "univ/train_state.hpp"
 
 namespace univ {
@@ -25,7 +26,13 @@ struct StepStats {
   std::vector<double> loss;       // [models], before the update
   std::vector<double> grad_norm;  // [models], before clipping
   bool finite = true;             // every loss and norm finite; otherwise no parameter changed
+  std::string fault;              // when not finite: which model and tensor went bad
 };
+
+// Describes the first model whose loss or gradient norm is not finite, and the first
+// of its parameter or gradient tensors holding a NaN or an infinity.
+std::string describe_fault(const StepStats& stats, const ParamLayout& layout, const std::vector<float>& params,
+                           const std::vector<float>& grads);
 
 class TrainBackend {
  public:
