@@ -124,10 +124,16 @@ void save_checkpoint(const fs::path& dir, const RunConfig& config, const nlohman
     model_meta["univ.data"] = data.dump();
     model_meta["univ.seed"] = std::to_string(config.init_seed(m));
     optim_meta["format"] = kOptimizerFormat;
-    write_file_durable(tmp_path(model_file(dir, m)), safetensors_bytes(weights, model_meta));
-    write_file_durable(tmp_path(optimizer_file(dir, m)), safetensors_bytes(moments, optim_meta));
     files.push_back(model_file(dir, m).filename().string());
     files.push_back(optimizer_file(dir, m).filename().string());
+    try {
+      write_file_durable(tmp_path(model_file(dir, m)), safetensors_bytes(weights, model_meta));
+      write_file_durable(tmp_path(optimizer_file(dir, m)), safetensors_bytes(moments, optim_meta));
+    } catch (...) {  // a full disk: free what this save took, keep the previous checkpoint
+      std::error_code ec;
+      for (const auto& name : files) fs::remove(tmp_path(dir / name), ec);
+      throw;
+    }
   }
   fsync_directory(dir);
   write_file_atomic(dir / kCommitMarker, nlohmann::json{{"step", state.step}, {"files", files}}.dump());

@@ -92,6 +92,13 @@ void write_file_atomic(const fs::path& path, std::string_view data) {
   fsync_directory(path.parent_path());
 }
 
+int64_t array_bytes(const std::vector<int64_t>& shape, int64_t item_size) {
+  int64_t bytes = item_size;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(bytes, d, &bytes)) return -1;
+  return bytes;
+}
+
 uint64_t fnv1a64(std::string_view data, uint64_t hash) {
   for (unsigned char c : data) {
     hash ^= c;

@@ -2,10 +2,11 @@
 #include "univ/npy.hpp"
 
 #include <cctype>
-#include <cstdlib>
+#include <charconv>
 #include <cstring>
 
 #include "univ/error.hpp"
+#include "univ/fileio.hpp"
 
 namespace univ {
 
@@ -115,8 +116,10 @@ int64_t NpyHeader::numel() const {
 }
 
 size_t NpyHeader::item_size() const {
+  size_t size = 0;
   if (descr.size() < 3) return 0;
-  return static_cast<size_t>(std::atoi(descr.c_str() + 2));
+  const auto [end, ec] = std::from_chars(descr.data() + 2, descr.data() + descr.size(), size);
+  return ec == std::errc() && end == descr.data() + descr.size() && size <= 16 ? size : 0;
 }
 
 NpyHeader parse_npy_header(std::string_view file, const std::string& what) {
@@ -131,7 +134,9 @@ NpyHeader parse_npy_header(std::string_view file, const std::string& what) {
   NpyHeader h = DictParser(file.substr(start, header_len), what).parse();
   h.data_offset = start + header_len;
   if (h.item_size() == 0) throw UserError(what + ": unsupported dtype '" + h.descr + "'");
-  const auto expected = static_cast<size_t>(h.numel()) * h.item_size();
+  const int64_t bytes = array_bytes(h.shape, static_cast<int64_t>(h.item_size()));
+  if (bytes < 0) throw UserError(what + ": the shape in its header is impossibly large");
+  const auto expected = static_cast<size_t>(bytes);
   if (file.size() - h.data_offset < expected)
     throw UserError(what + " is truncated: its header promises " + std::to_string(expected) + " data bytes, it holds " +
                     std::to_string(file.size() - h.data_offset));

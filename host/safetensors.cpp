@@ -37,12 +37,6 @@ std::string checksum_preamble(const std::map<std::string, SafetensorsFile::Entry
   return s;
 }
 
-int64_t numel(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 }  // namespace
 
 size_t safetensors_dtype_size(const std::string& dtype) {
@@ -58,7 +52,8 @@ std::string safetensors_bytes(const std::vector<TensorBytes>& tensors, std::map<
   nlohmann::json header = nlohmann::json::object();
   size_t offset = 0;
   for (const auto& t : tensors) {
-    if (static_cast<size_t>(numel(t.shape)) * safetensors_dtype_size(t.dtype) != t.data.size())
+    if (array_bytes(t.shape, static_cast<int64_t>(safetensors_dtype_size(t.dtype))) !=
+        static_cast<int64_t>(t.data.size()))
       throw std::invalid_argument("safetensors_bytes: " + t.name + " holds the wrong number of bytes");
     entries[t.name] = {t.dtype, t.shape, offset, offset + t.data.size()};
     header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.data.size()}}};
@@ -113,9 +108,8 @@ SafetensorsFile::SafetensorsFile(std::string bytes, std::string what, bool requi
       e.end = offsets[1];
       const size_t item = safetensors_dtype_size(e.dtype);
       if (item == 0) fail("unknown dtype " + e.dtype + " for " + key);
-      for (int64_t d : e.shape)
-        if (d < 0) fail("negative dimension in " + key);
-      if (static_cast<uint64_t>(numel(e.shape)) * item != e.end - e.begin) fail("shape and offsets disagree for " + key);
+      const int64_t bytes = array_bytes(e.shape, static_cast<int64_t>(item));
+      if (bytes < 0 || static_cast<uint64_t>(bytes) != e.end - e.begin) fail("shape and offsets disagree for " + key);
       entries_[key] = std::move(e);
     }
   } catch (const nlohmann::json::exception&) {
@@ -163,7 +157,7 @@ void SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_
     throw UserError(what_ + ": tensor " + name + " has shape " + shape_text(it->second.shape) + ", expected " +
                     shape_text(shape));
   const std::string_view d = data(name);
-  std::memcpy(out, d.data(), d.size());
+  if (!d.empty()) std::memcpy(out, d.data(), d.size());  // empty tensors: out may be null
 }
 
 }  // namespace univ

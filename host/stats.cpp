@@ -1,4 +1,4 @@
-// Correlation statistics: pairwise merges, chunk accumulation on the CPU, files.
+// Correlation statistics: pairwise merges and files.
 #include "univ/stats.hpp"
 
 #include <algorithm>
@@ -6,7 +6,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include "cpu/blas.hpp"
 #include "univ/error.hpp"
 #include "univ/fileio.hpp"
 #include "univ/safetensors.hpp"
@@ -89,15 +88,11 @@ std::string_view double_bytes(const std::vector<double>& v) {
   return {reinterpret_cast<const char*>(v.data()), v.size() * sizeof(double)};
 }
 
-void read_f64(const SafetensorsFile& f, const std::string& name, const std::vector<int64_t>& shape,
-              std::vector<double>& out) {
-  auto it = f.entries().find(name);
-  if (it == f.entries().end()) throw UserError("statistics file lacks tensor " + name);
-  if (it->second.dtype != "F64" || it->second.shape != shape)
-    throw UserError("statistics file: tensor " + name + " has the wrong dtype or shape");
+// A float64 tensor whose dtype and shape were checked.
+void read_f64(const SafetensorsFile& f, const std::string& name, std::vector<double>& out) {
   const std::string_view d = f.data(name);
   out.resize(d.size() / sizeof(double));
-  std::memcpy(out.data(), d.data(), d.size());
+  if (!d.empty()) std::memcpy(out.data(), d.data(), d.size());
 }
 
 }  // namespace
@@ -125,97 +120,50 @@ void CorrelationStats::save(const std::filesystem::path& file, const std::map<st
 }
 
 CorrelationStats CorrelationStats::load(const std::filesystem::path& file, std::map<std::string, std::string>* metadata) {
-  const SafetensorsFile f(read_file(file), file.string(), /*require_checksum=*/true);
-  if (f.meta("format") != kStatsFormat) throw UserError(file.string() + " is not a univ statistics file");
+  return parse(read_file(file), file.string(), metadata);
+}
+
+CorrelationStats CorrelationStats::parse(std::string bytes, const std::string& what,
+                                         std::map<std::string, std::string>* metadata) {
+  const SafetensorsFile f(std::move(bytes), what, /*require_checksum=*/true);
+  if (f.meta("format") != kStatsFormat) throw UserError(what + " is not a univ statistics file");
   std::vector<NeuronShape> shapes;
   try {
     for (const auto& s : nlohmann::json::parse(f.meta("univ.shapes")))
       shapes.push_back({s.at("layers").get<int>(), s.at("width").get<int>()});
   } catch (const nlohmann::json::exception&) {
-    throw UserError(file.string() + ": metadata univ.shapes is malformed");
+    throw UserError(what + ": metadata univ.shapes is malformed");
+  }
+  // Every tensor the shapes call for must be in the file with that shape before
+  // anything is allocated: a corrupt header cannot ask for more memory than the file holds.
+  auto expect = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    auto it = f.entries().find(name);
+    if (it == f.entries().end() || it->second.dtype != "F64" || it->second.shape != shape)
+      throw UserError(what + " lacks tensor " + name + " (float64, of the recorded shape)");
+  };
+  for (size_t m = 0; m < shapes.size(); ++m) {
+    if (shapes[m].layers < 0 || shapes[m].width < 0) throw UserError(what + ": metadata univ.shapes is malformed");
+    expect("mean." + std::to_string(m), {shapes[m].neurons()});
+    for (int l = 0; l < shapes[m].layers; ++l)
+      expect("within." + std::to_string(m) + "." + std::to_string(l), {shapes[m].width, shapes[m].width});
+    for (size_t j = m + 1; j < shapes.size(); ++j)
+      expect("cross." + std::to_string(m) + "." + std::to_string(j), {shapes[m].neurons(), shapes[j].neurons()});
   }
   CorrelationStats st(shapes);
-  std::vector<double> raw;
   auto it = f.entries().find("count");
   if (it == f.entries().end() || it->second.dtype != "I64" || it->second.shape != std::vector<int64_t>{1})
-    throw UserError(file.string() + " lacks its token count");
+    throw UserError(what + " lacks its token count");
   std::memcpy(&st.count_, f.data("count").data(), sizeof(int64_t));
   for (int m = 0; m < st.models(); ++m) {
-    read_f64(f, "mean." + std::to_string(m), {shapes[m].neurons()}, st.means_[m]);
+    read_f64(f, "mean." + std::to_string(m), st.means_[m]);
     for (int l = 0; l < shapes[m].layers; ++l)
-      read_f64(f, "within." + std::to_string(m) + "." + std::to_string(l), {shapes[m].width, shapes[m].width},
-               st.within_[m][l]);
+      read_f64(f, "within." + std::to_string(m) + "." + std::to_string(l), st.within_[m][l]);
   }
   for (int i = 0; i < st.models(); ++i)
     for (int j = i + 1; j < st.models(); ++j)
-      read_f64(f, "cross." + std::to_string(i) + "." + std::to_string(j), {shapes[i].neurons(), shapes[j].neurons()},
-               st.cross_[st.pair_index(i, j)]);
+      read_f64(f, "cross." + std::to_string(i) + "." + std::to_string(j), st.cross_[st.pair_index(i, j)]);
   if (metadata) *metadata = f.metadata();
   return st;
-}
-
-CpuStatsAccumulator::CpuStatsAccumulator(std::vector<NeuronShape> shapes)
-    : stats_(shapes), chunk_(shapes), shift_(shapes.size()), shifted_(shapes.size()) {}
-
-void CpuStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n) {
-  const int K = stats_.models();
-  if (n <= 0) return;
-  if (static_cast<int>(acts.size()) != K) throw std::invalid_argument("CpuStatsAccumulator::add: one pointer per model");
-  // The shift: each neuron's mean over the first chunk, rounded to float so that
-  // x - shift is exact for x near it.
-  if (stats_.count() == 0 && shift_[0].empty())
-    for (int m = 0; m < K; ++m) {
-      const int64_t N = stats_.shapes_[m].neurons();
-      std::vector<double> sum(N, 0.0);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t k = 0; k < N; ++k) sum[k] += acts[m][t * N + k];
-      shift_[m].resize(N);
-      for (int64_t k = 0; k < N; ++k) shift_[m][k] = static_cast<float>(sum[k] / static_cast<double>(n));
-    }
-  // Chunk statistics in float64 from the shifted values: means, then raw products
-  // corrected to centered ones (small corrections: the shifted means are small).
-  chunk_.count_ = n;
-  for (int m = 0; m < K; ++m) {
-    const int64_t N = stats_.shapes_[m].neurons();
-    shifted_[m].resize(n * N);
-    std::vector<double>& y = shifted_[m];
-    const float* x = acts[m];
-    const float* s = shift_[m].data();
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t k = 0; k < N; ++k) y[t * N + k] = double(x[t * N + k]) - double(s[k]);
-    std::vector<double>& mean = chunk_.means_[m];
-    std::fill(mean.begin(), mean.end(), 0.0);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t k = 0; k < N; ++k) mean[k] += y[t * N + k];
-    for (int64_t k = 0; k < N; ++k) mean[k] /= static_cast<double>(n);
-  }
-  auto centered_block = [&](std::vector<double>& out, const double* a, int64_t lda, const double* b, int64_t ldb,
-                            const double* mean_a, const double* mean_b, int64_t rows, int64_t cols) {
-    cpu::gemm(true, false, static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(n), 1.0, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), 0.0, out.data(), static_cast<int>(cols));
-    const double nn = static_cast<double>(n);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) out[r * cols + c] -= nn * mean_a[r] * mean_b[c];
-  };
-  for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j) {
-      const int64_t Ni = stats_.shapes_[i].neurons(), Nj = stats_.shapes_[j].neurons();
-      centered_block(chunk_.cross_[stats_.pair_index(i, j)], shifted_[i].data(), Ni, shifted_[j].data(), Nj,
-                     chunk_.means_[i].data(), chunk_.means_[j].data(), Ni, Nj);
-    }
-  for (int m = 0; m < K; ++m) {
-    const int64_t N = stats_.shapes_[m].neurons(), D = stats_.shapes_[m].width;
-    for (int l = 0; l < stats_.shapes_[m].layers; ++l) {
-      const double* y = shifted_[m].data() + l * D;
-      centered_block(chunk_.within_[m][l], y, N, y, N, chunk_.means_[m].data() + l * D,
-                     chunk_.means_[m].data() + l * D, D, D);
-    }
-  }
-  // The chunk's means of x itself, then the pairwise merge into the masters.
-  for (int m = 0; m < K; ++m)
-    for (size_t k = 0; k < chunk_.means_[m].size(); ++k) chunk_.means_[m][k] += double(shift_[m][k]);
-  stats_.merge(chunk_);
 }
 
 }  // namespace univ

@@ -2,7 +2,7 @@
 # Installs the Debian/Ubuntu packages univ builds with. Skips apt when all are there.
 set -euo pipefail
 
-packages=(cmake make g++ libcli11-dev nlohmann-json3-dev libgtest-dev libopenblas-openmp-dev)
+packages=(cmake make g++ libcli11-dev nlohmann-json3-dev libgtest-dev libopenblas-openmp-dev clang libclang-rt-dev)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2,7 +2,7 @@
 #pragma once
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,8 +13,6 @@
 #include <string>
 #include <vector>
 
-extern char** environ;
-
 namespace univ::testing {
 
 struct ProcessResult {
@@ -22,23 +20,34 @@ struct ProcessResult {
   std::string out, err;
 };
 
-// A started child whose output goes to files in `scratch`.
+// A started child whose output goes to files in `scratch`; optionally with a limit
+// on the size of any file it writes (RLIMIT_FSIZE, bytes).
 class Process {
  public:
-  Process(const std::string& program, const std::vector<std::string>& args, const std::filesystem::path& scratch)
+  Process(const std::string& program, const std::vector<std::string>& args, const std::filesystem::path& scratch,
+          long file_size_limit = -1)
       : out_path_(scratch / "stdout.txt"), err_path_(scratch / "stderr.txt") {
     std::vector<std::string> argv_storage{program};
     argv_storage.insert(argv_storage.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_storage) argv.push_back(a.data());
     argv.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int rc = posix_spawn(&pid_, program.c_str(), &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    if (rc != 0) throw std::runtime_error("cannot start " + program);
+    const int out = ::open(out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    const int err = ::open(err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    pid_ = ::fork();
+    if (pid_ == 0) {  // the child: only async-signal-safe calls until exec
+      ::dup2(out, 1);
+      ::dup2(err, 2);
+      if (file_size_limit >= 0) {
+        const rlimit limit{static_cast<rlim_t>(file_size_limit), static_cast<rlim_t>(file_size_limit)};
+        ::setrlimit(RLIMIT_FSIZE, &limit);
+      }
+      ::execv(program.c_str(), argv.data());
+      ::_exit(127);
+    }
+    ::close(out);
+    ::close(err);
+    if (pid_ < 0) throw std::runtime_error("cannot start " + program);
   }
   void signal(int sig) const { ::kill(pid_, sig); }
   ProcessResult wait() {
@@ -63,8 +72,8 @@ class Process {
 };
 
 inline ProcessResult run_process(const std::string& program, const std::vector<std::string>& args,
-                                 const std::filesystem::path& scratch) {
-  return Process(program, args, scratch).wait();
+                                 const std::filesystem::path& scratch, long file_size_limit = -1) {
+  return Process(program, args, scratch, file_size_limit).wait();
 }
 
 }  // namespace univ::testing

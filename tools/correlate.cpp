@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -208,6 +209,7 @@ int run_merge(const Flags& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit a write fails with EFBIG, reported like a full disk
   CLI::App app{
       "correlate: stream the MLP activations of K >= 2 checkpoints over held-out tokens into correlation "
       "statistics, compare each neuron with its partners against Haar-random rotations of the partners' neurons, "

@@ -242,6 +242,7 @@ int run(CLI::App& app, Flags& flags, int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit a write fails with EFBIG, reported like a full disk
   CLI::App app{
       "train_pair: train K tiny transformers side by side, each from its own seed on its own samples of one "
       "data distribution; writes model_<m>.safetensors, optim_<m>.safetensors, train_log.csv and "

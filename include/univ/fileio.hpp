@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace univ {
 
@@ -19,6 +20,10 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view data)
 
 // Flushes a directory's entries (renames, creations) to the disk.
 void fsync_directory(const std::filesystem::path& dir);
+
+// Bytes of a C-ordered array of `shape` with items of `item_size` bytes; -1 for a
+// negative dimension or a size that overflows (what a corrupt header may claim).
+int64_t array_bytes(const std::vector<int64_t>& shape, int64_t item_size);
 
 // FNV-1a, 64-bit: a fingerprint for data files and a checksum for our own files.
 uint64_t fnv1a64(std::string_view data, uint64_t hash = 0xcbf29ce484222325ull);
