@@ -8,7 +8,4 @@ cd "$(dirname "$0")/.."
 
 scripts/install_deps.sh
 scripts/build.sh
-out="${OUT:-runs/seed}"
-bin="${BUILD_DIR:-build}"
-"$bin"/train_pair --out "$out" --overwrite "$@"
-"$bin"/correlate "$out" --out "$out/correlation"
+BIN="${BUILD_DIR:-build}" scripts/seed_experiment.sh "${OUT:-runs/seed}" "$@"
