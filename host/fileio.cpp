@@ -2,6 +2,8 @@
 #include "univ/fileio.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -53,6 +55,29 @@ std::string read_file(const fs::path& path) {
   }
   return data;
 }
+
+MappedFile::MappedFile(const fs::path& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw UserError("cannot read " + path.string() + ": it is a directory");
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  struct stat st {};
+  if (fd.get() < 0 || ::fstat(fd.get(), &st) != 0) throw UserError("cannot read " + path.string() + ": " + errno_text());
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ == 0) return;  // mmap refuses empty files; an empty view serves
+  data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (data_ == MAP_FAILED) {
+    data_ = nullptr;
+    throw UserError("cannot map " + path.string() + ": " + errno_text());
+  }
+  ::madvise(data_, size_, MADV_SEQUENTIAL);
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(data_, size_);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
 
 void write_file_durable(const fs::path& path, std::string_view data) {
   FileDescriptor fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));

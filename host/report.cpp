@@ -274,9 +274,9 @@ std::string report_html(const ReportInput& in) {
     << "<th>loss on these tokens</th></tr>\n";
   for (size_t m = 0; m < in.models.size(); ++m) {
     const auto& info = in.models[m];
+ auto field = [&](const char* key) { return info.contains(key) ? info.at(key).dump() : std::string("-"); };
     h << "<tr><td>" << m << "</td><td style=\"text-align:left\">" << escape_html(info.value("path", ""))
-      << "</td><td>" << info.value("seed", uint64_t(0)) << "</td><td>" << info.value("step", int64_t(0))
-      << "</td><td>" << info.at("config").value("layers", 0) << " x " << info.at("config").value("d_mlp", 0)
+      << "</td><td>" << field("seed") << "</td><td>" << field("step") << "</td><td>" << info.at("config").value("layers", 0) << " x " << info.at("config").value("d_mlp", 0)
       << "</td><td>" << (m < in.loss.size() ? fmt("%.4f", in.loss[m]) : std::string("n/a")) << "</td></tr>\n";
   }
   h << "</table>\n<h2>Per layer</h2>\n<table><tr><th>model</th><th>layer</th><th>neurons</th><th>dead</th>"

@@ -77,7 +77,15 @@ std::string safetensors_bytes(const std::vector<TensorBytes>& tensors, std::map<
 }
 
 SafetensorsFile::SafetensorsFile(std::string bytes, std::string what, bool require_checksum)
-    : bytes_(std::move(bytes)), what_(std::move(what)) {
+    : SafetensorsFile(std::move(bytes), {}, std::move(what), require_checksum) {}
+
+SafetensorsFile SafetensorsFile::borrow(std::string_view bytes, std::string what, bool require_checksum) {
+  return SafetensorsFile({}, bytes, std::move(what), require_checksum);
+}
+
+SafetensorsFile::SafetensorsFile(std::string owned, std::string_view borrowed, std::string what, bool require_checksum)
+    : owned_(std::move(owned)), borrowed_(borrowed), borrowing_(borrowed.data() != nullptr), what_(std::move(what)) {
+  const std::string_view bytes_ = bytes();
   auto fail = [&](const std::string& why) { throw UserError(what_ + " is not a valid safetensors file: " + why); };
   if (bytes_.size() < 8) fail("shorter than its 8-byte header length");
   uint64_t n = 0;
@@ -87,7 +95,7 @@ SafetensorsFile::SafetensorsFile(std::string bytes, std::string what, bool requi
   data_start_ = 8 + n;
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(std::string_view(bytes_).substr(8, n));
+    header = nlohmann::json::parse(bytes_.substr(8, n));
   } catch (const nlohmann::json::exception&) {
     fail("the header is not valid JSON");
   }
@@ -132,7 +140,7 @@ SafetensorsFile::SafetensorsFile(std::string bytes, std::string what, bool requi
   if (require_checksum && !has_checksum()) throw UserError(what_ + " is corrupt: its checksum is missing");
   if (has_checksum()) {
     uint64_t checksum = fnv1a64(checksum_preamble(entries_, metadata_));
-    checksum = fnv1a64(std::string_view(bytes_).substr(data_start_), checksum);
+    checksum = fnv1a64(bytes_.substr(data_start_), checksum);
     if (hex64(checksum) != metadata_.at(kChecksumKey)) throw UserError(what_ + " is corrupt: its checksum does not match");
   }
 }
@@ -146,7 +154,7 @@ const std::string& SafetensorsFile::meta(const std::string& key) const {
 std::string_view SafetensorsFile::data(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw UserError(what_ + " has no tensor " + name);
-  return std::string_view(bytes_).substr(data_start_ + it->second.begin, it->second.end - it->second.begin);
+  return bytes().substr(data_start_ + it->second.begin, it->second.end - it->second.begin);
 }
 
 void SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_t>& shape, float* out) const {

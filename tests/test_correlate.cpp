@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 
 #include "process.hpp"
 #include "test_util.hpp"
@@ -207,6 +208,37 @@ TEST(CorrelateCli, BadInputs) {
                      "is beyond the data", out);
   expect_clear_error(correlate(dir, {(dir / "a").string(), "--out", (dir / "a-file").string()}), "is a file", out);
   expect_clear_error(correlate(dir, {(dir / "a").string(), "--shard", "1/2"}), "--shard needs --save-stats", out);
+}
+
+TEST(CorrelateCli, ActivationFiles) {
+  TempDir dir;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal;
+  std::vector<float> a(3000 * 20), b(3000 * 20), c(2000 * 20);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = normal(rng), b[i] = a[i] + 0.05f * normal(rng);  // twins
+  for (float& x : c) x = normal(rng);
+  auto npy = [&](const char* name, const std::vector<float>& v, int64_t rows) {
+    write_file_durable(dir / name, npy_bytes("<f4", {rows, 20}, {reinterpret_cast<const char*>(v.data()), v.size() * 4}));
+    return (dir / name).string();
+  };
+  const std::string fa = npy("a.npy", a, 3000), fb = npy("b.npy", b, 3000), fc = npy("c.npy", c, 2000);
+  const fs::path out = dir / "out";
+  const ProcessResult ok = correlate(dir, {"--acts", "a=" + fa, "--acts", "b=" + fb, "--layers", "2x10", "--out",
+                                           out.string()});
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_NE(ok.err.find("GB/s"), std::string::npos) << ok.err;
+  const auto summary = nlohmann::json::parse(read_file(out / "summary.json"));
+  EXPECT_EQ(summary.at("universal").get<int>(), 40);
+  EXPECT_EQ(summary.at("tokens").get<int>(), 3000);
+  EXPECT_GT(summary.at("timings_seconds").at("read_gigabytes_per_second").get<double>(), 0.0);
+  fs::remove_all(out);
+  expect_clear_error(correlate(dir, {"--acts", "a=" + fa, "--acts", "c=" + fc, "--out", out.string()}),
+                     "a holds 3000 tokens, c 2000", out);
+  expect_clear_error(correlate(dir, {"--acts", "a=" + fa, "--acts", "b=" + fb, "--layers", "3x10", "--out",
+                                     out.string()}),
+                     "the layer map (--layers) 30", out);
+  expect_clear_error(correlate(dir, {"--acts", "a=" + fa, "--acts", "b=" + fb, "--site", "post", "--out", out.string()}),
+                     "--site applies to checkpoints, not to --acts", out);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "univ/activations.hpp"
 #include "univ/analysis.hpp"
 #include "univ/backend.hpp"
 #include "univ/correlate.hpp"
@@ -25,6 +26,8 @@ namespace {
 namespace fs = std::filesystem;
 using univ::UserError;
 using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kActivationChunk = 8192;  // tokens per chunk of activation files
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
@@ -40,6 +43,8 @@ struct Flags {
   uint64_t data_seed = 0;
   int64_t tokens = 0;
   int batch = 64;
+  std::vector<std::string> acts;  // NAME=FILE[,FILE...] per model, instead of checkpoints
+  std::string layers;
 };
 
 void add_analysis_flags(CLI::App& app, Flags& f) {
@@ -97,6 +102,17 @@ void report(const Flags& f, const univ::CorrelationStats& stats, univ::ReportInp
   std::printf("report: %s\n", (fs::path(f.out) / "report.html").string().c_str());
 }
 
+// Saves the statistics when asked, and reports unless this is one shard of several.
+void finish(const Flags& f, const univ::CorrelationStats& stats, const univ::ReportInput& input, bool full_run,
+            Clock::time_point start) {
+  if (!f.save_stats.empty()) {
+    stats.save(f.save_stats,
+               {{"univ.models", input.models.dump()}, {"univ.site", input.site}, {"univ.data", input.data.dump()}});
+    std::cerr << "correlate: statistics of " << stats.count() << " tokens saved to " << f.save_stats << '\n';
+  }
+  if (full_run) report(f, stats, input, start);
+}
+
 // A live line on a terminal, a line per tenth otherwise.
 class Progress {
  public:
@@ -106,8 +122,10 @@ class Progress {
     if (!tty_ && !last && tenth == last_tenth_) return;
     last_tenth_ = tenth;
     char line[160];
-    std::snprintf(line, sizeof line, "tokens %lld/%lld | %.1fk tokens/s", static_cast<long long>(p.tokens_done),
-                  static_cast<long long>(p.tokens_total), static_cast<double>(p.tokens_done) / std::max(p.seconds, 1e-9) / 1000);
+    const double seconds = std::max(p.seconds, 1e-9);
+    int used = std::snprintf(line, sizeof line, "tokens %lld/%lld | %.1fk tokens/s", static_cast<long long>(p.tokens_done),
+                             static_cast<long long>(p.tokens_total), static_cast<double>(p.tokens_done) / seconds / 1000);
+    if (p.bytes_read > 0) std::snprintf(line + used, sizeof line - used, " | %.2f GB/s read", p.bytes_read / seconds / 1e9);
     if (tty_) std::cerr << "\r\033[K" << line << (last ? "\n" : "") << std::flush;
     else std::cerr << line << '\n';
   }
@@ -117,9 +135,50 @@ class Progress {
   int last_tenth_ = -1;
 };
 
-int run_stream(const Flags& f) {
+// Streams --acts files instead of running checkpoints.
+int run_activation_files(const Flags& f, const CLI::App& app, univ::Shard shard, Clock::time_point start) {
+  if (!f.inputs.empty()) throw UserError("give checkpoints or --acts, not both");
+  for (const char* flag : {"--site", "--data", "--vocab", "--data-seed", "--tokens", "--batch"})
+    if (app.count(flag) > 0) throw UserError(std::string(flag) + " applies to checkpoints, not to --acts");
+  const bool full_run = shard.count == 1;
+  if (!full_run && f.save_stats.empty())
+    throw UserError("--shard needs --save-stats FILE: a shard's statistics are merged later with 'correlate merge'");
+  check_outputs(f, full_run);
+  if (full_run) analysis_options(f);
+  const std::vector<int> sizes = f.layers.empty() ? std::vector<int>{} : univ::parse_layer_sizes(f.layers);
+  std::vector<univ::ActivationModel> models;
+  for (const auto& a : f.acts) models.push_back(univ::open_activation_model(a, sizes));
+  const int64_t tokens = univ::common_tokens(models);
+  std::cerr << "correlate: " << models.size() << " models, " << tokens << " tokens of activation files\n";
+  Progress progress;
+  const univ::StreamResult streamed =
+      univ::stream_activation_statistics(models, shard, kActivationChunk, std::ref(progress));
+
+  univ::ReportInput input;
+  for (const auto& m : models) {
+    nlohmann::json files = nlohmann::json::array();
+    for (const auto& file : m.files) files.push_back(file.spec());
+    input.models.push_back({{"name", m.name},
+                            {"path", m.name},
+                            {"files", files},
+                            {"config", {{"layers", m.shape.layers}, {"d_mlp", m.shape.width}}}});
+  }
+  input.site = "activation files";
+  input.data = {{"source", "activation files"},
+                {"tokens", streamed.stats.count()},
+                {"shard", std::to_string(shard.index) + "/" + std::to_string(shard.count)}};
+  input.timings["read_and_statistics"] = streamed.seconds;
+  input.timings["read_gigabytes_per_second"] = streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9;
+  std::cerr << "correlate: read " << streamed.bytes_read / 1e9 << " GB at "
+            << streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9 << " GB/s\n";
+  finish(f, streamed.stats, input, full_run, start);
+  return 0;
+}
+
+int run_stream(const Flags& f, const CLI::App& app) {
   const auto start = Clock::now();
   const univ::Shard shard = univ::Shard::parse(f.shard);
+  if (!f.acts.empty()) return run_activation_files(f, app, shard, start);
   const bool full_run = shard.count == 1;
   if (!full_run && f.save_stats.empty())
     throw UserError("--shard needs --save-stats FILE: a shard's statistics are merged later with 'correlate merge'");
@@ -146,13 +205,7 @@ int run_stream(const Flags& f) {
   input.data = tokens.description;
   input.loss = streamed.loss;
   input.timings["forward_and_statistics"] = streamed.seconds;
-  if (!f.save_stats.empty()) {
-    streamed.stats.save(f.save_stats, {{"univ.models", input.models.dump()},
-                                       {"univ.site", f.site},
-                                       {"univ.data", tokens.description.dump()}});
-    std::cerr << "correlate: statistics of " << streamed.stats.count() << " tokens saved to " << f.save_stats << '\n';
-  }
-  if (full_run) report(f, streamed.stats, input, start);
+  finish(f, streamed.stats, input, full_run, start);
   return 0;
 }
 
@@ -215,6 +268,7 @@ int main(int argc, char** argv) {
       "statistics, compare each neuron with its partners against Haar-random rotations of the partners' neurons, "
       "and report the universal neurons beside the counts chance gives.\n"
       "  correlate CHECKPOINT... --out DIR      (files, or train_pair run directories)\n"
+      "  correlate --acts a=A.npy --acts b=B.npy --out DIR   (activations dumped elsewhere)\n"
       "  correlate merge STATS... --out DIR    (statistics saved with --save-stats, e.g. from --shard runs)"};
   Flags flags;
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
@@ -230,6 +284,12 @@ int main(int argc, char** argv) {
   app.add_option("--device", flags.device, "auto, cpu or cuda")->capture_default_str();
   app.add_option("--shard", flags.shard, "process shard I of N of the tokens (with --save-stats; merge later)")
       ->capture_default_str();
+  app.add_option("--acts", flags.acts,
+                 "NAME=FILE[,FILE...]: one model's activations from elsewhere, instead of checkpoints (repeat per "
+                 "model): .npy (float32/float16) or .safetensors[:TENSOR] (F32/F16/BF16) shaped [tokens, neurons], "
+                 "one file per layer or one file split by --layers")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  app.add_option("--layers", flags.layers, "layer map of single-file --acts: sizes like 256,256 or 2x256");
   CLI::App* merge = app.add_subcommand("merge", "merge statistics files and report on their union");
   Flags merge_flags;
   merge->add_option("stats", merge_flags.inputs, "statistics files")->required();
@@ -243,7 +303,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return merge->parsed() ? run_merge(merge_flags) : run_stream(flags);
+    return merge->parsed() ? run_merge(merge_flags) : run_stream(flags, app);
   } catch (const UserError& e) {
     std::cerr << "correlate: error: " << e.what() << '\n';
     return 1;

@@ -57,12 +57,14 @@ HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<Data
 struct StreamProgress {
   int64_t tokens_done = 0, tokens_total = 0;
   double seconds = 0;
+  double bytes_read = 0;  // activation files only
 };
 
 struct StreamResult {
   CorrelationStats stats;
-  std::vector<double> loss;  // each model's mean next-token loss over the sequences
+  std::vector<double> loss;  // each model's mean next-token loss over the sequences (checkpoints only)
   double seconds = 0;
+  double bytes_read = 0;     // activation files only
 };
 
 // Runs every model forward over the tokens in batches of `batch` sequences and adds

@@ -11,6 +11,22 @@ namespace univ {
 // The whole file; UserError naming the path and the reason when it cannot be read.
 std::string read_file(const std::filesystem::path& path);
 
+// A whole file mapped read-only into memory (RAII); UserError when it cannot be.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::filesystem::path& path);
+  ~MappedFile();
+  MappedFile(MappedFile&& other) noexcept;
+  MappedFile& operator=(MappedFile&&) = delete;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  std::string_view bytes() const { return {static_cast<const char*>(data_), size_}; }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // Writes `data` to `path` and flushes it to the disk (fsync) before returning.
 void write_file_durable(const std::filesystem::path& path, std::string_view data);
 

@@ -37,6 +37,8 @@ class SafetensorsFile {
   // present; with require_checksum (our own files) its absence is a fault too.
   // UserError naming `what` on any fault.
   SafetensorsFile(std::string bytes, std::string what, bool require_checksum = false);
+  // The same over bytes it does not own (a memory-mapped file), which must outlive it.
+  static SafetensorsFile borrow(std::string_view bytes, std::string what, bool require_checksum = false);
 
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::map<std::string, Entry>& entries() const { return entries_; }
@@ -47,9 +49,15 @@ class SafetensorsFile {
   // of another dtype, or of another shape.
   void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* out) const;
   std::string_view data(const std::string& name) const;
+  const std::string& what() const { return what_; }
 
  private:
-  std::string bytes_;
+  SafetensorsFile(std::string owned, std::string_view borrowed, std::string what, bool require_checksum);
+  std::string_view bytes() const { return borrowing_ ? borrowed_ : std::string_view(owned_); }
+
+  std::string owned_;
+  std::string_view borrowed_;
+  bool borrowing_ = false;
   std::string what_;
   size_t data_start_ = 0;
   std::map<std::string, std::string> metadata_;
