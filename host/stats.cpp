@@ -98,6 +98,10 @@ void read_f64(const SafetensorsFile& f, const std::string& name, std::vector<dou
 }  // namespace
 
 void CorrelationStats::save(const std::filesystem::path& file, const std::map<std::string, std::string>& metadata) const {
+  write_file_atomic(file, bytes(metadata));
+}
+
+std::string CorrelationStats::bytes(const std::map<std::string, std::string>& metadata) const {
   std::vector<TensorBytes> tensors;
   const std::vector<int64_t> count{count_};
   tensors.push_back({"count", "I64", {1}, {reinterpret_cast<const char*>(count.data()), sizeof(int64_t)}});
@@ -116,7 +120,7 @@ void CorrelationStats::save(const std::filesystem::path& file, const std::map<st
   nlohmann::json shapes = nlohmann::json::array();
   for (const auto& s : shapes_) shapes.push_back({{"layers", s.layers}, {"width", s.width}});
   meta["univ.shapes"] = shapes.dump();
-  write_file_atomic(file, safetensors_bytes(tensors, meta));
+  return safetensors_bytes(tensors, meta);
 }
 
 CorrelationStats CorrelationStats::load(const std::filesystem::path& file, std::map<std::string, std::string>* metadata) {

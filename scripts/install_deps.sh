@@ -4,7 +4,8 @@
 # whatever is there already.
 set -euo pipefail
 
-packages=(cmake make g++ libcli11-dev nlohmann-json3-dev libgtest-dev libopenblas-openmp-dev clang libclang-rt-dev
+packages=(cmake make g++ libcli11-dev nlohmann-json3-dev libgtest-dev libopenblas-openmp-dev libopenmpi-dev openmpi-bin
+          clang libclang-rt-dev
           python3)
 python_packages=(numpy safetensors)
 

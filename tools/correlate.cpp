@@ -19,6 +19,7 @@
 #include "univ/backend.hpp"
 #include "univ/correlate.hpp"
 #include "univ/error.hpp"
+#include "univ/mpi.hpp"
 #include "univ/report.hpp"
 
 namespace {
@@ -116,7 +117,9 @@ void finish(const Flags& f, const univ::CorrelationStats& stats, const univ::Rep
 // A live line on a terminal, a line per tenth otherwise.
 class Progress {
  public:
+  explicit Progress(bool enabled) : enabled_(enabled) {}
   void operator()(const univ::StreamProgress& p) {
+    if (!enabled_) return;
     const bool last = p.tokens_done == p.tokens_total;
     const int tenth = static_cast<int>(10 * p.tokens_done / std::max<int64_t>(p.tokens_total, 1));
     if (!tty_ && !last && tenth == last_tenth_) return;
@@ -131,28 +134,51 @@ class Progress {
   }
 
  private:
+  bool enabled_;
   bool tty_ = isatty(STDERR_FILENO);
   int last_tenth_ = -1;
 };
 
+// The slice of the tokens this process streams: --shard, or this rank's under mpirun.
+// A run is complete (and reported) unless the user asked for one shard.
+struct Slice {
+  univ::Shard shard;
+  bool complete = true;
+};
+
+Slice resolve_slice(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi) {
+  Slice s{univ::Shard::parse(f.shard), true};
+  s.complete = s.shard.count == 1;
+  if (mpi.size() > 1) {
+    if (app.count("--shard") > 0) throw UserError("--shard and mpirun both split the tokens: use one of them");
+    s.shard = {mpi.rank(), mpi.size()};
+  }
+  if (!s.complete && f.save_stats.empty())
+    throw UserError("--shard needs --save-stats FILE: a shard's statistics are merged later with 'correlate merge'");
+  check_outputs(f, s.complete);
+  if (s.complete) analysis_options(f);  // bad analysis flags fail before the streaming
+  return s;
+}
+
 // Streams --acts files instead of running checkpoints.
-int run_activation_files(const Flags& f, const CLI::App& app, univ::Shard shard, Clock::time_point start) {
+int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi, Clock::time_point start) {
   if (!f.inputs.empty()) throw UserError("give checkpoints or --acts, not both");
   for (const char* flag : {"--site", "--data", "--vocab", "--data-seed", "--tokens", "--batch"})
     if (app.count(flag) > 0) throw UserError(std::string(flag) + " applies to checkpoints, not to --acts");
-  const bool full_run = shard.count == 1;
-  if (!full_run && f.save_stats.empty())
-    throw UserError("--shard needs --save-stats FILE: a shard's statistics are merged later with 'correlate merge'");
-  check_outputs(f, full_run);
-  if (full_run) analysis_options(f);
+  const Slice slice = resolve_slice(f, app, mpi);
   const std::vector<int> sizes = f.layers.empty() ? std::vector<int>{} : univ::parse_layer_sizes(f.layers);
   std::vector<univ::ActivationModel> models;
   for (const auto& a : f.acts) models.push_back(univ::open_activation_model(a, sizes));
   const int64_t tokens = univ::common_tokens(models);
-  std::cerr << "correlate: " << models.size() << " models, " << tokens << " tokens of activation files\n";
-  Progress progress;
-  const univ::StreamResult streamed =
-      univ::stream_activation_statistics(models, shard, kActivationChunk, std::ref(progress));
+  if (mpi.root())
+    std::cerr << "correlate: " << models.size() << " models, " << tokens << " tokens of activation files"
+              << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
+  Progress progress(mpi.root());
+  univ::StreamResult streamed =
+      univ::stream_activation_statistics(models, slice.shard, kActivationChunk, std::ref(progress));
+  streamed.stats = mpi.gather_stats(streamed.stats);
+  streamed.bytes_read = mpi.sum({streamed.bytes_read})[0];
+  if (!mpi.root()) return 0;
 
   univ::ReportInput input;
   for (const auto& m : models) {
@@ -166,24 +192,20 @@ int run_activation_files(const Flags& f, const CLI::App& app, univ::Shard shard,
   input.site = "activation files";
   input.data = {{"source", "activation files"},
                 {"tokens", streamed.stats.count()},
-                {"shard", std::to_string(shard.index) + "/" + std::to_string(shard.count)}};
+                {"shard", slice.complete ? "0/1" : f.shard},
+                {"processes", mpi.size()}};
   input.timings["read_and_statistics"] = streamed.seconds;
   input.timings["read_gigabytes_per_second"] = streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9;
   std::cerr << "correlate: read " << streamed.bytes_read / 1e9 << " GB at "
             << streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9 << " GB/s\n";
-  finish(f, streamed.stats, input, full_run, start);
+  finish(f, streamed.stats, input, slice.complete, start);
   return 0;
 }
 
-int run_stream(const Flags& f, const CLI::App& app) {
+int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi) {
   const auto start = Clock::now();
-  const univ::Shard shard = univ::Shard::parse(f.shard);
-  if (!f.acts.empty()) return run_activation_files(f, app, shard, start);
-  const bool full_run = shard.count == 1;
-  if (!full_run && f.save_stats.empty())
-    throw UserError("--shard needs --save-stats FILE: a shard's statistics are merged later with 'correlate merge'");
-  check_outputs(f, full_run);
-  if (full_run) analysis_options(f);  // bad analysis flags fail before the streaming
+  if (!f.acts.empty()) return run_activation_files(f, app, mpi, start);
+  const Slice slice = resolve_slice(f, app, mpi);
   if (f.batch < 1) throw UserError("--batch must be positive");
   const univ::Site site = univ::parse_site(f.site);
   univ::resolve_device(f.device);
@@ -192,20 +214,32 @@ int run_stream(const Flags& f, const CLI::App& app) {
   const std::vector<univ::LoadedModel> models = univ::load_models(paths);
   std::optional<univ::DataSpec> data;
   if (!f.data.empty()) data = univ::DataSpec{f.data, f.vocab, f.data_seed, models[0].checkpoint.run.data.test_samples};
-  const univ::HeldOutTokens tokens = univ::held_out_tokens(models[0], data, f.tokens, shard);
-  std::cerr << "correlate: " << models.size() << " models, " << tokens.tokens << " tokens of "
-            << tokens.description.value("source", "") << ", site " << f.site << '\n';
-  Progress progress;
-  const univ::StreamResult streamed =
-      univ::stream_statistics(models, tokens, site, f.batch, std::ref(progress));
+  const univ::HeldOutTokens tokens = univ::held_out_tokens(models[0], data, f.tokens, slice.shard);
+  if (mpi.root())
+    std::cerr << "correlate: " << models.size() << " models, " << tokens.total_tokens << " tokens of "
+              << tokens.description.value("source", "") << ", site " << f.site
+              << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
+  Progress progress(mpi.root());
+  univ::StreamResult streamed = univ::stream_statistics(models, tokens, site, f.batch, std::ref(progress));
+  // Under mpirun: statistics merged at rank 0, losses weighted by each rank's sequences.
+  streamed.stats = mpi.gather_stats(streamed.stats);
+  const double sequences = static_cast<double>(tokens.sequences.count());
+  std::vector<double> weighted;
+  for (double l : streamed.loss) weighted.push_back(l * sequences);
+  weighted.push_back(sequences);
+  weighted = mpi.sum(weighted);
+  if (!mpi.root()) return 0;
+  for (size_t m = 0; m < streamed.loss.size(); ++m) streamed.loss[m] = weighted[m] / weighted.back();
 
   univ::ReportInput input;
   for (const auto& m : models) input.models.push_back(model_info(m));
   input.site = f.site;
   input.data = tokens.description;
+  if (slice.complete) input.data["shard"] = "0/1";
+  input.data["processes"] = mpi.size();
   input.loss = streamed.loss;
   input.timings["forward_and_statistics"] = streamed.seconds;
-  finish(f, streamed.stats, input, full_run, start);
+  finish(f, streamed.stats, input, slice.complete, start);
   return 0;
 }
 
@@ -263,6 +297,13 @@ int run_merge(const Flags& f) {
 
 int main(int argc, char** argv) {
   std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit a write fails with EFBIG, reported like a full disk
+  const univ::MpiSession mpi(argc, argv);
+  // Under mpirun an error on one rank must end every rank, and say which rank it was.
+  const std::string who = mpi.size() > 1 ? "correlate[rank " + std::to_string(mpi.rank()) + "]" : "correlate";
+  auto fail = [&](int code) {
+    if (mpi.size() > 1) mpi.abort(code);
+    return code;
+  };
   CLI::App app{
       "correlate: stream the MLP activations of K >= 2 checkpoints over held-out tokens into correlation "
       "statistics, compare each neuron with its partners against Haar-random rotations of the partners' neurons, "
@@ -299,22 +340,26 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::cerr << "correlate: error: " << e.what() << " (see --help)\n";
-    return 2;
+    std::cerr << who << ": error: " << e.what() << " (see --help)\n";
+    return fail(2);
   }
   try {
-    return merge->parsed() ? run_merge(merge_flags) : run_stream(flags, app);
+    if (merge->parsed()) {
+      if (mpi.size() > 1) throw UserError("correlate merge runs in one process, not under mpirun");
+      return run_merge(merge_flags);
+    }
+    return run_stream(flags, app, mpi);
   } catch (const UserError& e) {
-    std::cerr << "correlate: error: " << e.what() << '\n';
-    return 1;
+    std::cerr << who << ": error: " << e.what() << '\n';
+    return fail(1);
   } catch (const fs::filesystem_error& e) {
-    std::cerr << "correlate: error: " << e.code().message() << ": " << e.path1().string() << '\n';
-    return 1;
+    std::cerr << who << ": error: " << e.code().message() << ": " << e.path1().string() << '\n';
+    return fail(1);
   } catch (const std::bad_alloc&) {
-    std::cerr << "correlate: error: out of memory\n";
-    return 1;
+    std::cerr << who << ": error: out of memory\n";
+    return fail(1);
   } catch (const std::exception& e) {
-    std::cerr << "correlate: internal error: " << e.what() << '\n';
-    return 3;
+    std::cerr << who << ": internal error: " << e.what() << '\n';
+    return fail(3);
   }
 }

@@ -45,6 +45,7 @@ class CorrelationStats {
 
   // Saved as safetensors (float64 tensors, our checksum); metadata is the caller's.
   void save(const std::filesystem::path& file, const std::map<std::string, std::string>& metadata) const;
+  std::string bytes(const std::map<std::string, std::string>& metadata) const;  // the file's contents
   static CorrelationStats load(const std::filesystem::path& file, std::map<std::string, std::string>* metadata);
   // The same from the bytes of a file; `what` names it in errors.
   static CorrelationStats parse(std::string bytes, const std::string& what, std::map<std::string, std::string>* metadata);
