@@ -10,7 +10,8 @@ scripts/build.sh
 ctest --test-dir "${BUILD_DIR:-build}" --output-on-failure -j "$(nproc)"
 
 echo "test: the CPU suite under AddressSanitizer and UndefinedBehaviorSanitizer"
-BUILD_DIR=build-sanitize scripts/build.sh -DUNIV_SANITIZE=ON -DUNIV_ENABLE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+BUILD_DIR=build-sanitize scripts/build.sh -DUNIV_SANITIZE=ON -DUNIV_ENABLE_CUDA=OFF -DUNIV_ENABLE_MPI=OFF \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ctest --test-dir build-sanitize --output-on-failure -j "$(nproc)"
 
 echo "test: fuzzing the safetensors, .npy and statistics readers"
