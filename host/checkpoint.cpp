@@ -59,7 +59,9 @@ RunConfig run_config_of(const SafetensorsFile& f, const fs::path& file) {
     RunConfig c = run_config_from_json(parse_meta_json(f, "univ.run", file));
     c.validate();
     return c;
-  } catch (const nlohmann::json::exception&) {
+  } catch (const UserError&) {
+    throw;
+  } catch (const std::exception&) {  // missing fields, values of the wrong kind or range
     throw UserError(file.string() + ": metadata univ.run lacks fields or has wrong types");
   }
 }

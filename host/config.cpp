@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "univ/error.hpp"
+#include "univ/json_number.hpp"
 
 namespace univ {
 
@@ -105,12 +106,12 @@ nlohmann::json to_json(const RunConfig& c) {
 
 ModelConfig model_config_from_json(const nlohmann::json& j) {
   ModelConfig c;
-  c.vocab = j.at("vocab").get<int>();
-  c.seq_len = j.at("seq_len").get<int>();
-  c.d_model = j.at("d_model").get<int>();
-  c.heads = j.at("heads").get<int>();
-  c.d_mlp = j.at("d_mlp").get<int>();
-  c.layers = j.at("layers").get<int>();
+  c.vocab = json_number<int>(j, "vocab");
+  c.seq_len = json_number<int>(j, "seq_len");
+  c.d_model = json_number<int>(j, "d_model");
+  c.heads = json_number<int>(j, "heads");
+  c.d_mlp = json_number<int>(j, "d_mlp");
+  c.layers = json_number<int>(j, "layers");
   c.activation = parse_activation(j.at("activation").get<std::string>());
   c.pos = parse_pos_encoding(j.at("pos").get<std::string>());
   return c;
@@ -120,25 +121,25 @@ RunConfig run_config_from_json(const nlohmann::json& j) {
   RunConfig c;
   c.model = model_config_from_json(j.at("model"));
   const auto& o = j.at("optim");
-  c.optim.lr = o.at("lr").get<double>();
-  c.optim.weight_decay = o.at("weight_decay").get<double>();
-  c.optim.clip = o.at("clip").get<double>();
-  c.optim.warmup = o.at("warmup").get<int64_t>();
-  c.optim.beta1 = o.at("beta1").get<double>();
-  c.optim.beta2 = o.at("beta2").get<double>();
-  c.optim.eps = o.at("eps").get<double>();
-  c.optim.min_lr_ratio = o.at("min_lr_ratio").get<double>();
+  c.optim.lr = json_number<double>(o, "lr");
+  c.optim.weight_decay = json_number<double>(o, "weight_decay");
+  c.optim.clip = json_number<double>(o, "clip");
+  c.optim.warmup = json_number<int64_t>(o, "warmup");
+  c.optim.beta1 = json_number<double>(o, "beta1");
+  c.optim.beta2 = json_number<double>(o, "beta2");
+  c.optim.eps = json_number<double>(o, "eps");
+  c.optim.min_lr_ratio = json_number<double>(o, "min_lr_ratio");
   const auto& d = j.at("data");
   c.data.source = d.at("source").get<std::string>();
-  c.data.vocab = d.at("vocab").get<int>();
-  c.data.seed = d.at("seed").get<uint64_t>();
-  c.data.test_samples = d.at("test_samples").get<int64_t>();
-  c.models = j.at("models").get<int>();
-  c.seeds = j.at("seeds").get<std::vector<uint64_t>>();
-  c.samples = j.at("samples").get<int64_t>();
-  c.batch = j.at("batch").get<int>();
-  c.epochs = j.at("epochs").get<int>();
-  c.steps = j.at("steps").get<int64_t>();
+  c.data.vocab = json_number<int>(d, "vocab");
+  c.data.seed = json_number<uint64_t>(d, "seed");
+  c.data.test_samples = json_number<int64_t>(d, "test_samples");
+  c.models = json_number<int>(j, "models");
+  for (const auto& seed : j.at("seeds")) c.seeds.push_back(json_number<uint64_t>(seed));
+  c.samples = json_number<int64_t>(j, "samples");
+  c.batch = json_number<int>(j, "batch");
+  c.epochs = json_number<int>(j, "epochs");
+  c.steps = json_number<int64_t>(j, "steps");
   c.same_init = j.at("same_init").get<bool>();
   c.same_data = j.at("same_data").get<bool>();
   return c;

@@ -64,9 +64,10 @@ namespace {
 
 bool same_source(const nlohmann::json& trained_on, const DataSource& src) {
   const nlohmann::json d = src.describe();
-  return trained_on.value("source", "") == d.value("source", "") && trained_on.value("vocab", 0) == d.value("vocab", 0) &&
-         trained_on.value("seed", uint64_t(0)) == d.value("seed", uint64_t(0)) &&
-         trained_on.value("fnv1a64", "") == d.value("fnv1a64", "");
+  auto field = [](const nlohmann::json& j, const char* key) { return j.contains(key) ? j.at(key) : nlohmann::json(); };
+  for (const char* key : {"source", "vocab", "seed", "fnv1a64"})
+    if (field(trained_on, key) != field(d, key)) return false;
+  return true;
 }
 
 }  // namespace

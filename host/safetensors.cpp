@@ -8,6 +8,7 @@
 
 #include "univ/error.hpp"
 #include "univ/fileio.hpp"
+#include "univ/json_number.hpp"
 
 namespace univ {
 
@@ -109,8 +110,9 @@ SafetensorsFile::SafetensorsFile(std::string owned, std::string_view borrowed, s
       }
       Entry e;
       e.dtype = value.at("dtype").get<std::string>();
-      e.shape = value.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = value.at("data_offsets").get<std::vector<uint64_t>>();
+      for (const auto& d : value.at("shape")) e.shape.push_back(json_number<int64_t>(d));
+      std::vector<uint64_t> offsets;
+      for (const auto& o : value.at("data_offsets")) offsets.push_back(json_number<uint64_t>(o));
       if (offsets.size() != 2 || offsets[0] > offsets[1]) fail("bad data_offsets for " + key);
       e.begin = offsets[0];
       e.end = offsets[1];
@@ -120,7 +122,9 @@ SafetensorsFile::SafetensorsFile(std::string owned, std::string_view borrowed, s
       if (bytes < 0 || static_cast<uint64_t>(bytes) != e.end - e.begin) fail("shape and offsets disagree for " + key);
       entries_[key] = std::move(e);
     }
-  } catch (const nlohmann::json::exception&) {
+  } catch (const UserError&) {
+    throw;
+  } catch (const std::exception&) {  // a JSON value of the wrong kind or range
     fail("malformed tensor entry or metadata");
   }
   std::vector<const Entry*> by_offset;

@@ -8,6 +8,7 @@
 
 #include "univ/error.hpp"
 #include "univ/fileio.hpp"
+#include "univ/json_number.hpp"
 #include "univ/safetensors.hpp"
 
 namespace univ {
@@ -134,8 +135,8 @@ CorrelationStats CorrelationStats::parse(std::string bytes, const std::string& w
   std::vector<NeuronShape> shapes;
   try {
     for (const auto& s : nlohmann::json::parse(f.meta("univ.shapes")))
-      shapes.push_back({s.at("layers").get<int>(), s.at("width").get<int>()});
-  } catch (const nlohmann::json::exception&) {
+      shapes.push_back({json_number<int>(s, "layers"), json_number<int>(s, "width")});
+  } catch (const std::exception&) {  // not JSON, or values of the wrong kind or range
     throw UserError(what + ": metadata univ.shapes is malformed");
   }
   // Every tensor the shapes call for must be in the file with that shape before

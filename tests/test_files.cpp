@@ -68,6 +68,16 @@ TEST(Safetensors, ReadsFilesWithoutOurChecksum) {
   EXPECT_EQ(y[1], -2.0f);
 }
 
+TEST(Safetensors, NumbersOfTheWrongKindOrRangeAreRefused) {
+  for (const std::string shape : {"[2e29]", "[1.5]", "[-1]", "[18446744073709551615]", "[\"2\"]"}) {
+    const std::string json = R"({"x":{"dtype":"F32","shape":)" + shape + R"(,"data_offsets":[0,8]}})";
+    std::string file(8, '\0');
+    for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((json.size() >> (8 * i)) & 0xff);
+    file += json + std::string(8, '\0');
+    EXPECT_THROW(SafetensorsFile(file, "mem"), UserError) << shape;
+  }
+}
+
 TEST(Npy, HeadersOfAllVersionsAndBadOnes) {
   const std::string v1 = npy_bytes("<i4", {2, 3}, std::string(24, '\1'));
   EXPECT_EQ(v1.substr(0, 6), "\x93NUMPY");
