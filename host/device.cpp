@@ -11,6 +11,9 @@
 namespace univ {
 
 std::unique_ptr<TrainBackend> make_cpu_backend(const RunConfig& config);
+#ifdef UNIV_HAVE_CUDA
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision);
+#endif
 
 std::string to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
 
@@ -48,21 +51,35 @@ int cuda_device_count() {
 }
 
 Device resolve_device(const std::string& flag) {
-  if (flag == "cpu" || flag == "auto") return Device::cpu;  // the CUDA trainer arrives with the CUDA backend
+  if (flag == "cpu") return Device::cpu;
+  if (flag == "auto") return cuda_device_count() > 0 ? Device::cuda : Device::cpu;
   if (flag == "cuda") {
 #ifndef UNIV_HAVE_CUDA
     throw UserError("--device cuda: this build has no CUDA support (nvcc was not found when it was configured)");
 #else
     if (cuda_device_count() == 0) throw UserError("--device cuda: no CUDA device is available");
-    throw UserError("--device cuda: the CUDA training backend is not part of this build yet; use --device cpu");
+    return Device::cuda;
 #endif
   }
   throw UserError("unknown --device '" + flag + "' (expected auto, cpu or cuda)");
 }
 
-std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config) {
+std::string to_string(Precision p) { return p == Precision::fp32 ? "fp32" : "tf32"; }
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::fp32;
+  if (name == "tf32") return Precision::tf32;
+  throw UserError("unknown --precision '" + name + "' (expected fp32 or tf32)");
+}
+
+std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config, Precision precision) {
   if (device == Device::cpu) return make_cpu_backend(config);
-  throw UserError("the CUDA training backend is not part of this build yet");
+#ifdef UNIV_HAVE_CUDA
+  return make_cuda_backend(config, precision);
+#else
+  (void)precision;
+  throw UserError("this build has no CUDA support");
+#endif
 }
 
 }  // namespace univ

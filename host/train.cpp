@@ -105,7 +105,7 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
   const int64_t total = config.total_steps();
   const int64_t save_every = options.save_every > 0 ? options.save_every : config.steps_per_epoch();
 
-  auto backend = make_backend(options.device, config);
+  auto backend = make_backend(options.device, config, options.precision);
   TrainState state;
   if (options.resume) {
     state = options.resume->state;
@@ -175,6 +175,7 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
   nlohmann::json summary{{"config", to_json(config)},
                          {"data", data_description},
                          {"device", to_string(options.device)},
+                         {"precision", to_string(options.precision)},
                          {"step", result.step},
                          {"total_steps", total},
                          {"interrupted", result.interrupted},

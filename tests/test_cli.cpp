@@ -92,7 +92,7 @@ TEST_P(Interrupt, SavesACheckpointThatResumesBitExactly) {
   EXPECT_LT(stopped, 600);
 
   TempDir resume_scratch;
-  const ProcessResult resumed = train_pair(resume_scratch, {"--resume", run.string()});
+  const ProcessResult resumed = train_pair(resume_scratch, {"--resume", run.string(), "--device", "cpu"});
   ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
   EXPECT_NE(resumed.err.find("resuming at step " + std::to_string(stopped)), std::string::npos) << resumed.err;
   ASSERT_EQ(train_pair(whole_scratch, tiny_flags(whole, 600)).exit_code, 0);
@@ -127,6 +127,7 @@ TEST(TrainPairCli, BadFlagsAndValues) {
       {{"--samples", "8"}, "smaller than --batch"},
       {{"--models", "0"}, "--models must be positive"},
       {{"--device", "tpu"}, "unknown --device 'tpu'"},
+      {{"--precision", "fp16"}, "unknown --precision 'fp16'"},
       {{"--data", "synthetic:zipf"}, "unknown synthetic language 'zipf'"},
   };
   for (const auto& [extra, fragment] : cases) {

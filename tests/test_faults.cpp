@@ -54,7 +54,7 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
   for (int trial = 0; trial < trials; ++trial) {
     const bool resume = fs::exists(run) && has_checkpoint(run);
     testing::Process child(
-        kTrainPair, resume ? std::vector<std::string>{"--resume", run.string(), "--save-every", "1"} : fresh,
+        kTrainPair, resume ? std::vector<std::string>{"--resume", run.string(), "--save-every", "1", "--device", "cpu"} : fresh,
         scratch.path());
     if (trial % 2 == 0) {
       // Every other kill waits for a write to start, then lands 0-20 ms into it.

@@ -208,7 +208,9 @@ int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi)
   const Slice slice = resolve_slice(f, app, mpi);
   if (f.batch < 1) throw UserError("--batch must be positive");
   const univ::Site site = univ::parse_site(f.site);
-  univ::resolve_device(f.device);
+  if (f.device == "cuda")
+    throw UserError("correlate --device cuda: the GPU correlation path is not built yet; use --device cpu");
+  univ::resolve_device(f.device);  // rejects unknown names; auto and cpu stream on the CPU
 
   std::vector<fs::path> paths(f.inputs.begin(), f.inputs.end());
   const std::vector<univ::LoadedModel> models = univ::load_models(paths);
@@ -322,7 +324,8 @@ int main(int argc, char** argv) {
   app.add_option("--vocab", flags.vocab, "vocabulary of --data (as train_pair's --vocab)");
   app.add_option("--data-seed", flags.data_seed, "seed of --data (as train_pair's --data-seed)")->capture_default_str();
   app.add_option("--batch", flags.batch, "sequences per forward chunk")->capture_default_str();
-  app.add_option("--device", flags.device, "auto, cpu or cuda")->capture_default_str();
+  app.add_option("--device", flags.device, "auto or cpu (the GPU path of correlate is not built yet)")
+      ->capture_default_str();
   app.add_option("--shard", flags.shard, "process shard I of N of the tokens (with --save-stats; merge later)")
       ->capture_default_str();
   app.add_option("--acts", flags.acts,

@@ -36,7 +36,7 @@ struct Flags {
   univ::RunConfig run;
   std::vector<uint64_t> seeds{0};
   std::string activation = "relu", pos = "learned";
-  std::string device = "auto";
+  std::string device = "auto", precision = "fp32";
   std::string out, resume;
   int64_t save_every = 0;
   bool overwrite = false;
@@ -96,7 +96,10 @@ void add_flags(CLI::App& app, Flags& f) {
       ->capture_default_str();
   app.add_flag("--same-init", r.same_init, "every model starts from the first seed's weights");
   app.add_flag("--same-data", r.same_data, "every model trains on the same samples in the same order");
-  app.add_option("--device", f.device, "auto, cpu or cuda")->capture_default_str();
+  app.add_option("--device", f.device, "auto (cuda when a GPU is present), cpu or cuda")->capture_default_str();
+  app.add_option("--precision", f.precision,
+                 "matrix products on the GPU: fp32, or tf32 (tensor cores; about 1e-3 relative)")
+      ->capture_default_str();
   app.add_option("--out", f.out, "output directory for checkpoints and logs");
   app.add_option("--resume", f.resume, "continue the run in this directory (writes there unless --out is given)");
   app.add_option("--save-every", f.save_every, "steps between checkpoints (default: once per epoch)");
@@ -191,6 +194,7 @@ int run(CLI::App& app, Flags& flags, int argc, char** argv) {
     options.out_dir = flags.out;
   }
   options.device = univ::resolve_device(flags.device);
+  options.precision = univ::parse_precision(flags.precision);
   options.save_every = flags.save_every;
   options.overwrite = flags.overwrite;
   if (flags.save_every < 0) throw UserError("--save-every must be positive");

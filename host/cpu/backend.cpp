@@ -33,6 +33,7 @@ class CpuBackend final : public TrainBackend {
   }
 
   TrainState state() const override { return {model_.params(), exp_avg_, exp_avg_sq_, step_}; }
+  std::vector<float> gradients() const override { return model_.grads(); }
 
   StepStats step(const int32_t* inputs, const int32_t* targets, double lr) override {
     const int M = config_.models;

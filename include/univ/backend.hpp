@@ -15,9 +15,14 @@ namespace univ {
 enum class Device { cpu, cuda };
 std::string to_string(Device d);
 
-// --device auto|cpu|cuda -> the device to use. UserError for unknown names and for
-// cuda without a GPU or without CUDA support in this build.
+// --device auto|cpu|cuda -> the device to use (auto: cuda when a GPU is present).
+// UserError for unknown names and for cuda without a GPU or without CUDA in this build.
 Device resolve_device(const std::string& flag);
+
+// Matrix products in strict float32, or TF32 on tensor cores (CUDA only; the CPU is fp32).
+enum class Precision { fp32, tf32 };
+std::string to_string(Precision p);
+Precision parse_precision(const std::string& name);  // UserError for unknown names
 
 // Number of CUDA devices usable by this process; 0 without CUDA support.
 int cuda_device_count();
@@ -47,8 +52,11 @@ class TrainBackend {
   // Mean loss of every model over `count` sequences of seq_len + 1 tokens (shared by
   // all models), in batches; nothing is updated.
   virtual std::vector<double> evaluate(const int32_t* sequences, int64_t count) = 0;
+  // The gradients of the last step, laid out like the parameters (for tests and checks).
+  virtual std::vector<float> gradients() const = 0;
 };
 
-std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config);
+std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config,
+                                           Precision precision = Precision::fp32);
 
 }  // namespace univ

@@ -32,6 +32,7 @@ struct TrainHooks {
 struct TrainOptions {
   RunConfig config;
   Device device = Device::cpu;
+  Precision precision = Precision::fp32;  // CUDA only; a setting of this invocation, not stored
   std::filesystem::path out_dir;
   std::optional<LoadedCheckpoint> resume;  // continue from this state (config must be its config)
   int64_t save_every = 0;                  // steps between checkpoints; 0: once per epoch

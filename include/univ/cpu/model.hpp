@@ -20,6 +20,7 @@ class Model {
   std::vector<F>& params() { return params_; }
   const std::vector<F>& params() const { return params_; }
   std::vector<F>& grads() { return grads_; }
+  const std::vector<F>& grads() const { return grads_; }
 
   // inputs, targets: [M, B, T] token ids, B <= max_batch. losses[M]: mean cross-entropy
   // per model. With for_backward the loss gradient is kept for backward().

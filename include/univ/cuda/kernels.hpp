@@ -1,0 +1,101 @@
+// Launchers of the CUDA kernels (kernels/*.cu), one group per op, forward and
+// backward together; each launch covers all M models. Shapes as in univ/cpu/ops.hpp:
+// M models, B sequences, T positions, C = d_model, H heads, D = d_mlp, V vocabulary,
+// N = B * T rows; tensors [M, ...], contiguous per model. Parameter gradients
+// accumulate (+=) and every reduction runs in a fixed order: results are bitwise
+// reproducible. Plain C++17 (the kernels compile as such).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace univ::cuda {
+
+enum class Act { none, relu, gelu };
+
+// embedding.cu ----------------------------------------------------------------------
+// out[M,B,T,C] = wte[m, tokens[m,b,t]] + pos[m, t]; pos [M,T,C] (stride T*C) or one
+// shared sinusoidal table [T,C] (pos_model_stride 0).
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int64_t pos_model_stride,
+                       int M, int B, int T, int C, int V, cudaStream_t stream);
+// dwte[M,V,C] += ..., dwpe[M,T,C] += ... (null: fixed positions); each token's rows are
+// summed in position order, without atomics.
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int M, int B, int T,
+                        int C, int V, cudaStream_t stream);
+
+// layernorm.cu ----------------------------------------------------------------------
+// out[M,N,C] = (inp - mean) * rstd * weight[m] + bias[m]; mean, rstd [M,N].
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
+                       int M, int N, int C, cudaStream_t stream);
+// dinp += ..., dweight += ..., dbias += ...
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                        const float* weight, const float* mean, const float* rstd, int M, int N, int C,
+                        cudaStream_t stream);
+
+// matmul.cu (cuBLAS strided-batched over models) ------------------------------------
+// out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
+void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
+                    int OC);
+// dinp[M,N,C] = dout weight (overwritten; null: skipped); dweight[M,OC,C] += dout^T inp
+void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, const float* dout, const float* inp,
+                     const float* weight, int M, int N, int C, int OC);
+
+// bias.cu: the epilogues around the matrix products -----------------------------------
+// out[M,N,OC] += bias[M,OC], and + residual[M,N,OC] when residual is not null.
+void bias_forward(float* out, const float* bias, const float* residual, int M, int N, int OC, cudaStream_t stream);
+// pre[M,N,D] += bias[M,D]; post = act(pre) (exact GELU, as PyTorch).
+void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
+                             cudaStream_t stream);
+// dpre = dpost * act'(pre) (act none: dpost itself, dpre and pre unused);
+// dbias[M,D] += sum over the rows of dpre.
+void bias_activation_backward(float* dpre, float* dbias, const float* dpost, const float* pre, int M, int N, int D,
+                              Act act, cudaStream_t stream);
+
+// attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
+// qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
+// att [M,B,H,T,T] softmax probabilities (zero above the diagonal).
+void attention_forward(float* out, float* att, const float* qkv, int M, int B, int T, int C, int H,
+                       cudaStream_t stream);
+// dqkv [M,B,T,3C] overwritten.
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, int M, int B, int T, int C,
+                        int H, cudaStream_t stream);
+// The longest sequence the fused kernels hold in shared memory for a head width.
+int attention_max_seq_len(int head_dim);
+// Lets the attention kernels use all the shared memory a block may opt in to; call
+// once per device before the first launch (not during graph capture).
+void prepare_attention_kernels();
+
+// crossentropy.cu ---------------------------------------------------------------------
+// losses[M] = mean over rows of -log softmax(logits)[target]; with backward, logits
+// [M,N,V] are overwritten by dlogits = (softmax - onehot) / N. row_loss [M,N] scratch.
+void crossentropy_forward_backward(float* losses, float* row_loss, float* logits, const int32_t* targets, int M, int N,
+                                   int V, bool backward, cudaStream_t stream);
+
+// adamw.cu: global-norm clipping and AdamW over the flat parameter buffer ------------
+// One model's block of one parameter tensor.
+struct ParamSegment {
+  int64_t offset;
+  int64_t numel;
+  int model;
+  int decay;  // weight decay applies
+};
+// The per-step constants, computed on the host in float64 exactly as the CPU backend does.
+struct OptimizerStep {
+  float step_size;      // lr / (1 - beta1^t)
+  float inv_sqrt_bc2;   // 1 / sqrt(1 - beta2^t)
+  float decay_factor;   // 1 - lr * weight_decay
+  float beta1, beta2, eps;
+  double clip;          // <= 0: no clipping
+};
+// norms[M] = global gradient norm per model; scales[M] = min(1, clip / (norm + 1e-6));
+// finite[0] = 1 when every loss and norm is finite. partials [segments] scratch.
+void grad_norms(double* partials, float* norms, float* scales, int* finite, const float* grads,
+                const ParamSegment* segments, int num_segments, const float* losses, int M,
+                const OptimizerStep* step, cudaStream_t stream);
+// AdamW on every segment, gradients times the model's scale; nothing when !finite[0].
+void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* segments,
+                  int num_segments, const float* scales, const int* finite, const OptimizerStep* step,
+                  cudaStream_t stream);
+
+}  // namespace univ::cuda

@@ -1,0 +1,158 @@
+// RAII for CUDA resources: device buffers, streams, events, cuBLAS handles, graphs.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <functional>
+#include <utility>
+
+#include "univ/cuda/check.hpp"
+
+namespace univ::cuda {
+
+// n elements of T in device memory (cudaMalloc / cudaFree); move-only.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) : size_(n) {
+    if (n > 0) UNIV_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&data_), n * sizeof(T)));
+  }
+  ~DeviceBuffer() {
+    if (data_) cudaFree(data_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  size_t size() const { return size_; }
+  void upload(const T* host, size_t n, cudaStream_t stream, size_t offset = 0) {
+    UNIV_CUDA_CHECK(cudaMemcpyAsync(data_ + offset, host, n * sizeof(T), cudaMemcpyHostToDevice, stream));
+  }
+  void download(T* host, size_t n, cudaStream_t stream, size_t offset = 0) const {
+    UNIV_CUDA_CHECK(cudaMemcpyAsync(host, data_ + offset, n * sizeof(T), cudaMemcpyDeviceToHost, stream));
+  }
+  void fill_bytes(int byte, cudaStream_t stream) {
+    if (size_) UNIV_CUDA_CHECK(cudaMemsetAsync(data_, byte, size_ * sizeof(T), stream));
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// n elements of T in page-locked host memory, for asynchronous copies; move-only.
+template <class T>
+class PinnedBuffer {
+ public:
+  explicit PinnedBuffer(size_t n) : size_(n) {
+    if (n > 0) UNIV_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data_), n * sizeof(T)));
+  }
+  ~PinnedBuffer() {
+    if (data_) cudaFreeHost(data_);
+  }
+  PinnedBuffer(PinnedBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T& operator[](size_t i) { return data_[i]; }
+  size_t size() const { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class Stream {
+ public:
+  Stream() { UNIV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(stream_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  void synchronize() const { UNIV_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+ private:
+  cudaStream_t stream_{};
+};
+
+class Event {
+ public:
+  Event() { UNIV_CUDA_CHECK(cudaEventCreate(&event_)); }
+  ~Event() { cudaEventDestroy(event_); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return event_; }
+  void record(cudaStream_t stream) { UNIV_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+  // Milliseconds from `start` to this event (both recorded and complete).
+  float since(const Event& start) const {
+    float ms = 0;
+    UNIV_CUDA_CHECK(cudaEventSynchronize(event_));
+    UNIV_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+    return ms;
+  }
+
+ private:
+  cudaEvent_t event_{};
+};
+
+// A cuBLAS handle bound to a stream, with its own workspace (required for graph capture).
+class CublasHandle {
+ public:
+  CublasHandle(cudaStream_t stream, bool tf32) : workspace_(kWorkspaceBytes) {
+    UNIV_CUBLAS_CHECK(cublasCreate(&handle_));
+    UNIV_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+    UNIV_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_.data(), kWorkspaceBytes));
+    UNIV_CUBLAS_CHECK(cublasSetMathMode(handle_, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH));
+  }
+  ~CublasHandle() { cublasDestroy(handle_); }
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  static constexpr size_t kWorkspaceBytes = size_t(32) << 20;
+  DeviceBuffer<char> workspace_;
+  cublasHandle_t handle_{};
+};
+
+// The work `record` enqueues on a stream, captured once into an executable graph and
+// replayed with one launch.
+class Graph {
+ public:
+  Graph(cudaStream_t stream, const std::function<void()>& record) {
+    UNIV_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    try {
+      record();
+    } catch (...) {
+      cudaGraph_t broken = nullptr;
+      cudaStreamEndCapture(stream, &broken);
+      if (broken) cudaGraphDestroy(broken);
+      throw;
+    }
+    UNIV_CUDA_CHECK(cudaStreamEndCapture(stream, &graph_));
+    UNIV_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+  }
+  ~Graph() {
+    if (exec_) cudaGraphExecDestroy(exec_);
+    if (graph_) cudaGraphDestroy(graph_);
+  }
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void launch(cudaStream_t stream) const { UNIV_CUDA_CHECK(cudaGraphLaunch(exec_, stream)); }
+
+ private:
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+}  // namespace univ::cuda

@@ -1,0 +1,67 @@
+// Softmax cross-entropy over the vocabulary, forward and backward fused: a warp per
+// row; the gradient overwrites the logits, so probabilities are never stored apart.
+// The mean over rows runs per model in a fixed tree order.
+#include <cfloat>
+
+#include "common.cuh"
+#include "univ/cuda/kernels.hpp"
+
+namespace univ::cuda {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kReduceThreads = 256;
+
+__global__ void crossentropy_rows_kernel(float* __restrict__ row_loss, float* __restrict__ logits,
+                                         const int32_t* __restrict__ targets, int64_t rows, int N, int V,
+                                         bool backward) {
+  const int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % kWarpSize;
+  float* x = logits + row * V;
+  float max_logit = -FLT_MAX;
+  for (int v = lane; v < V; v += kWarpSize) max_logit = fmaxf(max_logit, x[v]);
+  max_logit = warp_max(max_logit);
+  float sum = 0.0f;
+  for (int v = lane; v < V; v += kWarpSize) sum += expf(x[v] - max_logit);
+  sum = warp_sum(sum);
+  const int target = targets[row];
+  const float target_logit = x[target];
+  __syncwarp();  // every lane has read the target's logit before it is overwritten
+  if (lane == 0) row_loss[row] = logf(sum) - (target_logit - max_logit);
+  if (backward) {
+    const float inv = 1.0f / (sum * N);
+    for (int v = lane; v < V; v += kWarpSize)
+      x[v] = expf(x[v] - max_logit) * inv - (v == target ? 1.0f / N : 0.0f);
+  }
+}
+
+// One block per model: the mean of its N row losses, summed in float64 in a fixed tree.
+__global__ void mean_per_model_kernel(float* __restrict__ losses, const float* __restrict__ row_loss, int N) {
+  __shared__ double partial[kReduceThreads];
+  const float* rows = row_loss + int64_t(blockIdx.x) * N;
+  double sum = 0.0;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) sum += rows[n];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) losses[blockIdx.x] = static_cast<float>(partial[0] / N);
+}
+
+}  // namespace
+
+void crossentropy_forward_backward(float* losses, float* row_loss, float* logits, const int32_t* targets, int M, int N,
+                                   int V, bool backward, cudaStream_t stream) {
+  const int64_t rows = int64_t(M) * N;
+  crossentropy_rows_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kWarpsPerBlock)),
+                             kWarpsPerBlock * kWarpSize, 0, stream>>>(row_loss, logits, targets, rows, N, V, backward);
+  UNIV_CUDA_CHECK_LAUNCH();
+  mean_per_model_kernel<<<M, kReduceThreads, 0, stream>>>(losses, row_loss, N);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace univ::cuda

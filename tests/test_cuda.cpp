@@ -1,0 +1,357 @@
+// The CUDA backend against the CPU backend, its oracle: every kernel forward and
+// backward on random inputs of several shapes (sizes not multiples of 32, T = 1, one
+// head, M = 1 and 3), outputs poisoned with NaN first; then whole steps, a 100-step
+// loss trajectory, bitwise determinism and NaN handling. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+
+#include "test_util.hpp"
+#include "univ/backend.hpp"
+#include "univ/checkpoint.hpp"
+#include "univ/cpu/ops.hpp"
+#include "univ/cuda/kernels.hpp"
+#include "univ/cuda/memory.hpp"
+#include "univ/data.hpp"
+#include "univ/fileio.hpp"
+#include "univ/init.hpp"
+#include "univ/train.hpp"
+
+namespace univ {
+namespace {
+
+using testing::random_tokens;
+using testing::random_vector;
+using testing::relative_error;
+using testing::TempDir;
+
+constexpr double kFp32 = 1e-5;  // float32 kernels against float32 CPU ops, other summation orders
+
+class Gpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
+    cuda::prepare_attention_kernels();
+    stream = std::make_unique<cuda::Stream>();
+  }
+  template <class T>
+  cuda::DeviceBuffer<T> up(const std::vector<T>& host) {
+    cuda::DeviceBuffer<T> d(host.size());
+    d.upload(host.data(), host.size(), stream->get());
+    return d;
+  }
+  // A device buffer of n elements filled with NaN: elements a kernel forgets stay NaN.
+  cuda::DeviceBuffer<float> poisoned(size_t n) {
+    cuda::DeviceBuffer<float> d(n);
+    d.fill_bytes(0xff, stream->get());
+    return d;
+  }
+  template <class T>
+  std::vector<T> down(const cuda::DeviceBuffer<T>& d) {
+    std::vector<T> host(d.size());
+    d.download(host.data(), host.size(), stream->get());
+    stream->synchronize();
+    return host;
+  }
+  static void expect_close(const std::vector<float>& gpu, const std::vector<float>& cpu, double tol,
+                           const std::string& what) {
+    for (size_t i = 0; i < gpu.size(); ++i) ASSERT_TRUE(std::isfinite(gpu[i])) << what << ": element " << i;
+    EXPECT_LT(relative_error(gpu, cpu), tol) << what;
+  }
+  std::unique_ptr<cuda::Stream> stream;  // made after the device check
+};
+
+struct Shape {
+  int M, B, T, C, H, V, D;
+};
+const Shape kShapes[] = {{2, 3, 5, 8, 2, 11, 12}, {1, 1, 1, 4, 1, 3, 5}, {3, 2, 33, 48, 3, 70, 100},
+                         {2, 4, 32, 64, 4, 64, 256}, {1, 2, 128, 64, 2, 37, 40}};
+
+TEST_F(Gpu, Embedding) {
+  for (const Shape& s : kShapes) {
+    const int64_t rows = int64_t(s.M) * s.B * s.T;
+    const auto tokens = random_tokens(rows, s.V, 1);
+    const auto wte = random_vector<float>(size_t(s.M) * s.V * s.C, 2), wpe = random_vector<float>(size_t(s.M) * s.T * s.C, 3);
+    const auto dout = random_vector<float>(rows * s.C, 4);
+    std::vector<float> out(rows * s.C), dwte = random_vector<float>(wte.size(), 5), dwpe = random_vector<float>(wpe.size(), 6);
+    auto d_tokens = up(tokens);
+    auto d_wte = up(wte), d_wpe = up(wpe), d_dout = up(dout), d_dwte = up(dwte), d_dwpe = up(dwpe);
+    auto d_out = poisoned(out.size());
+    cuda::embedding_forward(d_out.data(), d_tokens.data(), d_wte.data(), d_wpe.data(), int64_t(s.T) * s.C, s.M, s.B,
+                            s.T, s.C, s.V, stream->get());
+    cuda::embedding_backward(d_dwte.data(), d_dwpe.data(), d_dout.data(), d_tokens.data(), s.M, s.B, s.T, s.C, s.V,
+                             stream->get());
+    cpu::embedding_forward(out.data(), tokens.data(), wte.data(), wpe.data(), int64_t(s.T) * s.C, s.M, s.B, s.T, s.C, s.V);
+    cpu::embedding_backward(dwte.data(), dwpe.data(), dout.data(), tokens.data(), s.M, s.B, s.T, s.C, s.V);
+    EXPECT_EQ(down(d_out), out);  // one addition per element: equal to the bit
+    expect_close(down(d_dwte), dwte, kFp32, "dwte");
+    expect_close(down(d_dwpe), dwpe, kFp32, "dwpe");
+  }
+}
+
+TEST_F(Gpu, LayerNorm) {
+  for (const Shape& s : kShapes) {
+    const int N = s.B * s.T, C = s.C;
+    const int64_t n = int64_t(s.M) * N * C;
+    auto inp = random_vector<float>(n, 11, 3.0);
+    for (int64_t i = 0; i < n; ++i) inp[i] += static_cast<float>(i / C % 5);
+    const auto w = random_vector<float>(size_t(s.M) * C, 12), b = random_vector<float>(size_t(s.M) * C, 13);
+    const auto dout = random_vector<float>(n, 14);
+    std::vector<float> out(n), mean(size_t(s.M) * N), rstd(mean.size());
+    auto dinp = random_vector<float>(n, 15), dw = random_vector<float>(w.size(), 16), db = random_vector<float>(b.size(), 17);
+    auto d_inp = up(inp), d_w = up(w), d_b = up(b), d_dout = up(dout), d_dinp = up(dinp), d_dw = up(dw), d_db = up(db);
+    auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size());
+    cuda::layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_inp.data(), d_w.data(), d_b.data(), s.M, N, C,
+                            stream->get());
+    cuda::layernorm_backward(d_dinp.data(), d_dw.data(), d_db.data(), d_dout.data(), d_inp.data(), d_w.data(),
+                             d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
+    cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), s.M, N, C);
+    cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), mean.data(),
+                            rstd.data(), s.M, N, C);
+    expect_close(down(d_out), out, kFp32, "out");
+    expect_close(down(d_rstd), rstd, kFp32, "rstd");
+    expect_close(down(d_dinp), dinp, kFp32, "dinp");
+    expect_close(down(d_dw), dw, kFp32, "dweight");
+    expect_close(down(d_db), db, kFp32, "dbias");
+  }
+}
+
+TEST_F(Gpu, MatmulInBothPrecisions) {
+  for (const bool tf32 : {false, true}) {
+    cuda::CublasHandle handle(stream->get(), tf32);
+    const double tol = tf32 ? 3e-3 : kFp32;
+    for (const Shape& s : kShapes) {
+      const int N = s.B * s.T, C = s.C, OC = s.D;
+      const auto inp = random_vector<float>(size_t(s.M) * N * C, 21), w = random_vector<float>(size_t(s.M) * OC * C, 22);
+      const auto dout = random_vector<float>(size_t(s.M) * N * OC, 23);
+      std::vector<float> out(dout.size()), dinp(inp.size());
+      auto dw = random_vector<float>(w.size(), 24);
+      auto d_inp = up(inp), d_w = up(w), d_dout = up(dout), d_dw = up(dw);
+      auto d_out = poisoned(out.size()), d_dinp = poisoned(dinp.size());
+      cuda::matmul_forward(handle.get(), d_out.data(), d_inp.data(), d_w.data(), s.M, N, C, OC);
+      cuda::matmul_backward(handle.get(), d_dinp.data(), d_dw.data(), d_dout.data(), d_inp.data(), d_w.data(), s.M, N,
+                            C, OC);
+      cpu::matmul_forward(out.data(), inp.data(), w.data(), static_cast<const float*>(nullptr), s.M, N, C, OC);
+      cpu::matmul_backward(dinp.data(), dw.data(), static_cast<float*>(nullptr), dout.data(), inp.data(), w.data(),
+                           s.M, N, C, OC);
+      expect_close(down(d_out), out, tol, tf32 ? "tf32 out" : "out");
+      expect_close(down(d_dinp), dinp, tol, "dinp");
+      expect_close(down(d_dw), dw, tol, "dweight");
+    }
+  }
+}
+
+TEST_F(Gpu, BiasEpilogues) {
+  for (const Shape& s : kShapes) {
+    const int N = s.B * s.T, D = s.D;
+    const int64_t n = int64_t(s.M) * N * D;
+    const auto x = random_vector<float>(n, 31, 2.0), bias = random_vector<float>(size_t(s.M) * D, 32);
+    const auto residual = random_vector<float>(n, 33), dpost = random_vector<float>(n, 34);
+    // bias + residual
+    auto d_x = up(x), d_bias = up(bias), d_res = up(residual);
+    cuda::bias_forward(d_x.data(), d_bias.data(), d_res.data(), s.M, N, D, stream->get());
+    std::vector<float> expect(n);
+    for (int64_t i = 0; i < n; ++i) expect[i] = x[i] + bias[i / (int64_t(N) * D) * D + i % D] + residual[i];
+    expect_close(down(d_x), expect, 1e-7, "bias + residual");
+    for (cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
+      const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
+      auto d_pre = up(x);
+      auto d_post = poisoned(n), d_dpre = poisoned(n);
+      auto dbias = random_vector<float>(bias.size(), 35);
+      auto d_dbias = up(dbias), d_dpost = up(dpost);
+      cuda::bias_activation_forward(d_pre.data(), d_post.data(), d_bias.data(), s.M, N, D, act, stream->get());
+      cuda::bias_activation_backward(d_dpre.data(), d_dbias.data(), d_dpost.data(), d_pre.data(), s.M, N, D, act,
+                                     stream->get());
+      std::vector<float> pre(n), post(n), dpre(n);
+      for (int64_t i = 0; i < n; ++i) pre[i] = x[i] + bias[i / (int64_t(N) * D) * D + i % D];
+      cpu::activation_forward(post.data(), pre.data(), n, cpu_act);
+      cpu::activation_backward(dpre.data(), dpost.data(), pre.data(), n, cpu_act);
+      for (int m = 0; m < s.M; ++m)
+        for (int d = 0; d < D; ++d) {
+          double sum = 0;
+          for (int r = 0; r < N; ++r) sum += dpre[(int64_t(m) * N + r) * D + d];
+          dbias[m * D + d] += static_cast<float>(sum);
+        }
+      expect_close(down(d_pre), pre, 1e-7, "pre");
+      expect_close(down(d_post), post, kFp32, "post");
+      expect_close(down(d_dpre), dpre, kFp32, "dpre");
+      expect_close(down(d_dbias), dbias, kFp32, "dbias");
+    }
+  }
+}
+
+TEST_F(Gpu, Attention) {
+  for (const Shape& s : kShapes) {
+    const int64_t rows = int64_t(s.M) * s.B * s.T;
+    const auto qkv = random_vector<float>(rows * 3 * s.C, 41), dout = random_vector<float>(rows * s.C, 42);
+    std::vector<float> out(rows * s.C), att(size_t(s.M) * s.B * s.H * s.T * s.T), dqkv(qkv.size());
+    auto d_qkv = up(qkv), d_dout = up(dout);
+    auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
+    cuda::attention_forward(d_out.data(), d_att.data(), d_qkv.data(), s.M, s.B, s.T, s.C, s.H, stream->get());
+    cuda::attention_backward(d_dqkv.data(), d_dout.data(), d_qkv.data(), d_att.data(), s.M, s.B, s.T, s.C, s.H,
+                             stream->get());
+    cpu::attention_forward(out.data(), att.data(), qkv.data(), s.M, s.B, s.T, s.C, s.H);
+    cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), att.data(), s.M, s.B, s.T, s.C, s.H);
+    expect_close(down(d_out), out, kFp32, "out");
+    expect_close(down(d_att), att, kFp32, "att");
+    expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
+  }
+}
+
+TEST_F(Gpu, CrossEntropy) {
+  for (const Shape& s : kShapes) {
+    const int N = s.B * s.T;
+    const auto logits = random_vector<float>(size_t(s.M) * N * s.V, 51, 3.0);
+    const auto targets = random_tokens(size_t(s.M) * N, s.V, 52);
+    std::vector<float> losses(s.M), dlogits(logits.size());
+    cpu::crossentropy_forward_backward(losses.data(), dlogits.data(), logits.data(), targets.data(), s.M, N, s.V);
+    for (const bool backward : {false, true}) {
+      auto d_logits = up(logits);
+      auto d_targets = up(targets);
+      auto d_losses = poisoned(s.M), d_rows = poisoned(size_t(s.M) * N);
+      cuda::crossentropy_forward_backward(d_losses.data(), d_rows.data(), d_logits.data(), d_targets.data(), s.M, N,
+                                          s.V, backward, stream->get());
+      expect_close(down(d_losses), losses, kFp32, "losses");
+      if (backward) expect_close(down(d_logits), dlogits, kFp32, "dlogits");
+      else EXPECT_EQ(down(d_logits), logits);  // forward only: the logits stay
+    }
+  }
+}
+
+TEST_F(Gpu, NormsClippingAndAdamW) {
+  ModelConfig c;
+  c.vocab = 13, c.seq_len = 7, c.d_model = 12, c.heads = 3, c.d_mlp = 20, c.layers = 2;
+  for (const int M : {1, 3}) {
+    const ParamLayout layout(c, M);
+    auto params = random_vector<float>(layout.total(), 61), grads = random_vector<float>(layout.total(), 62, 0.3);
+    auto m1 = random_vector<float>(layout.total(), 63, 0.1), v1 = random_vector<float>(layout.total(), 64, 0.1);
+    for (float& x : v1) x = x * x;
+    std::vector<cuda::ParamSegment> segments;
+    for (const auto& t : layout.tensors())
+      for (int m = 0; m < M; ++m) segments.push_back({layout.offset(t, m), t.numel, m, t.decay ? 1 : 0});
+    const double lr = 2e-3, clip = 1.0, wd = 0.1;
+    const int64_t step = 5;
+    const double bc1 = 1 - std::pow(0.9, step), bc2 = 1 - std::pow(0.999, step);
+    const cuda::OptimizerStep h{float(lr / bc1), float(1 / std::sqrt(bc2)), float(1 - lr * wd), 0.9f, 0.999f, 1e-8f,
+                                clip};
+    const std::vector<float> losses(M, 1.5f);
+    auto d_params = up(params), d_grads = up(grads), d_m = up(m1), d_v = up(v1), d_losses = up(losses);
+    auto d_segments = up(segments);
+    auto d_step = up(std::vector<cuda::OptimizerStep>{h});
+    cuda::DeviceBuffer<double> partials(segments.size());
+    auto norms = poisoned(M), scales = poisoned(M);
+    cuda::DeviceBuffer<int> finite(1);
+    cuda::grad_norms(partials.data(), norms.data(), scales.data(), finite.data(), d_grads.data(), d_segments.data(),
+                     int(segments.size()), d_losses.data(), M, d_step.data(), stream->get());
+    cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_segments.data(),
+                       int(segments.size()), scales.data(), finite.data(), d_step.data(), stream->get());
+    EXPECT_EQ(down(finite)[0], 1);
+    const auto gpu_norms = down(norms);
+    for (int m = 0; m < M; ++m) {
+      double sq = 0;
+      for (const auto& t : layout.tensors()) sq += cpu::sum_squares(grads.data() + layout.offset(t, m), t.numel);
+      const double norm = std::sqrt(sq), scale = std::min(1.0, clip / (norm + 1e-6));
+      EXPECT_NEAR(gpu_norms[m], norm, 1e-5 * norm);
+      for (const auto& t : layout.tensors()) {
+        const int64_t at = layout.offset(t, m);
+        cpu::adamw_update(params.data() + at, grads.data() + at, m1.data() + at, v1.data() + at, t.numel, scale,
+                          {lr, 0.9, 0.999, 1e-8, t.decay ? wd : 0.0, step});
+      }
+    }
+    expect_close(down(d_params), params, kFp32, "params");
+    expect_close(down(d_m), m1, kFp32, "exp_avg");
+    expect_close(down(d_v), v1, kFp32, "exp_avg_sq");
+  }
+}
+
+RunConfig small_run(int models) {
+  RunConfig c;
+  c.model = {0, 16, 32, 4, 48, 2, Activation::gelu, PosEncoding::learned};
+  c.data.test_samples = 64;
+  c.models = models;
+  for (int m = 0; m < models; ++m) c.seeds.push_back(7 + m);
+  c.samples = 512;
+  c.batch = 16;
+  c.steps = 100;
+  c.optim.warmup = 10;
+  c.optim.lr = 3e-3;
+  return c;
+}
+
+TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
+  for (const int models : {1, 3}) {
+    RunConfig c = small_run(models);
+    const DataSource source = open_data(c.data);
+    c.model.vocab = c.data.vocab = source.vocab();
+    const DataSplits splits = make_splits(source, c);
+    BatchSampler sampler(c, splits);
+    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c);
+    const ParamLayout layout(c.model, models);
+    TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
+                    std::vector<float>(layout.total()), 0};
+    std::vector<uint64_t> seeds(c.seeds.begin(), c.seeds.end());
+    init_parameters(layout, c.model, seeds, init.params.data());
+    cpu->set_state(init);
+    gpu->set_state(init);
+    const size_t n = size_t(models) * c.batch * c.model.seq_len;
+    std::vector<int32_t> in(n), tg(n);
+    double worst_loss = 0;
+    for (int64_t step = 0; step < c.steps; ++step) {
+      sampler.fill(step, in.data(), tg.data());
+      const double lr = learning_rate(c.optim, step, c.steps);
+      const StepStats a = cpu->step(in.data(), tg.data(), lr), b = gpu->step(in.data(), tg.data(), lr);
+      ASSERT_TRUE(b.finite);
+      if (step == 0) {  // one whole step's gradients
+        EXPECT_LT(relative_error(gpu->gradients(), cpu->gradients()), 1e-5) << models << " models";
+        for (int m = 0; m < models; ++m) EXPECT_NEAR(b.grad_norm[m], a.grad_norm[m], 1e-5 * a.grad_norm[m]);
+      }
+      for (int m = 0; m < models; ++m) worst_loss = std::max(worst_loss, std::abs(b.loss[m] - a.loss[m]) / a.loss[m]);
+    }
+    EXPECT_LT(worst_loss, 1e-4) << "100-step loss trajectory, " << models << " models";
+    EXPECT_LT(relative_error(gpu->state().params, cpu->state().params), 1e-3);
+    const auto test_cpu = cpu->evaluate(splits.test.tokens.data(), splits.test.count());
+    const auto test_gpu = gpu->evaluate(splits.test.tokens.data(), splits.test.count());
+    for (int m = 0; m < models; ++m) EXPECT_NEAR(test_gpu[m], test_cpu[m], 1e-3 * test_cpu[m]);
+  }
+}
+
+TEST_F(Gpu, TwoRunsGiveIdenticalCheckpoints) {
+  TempDir a, b;
+  for (const TempDir* dir : {&a, &b}) {
+    TrainOptions o;
+    o.config = small_run(2);
+    o.config.steps = 30;
+    o.device = Device::cuda;
+    o.out_dir = dir->path();
+    train(o, {});
+  }
+  for (int m = 0; m < 2; ++m) {
+    EXPECT_EQ(read_file(model_file(a.path(), m)), read_file(model_file(b.path(), m)));
+    EXPECT_EQ(read_file(optimizer_file(a.path(), m)), read_file(optimizer_file(b.path(), m)));
+  }
+}
+
+TEST_F(Gpu, NonFiniteStepsUpdateNothingAndNameTheTensor) {
+  RunConfig c = small_run(2);
+  c.model.vocab = c.data.vocab = 64;
+  auto gpu = make_backend(Device::cuda, c);
+  const ParamLayout layout(c.model, 2);
+  TrainState s{random_vector<float>(layout.total(), 71, 0.02), std::vector<float>(layout.total()),
+               std::vector<float>(layout.total()), 3};
+  s.params[layout.offset(layout.at("blocks.1.attn.qkv.weight"), 1) + 5] = NAN;
+  gpu->set_state(s);
+  const auto tokens = random_tokens(size_t(2) * c.batch * c.model.seq_len, 64, 72);
+  const StepStats r = gpu->step(tokens.data(), tokens.data(), 1e-3);
+  EXPECT_FALSE(r.finite);
+  EXPECT_NE(r.fault.find("model 1"), std::string::npos) << r.fault;
+  EXPECT_NE(r.fault.find("blocks.1.attn.qkv.weight"), std::string::npos) << r.fault;
+  const TrainState after = gpu->state();
+  EXPECT_EQ(after.step, 3);
+  EXPECT_EQ(after.exp_avg, s.exp_avg);
+  for (size_t i = 0; i < s.params.size(); ++i)
+    if (!std::isnan(s.params[i])) ASSERT_EQ(after.params[i], s.params[i]);
+}
+
+}  // namespace
+}  // namespace univ
