@@ -112,7 +112,7 @@ class CublasHandle {
     UNIV_CUBLAS_CHECK(cublasCreate(&handle_));
     UNIV_CUBLAS_CHECK(cublasSetStream(handle_, stream));
     UNIV_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_.data(), kWorkspaceBytes));
-    UNIV_CUBLAS_CHECK(cublasSetMathMode(handle_, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH));
+    UNIV_CUBLAS_CHECK(cublasSetMathMode(handle_, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   }
   ~CublasHandle() { cublasDestroy(handle_); }
   CublasHandle(const CublasHandle&) = delete;

@@ -1,0 +1,224 @@
+// bench_kernels: times every CUDA kernel of the training step (CUDA events, warm-up,
+// median of many launches) beside the card's measured copy bandwidth and GEMM rate,
+// and whole training steps per configuration. --json for machines.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "univ/backend.hpp"
+#include "univ/config.hpp"
+#include "univ/cuda/device_query.hpp"
+#include "univ/cuda/kernels.hpp"
+#include "univ/cuda/memory.hpp"
+#include "univ/error.hpp"
+#include "univ/init.hpp"
+#include "univ/param_layout.hpp"
+
+namespace {
+
+using univ::cuda::DeviceBuffer;
+
+struct Bench {
+  univ::cuda::Stream stream;
+  int warmup = 5, repeats = 50;
+
+  // Median milliseconds of one call of `work` (enqueued on `stream`).
+  double time_ms(const std::function<void()>& work) {
+    for (int i = 0; i < warmup; ++i) work();
+    std::vector<double> ms;
+    univ::cuda::Event start, stop;
+    for (int i = 0; i < repeats; ++i) {
+      start.record(stream.get());
+      work();
+      stop.record(stream.get());
+      ms.push_back(stop.since(start));
+    }
+    std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+    return ms[ms.size() / 2];
+  }
+};
+
+DeviceBuffer<float> random_device(size_t n, cudaStream_t stream, float scale = 1.0f) {
+  std::vector<float> host(n);
+  uint32_t x = 12345;
+  for (float& v : host) {  // xorshift: any non-zero data
+    x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+    v = scale * (static_cast<float>(x % 20001) / 10000.0f - 1.0f);
+  }
+  DeviceBuffer<float> d(n);
+  d.upload(host.data(), n, stream);
+  return d;
+}
+
+struct Row {
+  std::string name;
+  double ms, bytes, flops;
+};
+
+// The card's ceilings: a large device-to-device copy (bytes read + written) and a large SGEMM.
+nlohmann::json ceilings(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
+  const size_t n = size_t(1) << 28;  // 1 GiB of floats
+  DeviceBuffer<float> src(n), dst(n);
+  src.fill_bytes(1, b.stream.get());
+  const double copy_ms = b.time_ms([&] {
+    UNIV_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, b.stream.get()));
+  });
+  const int g = 8192;
+  auto A = random_device(size_t(g) * g, b.stream.get()), B = random_device(size_t(g) * g, b.stream.get());
+  DeviceBuffer<float> C(size_t(g) * g);
+  const float one = 1, zero = 0;
+  auto gemm_ms = [&](cublasHandle_t h) {
+    return b.time_ms([&] {
+      UNIV_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, g, g, g, &one, A.data(), g, B.data(), g, &zero,
+                                    C.data(), g));
+    });
+  };
+  const double flops = 2.0 * g * g * g;
+  return {{"copy_GBps", 2.0 * n * sizeof(float) / copy_ms / 1e6},
+          {"sgemm_fp32_TFLOPs", flops / gemm_ms(fp32) / 1e9},
+          {"sgemm_tf32_TFLOPs", flops / gemm_ms(tf32) / 1e9}};
+}
+
+std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& rc) {
+  namespace k = univ::cuda;
+  const auto& c = rc.model;
+  const int M = rc.models, B = rc.batch, T = c.seq_len, C = c.d_model, H = c.heads, D = c.d_mlp, V = c.vocab;
+  const int N = B * T;
+  const double rows = double(M) * N, f = sizeof(float);
+  const cudaStream_t s = b.stream.get();
+  auto x = random_device(size_t(rows) * std::max({3 * C, D, V}), s), y = random_device(size_t(rows) * std::max({3 * C, D, V}), s);
+  auto w = random_device(size_t(M) * std::max(3 * C, std::max(D, V)) * std::max(C, D), s, 0.05f);
+  auto bias = random_device(size_t(M) * std::max({3 * C, D, V}), s), dbias = random_device(size_t(M) * std::max({3 * C, D, V}), s);
+  auto att = random_device(size_t(M) * B * H * T * T, s), stats = random_device(size_t(rows) * 2, s);
+  auto pos = random_device(size_t(M) * T * C, s);
+  std::vector<int32_t> tok(static_cast<size_t>(rows));
+  for (size_t i = 0; i < tok.size(); ++i) tok[i] = static_cast<int32_t>(i * 7 % V);
+  DeviceBuffer<int32_t> tokens(tok.size());
+  tokens.upload(tok.data(), tok.size(), s);
+  DeviceBuffer<float> losses(M), row_loss(static_cast<size_t>(rows));
+  std::vector<Row> out;
+  auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& work) {
+    out.push_back({name, b.time_ms(work), bytes, flops});
+  };
+  add("embedding_forward", rows * C * f * 3, 0,
+      [&] { k::embedding_forward(y.data(), tokens.data(), w.data(), pos.data(), int64_t(T) * C, M, B, T, C, V, s); });
+  add("embedding_backward", rows * C * f + double(M) * V * C * f * 2, rows * C,
+      [&] { k::embedding_backward(w.data(), pos.data(), x.data(), tokens.data(), M, B, T, C, V, s); });
+  add("layernorm_forward", rows * C * f * 2, rows * C * 8,
+      [&] { k::layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), w.data(), bias.data(), M, N, C, s); });
+  add("layernorm_backward", rows * C * f * 5, rows * C * 14,
+      [&] { k::layernorm_backward(y.data(), w.data(), dbias.data(), x.data(), x.data(), bias.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s); });
+  add("matmul_forward fc", (rows * C + rows * D + double(M) * D * C) * f, 2 * rows * C * D,
+      [&] { k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, C, D); });
+  add("matmul_backward fc", (2 * rows * D + 2 * rows * C + 2.0 * M * D * C) * f, 4 * rows * C * D,
+      [&] { k::matmul_backward(h, y.data(), w.data(), x.data(), x.data(), w.data(), M, N, C, D); });
+  add("bias_activation_forward", rows * D * f * 3, rows * D * 4,
+      [&] { k::bias_activation_forward(x.data(), y.data(), bias.data(), M, N, D, k::Act::gelu, s); });
+  add("bias_activation_backward", rows * D * f * 3, rows * D * 8,
+      [&] { k::bias_activation_backward(y.data(), dbias.data(), x.data(), x.data(), M, N, D, k::Act::gelu, s); });
+  const double att_flops = double(M) * B * H * T * T * (C / H) * 2;  // causal: half of 2 products
+  add("attention_forward", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
+      [&] { k::attention_forward(y.data(), att.data(), x.data(), M, B, T, C, H, s); });
+  add("attention_backward", (rows * 7 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
+      [&] { k::attention_backward(y.data(), x.data(), x.data(), att.data(), M, B, T, C, H, s); });
+  add("crossentropy_forward_backward", rows * V * f * 2, rows * V * 6, [&] {
+    k::crossentropy_forward_backward(losses.data(), row_loss.data(), y.data(), tokens.data(), M, N, V, true, s);
+  });
+  return out;
+}
+
+// Milliseconds per training step of the whole backend (graph replay, batch upload, sync).
+double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps) {
+  auto backend = univ::make_backend(univ::Device::cuda, rc, precision);
+  const univ::ParamLayout layout(rc.model, rc.models);
+  univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
+                     std::vector<float>(layout.total()), 0};
+  univ::init_parameters(layout, rc.model, rc.seeds, s.params.data());
+  backend->set_state(s);
+  std::vector<int32_t> tokens(size_t(rc.models) * rc.batch * rc.model.seq_len);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 31 % rc.model.vocab);
+  for (int i = 0; i < 10; ++i) backend->step(tokens.data(), tokens.data(), 1e-4);  // capture, warm-up
+  std::vector<double> ms;
+  for (int i = 0; i < steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    backend->step(tokens.data(), tokens.data(), 1e-4);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+  return ms[ms.size() / 2];
+}
+
+univ::RunConfig seed_config() {
+  univ::RunConfig c;
+  c.model = {64, 32, 64, 4, 256, 2, univ::Activation::relu, univ::PosEncoding::learned};
+  c.models = 2;
+  c.seeds = {0, 1};
+  c.batch = 64;
+  return c;
+}
+
+univ::RunConfig large_config() {
+  univ::RunConfig c;
+  c.model = {256, 128, 256, 8, 1024, 4, univ::Activation::relu, univ::PosEncoding::learned};
+  c.models = 1;
+  c.seeds = {0};
+  c.batch = 64;
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"bench_kernels: times the CUDA kernels and training steps against the card's copy bandwidth and "
+               "GEMM rate"};
+  bool json = false;
+  int repeats = 50, steps = 200;
+  app.add_flag("--json", json, "print one JSON object instead of tables");
+  app.add_option("--repeats", repeats, "timed launches per kernel (median reported)")->capture_default_str();
+  app.add_option("--steps", steps, "timed training steps per configuration")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (univ::cuda_device_count() == 0) throw univ::UserError("no CUDA device is available");
+    univ::cuda::prepare_attention_kernels();
+    Bench b;
+    b.repeats = repeats;
+    univ::cuda::CublasHandle fp32(b.stream.get(), false), tf32(b.stream.get(), true);
+    nlohmann::json report{{"device", univ::cuda::device_description(0)}, {"ceilings", ceilings(b, fp32.get(), tf32.get())}};
+    for (const auto& [name, rc] : {std::pair{"seed (2 models)", seed_config()}, std::pair{"large (1 model)", large_config()}}) {
+      nlohmann::json kernels = nlohmann::json::array();
+      for (const Row& r : kernel_rows(b, fp32.get(), rc))
+        kernels.push_back({{"kernel", r.name}, {"ms", r.ms}, {"GBps", r.bytes / r.ms / 1e6}, {"GFLOPs", r.flops / r.ms / 1e6}});
+      report["configs"].push_back({{"config", name},
+                                   {"kernels", kernels},
+                                   {"step_ms_fp32", step_ms(rc, univ::Precision::fp32, steps)},
+                                   {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)}});
+    }
+    if (json) {
+      std::cout << report.dump(2) << '\n';
+      return 0;
+    }
+    const auto& cl = report["ceilings"];
+    std::printf("%s\ncopy %.0f GB/s, SGEMM %.1f TFLOP/s fp32, %.1f TFLOP/s tf32\n",
+                report["device"].get<std::string>().c_str(), cl["copy_GBps"].get<double>(),
+                cl["sgemm_fp32_TFLOPs"].get<double>(), cl["sgemm_tf32_TFLOPs"].get<double>());
+    for (const auto& cfg : report["configs"]) {
+      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32\n", cfg["config"].get<std::string>().c_str(),
+                  cfg["step_ms_fp32"].get<double>(), cfg["step_ms_tf32"].get<double>());
+      std::printf("  %-30s %10s %10s %10s\n", "kernel", "us", "GB/s", "GFLOP/s");
+      for (const auto& k : cfg["kernels"])
+        std::printf("  %-30s %10.1f %10.1f %10.1f\n", k["kernel"].get<std::string>().c_str(),
+                    k["ms"].get<double>() * 1000, k["GBps"].get<double>(), k["GFLOPs"].get<double>());
+    }
+  } catch (const univ::UserError& e) {
+    std::cerr << "bench_kernels: error: " << e.what() << '\n';
+    return 1;
+  }
+  return 0;
+}
