@@ -17,6 +17,7 @@
 namespace univ {
 namespace {
 
+using testing::expect_user_error;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -79,15 +80,6 @@ TEST(Activations, MatricesFromNpyAndSafetensorsOfEveryDtype) {
   }
   EXPECT_THROW(ActivationMatrix((dir / "many.safetensors").string()), UserError);  // which tensor?
   EXPECT_THROW(ActivationMatrix((dir / "many.safetensors:nope").string()), UserError);
-}
-
-void expect_user_error(const std::function<void()>& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << fragment << "'";
-  } catch (const UserError& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
 }
 
 TEST(Activations, BadFilesAndLayerMaps) {

@@ -16,6 +16,7 @@
 namespace univ {
 namespace {
 
+using testing::expect_user_error;
 using testing::TempDir;
 
 RunConfig small_run(const std::string& source, int models = 2) {
@@ -162,15 +163,6 @@ TEST(Data, NpyIntegerDtypesAreRead) {
   EXPECT_EQ(u8, (std::vector<int64_t>{200, 1}));
   EXPECT_THROW(npy_integers(npy_bytes("<f4", {1}, std::string(4, '\0')), "x"), UserError);
   EXPECT_THROW(npy_integers(npy_bytes("<i4", {4}, std::string(8, '\0')), "x"), UserError);  // truncated
-}
-
-void expect_user_error(const std::function<void()>& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning '" << fragment << "'";
-  } catch (const UserError& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
 }
 
 TEST(Data, BadSourcesGiveClearErrors) {

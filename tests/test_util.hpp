@@ -12,6 +12,10 @@
 
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
+#include "univ/error.hpp"
+
 namespace univ::testing {
 
 template <class F>
@@ -72,6 +76,16 @@ inline std::string read_bytes(const std::filesystem::path& p) {
 
 inline void write_bytes(const std::filesystem::path& p, const std::string& bytes) {
   std::ofstream(p, std::ios::binary) << bytes;
+}
+
+// f() must throw a UserError whose message contains `fragment`.
+inline void expect_user_error(const std::function<void()>& f, const std::string& fragment) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one mentioning '" << fragment << "'";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
 }
 
 // A fresh directory under the system temp dir, removed with the object.
