@@ -196,7 +196,9 @@ std::string layer_bars(const Analysis& a) {
       plot.line((x0 + x1) / 2, std::max(0.0, null->mean() - null->sd()), (x0 + x1) / 2, null->mean() + null->sd(),
                 "#333");
     }
-    plot.label(g + 0.5, -top * 0.06, "m" + std::to_string(ls.model) + " L" + std::to_string(ls.layer));
+    char tick[48];
+    std::snprintf(tick, sizeof tick, "m%d L%d", ls.model, ls.layer);
+    plot.label(g + 0.5, -top * 0.06, tick);
   }
   plot.legend(0, kGreen, "observed");
   plot.legend(1, kGray, "chance: random rotations");
