@@ -226,9 +226,6 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) 
   out.options = options;
   out.tokens = stats.count();
 
-  std::vector<std::vector<std::vector<std::vector<double>>>> rotations(K);  // [model][draw][layer]
-  for (int m = 0; m < K; ++m)
-    for (int d = 0; d < draws; ++d) rotations[m].push_back(rotation_matrices(stats.shapes()[m], m, d, options.seed));
 
   // Per model i: each neuron's matches, and per null draw the excess it would have.
   for (int i = 0; i < K; ++i) {
@@ -251,9 +248,12 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) 
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
+      // Each draw's rotations are a pure function of (seed, model, draw): drawn where
+      // used, so only one set of [width, width] matrices is held at a time.
       for (int d = 0; d < draws; ++d) {
         const Matched rotated =
-            match_rows(correlation_matrix(stats, i, j, rotations[j][d]), Ni, Nj, si.width, sj.width, options);
+            match_rows(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, options.seed)), Ni, Nj, si.width,
+                       sj.width, options);
         for (int64_t n = 0; n < Ni; ++n) {
           if (d < options.baseline_draws) baseline[n] += rotated.value[n] / options.baseline_draws;
           else rotation_null[d - options.baseline_draws][n] += rotated.value[n];

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "univ/error.hpp"
 #include "univ/fileio.hpp"
@@ -164,7 +165,9 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir) {
     for (const fs::path& file : {model_file(dir, m), optimizer_file(dir, m)}) {
       if (!fs::exists(file))
         throw UserError("checkpoint in " + dir.string() + " is incomplete: " + file.filename().string() + " is missing");
-      const SafetensorsFile f = m == 0 && file == model_file(dir, 0) ? first : open_safetensors(file);
+      std::optional<SafetensorsFile> opened;  // model_0 is parsed already
+      if (!(m == 0 && file == model_file(dir, 0))) opened.emplace(open_safetensors(file));
+      const SafetensorsFile& f = opened ? *opened : first;
       const bool weights = file == model_file(dir, m);
       check_format(f, weights ? kCheckpointFormat : kOptimizerFormat, file);
       if (!(run_config_of(f, file) == out.config))

@@ -68,6 +68,5 @@ ParamPointers<T> param_pointers(const ParamLayout& layout, const ModelConfig& c,
 
 template ParamPointers<float> param_pointers(const ParamLayout&, const ModelConfig&, float*, int);
 template ParamPointers<double> param_pointers(const ParamLayout&, const ModelConfig&, double*, int);
-template ParamPointers<const float> param_pointers(const ParamLayout&, const ModelConfig&, const float*, int);
 
 }  // namespace univ

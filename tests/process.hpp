@@ -76,4 +76,15 @@ inline ProcessResult run_process(const std::string& program, const std::vector<s
   return Process(program, args, scratch, file_size_limit).wait();
 }
 
+// train_pair flags for a model small enough for a test (about a millisecond a step),
+// writing into `out`, followed by `extra`.
+inline std::vector<std::string> tiny_train_flags(const std::filesystem::path& out,
+                                                 const std::vector<std::string>& extra) {
+  std::vector<std::string> f{"--out",   out.string(), "--seq-len", "8",  "--d-model", "16",  "--heads",
+                             "2",       "--d-mlp",    "32",        "--layers", "1",   "--samples", "256",
+                             "--batch", "16",         "--test-samples", "64", "--device", "cpu"};
+  f.insert(f.end(), extra.begin(), extra.end());
+  return f;
+}
+
 }  // namespace univ::testing

@@ -21,11 +21,8 @@ namespace fs = std::filesystem;
 
 const std::string kTrainPair = UNIV_TRAIN_PAIR;
 
-// A model small enough for a test: about a millisecond a step.
 std::vector<std::string> tiny_flags(const fs::path& out, int steps) {
-  return {"--out",        out.string(), "--seq-len", "8",   "--d-model",      "16",  "--heads",
-          "2",            "--d-mlp",    "32",        "--layers", "1",          "--samples", "256",
-          "--batch",      "16",         "--steps",   std::to_string(steps), "--test-samples", "64", "--device", "cpu"};
+  return testing::tiny_train_flags(out, {"--steps", std::to_string(steps)});
 }
 
 ProcessResult train_pair(const TempDir& scratch, std::vector<std::string> args) {

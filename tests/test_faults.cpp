@@ -19,17 +19,10 @@ namespace {
 
 using testing::ProcessResult;
 using testing::TempDir;
+using testing::tiny_train_flags;
 namespace fs = std::filesystem;
 
 const std::string kTrainPair = UNIV_TRAIN_PAIR;
-
-std::vector<std::string> tiny(const fs::path& out, const std::vector<std::string>& extra) {
-  std::vector<std::string> f{"--out",     out.string(), "--seq-len",      "8",  "--d-model", "16",  "--heads",
-                             "2",         "--d-mlp",    "32",             "--layers", "1",   "--samples", "256",
-                             "--batch",   "16",         "--test-samples", "64", "--device", "cpu"};
-  f.insert(f.end(), extra.begin(), extra.end());
-  return f;
-}
 
 bool write_in_progress(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -44,7 +37,7 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
   const fs::path run = scratch / "run";
   // Large weights, one-sequence batches, a checkpoint after every step: the program
   // spends most of its time writing checkpoints, so random kills land inside writes.
-  const auto fresh = tiny(run, {"--d-model", "128", "--d-mlp", "512", "--layers", "2", "--batch", "1", "--seq-len",
+  const auto fresh = tiny_train_flags(run, {"--d-model", "128", "--d-mlp", "512", "--layers", "2", "--batch", "1", "--seq-len",
                                 "4", "--samples", "64", "--steps", "1000000", "--save-every", "1"});
   std::mt19937 rng(12345);
   std::uniform_int_distribution<int> delay_ms(40, 300), write_delay_us(0, 20000);
@@ -104,7 +97,7 @@ int64_t disk_usage(const fs::path& dir) {
 TEST(Faults, AFullDiskStopsWithAClearErrorAndKeepsTheLastCheckpoint) {
   TempDir scratch;
   // How much one checkpoint takes, measured on a normal directory.
-  ASSERT_EQ(testing::run_process(kTrainPair, tiny(scratch / "probe", {"--steps", "5"}), scratch.path()).exit_code, 0);
+  ASSERT_EQ(testing::run_process(kTrainPair, tiny_train_flags(scratch / "probe", {"--steps", "5"}), scratch.path()).exit_code, 0);
   const int64_t one_checkpoint = disk_usage(scratch / "probe");
   // A disk that holds one checkpoint and a half: the save at step 10 cannot fit.
   const fs::path disk = scratch / "disk";
@@ -117,7 +110,7 @@ TEST(Faults, AFullDiskStopsWithAClearErrorAndKeepsTheLastCheckpoint) {
     ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
   } unmount{disk};
   const ProcessResult r =
-      testing::run_process(kTrainPair, tiny(disk / "run", {"--steps", "10", "--save-every", "5"}), scratch.path());
+      testing::run_process(kTrainPair, tiny_train_flags(disk / "run", {"--steps", "10", "--save-every", "5"}), scratch.path());
   expect_clear_error(r, "No space left on device");
   EXPECT_EQ(load_checkpoint(disk / "run").state.step, 5);
   EXPECT_FALSE(write_in_progress(disk / "run"));
@@ -127,7 +120,7 @@ TEST(Faults, AFileSizeLimitStopsWithAClearErrorAndLeavesNoPartialFiles) {
   TempDir scratch;
   const fs::path run = scratch / "run";
   const ProcessResult r =
-      testing::run_process(kTrainPair, tiny(run, {"--steps", "10"}), scratch.path(), /*file_size_limit=*/8192);
+      testing::run_process(kTrainPair, tiny_train_flags(run, {"--steps", "10"}), scratch.path(), /*file_size_limit=*/8192);
   expect_clear_error(r, "File too large");
   EXPECT_FALSE(has_checkpoint(run));
   EXPECT_FALSE(write_in_progress(run));
