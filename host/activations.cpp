@@ -11,6 +11,10 @@
 #include "univ/npy.hpp"
 #include "univ/safetensors.hpp"
 
+#ifdef UNIV_HAVE_CUDA
+#include "cuda/correlate_stream.hpp"
+#endif
+
 namespace univ {
 
 float half_to_float(uint16_t h) {
@@ -187,11 +191,16 @@ int64_t common_tokens(const std::vector<ActivationModel>& models) {
 }
 
 StreamResult stream_activation_statistics(const std::vector<ActivationModel>& models, Shard shard, int64_t chunk,
-                                          const std::function<void(const StreamProgress&)>& progress) {
+                                          const std::function<void(const StreamProgress&)>& progress, Device device) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const int64_t tokens = common_tokens(models);
   const int64_t first = tokens * shard.index / shard.count, last = tokens * (shard.index + 1) / shard.count;
+#ifdef UNIV_HAVE_CUDA
+  if (device == Device::cuda) return stream_activation_statistics_cuda(models, first, last, chunk, progress);
+#else
+  if (device == Device::cuda) throw UserError("this build has no CUDA support");
+#endif
   std::vector<NeuronShape> shapes;
   for (const auto& m : models) shapes.push_back(m.shape);
   CpuStatsAccumulator acc(shapes);

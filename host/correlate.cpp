@@ -8,6 +8,10 @@
 #include "univ/cpu/model.hpp"
 #include "univ/error.hpp"
 
+#ifdef UNIV_HAVE_CUDA
+#include "cuda/correlate_stream.hpp"
+#endif
+
 namespace univ {
 
 namespace fs = std::filesystem;
@@ -73,7 +77,7 @@ bool same_source(const nlohmann::json& trained_on, const DataSource& src) {
 }  // namespace
 
 HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<DataSpec>& data, int64_t tokens,
-                              Shard shard) {
+                              Shard shard, int batch) {
   const RunConfig& run = first.checkpoint.run;
   const int T = run.model.seq_len;
   DataSpec spec = data.value_or(run.data);
@@ -97,10 +101,12 @@ HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<Data
   if (tokens < 2) throw UserError("--tokens must be at least 2");
 
   HeldOutTokens out;
-  const int64_t first_seq = sequences * shard.index / shard.count, last_seq = sequences * (shard.index + 1) / shard.count;
+  const int64_t batches = (sequences + batch - 1) / batch;
+  const auto boundary = [&](int index) { return std::min(sequences, batches * index / shard.count * batch); };
+  const int64_t first_seq = boundary(shard.index), last_seq = boundary(shard.index + 1);
   out.sequences = test_sequences(src, T, first_seq, last_seq - first_seq);
   out.first_token = first_seq * T;
-  out.tokens = std::min(last_seq * T, tokens) - out.first_token;
+  out.tokens = std::max<int64_t>(0, std::min(last_seq * T, tokens) - out.first_token);  // a shard may be empty
   out.total_tokens = tokens;
   out.description = src.describe();
   out.description["held_out"] = training_data ? "test split of the training data" : "windows of another source";
@@ -110,7 +116,12 @@ HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<Data
 }
 
 StreamResult stream_statistics(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
-                               int batch, const std::function<void(const StreamProgress&)>& progress) {
+                               int batch, const std::function<void(const StreamProgress&)>& progress, Device device) {
+#ifdef UNIV_HAVE_CUDA
+  if (device == Device::cuda) return stream_statistics_cuda(models, tokens, site, batch, progress);
+#else
+  if (device == Device::cuda) throw UserError("this build has no CUDA support");
+#endif
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const int K = static_cast<int>(models.size());

@@ -50,6 +50,14 @@ int cuda_device_count() {
 #endif
 }
 
+void select_cuda_device(int index) {
+#ifdef UNIV_HAVE_CUDA
+  if (const int count = cuda::device_count(); count > 0) cuda::select_device(index % count);
+#else
+  (void)index;
+#endif
+}
+
 Device resolve_device(const std::string& flag) {
   if (flag == "cpu") return Device::cpu;
   if (flag == "auto") return cuda_device_count() > 0 ? Device::cuda : Device::cpu;

@@ -1,6 +1,7 @@
 // The epilogues around the matrix products: bias (+ residual) after a linear layer,
 // bias + activation after the MLP's first one; backward, the activation derivative
-// fused with the bias gradient, a column sum over rows in a fixed order.
+// fused with the bias gradient, a two-stage column sum over rows in a fixed order
+// (common.cuh), whose second stage, shared by the other column sums, lives here.
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -9,8 +10,7 @@ namespace univ::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kColumnTile = 32;
-constexpr int kRowGroups = 16;
+constexpr int kChunkGroups = 16;  // add_column_partials: chunk groups per block
 constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
@@ -48,17 +48,20 @@ __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* _
   }
 }
 
-// Block (column tile, model): dpre for its columns, and the bias gradient summed
-// over rows y, y + kRowGroups, ... per thread, then over the groups in order.
-__global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float* __restrict__ dbias,
+// Stage 1 of the bias gradient. Block (column tile, row chunk, model): dpre for its
+// rows and columns; thread (x, y) sums rows y, y + kColumnRowGroups, ... of the chunk
+// in column x, and the groups add up in order into partials [M, chunks, D].
+__global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float* __restrict__ partials,
                                                 const float* __restrict__ dpost, const float* __restrict__ pre,
-                                                int N, int D, Act act) {
-  __shared__ float partial[kRowGroups][kColumnTile];
+                                                int N, int D, int chunk_rows, Act act) {
+  __shared__ float group[kColumnRowGroups][kColumnTile];
   const int d = blockIdx.x * kColumnTile + threadIdx.x;
-  const int64_t m = blockIdx.y;
+  const int chunk = blockIdx.y, chunks = gridDim.y;
+  const int64_t m = blockIdx.z;
+  const int end = min(N, (chunk + 1) * chunk_rows);
   float sum = 0.0f;
   if (d < D)
-    for (int n = threadIdx.y; n < N; n += kRowGroups) {
+    for (int n = chunk * chunk_rows + threadIdx.y; n < end; n += kColumnRowGroups) {
       const int64_t i = (m * N + n) * D + d;
       float g = dpost[i];
       if (act != Act::none) {
@@ -67,11 +70,30 @@ __global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float*
       }
       sum += g;
     }
-  partial[threadIdx.y][threadIdx.x] = sum;
+  group[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && d < D) {
-    for (int g = 1; g < kRowGroups; ++g) sum += partial[g][threadIdx.x];
-    dbias[m * D + d] += sum;
+    for (int g = 1; g < kColumnRowGroups; ++g) sum += group[g][threadIdx.x];
+    partials[(m * chunks + chunk) * D + d] = sum;
+  }
+}
+
+// Stage 2 of every column sum. Block (column tile, model, output): thread (x, y) sums
+// chunks y, y + kChunkGroups, ... of column x; the groups then add up in order.
+__global__ void add_column_partials_kernel(float* __restrict__ out0, float* __restrict__ out1,
+                                           const float* __restrict__ partials, int chunks, int64_t C) {
+  __shared__ float group[kChunkGroups][kColumnTile];
+  const int64_t c = blockIdx.x * int64_t(kColumnTile) + threadIdx.x;
+  const int64_t m = blockIdx.y;
+  const float* p = partials + (int64_t(blockIdx.z) * gridDim.y + m) * chunks * C;
+  float sum = 0.0f;
+  if (c < C)
+    for (int k = threadIdx.y; k < chunks; k += kChunkGroups) sum += p[k * C + c];
+  group[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int g = 1; g < kChunkGroups; ++g) sum += group[g][threadIdx.x];
+    (blockIdx.z == 0 ? out0 : out1)[m * C + c] += sum;
   }
 }
 
@@ -91,10 +113,21 @@ void bias_activation_forward(float* pre, float* post, const float* bias, int M, 
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void bias_activation_backward(float* dpre, float* dbias, const float* dpost, const float* pre, int M, int N, int D,
-                              Act act, cudaStream_t stream) {
-  bias_activation_backward_kernel<<<dim3(ceil_div(D, kColumnTile), M), dim3(kColumnTile, kRowGroups), 0, stream>>>(
-      dpre, dbias, dpost, pre, N, D, act);
+int64_t bias_activation_backward_scratch(int M, int N, int D) { return int64_t(M) * column_chunks(N) * D; }
+
+void bias_activation_backward(float* dpre, float* dbias, float* scratch, const float* dpost, const float* pre, int M,
+                              int N, int D, Act act, cudaStream_t stream) {
+  const int chunks = column_chunks(N);
+  bias_activation_backward_kernel<<<dim3(ceil_div(D, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
+                                    stream>>>(dpre, scratch, dpost, pre, N, D, ceil_div(N, chunks), act);
+  UNIV_CUDA_CHECK_LAUNCH();
+  add_column_partials(dbias, nullptr, scratch, M, chunks, D, stream);
+}
+
+void add_column_partials(float* out0, float* out1, const float* partials, int M, int chunks, int64_t C,
+                         cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(C, kColumnTile)), M, out1 ? 2 : 1);
+  add_column_partials_kernel<<<grid, dim3(kColumnTile, kChunkGroups), 0, stream>>>(out0, out1, partials, chunks, C);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

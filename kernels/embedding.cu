@@ -1,6 +1,7 @@
 // Token embedding plus positional encoding, forward and backward. The backward sums
 // each token's gradient rows in position order inside one block: deterministic,
-// no float atomics, the same order as the CPU backend.
+// no float atomics, the same order as the CPU backend; the positional gradient is a
+// column sum over sequences in a fixed order.
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -9,7 +10,7 @@ namespace univ::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kScanThreads = 128;
+constexpr int kScanThreads = 512;  // positions scanned per step of the token gradient
 
 __global__ void embedding_forward_kernel(float* __restrict__ out, const int32_t* __restrict__ tokens,
                                          const float* __restrict__ wte, const float* __restrict__ pos,
@@ -50,23 +51,34 @@ __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const fl
     }
     if (hit) positions[before + __popc(mask & ((1u << lane) - 1u))] = static_cast<int>(n);
     __syncthreads();
-    for (int j = 0; j < total; ++j) {
-      const float* row = grad + int64_t(positions[j]) * C;
-      for (int c = threadIdx.x; c < C; c += blockDim.x) acc[c] += row[c];
+    // Channels outermost: a thread's loads of the hit rows are independent and can
+    // overlap, while each channel still adds its rows in position order.
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      float a = acc[c];
+      for (int j = 0; j < total; ++j) a += grad[int64_t(positions[j]) * C + c];
+      acc[c] = a;
     }
     __syncthreads();
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) dwte[(int64_t(m) * V + v) * C + c] += acc[c];
 }
 
-// Block (t, m): dwpe[m, t, :] += sum over sequences b, in order.
-__global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const float* __restrict__ dout, int B, int T,
-                                              int C) {
-  const int t = blockIdx.x, m = blockIdx.y;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int b = 0; b < B; ++b) acc += dout[((int64_t(m) * B + b) * T + t) * C + c];
-    dwpe[(int64_t(m) * T + t) * C + c] += acc;
+// dwpe[m] [T*C] += sum over sequences b of dout[m, b] [T*C]. Block (column tile,
+// model): thread (x, y) sums sequences y, y + kColumnRowGroups, ... of column x; the
+// groups then add up in order. T*C columns give enough blocks for one stage.
+__global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const float* __restrict__ dout, int B,
+                                              int64_t TC) {
+  __shared__ float group[kColumnRowGroups][kColumnTile];
+  const int64_t i = blockIdx.x * int64_t(kColumnTile) + threadIdx.x;
+  const int64_t m = blockIdx.y;
+  float sum = 0.0f;
+  if (i < TC)
+    for (int b = threadIdx.y; b < B; b += kColumnRowGroups) sum += dout[(m * B + b) * TC + i];
+  group[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && i < TC) {
+    for (int g = 1; g < kColumnRowGroups; ++g) sum += group[g][threadIdx.x];
+    dwpe[m * TC + i] += sum;
   }
 }
 
@@ -88,7 +100,9 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
                                                                               V);
   UNIV_CUDA_CHECK_LAUNCH();
   if (dwpe) {
-    embedding_backward_wpe_kernel<<<dim3(T, M), 128, 0, stream>>>(dwpe, dout, B, T, C);
+    const int64_t TC = int64_t(T) * C;
+    embedding_backward_wpe_kernel<<<dim3(static_cast<unsigned>(ceil_div<int64_t>(TC, kColumnTile)), M),
+                                    dim3(kColumnTile, kColumnRowGroups), 0, stream>>>(dwpe, dout, B, TC);
     UNIV_CUDA_CHECK_LAUNCH();
   }
 }

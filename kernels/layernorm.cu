@@ -1,5 +1,6 @@
 // Layer norm over the channel axis, forward and backward: a warp per row; the
-// weight and bias gradients are column sums over rows in a fixed order.
+// weight and bias gradients are two-stage column sums over rows in a fixed order
+// (common.cuh).
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -9,8 +10,6 @@ namespace {
 
 constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
-constexpr int kColumnTile = 32;   // parameter gradients: columns per block ...
-constexpr int kRowGroups = 16;    // ... and row groups summed in a fixed order
 
 __global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
                                          const float* __restrict__ inp, const float* __restrict__ weight,
@@ -60,33 +59,36 @@ __global__ void layernorm_backward_input_kernel(float* __restrict__ dinp, const 
     dx[c] += (w[c] * dy[c] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
 }
 
-// Block (column tile, model): thread (x, y) sums rows y, y + kRowGroups, ... of column
-// x; the row groups are then added in order.
-__global__ void layernorm_backward_params_kernel(float* __restrict__ dweight, float* __restrict__ dbias,
-                                                 const float* __restrict__ dout, const float* __restrict__ inp,
-                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
-                                                 int N, int C) {
-  __shared__ float partial_w[kRowGroups][kColumnTile], partial_b[kRowGroups][kColumnTile];
+// Stage 1 of the parameter gradients. Block (column tile, row chunk, model): thread
+// (x, y) sums rows y, y + kColumnRowGroups, ... of the chunk in column x; the groups
+// then add up in order into partials [2, M, chunks, C], dweight's before dbias's.
+__global__ void layernorm_backward_params_kernel(float* __restrict__ partials, const float* __restrict__ dout,
+                                                 const float* __restrict__ inp, const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd, int N, int C, int chunk_rows) {
+  __shared__ float group_w[kColumnRowGroups][kColumnTile], group_b[kColumnRowGroups][kColumnTile];
   const int c = blockIdx.x * kColumnTile + threadIdx.x;
-  const int64_t m = blockIdx.y;
+  const int chunk = blockIdx.y, chunks = gridDim.y;
+  const int64_t m = blockIdx.z, M = gridDim.z;
+  const int end = min(N, (chunk + 1) * chunk_rows);
   float dw = 0.0f, db = 0.0f;
   if (c < C)
-    for (int n = threadIdx.y; n < N; n += kRowGroups) {
+    for (int n = chunk * chunk_rows + threadIdx.y; n < end; n += kColumnRowGroups) {
       const int64_t row = m * N + n;
       const float dy = dout[row * C + c];
       db += dy;
       dw += (inp[row * C + c] - mean[row]) * rstd[row] * dy;
     }
-  partial_w[threadIdx.y][threadIdx.x] = dw;
-  partial_b[threadIdx.y][threadIdx.x] = db;
+  group_w[threadIdx.y][threadIdx.x] = dw;
+  group_b[threadIdx.y][threadIdx.x] = db;
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
-    for (int g = 1; g < kRowGroups; ++g) {
-      dw += partial_w[g][threadIdx.x];
-      db += partial_b[g][threadIdx.x];
+    for (int g = 1; g < kColumnRowGroups; ++g) {
+      dw += group_w[g][threadIdx.x];
+      db += group_b[g][threadIdx.x];
     }
-    dweight[m * C + c] += dw;
-    dbias[m * C + c] += db;
+    const int64_t at = (m * chunks + chunk) * C + c;
+    partials[at] = dw;
+    partials[M * chunks * C + at] = db;
   }
 }
 
@@ -101,7 +103,9 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+int64_t layernorm_backward_scratch(int M, int N, int C) { return 2 * int64_t(M) * column_chunks(N) * C; }
+
+void layernorm_backward(float* dinp, float* dweight, float* dbias, float* scratch, const float* dout, const float* inp,
                         const float* weight, const float* mean, const float* rstd, int M, int N, int C,
                         cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
@@ -109,9 +113,11 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
                                     dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(dinp, dout, inp, weight, mean, rstd,
                                                                                  rows, N, C);
   UNIV_CUDA_CHECK_LAUNCH();
-  layernorm_backward_params_kernel<<<dim3(ceil_div(C, kColumnTile), M), dim3(kColumnTile, kRowGroups), 0, stream>>>(
-      dweight, dbias, dout, inp, mean, rstd, N, C);
+  const int chunks = column_chunks(N);
+  layernorm_backward_params_kernel<<<dim3(ceil_div(C, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
+                                     stream>>>(scratch, dout, inp, mean, rstd, N, C, ceil_div(N, chunks));
   UNIV_CUDA_CHECK_LAUNCH();
+  add_column_partials(dweight, dbias, scratch, M, chunks, C, stream);
 }
 
 }  // namespace univ::cuda

@@ -1,31 +1,74 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one go: builds for sm_90, runs the whole
-# suite (GPU tests included), compute-sanitizer memcheck and racecheck over the GPU
-# tests, the PyTorch comparison where torch is installed, and bench_kernels.
-# Logs and bench.json go to ${OUT:-gpu-results}; a summary table comes last.
+# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels and the
+# default pair's training time, the PyTorch comparison, the whole CTest suite, and
+# compute-sanitizer memcheck and racecheck over the GPU tests. Each step has a time limit
+# and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
+# summary.txt (one line per step, also printed last) and bench.json.
+#
+#   scripts/gpu_check.sh              build for sm_90 here, then check
+#   scripts/gpu_check.sh --prebuilt   use build-gpu-dist from scripts/pack_gpu_build.sh
+#                                     (for GPU hosts without the development packages)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+root="$PWD"
+export PATH="/usr/local/cuda/bin:$PATH"
 
 out="${OUT:-gpu-results}"
+logs="$(mktemp -d)"  # run directories of the steps; only logs and summaries go to $out
 mkdir -p "$out"
-export PATH="/usr/local/cuda/bin:$PATH"
-summary=()
-step() {  # step NAME COMMAND...: runs, logs, records pass/fail
-  local name="$1"
-  shift
-  if "$@" >"$out/$name.log" 2>&1; then summary+=("PASS $name"); else summary+=("FAIL $name (see $out/$name.log)"); fi
+: >"$out/summary.txt"
+: >"$out/log.txt"
+step() {  # step NAME SECONDS COMMAND...: runs under a time limit, logs, records the outcome
+  local name="$1" limit="$2" start=$SECONDS rc verdict=PASS
+  shift 2
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAIL($rc)"; fi
+  { printf '\n===== %s: %s\n' "$name" "$verdict"; cat "$logs/$name.log"; } >>"$out/log.txt"
+  printf '%-10s %-12s %4ds\n' "$verdict" "$name" $((SECONDS - start)) | tee -a "$out/summary.txt"
 }
 
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-step build env BUILD_DIR=build-gpu scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
-step ctest ctest --test-dir build-gpu --output-on-failure -j 4
-step gpu_tests build-gpu/tests/univ_tests --gtest_filter='Gpu*'
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build-gpu/tests/univ_tests --gtest_filter='Gpu*'
-step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 build-gpu/tests/univ_tests \
-  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasEpilogues:Gpu.Attention:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW'
-step torch sh -c "build-gpu/train_pair --out $out/torch_run --overwrite --steps 20 --samples 640 --device cpu && \
-  python3 tests/torch/check_torch.py $out/torch_run build-gpu/tests/dump_step"
-step bench sh -c "build-gpu/bench_kernels --json > $out/bench.json"
-build-gpu/bench_kernels > "$out/bench.txt" 2>&1
-printf '%s\n' "${summary[@]}"
-cat "$out/bench.txt"
+if [ "${1:-}" = "--prebuilt" ]; then
+  # The build's CTest files hold the absolute paths of the machine that built it: make
+  # them valid here (source tree, Python, CMake) and find the staged libraries.
+  [ -d build-gpu-dist ] || { echo "build-gpu-dist missing: run scripts/pack_gpu_build.sh first" >&2; exit 2; }
+  [ -e build-gpu ] || ln -s build-gpu-dist build-gpu
+  cache_value() { grep -m1 "^$1:" build-gpu/CMakeCache.txt | cut -d= -f2-; }
+  link_if_missing() {  # link_if_missing PATH TARGET
+    if [ -n "$1" ] && [ ! -e "$1" ]; then mkdir -p "$(dirname "$1")" && ln -s "$2" "$1"; fi
+  }
+  link_if_missing "$(cache_value CMAKE_HOME_DIRECTORY)" "$root"
+  python="$(cache_value _Python3_EXECUTABLE)"  # a wrapper, not a link: a venv's python finds its packages
+  if [ -n "$python" ] && [ ! -e "$python" ]; then
+    mkdir -p "$(dirname "$python")" && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$python"
+    chmod +x "$python"
+  fi
+  link_if_missing "$(cache_value CMAKE_COMMAND)" "$(command -v cmake)"
+  export LD_LIBRARY_PATH="$root/build-gpu-dist/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+else
+  step build 900 env BUILD_DIR=build-gpu scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90
+fi
+bin="$root/build-gpu"
+
+{ nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'; } >"$out/machine.txt" 2>&1
+step gpu_tests 90 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
+step bench 90 sh -c "'$bin/bench_kernels' --json > '$out/bench.json' && '$bin/bench_kernels'"
+step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
+step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
+  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \
+  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' --device cuda --backend cuda"
+# The seed experiment's correlation step on the GPU (three runs) and on the CPU.
+step correlate 90 bash -c "for i in 1 2 3; do '$bin/correlate' '$logs/pair_cuda' --device cuda --out '$logs/corr_gpu' || exit 1; \
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"gpu timings\", s[\"timings\"])' '$logs/corr_gpu/summary.json'; done && \
+  '$bin/correlate' '$logs/pair_cuda' --device cpu --out '$logs/corr_cpu' && \
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"cpu timings\", s[\"timings\"])' '$logs/corr_cpu/summary.json' && \
+  head -c 1500 '$logs/corr_gpu/summary.json' && grep -c true '$logs/corr_gpu/neurons.csv' '$logs/corr_cpu/neurons.csv'"
+# The whole suite runs beside the sanitizers (CPU-bound tests; its GPU tests ran above too).
+step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
+step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
+step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
+  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasEpilogues:Gpu.Attention:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuStats.Match*'
+wait
+rm -rf "$logs"
+head -20 "$out/machine.txt"
+cat "$out/summary.txt"

@@ -131,7 +131,7 @@ TEST(Activations, FilesGiveTheStatisticsOfTheModelsOwnPass) {
   train(o, {});
   const auto models = load_models({dir / "run"});
   const HeldOutTokens tokens = held_out_tokens(models[0], std::nullopt, 0, {});
-  const StreamResult own = stream_statistics(models, tokens, Site::post, 64, {});
+  const StreamResult own = stream_statistics(models, tokens, Site::post, 200, {});  // the batch of the dump below
   // Dump each model's post activations: model 0 as one float32 file, model 1 as one file per layer.
   std::vector<std::string> args;
   for (int m = 0; m < 2; ++m) {

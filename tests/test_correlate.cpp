@@ -92,7 +92,7 @@ TEST(Correlate, ShardsMergeIntoOnePass) {
   EXPECT_EQ(whole.stats.count(), 2001);  // the last sequence is cut
   CorrelationStats merged;
   for (int i = 0; i < 3; ++i) {
-    const HeldOutTokens part = held_out_tokens(models[0], std::nullopt, 2001, {i, 3});
+    const HeldOutTokens part = held_out_tokens(models[0], std::nullopt, 2001, {i, 3}, 16);
     const StreamResult r = stream_statistics(models, part, Site::pre, 16, {});
     if (i == 0) merged = r.stats;
     else merged.merge(r.stats);

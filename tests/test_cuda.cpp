@@ -104,8 +104,9 @@ TEST_F(Gpu, LayerNorm) {
     auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size());
     cuda::layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_inp.data(), d_w.data(), d_b.data(), s.M, N, C,
                             stream->get());
-    cuda::layernorm_backward(d_dinp.data(), d_dw.data(), d_db.data(), d_dout.data(), d_inp.data(), d_w.data(),
-                             d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
+    auto d_scratch = poisoned(static_cast<size_t>(cuda::layernorm_backward_scratch(s.M, N, C)));
+    cuda::layernorm_backward(d_dinp.data(), d_dw.data(), d_db.data(), d_scratch.data(), d_dout.data(), d_inp.data(),
+                             d_w.data(), d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
     cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), s.M, N, C);
     cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), mean.data(),
                             rstd.data(), s.M, N, C);
@@ -130,8 +131,9 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
       auto d_inp = up(inp), d_w = up(w), d_dout = up(dout), d_dw = up(dw);
       auto d_out = poisoned(out.size()), d_dinp = poisoned(dinp.size());
       cuda::matmul_forward(handle.get(), d_out.data(), d_inp.data(), d_w.data(), s.M, N, C, OC);
-      cuda::matmul_backward(handle.get(), d_dinp.data(), d_dw.data(), d_dout.data(), d_inp.data(), d_w.data(), s.M, N,
-                            C, OC);
+      auto d_scratch = poisoned(static_cast<size_t>(cuda::matmul_backward_scratch(s.M, N, C, OC)));
+      cuda::matmul_backward(handle.get(), d_dinp.data(), d_dw.data(), d_scratch.data(), d_dout.data(), d_inp.data(),
+                            d_w.data(), s.M, N, C, OC);
       cpu::matmul_forward(out.data(), inp.data(), w.data(), static_cast<const float*>(nullptr), s.M, N, C, OC);
       cpu::matmul_backward(dinp.data(), dw.data(), static_cast<float*>(nullptr), dout.data(), inp.data(), w.data(),
                            s.M, N, C, OC);
@@ -161,8 +163,9 @@ TEST_F(Gpu, BiasEpilogues) {
       auto dbias = random_vector<float>(bias.size(), 35);
       auto d_dbias = up(dbias), d_dpost = up(dpost);
       cuda::bias_activation_forward(d_pre.data(), d_post.data(), d_bias.data(), s.M, N, D, act, stream->get());
-      cuda::bias_activation_backward(d_dpre.data(), d_dbias.data(), d_dpost.data(), d_pre.data(), s.M, N, D, act,
-                                     stream->get());
+      auto d_scratch = poisoned(static_cast<size_t>(cuda::bias_activation_backward_scratch(s.M, N, D)));
+      cuda::bias_activation_backward(d_dpre.data(), d_dbias.data(), d_scratch.data(), d_dpost.data(), d_pre.data(), s.M,
+                                     N, D, act, stream->get());
       std::vector<float> pre(n), post(n), dpre(n);
       for (int64_t i = 0; i < n; ++i) pre[i] = x[i] + bias[i / (int64_t(N) * D) * D + i % D];
       cpu::activation_forward(post.data(), pre.data(), n, cpu_act);

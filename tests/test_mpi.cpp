@@ -1,5 +1,6 @@
 // `mpirun -n 2 correlate ...` against one process: the float64 statistics agree to
-// 1e-12 relative, and so do the reports.
+// 1e-12 relative, and so do the reports. On the CPU: GPU statistics sum float32
+// partials over spans that depend on the split, so there they agree to about 1e-7.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -58,10 +59,10 @@ TEST(Mpi, TwoRanksGiveTheStatisticsOfOneProcess) {
   o.out_dir = dir / "run";
   train(o, {});
   const ProcessResult one = testing::run_process(
-      kCorrelate, {(dir / "run").string(), "--out", (dir / "one").string(), "--save-stats", (dir / "one.stats").string()},
+      kCorrelate, {(dir / "run").string(), "--device", "cpu", "--out", (dir / "one").string(), "--save-stats", (dir / "one.stats").string()},
       dir.path());
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  const ProcessResult two = mpirun(dir, 2, {(dir / "run").string(), "--out", (dir / "two").string(), "--save-stats",
+  const ProcessResult two = mpirun(dir, 2, {(dir / "run").string(), "--device", "cpu", "--out", (dir / "two").string(), "--save-stats",
                                             (dir / "two.stats").string()});
   ASSERT_EQ(two.exit_code, 0) << two.err;
   expect_same_stats(dir / "two.stats", dir / "one.stats");
@@ -93,13 +94,13 @@ TEST(Mpi, ActivationFilesSplitAcrossRanks) {
     extra.insert(extra.begin(), acts.begin(), acts.end());
     return extra;
   };
-  ASSERT_EQ(testing::run_process(kCorrelate, with({"--out", (dir / "one").string(), "--save-stats",
+  ASSERT_EQ(testing::run_process(kCorrelate, with({"--device", "cpu", "--out", (dir / "one").string(), "--save-stats",
                                                    (dir / "one.stats").string()}),
                                  dir.path())
                 .exit_code,
             0);
   const ProcessResult three =
-      mpirun(dir, 3, with({"--out", (dir / "three").string(), "--save-stats", (dir / "three.stats").string()}));
+      mpirun(dir, 3, with({"--device", "cpu", "--out", (dir / "three").string(), "--save-stats", (dir / "three.stats").string()}));
   ASSERT_EQ(three.exit_code, 0) << three.err;
   expect_same_stats(dir / "three.stats", dir / "one.stats");
 }

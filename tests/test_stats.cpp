@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "stats_reference.hpp"
 #include "test_util.hpp"
 #include "univ/error.hpp"
 #include "univ/stats.hpp"
@@ -12,54 +13,10 @@
 namespace univ {
 namespace {
 
+using testing::correlated_acts;
+using testing::reference_r;
+using testing::stat_r;
 using testing::TempDir;
-
-// Activations of K models with shared latent factors, float32, token-major [n, N_m];
-// every neuron's mean is `offset` times its standard deviation.
-std::vector<std::vector<float>> correlated_acts(const std::vector<NeuronShape>& shapes, int64_t n, double offset,
-                                                uint32_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal;
-  const int factors = 4;
-  std::vector<std::vector<double>> loading;
-  for (const auto& s : shapes) {
-    loading.emplace_back(s.neurons() * factors);
-    for (double& x : loading.back()) x = normal(rng);
-  }
-  std::vector<std::vector<float>> acts(shapes.size());
-  for (size_t m = 0; m < shapes.size(); ++m) acts[m].resize(n * shapes[m].neurons());
-  std::vector<double> z(factors);
-  for (int64_t t = 0; t < n; ++t) {
-    for (double& f : z) f = normal(rng);
-    for (size_t m = 0; m < shapes.size(); ++m) {
-      const int64_t N = shapes[m].neurons();
-      for (int64_t k = 0; k < N; ++k) {
-        double v = normal(rng);
-        for (int f = 0; f < factors; ++f) v += loading[m][k * factors + f] * z[f];
-        const double scale = 0.5 + 0.1 * k;  // std about sqrt(1 + |loading|^2) * scale
-        acts[m][t * N + k] = static_cast<float>(offset * scale * 3 + scale * v);
-      }
-    }
-  }
-  return acts;
-}
-
-// Two-pass float64 correlations of neuron a of model i with neuron b of model j.
-double reference_r(const std::vector<float>& x, int64_t Nx, int64_t a, const std::vector<float>& y, int64_t Ny,
-                   int64_t b, int64_t n) {
-  long double mx = 0, my = 0;
-  for (int64_t t = 0; t < n; ++t) mx += x[t * Nx + a], my += y[t * Ny + b];
-  mx /= n;
-  my /= n;
-  long double sxy = 0, sxx = 0, syy = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    const long double dx = x[t * Nx + a] - mx, dy = y[t * Ny + b] - my;
-    sxy += dx * dy;
-    sxx += dx * dx;
-    syy += dy * dy;
-  }
-  return static_cast<double>(sxy / std::sqrt(sxx * syy));
-}
 
 void accumulate(CpuStatsAccumulator& acc, const std::vector<std::vector<float>>& acts,
                 const std::vector<NeuronShape>& shapes, int64_t begin, int64_t end, int64_t chunk) {
@@ -69,12 +26,6 @@ void accumulate(CpuStatsAccumulator& acc, const std::vector<std::vector<float>>&
     for (size_t m = 0; m < shapes.size(); ++m) ptrs.push_back(acts[m].data() + t * shapes[m].neurons());
     acc.add(ptrs, n);
   }
-}
-
-double stat_r(const CorrelationStats& s, int i, int64_t a, int j, int64_t b) {
-  const auto vi = s.variance_sums(i), vj = s.variance_sums(j);
-  const double c = i < j ? s.cross(i, j)[a * s.shapes()[j].neurons() + b] : s.cross(j, i)[b * s.shapes()[i].neurons() + a];
-  return c / std::sqrt(vi[a] * vj[b]);
 }
 
 TEST(Stats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {

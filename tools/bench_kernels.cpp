@@ -103,6 +103,9 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   DeviceBuffer<int32_t> tokens(tok.size());
   tokens.upload(tok.data(), tok.size(), s);
   DeviceBuffer<float> losses(M), row_loss(static_cast<size_t>(rows));
+  DeviceBuffer<float> scratch(static_cast<size_t>(std::max({k::layernorm_backward_scratch(M, N, C),
+                                                            k::bias_activation_backward_scratch(M, N, D),
+                                                            k::matmul_backward_scratch(M, N, C, D)})));
   std::vector<Row> out;
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& work) {
     out.push_back({name, b.time_ms(work), bytes, flops});
@@ -114,15 +117,15 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   add("layernorm_forward", rows * C * f * 2, rows * C * 8,
       [&] { k::layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), w.data(), bias.data(), M, N, C, s); });
   add("layernorm_backward", rows * C * f * 5, rows * C * 14,
-      [&] { k::layernorm_backward(y.data(), w.data(), dbias.data(), x.data(), x.data(), bias.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s); });
+      [&] { k::layernorm_backward(y.data(), w.data(), dbias.data(), scratch.data(), x.data(), x.data(), bias.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s); });
   add("matmul_forward fc", (rows * C + rows * D + double(M) * D * C) * f, 2 * rows * C * D,
       [&] { k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, C, D); });
   add("matmul_backward fc", (2 * rows * D + 2 * rows * C + 2.0 * M * D * C) * f, 4 * rows * C * D,
-      [&] { k::matmul_backward(h, y.data(), w.data(), x.data(), x.data(), w.data(), M, N, C, D); });
+      [&] { k::matmul_backward(h, y.data(), w.data(), scratch.data(), x.data(), x.data(), w.data(), M, N, C, D); });
   add("bias_activation_forward", rows * D * f * 3, rows * D * 4,
       [&] { k::bias_activation_forward(x.data(), y.data(), bias.data(), M, N, D, k::Act::gelu, s); });
   add("bias_activation_backward", rows * D * f * 3, rows * D * 8,
-      [&] { k::bias_activation_backward(y.data(), dbias.data(), x.data(), x.data(), M, N, D, k::Act::gelu, s); });
+      [&] { k::bias_activation_backward(y.data(), dbias.data(), scratch.data(), x.data(), x.data(), M, N, D, k::Act::gelu, s); });
   const double att_flops = double(M) * B * H * T * T * (C / H) * 2;  // causal: half of 2 products
   add("attention_forward", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
       [&] { k::attention_forward(y.data(), att.data(), x.data(), M, B, T, C, H, s); });
@@ -173,6 +176,48 @@ univ::RunConfig large_config() {
   return c;
 }
 
+// The correlation engine's reduction: 4096 x 4096 neurons, co-moments of chunks of
+// 16384 tokens, projected to 1M tokens; cuBLAS's A^T B on the same chunk (fp32 and
+// TF32, no shift, float32 result) as the reference a framework would call.
+nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
+  namespace k = univ::cuda;
+  const int N = 4096, chunk = 16384;
+  const int64_t tokens = int64_t(1) << 20;
+  const cudaStream_t s = b.stream.get();
+  auto a = random_device(size_t(chunk) * N, s), x = random_device(size_t(chunk) * N, s, 2.0f);
+  auto shift_a = random_device(N, s, 0.01f), shift_x = random_device(N, s, 0.01f);
+  DeviceBuffer<double> master(size_t(N) * N), sums(N);
+  master.fill_bytes(0, s);
+  sums.fill_bytes(0, s);
+  DeviceBuffer<float> product(size_t(N) * N);
+  const float one = 1, zero = 0;
+  const int saved = b.repeats;
+  b.repeats = 10;
+  const double comoment_ms = b.time_ms([&] {
+    k::comoment_accumulate(master.data(), N, a.data(), N, shift_a.data(), N, x.data(), N, shift_x.data(), N, chunk, s);
+  });
+  const double sums_ms = b.time_ms([&] { k::column_sums(sums.data(), a.data(), N, shift_a.data(), N, chunk, s); });
+  auto gemm_ms = [&](cublasHandle_t h) {
+    return b.time_ms([&] {
+      UNIV_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, N, N, chunk, &one, x.data(), N, a.data(), N, &zero,
+                                    product.data(), N));
+    });
+  };
+  const double sgemm_ms = gemm_ms(fp32), tf32_ms = gemm_ms(tf32);
+  b.repeats = saved;
+  const double per_chunk = comoment_ms + 2 * sums_ms, chunks = double(tokens) / chunk;
+  const double flops = 2.0 * N * N * chunk;
+  return {{"neurons", N},
+          {"tokens", tokens},
+          {"chunk_tokens", chunk},
+          {"comoment_chunk_ms", comoment_ms},
+          {"column_sums_chunk_ms", sums_ms},
+          {"projected_ms", per_chunk * chunks},
+          {"comoment_TFLOPs", flops / comoment_ms / 1e9},
+          {"cublas_sgemm_fp32_projected_ms", sgemm_ms * chunks},
+          {"cublas_sgemm_tf32_projected_ms", tf32_ms * chunks}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,6 +245,7 @@ int main(int argc, char** argv) {
                                    {"step_ms_fp32", step_ms(rc, univ::Precision::fp32, steps)},
                                    {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)}});
     }
+    report["correlation"] = correlation(b, fp32.get(), tf32.get());
     if (json) {
       std::cout << report.dump(2) << '\n';
       return 0;
@@ -216,6 +262,12 @@ int main(int argc, char** argv) {
         std::printf("  %-30s %10.1f %10.1f %10.1f\n", k["kernel"].get<std::string>().c_str(),
                     k["ms"].get<double>() * 1000, k["GBps"].get<double>(), k["GFLOPs"].get<double>());
     }
+    const auto& c = report["correlation"];
+    std::printf("\ncorrelation %d x %d neurons over %lld tokens (chunks of %d): %.1f ms (split-TF32 co-moments "
+                "%.1f TFLOP/s useful); cuBLAS A^T B alone: %.1f ms fp32, %.1f ms TF32\n",
+                c["neurons"].get<int>(), c["neurons"].get<int>(), static_cast<long long>(c["tokens"].get<int64_t>()),
+                c["chunk_tokens"].get<int>(), c["projected_ms"].get<double>(), c["comoment_TFLOPs"].get<double>(),
+                c["cublas_sgemm_fp32_projected_ms"].get<double>(), c["cublas_sgemm_tf32_projected_ms"].get<double>());
   } catch (const univ::UserError& e) {
     std::cerr << "bench_kernels: error: " << e.what() << '\n';
     return 1;

@@ -43,7 +43,7 @@ struct Flags {
   int vocab = 0;
   uint64_t data_seed = 0;
   int64_t tokens = 0;
-  int batch = 64;
+  int batch = 0;  // 0: 64 sequences on the CPU, 512 on the GPU
   std::vector<std::string> acts;  // NAME=FILE[,FILE...] per model, instead of checkpoints
   std::string layers;
 };
@@ -160,6 +160,13 @@ Slice resolve_slice(const Flags& f, const CLI::App& app, const univ::MpiSession&
   return s;
 }
 
+// --device for the streaming; with CUDA and several processes, GPU rank % count each.
+univ::Device stream_device(const Flags& f, const univ::MpiSession& mpi) {
+  const univ::Device device = univ::resolve_device(f.device);
+  if (device == univ::Device::cuda) univ::select_cuda_device(mpi.rank());
+  return device;
+}
+
 // Streams --acts files instead of running checkpoints.
 int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi, Clock::time_point start) {
   if (!f.inputs.empty()) throw UserError("give checkpoints or --acts, not both");
@@ -173,9 +180,10 @@ int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSes
   if (mpi.root())
     std::cerr << "correlate: " << models.size() << " models, " << tokens << " tokens of activation files"
               << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
+  const univ::Device device = stream_device(f, mpi);
   Progress progress(mpi.root());
   univ::StreamResult streamed =
-      univ::stream_activation_statistics(models, slice.shard, kActivationChunk, std::ref(progress));
+      univ::stream_activation_statistics(models, slice.shard, kActivationChunk, std::ref(progress), device);
   streamed.stats = mpi.gather_stats(streamed.stats);
   streamed.bytes_read = mpi.sum({streamed.bytes_read})[0];
   if (!mpi.root()) return 0;
@@ -193,7 +201,8 @@ int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSes
   input.data = {{"source", "activation files"},
                 {"tokens", streamed.stats.count()},
                 {"shard", slice.complete ? "0/1" : f.shard},
-                {"processes", mpi.size()}};
+                {"processes", mpi.size()},
+                {"device", univ::to_string(device)}};
   input.timings["read_and_statistics"] = streamed.seconds;
   input.timings["read_gigabytes_per_second"] = streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9;
   std::cerr << "correlate: read " << streamed.bytes_read / 1e9 << " GB at "
@@ -206,23 +215,22 @@ int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi)
   const auto start = Clock::now();
   if (!f.acts.empty()) return run_activation_files(f, app, mpi, start);
   const Slice slice = resolve_slice(f, app, mpi);
-  if (f.batch < 1) throw UserError("--batch must be positive");
+  if (app.count("--batch") > 0 && f.batch < 1) throw UserError("--batch must be positive");
   const univ::Site site = univ::parse_site(f.site);
-  if (f.device == "cuda")
-    throw UserError("correlate --device cuda: the GPU correlation path is not built yet; use --device cpu");
-  univ::resolve_device(f.device);  // rejects unknown names; auto and cpu stream on the CPU
+  const univ::Device device = stream_device(f, mpi);
+  const int batch = f.batch > 0 ? f.batch : device == univ::Device::cuda ? 512 : 64;
 
   std::vector<fs::path> paths(f.inputs.begin(), f.inputs.end());
   const std::vector<univ::LoadedModel> models = univ::load_models(paths);
   std::optional<univ::DataSpec> data;
   if (!f.data.empty()) data = univ::DataSpec{f.data, f.vocab, f.data_seed, models[0].checkpoint.run.data.test_samples};
-  const univ::HeldOutTokens tokens = univ::held_out_tokens(models[0], data, f.tokens, slice.shard);
+  const univ::HeldOutTokens tokens = univ::held_out_tokens(models[0], data, f.tokens, slice.shard, batch);
   if (mpi.root())
     std::cerr << "correlate: " << models.size() << " models, " << tokens.total_tokens << " tokens of "
               << tokens.description.value("source", "") << ", site " << f.site
               << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
   Progress progress(mpi.root());
-  univ::StreamResult streamed = univ::stream_statistics(models, tokens, site, f.batch, std::ref(progress));
+  univ::StreamResult streamed = univ::stream_statistics(models, tokens, site, batch, std::ref(progress), device);
   // Under mpirun: statistics merged at rank 0, losses weighted by each rank's sequences.
   streamed.stats = mpi.gather_stats(streamed.stats);
   const double sequences = static_cast<double>(tokens.sequences.count());
@@ -239,6 +247,7 @@ int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi)
   input.data = tokens.description;
   if (slice.complete) input.data["shard"] = "0/1";
   input.data["processes"] = mpi.size();
+  input.data["device"] = univ::to_string(device);
   input.loss = streamed.loss;
   input.timings["forward_and_statistics"] = streamed.seconds;
   finish(f, streamed.stats, input, slice.complete, start);
@@ -323,8 +332,9 @@ int main(int argc, char** argv) {
   app.add_option("--data", flags.data, "another token source (as train_pair's --data); default: the models' data");
   app.add_option("--vocab", flags.vocab, "vocabulary of --data (as train_pair's --vocab)");
   app.add_option("--data-seed", flags.data_seed, "seed of --data (as train_pair's --data-seed)")->capture_default_str();
-  app.add_option("--batch", flags.batch, "sequences per forward chunk")->capture_default_str();
-  app.add_option("--device", flags.device, "auto or cpu (the GPU path of correlate is not built yet)")
+  app.add_option("--batch", flags.batch, "sequences per forward chunk (default: 64 on the CPU, 512 on the GPU)");
+  app.add_option("--device", flags.device,
+                 "auto (the GPU when there is one), cpu or cuda: where the forward pass and statistics run")
       ->capture_default_str();
   app.add_option("--shard", flags.shard, "process shard I of N of the tokens (with --save-stats; merge later)")
       ->capture_default_str();

@@ -2,6 +2,7 @@
 // as cuBLAS strided-batched GEMMs, and one training step (forward, backward, norms,
 // AdamW, the copy of losses and norms to the host) captured once as a CUDA graph.
 // Per step only the batch and the step's constants go up before the graph launch.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 
@@ -42,7 +43,7 @@ class Arena {
   DeviceBuffer<float> buffer_;
 };
 
-class CudaBackend final : public TrainBackend {
+class CudaBackend final : public TrainBackend, public DeviceForward {
  public:
   CudaBackend(const RunConfig& config, Precision precision)
       : config_(config),
@@ -98,6 +99,24 @@ class CudaBackend final : public TrainBackend {
   }
 
   std::vector<float> gradients() const override { return download(grads_); }
+
+  double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) override {
+    const ModelConfig& c = config_.model;
+    if (config_.models != 1 || b < 1 || b > config_.batch || n > int64_t(b) * c.seq_len)
+      throw std::invalid_argument("CudaBackend::run: one model, at most batch sequences, at most b * seq_len tokens");
+    const cudaStream_t s = stream_.get();
+    inputs_.upload(inputs, size_t(b) * c.seq_len, s);
+    targets_.upload(targets, size_t(b) * c.seq_len, s);
+    forward(b, false);
+    const size_t width = sizeof(float) * c.d_mlp;
+    for (int l = 0; l < c.layers; ++l)  // [n, D] per layer -> columns [l D, (l + 1) D) of out
+      UNIV_CUDA_CHECK(cudaMemcpy2DAsync(out + int64_t(l) * c.d_mlp, width * c.layers,
+                                        post ? layers_[l].post : layers_[l].pre, width, width, n,
+                                        cudaMemcpyDeviceToDevice, s));
+    losses_.download(host_stats_.data(), 1, s);
+    stream_.synchronize();
+    return host_stats_[0];
+  }
 
   StepStats step(const int32_t* inputs, const int32_t* targets, double lr) override {
     const int M = config_.models;
@@ -176,6 +195,15 @@ class CudaBackend final : public TrainBackend {
     r.reserve(row_loss_, rows);
     r.reserve(dresidual_, rows * C), r.reserve(dln_, rows * C), r.reserve(datty_, rows * C);
     r.reserve(dqkv_, rows * 3 * C), r.reserve(dpre_, rows * D), r.reserve(dpost_, rows * D), r.reserve(dlnf_, rows * C);
+    // The partial sums of the parameter gradients, shared by the backward ops (one
+    // stream runs them one at a time): the largest of their needs. Whether a weight
+    // gradient splits depends on its shape, so each (d_model, out) pair is asked.
+    const int models = config_.models, n = config_.batch * c.seq_len;
+    int64_t scratch = std::max(cuda::layernorm_backward_scratch(models, n, c.d_model),
+                               cuda::bias_activation_backward_scratch(models, n, std::max(3 * c.d_model, c.d_mlp)));
+    for (const int out : {3 * c.d_model, c.d_model, c.d_mlp, c.vocab})
+      scratch = std::max(scratch, cuda::matmul_backward_scratch(models, n, c.d_model, out));
+    r.reserve(scratch_, scratch);
     r.allocate();
     inputs_ = DeviceBuffer<int32_t>(rows);
     targets_ = DeviceBuffer<int32_t>(rows);
@@ -238,29 +266,30 @@ class CudaBackend final : public TrainBackend {
     const auto p = param_pointers(layout_, c, params_.data());
     const auto g = param_pointers(layout_, c, grads_.data());
     const float* last = c.layers > 0 ? layers_.back().resid_out : encoded_;
-    cuda::matmul_backward(h, dlnf_, g.lm_head, logits_, lnf_, p.lm_head, M, N, C, V);  // logits hold dlogits
+    cuda::matmul_backward(h, dlnf_, g.lm_head, scratch_, logits_, lnf_, p.lm_head, M, N, C, V);  // logits hold dlogits
     UNIV_CUDA_CHECK(cudaMemsetAsync(dresidual_, 0, sizeof(float) * size_t(M) * N * C, s));
-    cuda::layernorm_backward(dresidual_, g.lnf_w, g.lnf_b, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
+    cuda::layernorm_backward(dresidual_, g.lnf_w, g.lnf_b, scratch_, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N,
+                             C, s);
     for (int l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = layers_[l];
       const auto& w = p.blocks[l];
       const auto& gw = g.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
-      cuda::bias_activation_backward(nullptr, gw.out_b, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
-      cuda::matmul_backward(h, dpost_, gw.out_w, dresidual_, a.post, w.out_w, M, N, D, C);
-      cuda::bias_activation_backward(dpre_, gw.fc_b, dpost_, a.pre, M, N, D, to_act(c.activation), s);
-      cuda::matmul_backward(h, dln_, gw.fc_w, dpre_, a.ln2, w.fc_w, M, N, C, D);
-      cuda::layernorm_backward(dresidual_, gw.ln2_w, gw.ln2_b, dln_, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M,
-                               N, C, s);
+      cuda::bias_activation_backward(nullptr, gw.out_b, scratch_, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
+      cuda::matmul_backward(h, dpost_, gw.out_w, scratch_, dresidual_, a.post, w.out_w, M, N, D, C);
+      cuda::bias_activation_backward(dpre_, gw.fc_b, scratch_, dpost_, a.pre, M, N, D, to_act(c.activation), s);
+      cuda::matmul_backward(h, dln_, gw.fc_w, scratch_, dpre_, a.ln2, w.fc_w, M, N, C, D);
+      cuda::layernorm_backward(dresidual_, gw.ln2_w, gw.ln2_b, scratch_, dln_, a.resid_mid, w.ln2_w, a.ln2_mean,
+                               a.ln2_rstd, M, N, C, s);
       // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
-      cuda::bias_activation_backward(nullptr, gw.proj_b, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
-      cuda::matmul_backward(h, datty_, gw.proj_w, dresidual_, a.atty, w.proj_w, M, N, C, C);
+      cuda::bias_activation_backward(nullptr, gw.proj_b, scratch_, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
+      cuda::matmul_backward(h, datty_, gw.proj_w, scratch_, dresidual_, a.atty, w.proj_w, M, N, C, C);
       cuda::attention_backward(dqkv_, datty_, a.qkv, a.att, M, B, T, C, H, s);
-      cuda::bias_activation_backward(nullptr, gw.qkv_b, dqkv_, nullptr, M, N, 3 * C, cuda::Act::none, s);
-      cuda::matmul_backward(h, dln_, gw.qkv_w, dqkv_, a.ln1, w.qkv_w, M, N, C, 3 * C);
-      cuda::layernorm_backward(dresidual_, gw.ln1_w, gw.ln1_b, dln_, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd, M, N,
-                               C, s);
+      cuda::bias_activation_backward(nullptr, gw.qkv_b, scratch_, dqkv_, nullptr, M, N, 3 * C, cuda::Act::none, s);
+      cuda::matmul_backward(h, dln_, gw.qkv_w, scratch_, dqkv_, a.ln1, w.qkv_w, M, N, C, 3 * C);
+      cuda::layernorm_backward(dresidual_, gw.ln1_w, gw.ln1_b, scratch_, dln_, residual, w.ln1_w, a.ln1_mean,
+                               a.ln1_rstd, M, N, C, s);
     }
     cuda::embedding_backward(g.wte, g.wpe, dresidual_, inputs_.data(), M, B, T, C, V, s);
   }
@@ -296,7 +325,7 @@ class CudaBackend final : public TrainBackend {
   std::vector<LayerActs> layers_;
   float *lnf_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
   float *dresidual_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr, *dpre_ = nullptr,
-        *dpost_ = nullptr, *dlnf_ = nullptr;
+        *dpost_ = nullptr, *dlnf_ = nullptr, *scratch_ = nullptr;
   DeviceBuffer<int32_t> inputs_, targets_;
   std::vector<cuda::ParamSegment> host_segments_;
   DeviceBuffer<cuda::ParamSegment> segments_;
@@ -316,6 +345,14 @@ class CudaBackend final : public TrainBackend {
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision) {
   return std::make_unique<CudaBackend>(config, precision);
+}
+
+std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params) {
+  if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32);
+  const std::vector<float> zeros(params.size(), 0.0f);
+  net->set_state({params, zeros, zeros, 0});
+  return net;
 }
 
 }  // namespace univ

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "univ/cuda/device_query.hpp"
+#include "univ/error.hpp"
 
 namespace univ::cuda {
 
@@ -21,6 +22,12 @@ std::string device_description(int index) {
   if (cudaGetDeviceProperties(&prop, index) != cudaSuccess) return "unknown device";
   return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
          std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
+}
+
+void select_device(int index) {
+  const cudaError_t status = cudaSetDevice(index);
+  if (status != cudaSuccess)
+    throw UserError("cannot use GPU " + std::to_string(index) + ": " + cudaGetErrorString(status));
 }
 
 }  // namespace univ::cuda

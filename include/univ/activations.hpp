@@ -60,9 +60,11 @@ std::vector<int> parse_layer_sizes(const std::string& text);
 int64_t common_tokens(const std::vector<ActivationModel>& models);
 
 // Streams shard `shard` of the models' rows (every model must hold the same number
-// of tokens) into statistics, `chunk` rows at a time.
+// of tokens) into statistics, `chunk` rows at a time; on the GPU the next chunk is
+// read while the current one is reduced.
 StreamResult stream_activation_statistics(const std::vector<ActivationModel>& models, Shard shard, int64_t chunk,
-                                          const std::function<void(const StreamProgress&)>& progress);
+                                          const std::function<void(const StreamProgress&)>& progress,
+                                          Device device = Device::cpu);
 
 float half_to_float(uint16_t h);
 float bfloat16_to_float(uint16_t h);

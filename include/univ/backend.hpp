@@ -26,6 +26,8 @@ Precision parse_precision(const std::string& name);  // UserError for unknown na
 
 // Number of CUDA devices usable by this process; 0 without CUDA support.
 int cuda_device_count();
+// Makes GPU `index` modulo the device count this process's GPU (one per MPI rank).
+void select_cuda_device(int index);
 
 struct StepStats {
   std::vector<double> loss;       // [models], before the update
@@ -58,5 +60,20 @@ class TrainBackend {
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config,
                                            Precision precision = Precision::fp32);
+
+// One model's forward pass on the GPU whose MLP activations stay on the device:
+// correlate's GPU path feeds them straight into the statistics.
+class DeviceForward {
+ public:
+  virtual ~DeviceForward() = default;
+  // Runs b sequences (inputs and targets [b, seq_len], b at most the batch it was made
+  // for) and writes the MLP activations at the site (pre: W1 x + b1, post: act(pre)) of
+  // the first n tokens, all layers side by side, to device memory out [n, layers * d_mlp].
+  // Returns the mean next-token loss; the work is complete on return.
+  virtual double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) = 0;
+};
+
+// config.models must be 1; params in that layout. CUDA builds only.
+std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params);
 
 }  // namespace univ

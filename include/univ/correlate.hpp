@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "univ/backend.hpp"
 #include "univ/checkpoint.hpp"
 #include "univ/data.hpp"
 #include "univ/stats.hpp"
@@ -51,8 +52,11 @@ struct HeldOutTokens {
 // train_pair held out); `data` names another source, whose test split is then used
 // (a file that is not the training data gives all its windows). `tokens` = 0 takes
 // the whole split. UserError when more tokens are asked than the source holds.
+// Shards start at multiples of `batch` sequences, so every shard runs exactly the
+// batches one process would (a BLAS may round a row differently in a batch of another
+// size, and shards are to give the statistics of one run).
 HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<DataSpec>& data, int64_t tokens,
-                              Shard shard);
+                              Shard shard, int batch = 1);
 
 struct StreamProgress {
   int64_t tokens_done = 0, tokens_total = 0;
@@ -69,8 +73,9 @@ struct StreamResult {
 
 // Runs every model forward over the tokens in batches of `batch` sequences and adds
 // each batch's activations at `site` to the statistics; no activation tensor larger
-// than one batch exists.
+// than one batch exists. On the GPU the activations never leave the device.
 StreamResult stream_statistics(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
-                               int batch, const std::function<void(const StreamProgress&)>& progress);
+                               int batch, const std::function<void(const StreamProgress&)>& progress,
+                               Device device = Device::cpu);
 
 }  // namespace univ

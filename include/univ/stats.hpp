@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,7 @@ class CorrelationStats {
 
  private:
   friend class CpuStatsAccumulator;
+  friend class CudaStatsAccumulator;
   int pair_index(int i, int j) const;
   // Pairwise update of one centered block with another set's block of n_b tokens.
   void merge_block(std::vector<double>& master, const std::vector<double>& other, const double* delta_a,
@@ -79,6 +81,30 @@ class CpuStatsAccumulator {
   CorrelationStats chunk_;                    // the current chunk's statistics
   std::vector<std::vector<float>> shift_;     // each neuron's mean over the first chunk
   std::vector<std::vector<double>> shifted_;  // scratch: x - shift in float64, [n, N_m]
+};
+
+// Streams float32 activation chunks that are already on the GPU into a
+// CorrelationStats: the shifted sums and co-moment blocks are float64 masters on the
+// device (kernels/comoment.cu), centered once when stats() is asked. CUDA builds only.
+class CudaStatsAccumulator {
+ public:
+  explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes);
+  ~CudaStatsAccumulator();
+  // acts[m]: device pointers to model m's activations for n tokens, token-major
+  // [n, N_m], complete before the call. Returns once the chunk's work is enqueued:
+  // acts must stay unchanged until synchronize().
+  void add(const std::vector<const float*>& acts, int64_t n);
+  // The same from host memory, copied on the accumulator's stream (asynchronously when
+  // pinned): host_acts too must stay unchanged until synchronize().
+  void add_from_host(const std::vector<const float*>& host_acts, int64_t n);
+  void synchronize() const;
+  CorrelationStats stats() const;
+
+ private:
+  struct Device;
+  std::vector<NeuronShape> shapes_;
+  std::unique_ptr<Device> device_;  // keeps CUDA types out of this header
+  int64_t count_ = 0;
 };
 
 }  // namespace univ

@@ -2,7 +2,10 @@
 equivalent PyTorch model, runs the batch dump_step used, and compares logits, loss
 and every parameter gradient (fp32: at most 1e-5 relative), model by model.
 
-    python3 check_torch.py RUN_DIR DUMP_STEP [--device cpu|cuda]
+    python3 check_torch.py RUN_DIR DUMP_STEP [--device cpu|cuda] [--backend cpu|cuda]
+
+--device is where PyTorch runs; --backend is univ's backend whose losses and gradients
+are compared (logits always come from univ's CPU model).
 
 Exit status 0 when everything agrees, 1 otherwise, 77 without torch."""
 import argparse
@@ -95,11 +98,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a train_pair output directory")
     parser.add_argument("dump_step", help="the dump_step program")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where PyTorch runs")
+    parser.add_argument("--backend", default="cpu", help="univ backend giving losses and gradients")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dump_path = os.path.join(tmp, "step.safetensors")
-        subprocess.run([args.dump_step, args.run, dump_path], check=True)
+        subprocess.run([args.dump_step, args.run, dump_path, args.backend], check=True)
         dump = load_file(dump_path)
     worst, failures, models = 0.0, [], dump["loss"].shape[0]
     for m in range(models):

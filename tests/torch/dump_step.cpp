@@ -1,10 +1,13 @@
 // Test helper for the PyTorch comparison: runs one batch (the run's first training
-// batch) through every model of a checkpoint on the CPU backend and writes inputs,
-// targets, logits, losses and every parameter gradient to a safetensors file.
-//   dump_step RUN_DIR OUT.safetensors
+// batch) through every model of a checkpoint and writes inputs, targets, logits, losses
+// and every parameter gradient to a safetensors file. With `cuda`, losses and gradients
+// come from the CUDA backend (a step at learning rate 0); logits always from the CPU model.
+//   dump_step RUN_DIR OUT.safetensors [cpu|cuda]
 #include <cstdio>
 #include <iostream>
+#include <string>
 
+#include "univ/backend.hpp"
 #include "univ/checkpoint.hpp"
 #include "univ/cpu/model.hpp"
 #include "univ/data.hpp"
@@ -13,8 +16,8 @@
 #include "univ/safetensors.hpp"
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: dump_step RUN_DIR OUT.safetensors\n";
+  if (argc != 3 && argc != 4) {
+    std::cerr << "usage: dump_step RUN_DIR OUT.safetensors [cpu|cuda]\n";
     return 2;
   }
   try {
@@ -32,6 +35,14 @@ int main(int argc, char** argv) {
     std::vector<float> losses(M);
     model.forward(inputs.data(), targets.data(), B, losses.data(), true);
     model.backward();
+    std::vector<float> grads = model.grads();
+    if (argc == 4 && univ::resolve_device(argv[3]) == univ::Device::cuda) {
+      auto backend = univ::make_backend(univ::Device::cuda, c);
+      backend->set_state(ckpt.state);
+      const univ::StepStats stats = backend->step(inputs.data(), targets.data(), 0.0);
+      for (int m = 0; m < M; ++m) losses[m] = static_cast<float>(stats.loss[m]);
+      grads = backend->gradients();
+    }
 
     auto bytes = [](const auto* data, size_t n) {
       return std::string_view(reinterpret_cast<const char*>(data), n * sizeof(*data));
@@ -44,7 +55,7 @@ int main(int argc, char** argv) {
     for (const auto& t : model.layout().tensors())
       for (int m = 0; m < M; ++m) {
         tensors.push_back({"grad." + std::to_string(m) + "." + t.name, "F32", t.shape,
-                           bytes(model.grads().data() + model.layout().offset(t, m), t.numel)});
+                           bytes(grads.data() + model.layout().offset(t, m), t.numel)});
       }
     univ::write_file_atomic(argv[2], univ::safetensors_bytes(tensors, {}));
   } catch (const univ::UserError& e) {

@@ -8,5 +8,7 @@ namespace univ::cuda {
 int device_count();
 // "NVIDIA H100 80GB HBM3 (sm_90, 79 GiB)" for device `index`.
 std::string device_description(int index);
+// Makes device `index` the calling thread's current device; UserError when it fails.
+void select_device(int index);
 
 }  // namespace univ::cuda

@@ -28,8 +28,10 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
 // out[M,N,C] = (inp - mean) * rstd * weight[m] + bias[m]; mean, rstd [M,N].
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
                        int M, int N, int C, cudaStream_t stream);
-// dinp += ..., dweight += ..., dbias += ...
-void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+// dinp += ..., dweight += ..., dbias += ...; scratch [layernorm_backward_scratch(M, N, C)]
+// holds the partial column sums.
+int64_t layernorm_backward_scratch(int M, int N, int C);
+void layernorm_backward(float* dinp, float* dweight, float* dbias, float* scratch, const float* dout, const float* inp,
                         const float* weight, const float* mean, const float* rstd, int M, int N, int C,
                         cudaStream_t stream);
 
@@ -37,9 +39,12 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
-// dinp[M,N,C] = dout weight (overwritten; null: skipped); dweight[M,OC,C] += dout^T inp
-void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, const float* dout, const float* inp,
-                     const float* weight, int M, int N, int C, int OC);
+// dinp[M,N,C] = dout weight (overwritten; null: skipped); dweight[M,OC,C] += dout^T inp,
+// over row blocks summed in a fixed order: scratch [matmul_backward_scratch(M, N, C, OC)]
+// holds the blocks' products (size 0 where N is not split).
+int64_t matmul_backward_scratch(int M, int N, int C, int OC);
+void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, float* scratch, const float* dout,
+                     const float* inp, const float* weight, int M, int N, int C, int OC);
 
 // bias.cu: the epilogues around the matrix products -----------------------------------
 // out[M,N,OC] += bias[M,OC], and + residual[M,N,OC] when residual is not null.
@@ -48,9 +53,11 @@ void bias_forward(float* out, const float* bias, const float* residual, int M, i
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
 // dpre = dpost * act'(pre) (act none: dpost itself, dpre and pre unused);
-// dbias[M,D] += sum over the rows of dpre.
-void bias_activation_backward(float* dpre, float* dbias, const float* dpost, const float* pre, int M, int N, int D,
-                              Act act, cudaStream_t stream);
+// dbias[M,D] += sum over the rows of dpre; scratch [bias_activation_backward_scratch(M,
+// N, D)] holds the partial column sums.
+int64_t bias_activation_backward_scratch(int M, int N, int D);
+void bias_activation_backward(float* dpre, float* dbias, float* scratch, const float* dpost, const float* pre, int M,
+                              int N, int D, Act act, cudaStream_t stream);
 
 // attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
@@ -97,5 +104,19 @@ void grad_norms(double* partials, float* norms, float* scales, int* finite, cons
 void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* segments,
                   int num_segments, const float* scales, const int* finite, const OptimizerStep* step,
                   cudaStream_t stream);
+
+// comoment.cu: correlation statistics of token-major activation chunks ---------------
+// sums[cols] += sum over n tokens of (x[t, c] - shift[c]) in float64, x row stride ld;
+// shift null: no shift. The difference is taken in float32, as comoment_accumulate does.
+void column_sums(double* sums, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
+                 cudaStream_t stream);
+// shift[cols] = float(sums / n): each column's mean from its sums over n tokens.
+void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cudaStream_t stream);
+// master[rows, cols] (row stride ld_master) += sum over n tokens of
+// (a[t, :rows] - shift_a)^T (b[t, :cols] - shift_b); a, b token-major with row strides
+// lda, ldb. Split TF32 on tensor cores: float32 accuracy, no atomics.
+void comoment_accumulate(double* master, int64_t ld_master, const float* a, int64_t lda, const float* shift_a,
+                         int rows, const float* b, int64_t ldb, const float* shift_b, int cols, int64_t n,
+                         cudaStream_t stream);
 
 }  // namespace univ::cuda

@@ -1,0 +1,148 @@
+// Correlation statistics from activation chunks on the GPU: each neuron's shift (its
+// mean over the first chunk), shifted sums and co-moment blocks as float64 masters on
+// the device; stats() downloads them once and centers them in float64.
+#include <stdexcept>
+#include <type_traits>
+
+#include "univ/cuda/kernels.hpp"
+#include "univ/cuda/memory.hpp"
+#include "univ/stats.hpp"
+
+namespace univ {
+
+struct CudaStatsAccumulator::Device {
+  cuda::Stream stream;
+  std::vector<cuda::DeviceBuffer<float>> shift;                  // [m] N_m
+  std::vector<cuda::DeviceBuffer<double>> sums;                  // [m] N_m: sum of x - shift
+  std::vector<cuda::DeviceBuffer<double>> cross;                 // pairs i < j in CorrelationStats' order
+  std::vector<std::vector<cuda::DeviceBuffer<double>>> within;   // [m][l] width x width
+  std::vector<cuda::DeviceBuffer<float>> staging;                // [m] add_from_host's chunks
+};
+
+CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes)
+    : shapes_(std::move(shapes)), device_(std::make_unique<Device>()) {
+  Device& d = *device_;
+  const cudaStream_t s = d.stream.get();
+  auto zeros = [&](size_t n) {
+    cuda::DeviceBuffer<double> b(n);
+    b.fill_bytes(0, s);
+    return b;
+  };
+  const int K = static_cast<int>(shapes_.size());
+  for (int m = 0; m < K; ++m) {
+    d.shift.emplace_back(shapes_[m].neurons());
+    d.sums.push_back(zeros(shapes_[m].neurons()));
+    d.within.emplace_back();
+    for (int l = 0; l < shapes_[m].layers; ++l) d.within[m].push_back(zeros(size_t(shapes_[m].width) * shapes_[m].width));
+  }
+  for (int i = 0; i < K; ++i)
+    for (int j = i + 1; j < K; ++j) d.cross.push_back(zeros(size_t(shapes_[i].neurons()) * shapes_[j].neurons()));
+}
+
+CudaStatsAccumulator::~CudaStatsAccumulator() = default;
+
+void CudaStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n) {
+  const int K = static_cast<int>(shapes_.size());
+  if (static_cast<int>(acts.size()) != K) throw std::invalid_argument("CudaStatsAccumulator::add: one pointer per model");
+  if (n <= 0) return;
+  Device& d = *device_;
+  const cudaStream_t s = d.stream.get();
+  if (count_ == 0)
+    for (int m = 0; m < K; ++m) {  // the shift: the first chunk's means (sums is still zero)
+      const int N = static_cast<int>(shapes_[m].neurons());
+      cuda::column_sums(d.sums[m].data(), acts[m], N, nullptr, N, n, s);
+      cuda::shift_from_sums(d.shift[m].data(), d.sums[m].data(), N, n, s);
+      d.sums[m].fill_bytes(0, s);
+    }
+  for (int m = 0; m < K; ++m) {
+    const int N = static_cast<int>(shapes_[m].neurons());
+    cuda::column_sums(d.sums[m].data(), acts[m], N, d.shift[m].data(), N, n, s);
+  }
+  int pair = 0;
+  for (int i = 0; i < K; ++i)
+    for (int j = i + 1; j < K; ++j, ++pair) {
+      const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
+      cuda::comoment_accumulate(d.cross[pair].data(), Nj, acts[i], Ni, d.shift[i].data(), Ni, acts[j], Nj,
+                                d.shift[j].data(), Nj, n, s);
+    }
+  for (int m = 0; m < K; ++m) {
+    const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
+    for (int l = 0; l < shapes_[m].layers; ++l) {
+      const float* x = acts[m] + int64_t(l) * D;
+      const float* shift = d.shift[m].data() + int64_t(l) * D;
+      cuda::comoment_accumulate(d.within[m][l].data(), D, x, N, shift, D, x, N, shift, D, n, s);
+    }
+  }
+  count_ += n;
+}
+
+void CudaStatsAccumulator::add_from_host(const std::vector<const float*>& host_acts, int64_t n) {
+  Device& d = *device_;
+  if (host_acts.size() != shapes_.size())
+    throw std::invalid_argument("CudaStatsAccumulator::add_from_host: one pointer per model");
+  d.staging.resize(shapes_.size());
+  std::vector<const float*> acts;
+  for (size_t m = 0; m < shapes_.size(); ++m) {
+    const size_t size = size_t(n) * shapes_[m].neurons();
+    if (d.staging[m].size() < size) d.staging[m] = cuda::DeviceBuffer<float>(size);
+    d.staging[m].upload(host_acts[m], size, d.stream.get());
+    acts.push_back(d.staging[m].data());
+  }
+  add(acts, n);
+}
+
+void CudaStatsAccumulator::synchronize() const { device_->stream.synchronize(); }
+
+CorrelationStats CudaStatsAccumulator::stats() const {
+  const Device& d = *device_;
+  const cudaStream_t s = d.stream.get();
+  CorrelationStats out(shapes_);
+  out.count_ = count_;
+  if (count_ == 0) return out;
+  const int K = static_cast<int>(shapes_.size());
+  const double n = static_cast<double>(count_);
+  auto download = [&](const auto& buffer) {
+    std::vector<std::remove_cv_t<std::remove_pointer_t<decltype(buffer.data())>>> host(buffer.size());
+    buffer.download(host.data(), host.size(), s);
+    return host;
+  };
+  // Shifted means mu = sums / n (small: the shift is near the mean), the means, then
+  // each raw shifted block S minus n mu_a mu_b^T.
+  std::vector<std::vector<double>> mu(K);
+  std::vector<std::vector<float>> shift(K);
+  for (int m = 0; m < K; ++m) {
+    mu[m] = download(d.sums[m]);
+    shift[m] = download(d.shift[m]);
+  }
+  synchronize();
+  for (int m = 0; m < K; ++m)
+    for (size_t k = 0; k < mu[m].size(); ++k) {
+      mu[m][k] /= n;
+      out.means_[m][k] = mu[m][k] + double(shift[m][k]);
+    }
+  auto center = [&](std::vector<double>& block, const double* mu_a, const double* mu_b, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) block[r * cols + c] -= n * mu_a[r] * mu_b[c];
+  };
+  int pair = 0;
+  for (int i = 0; i < K; ++i)
+    for (int j = i + 1; j < K; ++j, ++pair) {
+      std::vector<double>& block = out.cross_[pair];
+      block = download(d.cross[pair]);
+      synchronize();
+      center(block, mu[i].data(), mu[j].data(), shapes_[i].neurons(), shapes_[j].neurons());
+    }
+  for (int m = 0; m < K; ++m) {
+    const int D = shapes_[m].width;
+    for (int l = 0; l < shapes_[m].layers; ++l) {
+      std::vector<double>& block = out.within_[m][l];
+      block = download(d.within[m][l]);
+      synchronize();
+      const double* mu_l = mu[m].data() + int64_t(l) * D;
+      center(block, mu_l, mu_l, D, D);
+    }
+  }
+  return out;
+}
+
+}  // namespace univ

@@ -1,0 +1,170 @@
+// correlate on the GPU against float64 references and the CPU path: the split-TF32
+// co-moment kernel on data whose means are a thousand deviations, shapes that are not
+// multiples of its tiles, bitwise reproducibility, the GPU forward feeding it, and
+// activation files through pinned buffers. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "stats_reference.hpp"
+#include "test_util.hpp"
+#include "univ/activations.hpp"
+#include "univ/analysis.hpp"
+#include "univ/backend.hpp"
+#include "univ/correlate.hpp"
+#include "univ/cuda/memory.hpp"
+#include "univ/fileio.hpp"
+#include "univ/npy.hpp"
+#include "univ/train.hpp"
+
+namespace univ {
+namespace {
+
+using testing::correlated_acts;
+using testing::reference_r;
+using testing::stat_r;
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+constexpr double kGpuR = 1e-5;  // |r - r_float64| on the GPU (DESIGN.md)
+
+class GpuStats : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
+  }
+};
+
+// Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory.
+CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
+                           const std::vector<int64_t>& chunks) {
+  std::vector<cuda::DeviceBuffer<float>> device;
+  for (const auto& a : acts) {
+    device.emplace_back(a.size());
+    device.back().upload(a.data(), a.size(), nullptr);
+  }
+  UNIV_CUDA_CHECK(cudaDeviceSynchronize());
+  CudaStatsAccumulator acc(shapes);
+  int64_t at = 0;
+  for (int64_t n : chunks) {
+    std::vector<const float*> ptrs;
+    for (size_t m = 0; m < shapes.size(); ++m) ptrs.push_back(device[m].data() + at * shapes[m].neurons());
+    acc.add(ptrs, n);
+    at += n;
+  }
+  return acc.stats();
+}
+
+TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
+  // Widths beyond one 128-wide tile and not multiples of 16; chunks of 1 and of
+  // token counts off the 16-token stages and the 1024-token float32 spans.
+  const std::vector<NeuronShape> shapes{{2, 37}, {1, 150}, {3, 21}};
+  const std::vector<int64_t> chunks{1999, 1, 3000, 517};
+  const int64_t n = 1999 + 1 + 3000 + 517;
+  const auto acts = correlated_acts(shapes, n, 1e3, 7);
+  const CorrelationStats s = gpu_stats(acts, shapes, chunks);
+  ASSERT_EQ(s.count(), n);
+  double worst = 0;
+  for (int i = 0; i < 3; ++i)
+    for (int j = i + 1; j < 3; ++j)
+      for (int64_t a = 0; a < shapes[i].neurons(); a += 3)
+        for (int64_t b = 0; b < shapes[j].neurons(); b += 2) {
+          const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
+          worst = std::max(worst, std::abs(stat_r(s, i, a, j, b) - ref));
+        }
+  EXPECT_LT(worst, kGpuR);
+  // Every element of every block was written: r of every pair is finite and in [-1, 1].
+  for (int i = 0; i < 3; ++i)
+    for (int j = i + 1; j < 3; ++j)
+      for (double r : correlation_matrix(s, i, j)) ASSERT_TRUE(std::abs(r) <= 1.0 + 1e-9) << r;
+  // Within-layer blocks (the rotation baseline's), and the means.
+  const auto& w = s.within(2, 1);
+  for (int a = 0; a < 21; ++a)
+    for (int b = 0; b < 21; ++b) {
+      const double r = w[a * 21 + b] / std::sqrt(w[a * 22] * w[b * 22]);
+      ASSERT_NEAR(r, reference_r(acts[2], 63, 21 + a, acts[2], 63, 21 + b, n), kGpuR) << a << ' ' << b;
+    }
+  for (int m = 0; m < 3; ++m)
+    for (int64_t k = 0; k < shapes[m].neurons(); ++k) {
+      long double mean = 0;
+      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * shapes[m].neurons() + k];
+      ASSERT_NEAR(s.mean(m)[k], static_cast<double>(mean / n), 1e-9 * std::abs(static_cast<double>(mean / n)));
+    }
+}
+
+TEST_F(GpuStats, AreBitwiseReproducibleAndMatchTheCpu) {
+  const std::vector<NeuronShape> shapes{{2, 130}, {2, 130}};
+  const int64_t n = 4100;
+  const auto acts = correlated_acts(shapes, n, 20.0, 8);
+  const CorrelationStats first = gpu_stats(acts, shapes, {2048, 2052});
+  EXPECT_TRUE(first == gpu_stats(acts, shapes, {2048, 2052}));
+  CpuStatsAccumulator cpu(shapes);
+  cpu.add({acts[0].data(), acts[1].data()}, n);
+  const auto g = correlation_matrix(first, 0, 1), c = correlation_matrix(cpu.stats(), 0, 1);
+  double worst = 0;
+  for (size_t k = 0; k < g.size(); ++k) worst = std::max(worst, std::abs(g[k] - c[k]));
+  EXPECT_LT(worst, kGpuR);
+}
+
+RunConfig tiny_pair() {
+  RunConfig c;
+  c.model.seq_len = 12;
+  c.model.d_model = 16;
+  c.model.heads = 2;
+  c.model.d_mlp = 40;
+  c.model.layers = 2;
+  c.data.test_samples = 333;
+  c.models = 2;
+  c.seeds = {3, 4};
+  c.samples = 256;
+  c.batch = 16;
+  c.steps = 20;
+  c.optim.lr = 3e-3;
+  return c;
+}
+
+TEST_F(GpuStats, CorrelateForwardOnTheGpuMatchesTheCpu) {
+  TempDir dir;
+  TrainOptions o;
+  o.config = tiny_pair();
+  o.out_dir = dir.path();
+  o.device = Device::cpu;
+  train(o, {});
+  const auto models = load_models({dir.path()});
+  const HeldOutTokens tokens = held_out_tokens(models[0], std::nullopt, 333 * 12 - 5, {});  // the last one cut
+  for (Site site : {Site::pre, Site::post}) {
+    const StreamResult cpu = stream_statistics(models, tokens, site, 50, {}, Device::cpu);
+    const StreamResult gpu = stream_statistics(models, tokens, site, 50, {}, Device::cuda);  // last batch partial
+    ASSERT_EQ(gpu.stats.count(), cpu.stats.count());
+    for (int m = 0; m < 2; ++m) EXPECT_NEAR(gpu.loss[m], cpu.loss[m], 1e-5 * cpu.loss[m]);
+    const auto g = correlation_matrix(gpu.stats, 0, 1), c = correlation_matrix(cpu.stats, 0, 1);
+    double worst = 0;
+    for (size_t k = 0; k < g.size(); ++k) worst = std::max(worst, std::abs(g[k] - c[k]));
+    // Both are float32 forward passes in different summation orders: activations agree
+    // to about 1e-6 relative, correlations to a few times that.
+    EXPECT_LT(worst, 1e-4) << to_string(site);
+    for (int m = 0; m < 2; ++m) EXPECT_LT(testing::relative_error(gpu.stats.mean(m), cpu.stats.mean(m)), 1e-5);
+  }
+}
+
+TEST_F(GpuStats, ActivationFilesThroughPinnedBuffersMatchTheCpu) {
+  TempDir dir;
+  const std::vector<NeuronShape> shapes{{1, 48}, {1, 48}};
+  const int64_t n = 20000;
+  const auto acts = correlated_acts(shapes, n, 5.0, 9);
+  std::vector<ActivationModel> files;
+  for (int m = 0; m < 2; ++m) {
+    const fs::path path = dir / ("m" + std::to_string(m) + ".npy");
+    write_file_durable(path, npy_bytes("<f4", {n, 48}, {reinterpret_cast<const char*>(acts[m].data()), acts[m].size() * 4}));
+    files.push_back(open_activation_model("m" + std::to_string(m) + "=" + path.string(), {}));
+  }
+  const StreamResult cpu = stream_activation_statistics(files, {}, 3000, {}, Device::cpu);
+  const StreamResult gpu = stream_activation_statistics(files, {}, 3000, {}, Device::cuda);  // 7 chunks, last partial
+  ASSERT_EQ(gpu.stats.count(), n);
+  EXPECT_EQ(gpu.bytes_read, cpu.bytes_read);
+  const auto g = correlation_matrix(gpu.stats, 0, 1), c = correlation_matrix(cpu.stats, 0, 1);
+  for (size_t k = 0; k < g.size(); ++k) ASSERT_NEAR(g[k], c[k], kGpuR);
+}
+
+}  // namespace
+}  // namespace univ
