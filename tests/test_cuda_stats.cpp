@@ -1,7 +1,7 @@
 // correlate on the GPU against float64 references and the CPU path: the split-TF32
-// co-moment kernel on data whose means are a thousand deviations, shapes that are not
-// multiples of its tiles, bitwise reproducibility, the GPU forward feeding it, and
-// activation files through pinned buffers. Skipped without a GPU.
+// co-moments on data whose means are a thousand deviations, odd shapes and spans,
+// bitwise reproducibility, the GPU forward feeding them, and activation files through
+// pinned buffers. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -56,8 +56,8 @@ CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const st
 }
 
 TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
-  // Widths beyond one 128-wide tile and not multiples of 16; chunks of 1 and of
-  // token counts off the 16-token stages and the 1024-token float32 spans.
+  // Widths that are not multiples of 16, chunks of 1 and of token counts off the
+  // 1024-token float32 spans.
   const std::vector<NeuronShape> shapes{{2, 37}, {1, 150}, {3, 21}};
   const std::vector<int64_t> chunks{1999, 1, 3000, 517};
   const int64_t n = 1999 + 1 + 3000 + 517;

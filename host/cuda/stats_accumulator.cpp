@@ -1,6 +1,8 @@
 // Correlation statistics from activation chunks on the GPU: each neuron's shift (its
 // mean over the first chunk), shifted sums and co-moment blocks as float64 masters on
-// the device; stats() downloads them once and centers them in float64.
+// the device (split-TF32 products span by span, kernels/comoment.cu); stats()
+// downloads them once and centers them in float64.
+#include <algorithm>
 #include <stdexcept>
 #include <type_traits>
 
@@ -12,10 +14,13 @@ namespace univ {
 
 struct CudaStatsAccumulator::Device {
   cuda::Stream stream;
+  cuda::CublasHandle cublas{stream.get(), false};
+  std::vector<cuda::DeviceBuffer<float>> hi, lo;                 // [m] split_tf32 parts of one span, [span, N_m]
+  cuda::DeviceBuffer<float> product;                             // the largest block in float32
   std::vector<cuda::DeviceBuffer<float>> shift;                  // [m] N_m
   std::vector<cuda::DeviceBuffer<double>> sums;                  // [m] N_m: sum of x - shift
   std::vector<cuda::DeviceBuffer<double>> cross;                 // pairs i < j in CorrelationStats' order
-  std::vector<std::vector<cuda::DeviceBuffer<double>>> within;   // [m][l] width x width
+  std::vector<cuda::DeviceBuffer<double>> within;                // [m] layers x width x width
   std::vector<cuda::DeviceBuffer<float>> staging;                // [m] add_from_host's chunks
 };
 
@@ -32,11 +37,19 @@ CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes)
   for (int m = 0; m < K; ++m) {
     d.shift.emplace_back(shapes_[m].neurons());
     d.sums.push_back(zeros(shapes_[m].neurons()));
-    d.within.emplace_back();
-    for (int l = 0; l < shapes_[m].layers; ++l) d.within[m].push_back(zeros(size_t(shapes_[m].width) * shapes_[m].width));
+    d.within.push_back(zeros(size_t(shapes_[m].layers) * shapes_[m].width * shapes_[m].width));
   }
-  for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j) d.cross.push_back(zeros(size_t(shapes_[i].neurons()) * shapes_[j].neurons()));
+  size_t largest = 0;
+  for (int i = 0; i < K; ++i) {
+    d.hi.emplace_back(size_t(cuda::kComomentSpan) * shapes_[i].neurons());
+    d.lo.emplace_back(size_t(cuda::kComomentSpan) * shapes_[i].neurons());
+    largest = std::max(largest, d.within[i].size());
+    for (int j = i + 1; j < K; ++j) {
+      d.cross.push_back(zeros(size_t(shapes_[i].neurons()) * shapes_[j].neurons()));
+      largest = std::max(largest, d.cross.back().size());
+    }
+  }
+  d.product = cuda::DeviceBuffer<float>(largest);
 }
 
 CudaStatsAccumulator::~CudaStatsAccumulator() = default;
@@ -58,19 +71,25 @@ void CudaStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n)
     const int N = static_cast<int>(shapes_[m].neurons());
     cuda::column_sums(d.sums[m].data(), acts[m], N, d.shift[m].data(), N, n, s);
   }
-  int pair = 0;
-  for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j, ++pair) {
-      const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
-      cuda::comoment_accumulate(d.cross[pair].data(), Nj, acts[i], Ni, d.shift[i].data(), Ni, acts[j], Nj,
-                                d.shift[j].data(), Nj, n, s);
+  // Co-moments span by span: each span's float32 products join the float64 masters.
+  for (int64_t t0 = 0; t0 < n; t0 += cuda::kComomentSpan) {
+    const int64_t span = std::min(cuda::kComomentSpan, n - t0);
+    for (int m = 0; m < K; ++m) {
+      const int N = static_cast<int>(shapes_[m].neurons());
+      cuda::split_tf32(d.hi[m].data(), d.lo[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, s);
     }
-  for (int m = 0; m < K; ++m) {
-    const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
-    for (int l = 0; l < shapes_[m].layers; ++l) {
-      const float* x = acts[m] + int64_t(l) * D;
-      const float* shift = d.shift[m].data() + int64_t(l) * D;
-      cuda::comoment_accumulate(d.within[m][l].data(), D, x, N, shift, D, x, N, shift, D, n, s);
+    int pair = 0;
+    for (int i = 0; i < K; ++i)
+      for (int j = i + 1; j < K; ++j, ++pair) {
+        const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
+        cuda::comoment_accumulate(d.cublas.get(), d.cross[pair].data(), Nj, d.hi[i].data(), d.lo[i].data(), Ni, Ni,
+                                  d.hi[j].data(), d.lo[j].data(), Nj, Nj, span, d.product.data(), s);
+      }
+    for (int m = 0; m < K; ++m) {  // every layer's within-layer block in one batched call
+      const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
+      const float *hi = d.hi[m].data(), *lo = d.lo[m].data();
+      cuda::comoment_accumulate(d.cublas.get(), d.within[m].data(), D, hi, lo, N, D, hi, lo, N, D, span,
+                                d.product.data(), s, shapes_[m].layers, D);
     }
   }
   count_ += n;
@@ -134,10 +153,11 @@ CorrelationStats CudaStatsAccumulator::stats() const {
     }
   for (int m = 0; m < K; ++m) {
     const int D = shapes_[m].width;
+    const std::vector<double> blocks = download(d.within[m]);
+    synchronize();
     for (int l = 0; l < shapes_[m].layers; ++l) {
       std::vector<double>& block = out.within_[m][l];
-      block = download(d.within[m][l]);
-      synchronize();
+      block.assign(blocks.begin() + int64_t(l) * D * D, blocks.begin() + int64_t(l + 1) * D * D);
       const double* mu_l = mu[m].data() + int64_t(l) * D;
       center(block, mu_l, mu_l, D, D);
     }

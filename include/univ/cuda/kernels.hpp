@@ -107,16 +107,26 @@ void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_
 
 // comoment.cu: correlation statistics of token-major activation chunks ---------------
 // sums[cols] += sum over n tokens of (x[t, c] - shift[c]) in float64, x row stride ld;
-// shift null: no shift. The difference is taken in float32, as comoment_accumulate does.
+// shift null: no shift. The difference is taken in float32, as split_tf32 does.
 void column_sums(double* sums, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
                  cudaStream_t stream);
 // shift[cols] = float(sums / n): each column's mean from its sums over n tokens.
 void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cudaStream_t stream);
-// master[rows, cols] (row stride ld_master) += sum over n tokens of
-// (a[t, :rows] - shift_a)^T (b[t, :cols] - shift_b); a, b token-major with row strides
-// lda, ldb. Split TF32 on tensor cores: float32 accuracy, no atomics.
-void comoment_accumulate(double* master, int64_t ld_master, const float* a, int64_t lda, const float* shift_a,
-                         int rows, const float* b, int64_t ldb, const float* shift_b, int cols, int64_t n,
-                         cudaStream_t stream);
+// Tokens whose products a float32 sum spans before joining the float64 master.
+constexpr int64_t kComomentSpan = 1024;
+// hi, lo [n, cols] (packed) = the TF32 parts of x[t, c] - shift[c], x row stride ldx:
+// hi = tf32(y), lo = tf32(y - hi).
+void split_tf32(float* hi, float* lo, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
+                cudaStream_t stream);
+// master[rows, cols] (row stride ld_master) += sum over n <= kComomentSpan tokens of
+// y_a[t]^T y_b[t], from split_tf32's parts of a (row stride lda, rows columns) and of
+// b (ldb, cols): three TF32 GEMMs on `handle` (bound to `stream`) into product
+// [batch, rows, cols] (scratch), then added in float64. With batch > 1, entry e reads
+// columns from e * column_stride of a and b and adds into master + e * rows * ld_master
+// (e.g. every layer's within-layer block at once).
+void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_hi,
+                         const float* a_lo, int64_t lda, int rows, const float* b_hi, const float* b_lo, int64_t ldb,
+                         int cols, int64_t n, float* product, cudaStream_t stream, int batch = 1,
+                         int64_t column_stride = 0);
 
 }  // namespace univ::cuda
