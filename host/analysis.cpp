@@ -6,6 +6,8 @@
 #include <limits>
 #include <numeric>
 
+#include <omp.h>
+
 #include "cpu/blas.hpp"
 #include "univ/error.hpp"
 #include "univ/philox.hpp"
@@ -172,6 +174,14 @@ void check_fit(const CorrelationStats& stats, const AnalysisOptions& o) {
   }
 }
 
+// Rotation draws analysed at once: one per thread, while their [rows, cols]
+// correlation matrices (and the rotated copy each makes) stay within 2 GiB.
+int concurrent_draws(int64_t rows, int64_t cols) {
+  const double bytes_per_draw = 2.0 * sizeof(double) * static_cast<double>(rows) * static_cast<double>(cols);
+  const int by_memory = static_cast<int>(std::min(1024.0, std::floor(2.0 * (int64_t(1) << 30) / bytes_per_draw)));
+  return std::max(1, std::min(omp_get_max_threads(), by_memory));
+}
+
 }  // namespace
 
 std::vector<std::vector<double>> rotation_matrices(const NeuronShape& shape, int model, int draw, uint64_t seed) {
@@ -249,16 +259,20 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) 
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
       // Each draw's rotations are a pure function of (seed, model, draw): drawn where
-      // used, so only one set of [width, width] matrices is held at a time.
-      for (int d = 0; d < draws; ++d) {
-        const Matched rotated =
-            match_rows(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, options.seed)), Ni, Nj, si.width,
-                       sj.width, options);
+      // used, several draws at once on threads as far as memory allows (each holds an
+      // [N_i, N_j] matrix); the matches are added in draw order.
+      std::vector<std::vector<double>> matched(draws);
+      const int parallel = concurrent_draws(Ni, Nj);
+#pragma omp parallel for schedule(dynamic) num_threads(parallel)
+      for (int d = 0; d < draws; ++d)
+        matched[d] = match_rows(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, options.seed)), Ni, Nj,
+                                si.width, sj.width, options)
+                         .value;
+      for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {
-          if (d < options.baseline_draws) baseline[n] += rotated.value[n] / options.baseline_draws;
-          else rotation_null[d - options.baseline_draws][n] += rotated.value[n];
+          if (d < options.baseline_draws) baseline[n] += matched[d][n] / options.baseline_draws;
+          else rotation_null[d - options.baseline_draws][n] += matched[d][n];
         }
-      }
       for (size_t e = 0; e < permutation_null.size(); ++e) {
         // Partners paired by a random permutation within each layer instead of by index.
         for (int l = 0; l < sj.layers; ++l) {

@@ -1,57 +1,36 @@
-// Householder QR and Haar-random orthogonal matrices.
+// Householder QR (LAPACK's blocked dgeqrf) and Haar-random orthogonal matrices.
 #include "univ/rotation.hpp"
 
 #include <algorithm>
-#include <cmath>
+#include <stdexcept>
+#include <string>
+
+extern "C" {  // LAPACK (OpenBLAS ships it): blocked Householder QR and forming Q
+void dgeqrf_(const int* m, const int* n, double* a, const int* lda, double* tau, double* work, const int* lwork,
+             int* info);
+void dorgqr_(const int* m, const int* n, const int* k, double* a, const int* lda, const double* tau, double* work,
+             const int* lwork, int* info);
+}
 
 namespace univ {
 
-namespace {
-
-// rows [k, n) and columns [col0, n) of the row-major m -= beta v (v^T m), row by row.
-void reflect(std::vector<double>& m, int n, int k, int col0, const std::vector<double>& v, double beta,
-             std::vector<double>& w) {
-  std::fill(w.begin() + col0, w.end(), 0.0);
-  for (int i = k; i < n; ++i) {
-    const double vi = v[i - k];
-    const double* row = m.data() + size_t(i) * n;
-    for (int j = col0; j < n; ++j) w[j] += vi * row[j];
-  }
-  for (int i = k; i < n; ++i) {
-    const double vi = beta * v[i - k];
-    double* row = m.data() + size_t(i) * n;
-    for (int j = col0; j < n; ++j) row[j] -= vi * w[j];
-  }
-}
-
-}  // namespace
-
 std::vector<double> householder_qr(std::vector<double>& a, int n) {
-  // Reflector k, H_k = I - beta_k v_k v_k^T, zeroes column k below the diagonal;
-  // Q = H_0 H_1 ... H_{n-2}, formed by applying the reflectors to I in reverse.
-  std::vector<std::vector<double>> reflectors(n);
-  std::vector<double> betas(n, 0.0), w(n);
-  for (int k = 0; k + 1 < n; ++k) {
-    std::vector<double>& v = reflectors[k];
-    v.resize(n - k);
-    double norm = 0;
-    for (int i = k; i < n; ++i) {
-      v[i - k] = a[size_t(i) * n + k];
-      norm += v[i - k] * v[i - k];
-    }
-    norm = std::sqrt(norm);
-    if (norm == 0) continue;
-    v[0] += v[0] > 0 ? norm : -norm;  // the sign that avoids cancellation
-    double vv = 0;
-    for (double x : v) vv += x * x;
-    betas[k] = 2.0 / vv;
-    reflect(a, n, k, k, v, betas[k], w);
-    for (int i = k + 1; i < n; ++i) a[size_t(i) * n + k] = 0.0;
-  }
-  std::vector<double> q(size_t(n) * n, 0.0);
-  for (int i = 0; i < n; ++i) q[size_t(i) * n + i] = 1.0;
-  for (int k = n - 2; k >= 0; --k)
-    if (betas[k] != 0) reflect(q, n, k, 0, reflectors[k], betas[k], w);
+  if (n == 0) return {};
+  // LAPACK works column-major: the transpose of the row-major matrix is its layout.
+  std::vector<double> cm(size_t(n) * n), tau(std::max(n, 1)), work(size_t(std::max(n, 1)) * 64);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) cm[size_t(j) * n + i] = a[size_t(i) * n + j];
+  const int lwork = static_cast<int>(work.size());
+  int info = 0;
+  dgeqrf_(&n, &n, cm.data(), &n, tau.data(), work.data(), &lwork, &info);
+  if (info != 0) throw std::runtime_error("dgeqrf failed: info " + std::to_string(info));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) a[size_t(i) * n + j] = i <= j ? cm[size_t(j) * n + i] : 0.0;
+  dorgqr_(&n, &n, &n, cm.data(), &n, tau.data(), work.data(), &lwork, &info);
+  if (info != 0) throw std::runtime_error("dorgqr failed: info " + std::to_string(info));
+  std::vector<double> q(size_t(n) * n);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) q[size_t(i) * n + j] = cm[size_t(j) * n + i];
   return q;
 }
 

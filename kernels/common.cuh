@@ -38,8 +38,8 @@ inline int blocks_for(int64_t n, int threads) {
 // results are bitwise reproducible. Stage 1: a block (column tile, row chunk, model)
 // sums its chunk's rows, kColumnRowGroups interleaved row groups per column added in
 // order, into partials [M, chunks, columns]. Stage 2 (add_column_partials) adds the
-// chunks in order into the gradient. The chunks spread a model's rows over the GPU
-// where the old one-stage sums had one block per column tile.
+// chunks in order into the gradient. The chunks spread a model's rows over the GPU,
+// which one block per column tile would leave mostly idle.
 constexpr int kColumnTile = 32;       // columns per block, one per lane
 constexpr int kColumnRowGroups = 8;   // stage 1: row groups per block
 constexpr int kChunkRows = 32;        // rows per chunk ...
