@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in one go: the GPU tests, bench_kernels and the
-# default pair's training time, the PyTorch comparison, the whole CTest suite, and
-# compute-sanitizer memcheck and racecheck over the GPU tests. Each step has a time limit
+# default pair's training time, the PyTorch comparison, the seed experiment's
+# correlation step on GPU and CPU, the whole CTest suite, and compute-sanitizer
+# memcheck (GPU tests) and racecheck (the training ops' tests). Each step has a time limit
 # and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
 # summary.txt (one line per step, also printed last) and bench.json.
 #

@@ -51,7 +51,7 @@ StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, cons
     for (int m = 0; m < K; ++m)
       result.loss[m] +=
           nets[m]->run(inputs.data(), targets.data(), b, site == Site::post, chunk[m].data(), n) * double(b);
-    acc.add(ptrs, n);  // reduced while the next batch runs forward
+    acc.add(ptrs, n);  // on the accumulator's stream, while the host prepares the next batch
     done += n;
     if (progress) progress({done, tokens.tokens, seconds_since(start)});
   }
