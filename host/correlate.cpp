@@ -115,6 +115,20 @@ HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<Data
   return out;
 }
 
+void for_each_batch(const HeldOutTokens& tokens, int batch, int seq_len,
+                    const std::function<void(const int32_t*, const int32_t*, int, int64_t)>& visit) {
+  std::vector<int32_t> inputs(int64_t(batch) * seq_len), targets(inputs.size());
+  const int64_t count = tokens.sequences.count();
+  int64_t done = 0;
+  for (int64_t first = 0; first < count; first += batch) {
+    const int b = static_cast<int>(std::min<int64_t>(batch, count - first));
+    split_inputs_targets(tokens.sequences.row(first), b, seq_len, inputs.data(), targets.data());
+    const int64_t n = std::min<int64_t>(int64_t(b) * seq_len, tokens.tokens - done);  // the last sequence may be cut
+    visit(inputs.data(), targets.data(), b, n);
+    done += n;
+  }
+}
+
 StreamResult stream_statistics(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
                                int batch, const std::function<void(const StreamProgress&)>& progress, Device device) {
 #ifdef UNIV_HAVE_CUDA
@@ -137,17 +151,12 @@ StreamResult stream_statistics(const std::vector<LoadedModel>& models, const Hel
   StreamResult result;
   result.loss.assign(K, 0.0);
   std::vector<std::vector<float>> chunk(K);
-  std::vector<int32_t> inputs(int64_t(batch) * T), targets(inputs.size());
-  const int64_t count = tokens.sequences.count();
   int64_t done = 0;
-  for (int64_t first = 0; first < count; first += batch) {
-    const int b = static_cast<int>(std::min<int64_t>(batch, count - first));
-    split_inputs_targets(tokens.sequences.row(first), b, T, inputs.data(), targets.data());
-    const int64_t n = std::min<int64_t>(int64_t(b) * T, tokens.tokens - done);  // the last sequence may be cut
+  for_each_batch(tokens, batch, T, [&](const int32_t* inputs, const int32_t* targets, int b, int64_t n) {
     std::vector<const float*> ptrs;
     for (int m = 0; m < K; ++m) {
       float loss = 0;
-      nets[m]->forward(inputs.data(), targets.data(), b, &loss, false);
+      nets[m]->forward(inputs, targets, b, &loss, false);
       result.loss[m] += double(loss) * b;
       // Gather the layers into one token-major [n, layers * width] block.
       const NeuronShape s = shapes[m];
@@ -163,7 +172,8 @@ StreamResult stream_statistics(const std::vector<LoadedModel>& models, const Hel
     done += n;
     if (progress)
       progress({done, tokens.tokens, std::chrono::duration<double>(Clock::now() - start).count()});
-  }
+  });
+  const int64_t count = tokens.sequences.count();
   for (double& l : result.loss) l /= static_cast<double>(std::max<int64_t>(count, 1));
   result.stats = acc.stats();
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -19,28 +19,10 @@ namespace {
 
 using testing::ProcessResult;
 using testing::TempDir;
+using testing::tiny_run;
 namespace fs = std::filesystem;
 
 const std::string kCorrelate = UNIV_CORRELATE;
-
-TrainOptions tiny_run(const fs::path& out, int d_mlp = 24) {
-  TrainOptions o;
-  RunConfig& c = o.config;
-  c.model.seq_len = 8;
-  c.model.d_model = 16;
-  c.model.heads = 2;
-  c.model.d_mlp = d_mlp;
-  c.model.layers = 2;
-  c.data.test_samples = 300;
-  c.models = 2;
-  c.seeds = {1, 2};
-  c.samples = 256;
-  c.batch = 16;
-  c.steps = 30;
-  c.optim.lr = 3e-3;
-  o.out_dir = out;
-  return o;
-}
 
 TEST(Correlate, StatisticsAreThoseOfTheGatheredActivations) {
   TempDir dir;

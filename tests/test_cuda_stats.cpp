@@ -64,19 +64,18 @@ TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   const auto acts = correlated_acts(shapes, n, 1e3, 7);
   const CorrelationStats s = gpu_stats(acts, shapes, chunks);
   ASSERT_EQ(s.count(), n);
+  // Every element of every cross block (an unwritten one would be off by far more).
   double worst = 0;
   for (int i = 0; i < 3; ++i)
     for (int j = i + 1; j < 3; ++j)
-      for (int64_t a = 0; a < shapes[i].neurons(); a += 3)
-        for (int64_t b = 0; b < shapes[j].neurons(); b += 2) {
+      for (int64_t a = 0; a < shapes[i].neurons(); ++a)
+        for (int64_t b = 0; b < shapes[j].neurons(); ++b) {
           const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
-          worst = std::max(worst, std::abs(stat_r(s, i, a, j, b) - ref));
+          const double r = stat_r(s, i, a, j, b);
+          ASSERT_TRUE(std::isfinite(r)) << i << ' ' << a << ' ' << j << ' ' << b;
+          worst = std::max(worst, std::abs(r - ref));
         }
   EXPECT_LT(worst, kGpuR);
-  // Every element of every block was written: r of every pair is finite and in [-1, 1].
-  for (int i = 0; i < 3; ++i)
-    for (int j = i + 1; j < 3; ++j)
-      for (double r : correlation_matrix(s, i, j)) ASSERT_TRUE(std::abs(r) <= 1.0 + 1e-9) << r;
   // Within-layer blocks (the rotation baseline's), and the means.
   const auto& w = s.within(2, 1);
   for (int a = 0; a < 21; ++a)
@@ -106,35 +105,14 @@ TEST_F(GpuStats, AreBitwiseReproducibleAndMatchTheCpu) {
   EXPECT_LT(worst, kGpuR);
 }
 
-RunConfig tiny_pair() {
-  RunConfig c;
-  c.model.seq_len = 12;
-  c.model.d_model = 16;
-  c.model.heads = 2;
-  c.model.d_mlp = 40;
-  c.model.layers = 2;
-  c.data.test_samples = 333;
-  c.models = 2;
-  c.seeds = {3, 4};
-  c.samples = 256;
-  c.batch = 16;
-  c.steps = 20;
-  c.optim.lr = 3e-3;
-  return c;
-}
-
 TEST_F(GpuStats, CorrelateForwardOnTheGpuMatchesTheCpu) {
   TempDir dir;
-  TrainOptions o;
-  o.config = tiny_pair();
-  o.out_dir = dir.path();
-  o.device = Device::cpu;
-  train(o, {});
+  train(testing::tiny_run(dir.path()), {});
   const auto models = load_models({dir.path()});
-  const HeldOutTokens tokens = held_out_tokens(models[0], std::nullopt, 333 * 12 - 5, {});  // the last one cut
+  const HeldOutTokens tokens = held_out_tokens(models[0], std::nullopt, 300 * 8 - 5, {});  // the last one cut
   for (Site site : {Site::pre, Site::post}) {
-    const StreamResult cpu = stream_statistics(models, tokens, site, 50, {}, Device::cpu);
-    const StreamResult gpu = stream_statistics(models, tokens, site, 50, {}, Device::cuda);  // last batch partial
+    const StreamResult cpu = stream_statistics(models, tokens, site, 70, {}, Device::cpu);
+    const StreamResult gpu = stream_statistics(models, tokens, site, 70, {}, Device::cuda);  // last batch partial
     ASSERT_EQ(gpu.stats.count(), cpu.stats.count());
     for (int m = 0; m < 2; ++m) EXPECT_NEAR(gpu.loss[m], cpu.loss[m], 1e-5 * cpu.loss[m]);
     const auto g = correlation_matrix(gpu.stats, 0, 1), c = correlation_matrix(cpu.stats, 0, 1);

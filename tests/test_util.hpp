@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "univ/error.hpp"
+#include "univ/train.hpp"
 
 namespace univ::testing {
 
@@ -107,5 +108,25 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// A tiny pair of 2-layer models trained for 30 steps into `out`, for correlate tests.
+inline TrainOptions tiny_run(const std::filesystem::path& out, int d_mlp = 24) {
+  TrainOptions o;
+  RunConfig& c = o.config;
+  c.model.seq_len = 8;
+  c.model.d_model = 16;
+  c.model.heads = 2;
+  c.model.d_mlp = d_mlp;
+  c.model.layers = 2;
+  c.data.test_samples = 300;
+  c.models = 2;
+  c.seeds = {1, 2};
+  c.samples = 256;
+  c.batch = 16;
+  c.steps = 30;
+  c.optim.lr = 3e-3;
+  o.out_dir = out;
+  return o;
+}
 
 }  // namespace univ::testing

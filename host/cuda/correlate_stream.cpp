@@ -38,23 +38,18 @@ StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, cons
   CudaStatsAccumulator acc(shapes);
   StreamResult result;
   result.loss.assign(K, 0.0);
-  std::vector<int32_t> inputs(int64_t(batch) * T), targets(inputs.size());
   std::vector<const float*> ptrs;
   for (const auto& c : chunk) ptrs.push_back(c.data());
-  const int64_t count = tokens.sequences.count();
   int64_t done = 0;
-  for (int64_t first = 0; first < count; first += batch) {
-    const int b = static_cast<int>(std::min<int64_t>(batch, count - first));
-    split_inputs_targets(tokens.sequences.row(first), b, T, inputs.data(), targets.data());
-    const int64_t n = std::min<int64_t>(int64_t(b) * T, tokens.tokens - done);  // the last sequence may be cut
+  for_each_batch(tokens, batch, T, [&](const int32_t* inputs, const int32_t* targets, int b, int64_t n) {
     acc.synchronize();  // the previous chunk is reduced: its buffers are free
     for (int m = 0; m < K; ++m)
-      result.loss[m] +=
-          nets[m]->run(inputs.data(), targets.data(), b, site == Site::post, chunk[m].data(), n) * double(b);
+      result.loss[m] += nets[m]->run(inputs, targets, b, site == Site::post, chunk[m].data(), n) * double(b);
     acc.add(ptrs, n);  // on the accumulator's stream, while the host prepares the next batch
     done += n;
     if (progress) progress({done, tokens.tokens, seconds_since(start)});
-  }
+  });
+  const int64_t count = tokens.sequences.count();
   for (double& l : result.loss) l /= static_cast<double>(std::max<int64_t>(count, 1));
   result.stats = acc.stats();
   result.seconds = seconds_since(start);

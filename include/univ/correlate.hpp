@@ -58,6 +58,12 @@ struct HeldOutTokens {
 HeldOutTokens held_out_tokens(const LoadedModel& first, const std::optional<DataSpec>& data, int64_t tokens,
                               Shard shard, int batch = 1);
 
+// The sequences in batches of at most `batch`: visit(inputs, targets, b, n) with
+// inputs and targets [b, seq_len] and n, the batch's tokens that count (the last
+// sequence may be cut).
+void for_each_batch(const HeldOutTokens& tokens, int batch, int seq_len,
+                    const std::function<void(const int32_t*, const int32_t*, int, int64_t)>& visit);
+
 struct StreamProgress {
   int64_t tokens_done = 0, tokens_total = 0;
   double seconds = 0;
