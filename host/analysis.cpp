@@ -13,6 +13,10 @@
 #include "univ/philox.hpp"
 #include "univ/rotation.hpp"
 
+#ifdef UNIV_HAVE_CUDA
+#include "cuda/rotation_baseline.hpp"
+#endif
+
 namespace univ {
 
 std::string to_string(MatchMode m) {
@@ -227,6 +231,30 @@ std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int
   return c;
 }
 
+namespace {
+
+// The matched correlations of model i's neurons under each of the draws [0, draws) of
+// model j's rotations. Each draw's rotations are a pure function of (seed, model,
+// draw), drawn where used: on the GPU in batches, or on the host several draws at once
+// on threads as far as memory allows (each holds an [N_i, N_j] matrix).
+std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
+                                                 const AnalysisOptions& o) {
+  const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
+  const int64_t Ni = si.neurons(), Nj = sj.neurons();
+  auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
+#ifdef UNIV_HAVE_CUDA
+  if (o.device == Device::cuda) return rotated_matches_cuda(stats, i, j, draws, o, match);
+#endif
+  std::vector<std::vector<double>> matched(draws);
+  const int parallel = concurrent_draws(Ni, Nj);
+#pragma omp parallel for schedule(dynamic) num_threads(parallel)
+  for (int d = 0; d < draws; ++d)
+    matched[d] = match(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, o.seed)));
+  return matched;
+}
+
+}  // namespace
+
 Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) {
   options.validate();
   check_fit(stats, options);
@@ -258,16 +286,8 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) 
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      // Each draw's rotations are a pure function of (seed, model, draw): drawn where
-      // used, several draws at once on threads as far as memory allows (each holds an
-      // [N_i, N_j] matrix); the matches are added in draw order.
-      std::vector<std::vector<double>> matched(draws);
-      const int parallel = concurrent_draws(Ni, Nj);
-#pragma omp parallel for schedule(dynamic) num_threads(parallel)
-      for (int d = 0; d < draws; ++d)
-        matched[d] = match_rows(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, options.seed)), Ni, Nj,
-                                si.width, sj.width, options)
-                         .value;
+      const std::vector<std::vector<double>> matched = rotated_matches(stats, i, j, draws, options);
+      // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {
           if (d < options.baseline_draws) baseline[n] += matched[d][n] / options.baseline_draws;

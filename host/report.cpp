@@ -229,6 +229,7 @@ nlohmann::json summary_json(const ReportInput& in) {
           {"baseline_draws", a.options.baseline_draws},
           {"null_draws", a.options.null_draws},
           {"seed", a.options.seed},
+          {"analysis_device", to_string(a.options.device)},
           {"model_loss", in.loss},
           {"layers", layers},
           {"universal", a.universal},

@@ -17,6 +17,11 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
+__device__ inline double warp_sum(double v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
 __device__ inline float warp_max(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;

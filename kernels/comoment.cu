@@ -1,10 +1,13 @@
 // Correlation statistics on the GPU: shifted column sums and co-moment blocks
 // sum_t (a_t - shift_a)(b_t - shift_b)^T of token-major activation chunks, added into
 // float64 masters. The products run on tensor cores in split TF32: each shifted value
-// y = hi + lo with hi and lo TF32 numbers, and y_a y_b ~ hi_a hi_b + hi_a lo_b + lo_a hi_b
-// (the dropped lo lo is 2^-22 relative), three cuBLAS TF32 GEMMs with float32
-// accumulation over at most kComomentSpan tokens, whose result joins the float64
-// master. No atomics; cuBLAS is bitwise reproducible for fixed shapes on one GPU.
+// y = hi + lo with hi and lo TF32 numbers, and y_a y_b ~ lo_a hi_b + hi_a hi_b + hi_a lo_b
+// (the dropped lo lo is 2^-22 relative). The three terms are one cuBLAS TF32 GEMM of
+// depth 3n over a stacked copy [lo; hi; hi; lo] of each span: rows [0, 3n) of a's
+// stack against rows [n, 4n) of b's pair exactly those terms, so the float32 product
+// is written once per span (not read and written by three GEMMs) before it joins the
+// float64 master. No atomics; cuBLAS is bitwise reproducible for fixed shapes on one GPU.
+#include <cstdint>
 #include <stdexcept>
 
 #include "common.cuh"
@@ -22,17 +25,20 @@ __device__ inline float round_tf32(float x) {
   return __uint_as_float(bits);
 }
 
-// hi, lo [n, cols] = the TF32 parts of x[t, c] - shift[c] (x row stride ldx).
-__global__ void split_tf32_kernel(float* __restrict__ hi, float* __restrict__ lo, const float* __restrict__ x,
-                                  int64_t ldx, const float* __restrict__ shift, int cols, int64_t n) {
+// stacked [4, n, cols] = lo | hi | hi | lo, the TF32 parts of x[t, c] - shift[c] (x row
+// stride ldx).
+__global__ void split_tf32_kernel(float* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
+                                  const float* __restrict__ shift, int cols, int64_t n) {
   const int64_t total = n * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / cols;
     const int c = static_cast<int>(i - t * cols);
     const float y = x[t * ldx + c] - shift[c];
-    const float h = round_tf32(y);
-    hi[i] = h;
-    lo[i] = round_tf32(y - h);
+    const float hi = round_tf32(y), lo = round_tf32(y - hi);
+    stacked[i] = lo;
+    stacked[total + i] = hi;
+    stacked[2 * total + i] = hi;
+    stacked[3 * total + i] = lo;
   }
 }
 
@@ -86,28 +92,25 @@ void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cuda
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void split_tf32(float* hi, float* lo, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
+void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
                 cudaStream_t stream) {
   if (cols <= 0 || n <= 0) return;
-  split_tf32_kernel<<<blocks_for(n * cols, 256), 256, 0, stream>>>(hi, lo, x, ldx, shift, cols, n);
+  split_tf32_kernel<<<blocks_for(n * cols, 256), 256, 0, stream>>>(stacked, x, ldx, shift, cols, n);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_hi,
-                         const float* a_lo, int64_t lda, int rows, const float* b_hi, const float* b_lo, int64_t ldb,
-                         int cols, int64_t n, float* product, cudaStream_t stream, int batch, int64_t column_stride) {
+void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_stacked,
+                         int64_t lda, int rows, const float* b_stacked, int64_t ldb, int cols, int64_t n,
+                         float* product, cudaStream_t stream, int batch, int64_t column_stride) {
   if (rows <= 0 || cols <= 0 || n <= 0 || batch <= 0) return;
-  if (n > kComomentSpan) throw std::invalid_argument("comoment_accumulate: more tokens than one span");
-  // Column-major view: product^T [cols, rows] = b [cols, n] x a^T [n, rows], one per
-  // batch entry; the small terms first.
+  if (3 * n > INT32_MAX) throw std::invalid_argument("comoment_accumulate: span too long for one GEMM");
+  // Column-major view: product^T [cols, rows] = b' [cols, 3n] x a'^T [3n, rows] with
+  // a' = a's stack rows [0, 3n) (lo, hi, hi) and b' = b's rows [n, 4n) (hi, hi, lo).
   const float one = 1.0f, zero = 0.0f;
-  const float* terms[3][2] = {{b_hi, a_lo}, {b_lo, a_hi}, {b_hi, a_hi}};
-  for (int k = 0; k < 3; ++k)
-    UNIV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(n), &one, terms[k][0], CUDA_R_32F,
-        static_cast<int>(ldb), column_stride, terms[k][1], CUDA_R_32F, static_cast<int>(lda), column_stride,
-        k == 0 ? &zero : &one, product, CUDA_R_32F, cols, int64_t(rows) * cols, batch, CUBLAS_COMPUTE_32F_FAST_TF32,
-        CUBLAS_GEMM_DEFAULT));
+  UNIV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(3 * n), &one, b_stacked + n * ldb, CUDA_R_32F,
+      static_cast<int>(ldb), column_stride, a_stacked, CUDA_R_32F, static_cast<int>(lda), column_stride, &zero,
+      product, CUDA_R_32F, cols, int64_t(rows) * cols, batch, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
   // The batch's masters follow one another (rows * ld_master apart): one pass over all.
   const int all_rows = batch * rows;
   add_to_float64_kernel<<<blocks_for(int64_t(all_rows) * cols, 256), 256, 0, stream>>>(master, ld_master, product,

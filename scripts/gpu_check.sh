@@ -2,7 +2,7 @@
 # Everything a GPU machine should run, in one go: the GPU tests, bench_kernels and the
 # default pair's training time, the PyTorch comparison, the seed experiment's
 # correlation step on GPU and CPU, the whole CTest suite, and compute-sanitizer
-# memcheck (GPU tests) and racecheck (the training ops' tests). Each step has a time limit
+# memcheck (GPU tests) and racecheck (the training ops' and the Haar QR's tests). Each step has a time limit
 # and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
 # summary.txt (one line per step, also printed last) and bench.json.
 #
@@ -73,7 +73,7 @@ step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
-  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasEpilogues:Gpu.Attention:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW'
+  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasEpilogues:Gpu.Attention:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.HaarMatricesEqualTheHostDraws'
 wait
 rm -rf "$logs"
 head -20 "$out/machine.txt"

@@ -35,16 +35,17 @@ class GpuStats : public ::testing::Test {
   }
 };
 
-// Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory.
+// Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory,
+// float32 sums over spans of `span` tokens (0: the default).
 CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
-                           const std::vector<int64_t>& chunks) {
+                           const std::vector<int64_t>& chunks, int64_t span = 0) {
   std::vector<cuda::DeviceBuffer<float>> device;
   for (const auto& a : acts) {
     device.emplace_back(a.size());
     device.back().upload(a.data(), a.size(), nullptr);
   }
   UNIV_CUDA_CHECK(cudaDeviceSynchronize());
-  CudaStatsAccumulator acc(shapes);
+  CudaStatsAccumulator acc(shapes, span);
   int64_t at = 0;
   for (int64_t n : chunks) {
     std::vector<const float*> ptrs;
@@ -55,6 +56,25 @@ CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const st
   return acc.stats();
 }
 
+// The largest |r - r_float64| over every element of every cross block (an unwritten
+// one would be off by far more).
+double worst_cross_error(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
+                         const CorrelationStats& s, int64_t n) {
+  EXPECT_EQ(s.count(), n);
+  double worst = 0;
+  const int K = static_cast<int>(shapes.size());
+  for (int i = 0; i < K; ++i)
+    for (int j = i + 1; j < K; ++j)
+      for (int64_t a = 0; a < shapes[i].neurons(); ++a)
+        for (int64_t b = 0; b < shapes[j].neurons(); ++b) {
+          const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
+          const double r = stat_r(s, i, a, j, b);
+          if (!std::isfinite(r)) return INFINITY;
+          worst = std::max(worst, std::abs(r - ref));
+        }
+  return worst;
+}
+
 TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   // Widths that are not multiples of 16, chunks of 1 and of token counts off the
   // 1024-token float32 spans.
@@ -63,19 +83,7 @@ TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   const int64_t n = 1999 + 1 + 3000 + 517;
   const auto acts = correlated_acts(shapes, n, 1e3, 7);
   const CorrelationStats s = gpu_stats(acts, shapes, chunks);
-  ASSERT_EQ(s.count(), n);
-  // Every element of every cross block (an unwritten one would be off by far more).
-  double worst = 0;
-  for (int i = 0; i < 3; ++i)
-    for (int j = i + 1; j < 3; ++j)
-      for (int64_t a = 0; a < shapes[i].neurons(); ++a)
-        for (int64_t b = 0; b < shapes[j].neurons(); ++b) {
-          const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
-          const double r = stat_r(s, i, a, j, b);
-          ASSERT_TRUE(std::isfinite(r)) << i << ' ' << a << ' ' << j << ' ' << b;
-          worst = std::max(worst, std::abs(r - ref));
-        }
-  EXPECT_LT(worst, kGpuR);
+  EXPECT_LT(worst_cross_error(acts, shapes, s, n), kGpuR);
   // Within-layer blocks (the rotation baseline's), and the means.
   const auto& w = s.within(2, 1);
   for (int a = 0; a < 21; ++a)
@@ -89,6 +97,14 @@ TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
       for (int64_t t = 0; t < n; ++t) mean += acts[m][t * shapes[m].neurons() + k];
       ASSERT_NEAR(s.mean(m)[k], static_cast<double>(mean / n), 1e-9 * std::abs(static_cast<double>(mean / n)));
     }
+}
+
+TEST_F(GpuStats, LongSpansKeepTheAccuracy) {
+  // Float32 sums over 8192 tokens, eight times the default span, between float64 passes.
+  const std::vector<NeuronShape> shapes{{1, 40}, {2, 24}};
+  const int64_t n = 9000 + 517;
+  const auto acts = correlated_acts(shapes, n, 1e3, 9);
+  EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 8192), n), kGpuR);
 }
 
 TEST_F(GpuStats, AreBitwiseReproducibleAndMatchTheCpu) {

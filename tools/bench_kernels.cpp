@@ -1,6 +1,7 @@
 // bench_kernels: times every CUDA kernel of the training step (CUDA events, warm-up,
 // median of many launches) beside the card's measured copy bandwidth and GEMM rate,
-// and whole training steps per configuration. --json for machines.
+// whole training steps per configuration, the correlation statistics and the seed
+// experiment's whole correlation step. --json for machines.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -12,14 +13,17 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "univ/analysis.hpp"
 #include "univ/backend.hpp"
 #include "univ/config.hpp"
+#include "univ/correlate.hpp"
 #include "univ/cuda/device_query.hpp"
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
 #include "univ/error.hpp"
 #include "univ/init.hpp"
 #include "univ/param_layout.hpp"
+#include "univ/philox.hpp"
 #include "univ/stats.hpp"
 
 namespace {
@@ -180,8 +184,10 @@ univ::RunConfig large_config() {
 // The correlation engine on 2 models of 16 layers x 256 neurons (4096 x 4096 cross
 // block, and the within-layer blocks): one chunk of 16384 tokens through
 // CudaStatsAccumulator (column sums, split-TF32 co-moments, float64 masters), median
-// of several, projected to 1M tokens; beside it cuBLAS's plain A^T B on the same
-// chunk (fp32 and TF32, no shift, float32 result), the product a framework would call.
+// of several, projected to 1M tokens, at the default float32 span and longer ones
+// (GpuStats.LongSpansKeepTheAccuracy checks their accuracy); beside it cuBLAS's plain
+// A^T B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
+// framework would call.
 nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   const univ::NeuronShape shape{16, 256};
   const int N = static_cast<int>(shape.neurons()), chunk = 16384;
@@ -189,16 +195,24 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   const cudaStream_t s = b.stream.get();
   auto a = random_device(size_t(chunk) * N, s), x = random_device(size_t(chunk) * N, s, 2.0f);
   b.stream.synchronize();
-  univ::CudaStatsAccumulator acc({shape, shape});
-  std::vector<double> ms;
-  for (int i = 0; i < 6; ++i) {  // the first adds set the shift and warm up
-    const auto t0 = std::chrono::steady_clock::now();
-    acc.add({a.data(), x.data()}, chunk);
-    acc.synchronize();
-    if (i > 0) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
-  const double chunk_ms = ms[ms.size() / 2];
+  // Median ms of one chunk through an accumulator with float32 spans of `span` tokens.
+  auto chunk_ms = [&](int64_t span) {
+    univ::CudaStatsAccumulator acc({shape, shape}, span);
+    std::vector<double> ms;
+    for (int i = 0; i < 6; ++i) {  // the first add sets the shift and warms up
+      const auto t0 = std::chrono::steady_clock::now();
+      acc.add({a.data(), x.data()}, chunk);
+      acc.synchronize();
+      if (i > 0) ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+    return ms[ms.size() / 2];
+  };
+  const double chunks = double(tokens) / chunk;
+  nlohmann::json spans = nlohmann::json::array();
+  for (int64_t span : {int64_t(2048), int64_t(4096), int64_t(8192)})
+    spans.push_back({{"span", span}, {"projected_ms", chunk_ms(span) * chunks}});
+  const double default_ms = chunk_ms(univ::cuda::kComomentSpan);
   DeviceBuffer<float> product(size_t(N) * N);
   const float one = 1, zero = 0;
   const int saved = b.repeats;
@@ -211,15 +225,85 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   };
   const double sgemm_ms = gemm_ms(fp32), tf32_ms = gemm_ms(tf32);
   b.repeats = saved;
-  const double chunks = double(tokens) / chunk;
   return {{"neurons", N},
           {"tokens", tokens},
           {"chunk_tokens", chunk},
-          {"chunk_ms", chunk_ms},
-          {"projected_ms", chunk_ms * chunks},
-          {"cross_block_TFLOPs", 2.0 * N * N * chunk / chunk_ms / 1e9},
+          {"span", univ::cuda::kComomentSpan},
+          {"chunk_ms", default_ms},
+          {"projected_ms", default_ms * chunks},
+          {"cross_block_TFLOPs", 2.0 * N * N * chunk / default_ms / 1e9},
+          {"longer_spans", spans},
           {"cublas_sgemm_fp32_projected_ms", sgemm_ms * chunks},
           {"cublas_sgemm_tf32_projected_ms", tf32_ms * chunks}};
+}
+
+// The seed experiment's correlation step in process, after one untimed run (CUDA and
+// cuBLAS start-up): 2 freshly initialised seed models, forward over the 32,000 tokens
+// of the test split with the statistics on the GPU, then the analysis (index matching,
+// 8 baseline + 8 null draws) with the rotation baseline on the GPU; median of several.
+// Beside it the same analysis on this host's CPU, and the Haar kernels alone.
+nlohmann::json correlation_step(Bench& b) {
+  std::vector<univ::LoadedModel> models(2);
+  for (int m = 0; m < 2; ++m) {
+    univ::RunConfig rc = seed_config();
+    rc.models = 1;
+    rc.seeds = {uint64_t(m)};
+    const univ::ParamLayout layout(rc.model, 1);
+    models[m].checkpoint.run = rc;
+    models[m].checkpoint.params.resize(layout.total());
+    univ::init_parameters(layout, rc.model, rc.seeds, models[m].checkpoint.params.data());
+  }
+  const int batch = 512;
+  const univ::HeldOutTokens tokens = univ::held_out_tokens(models[0], std::nullopt, 0, {}, batch);
+  univ::AnalysisOptions o;
+  o.device = univ::Device::cuda;
+  auto ms_since = [](std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::vector<double> forward_ms, analysis_ms, total_ms;
+  univ::CorrelationStats stats;
+  for (int i = 0; i < 6; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    stats = univ::stream_statistics(models, tokens, univ::Site::pre, batch, {}, univ::Device::cuda).stats;
+    const auto t1 = std::chrono::steady_clock::now();
+    univ::analyze(stats, o);
+    if (i == 0) continue;  // start-up
+    forward_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    analysis_ms.push_back(ms_since(t1));
+    total_ms.push_back(ms_since(t0));
+  }
+  auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  o.device = univ::Device::cpu;
+  const auto t_cpu = std::chrono::steady_clock::now();
+  univ::analyze(stats, o);
+  const double cpu_analysis_ms = ms_since(t_cpu);
+
+  const univ::NeuronShape shape = models[0].shape();
+  const int draws = o.baseline_draws + o.null_draws, batch_q = draws * shape.layers;
+  DeviceBuffer<double> q(size_t(batch_q) * shape.width * shape.width), work(q.size());
+  DeviceBuffer<uint64_t> streams(batch_q);
+  std::vector<uint64_t> ids(batch_q);
+  for (int i = 0; i < batch_q; ++i) ids[i] = univ::rng_stream(univ::RngPurpose::rotation, 1, uint32_t(i));
+  streams.upload(ids.data(), ids.size(), b.stream.get());
+  const int saved = b.repeats;
+  b.repeats = 10;
+  const double haar_ms = b.time_ms([&] {
+    univ::cuda::haar_orthogonal_batch(q.data(), work.data(), streams.data(), 0, shape.width, batch_q, b.stream.get());
+  });
+  b.repeats = saved;
+  return {{"tokens", tokens.tokens},
+          {"neurons_per_model", shape.neurons()},
+          {"draws", draws},
+          {"forward_and_statistics_ms", median(forward_ms)},
+          {"analysis_ms", median(analysis_ms)},
+          {"step_ms", median(total_ms)},
+          {"analysis_cpu_ms", cpu_analysis_ms},
+          {"haar_matrices", batch_q},
+          {"haar_width", shape.width},
+          {"haar_ms", haar_ms}};
 }
 
 }  // namespace
@@ -250,6 +334,7 @@ int main(int argc, char** argv) {
                                    {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)}});
     }
     report["correlation"] = correlation(b, fp32.get(), tf32.get());
+    report["correlation_step"] = correlation_step(b);
     if (json) {
       std::cout << report.dump(2) << '\n';
       return 0;
@@ -272,6 +357,17 @@ int main(int argc, char** argv) {
                 c["neurons"].get<int>(), static_cast<long long>(c["tokens"].get<int64_t>()),
                 c["chunk_tokens"].get<int>(), c["projected_ms"].get<double>(), c["cross_block_TFLOPs"].get<double>(),
                 c["cublas_sgemm_fp32_projected_ms"].get<double>(), c["cublas_sgemm_tf32_projected_ms"].get<double>());
+    for (const auto& sp : c["longer_spans"])
+      std::printf("  with float32 spans of %lld tokens: %.1f ms\n", static_cast<long long>(sp["span"].get<int64_t>()),
+                  sp["projected_ms"].get<double>());
+    const auto& r = report["correlation_step"];
+    std::printf("seed correlation step, 2 x %d neurons over %lld tokens, %d draws each way: %.1f ms (forward and "
+                "statistics %.1f ms, analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of "
+                "%d: %.2f ms\n",
+                r["neurons_per_model"].get<int>(), static_cast<long long>(r["tokens"].get<int64_t>()),
+                r["draws"].get<int>(), r["step_ms"].get<double>(), r["forward_and_statistics_ms"].get<double>(),
+                r["analysis_ms"].get<double>(), r["analysis_cpu_ms"].get<double>(), r["haar_matrices"].get<int>(),
+                r["haar_width"].get<int>(), r["haar_ms"].get<double>());
   } catch (const univ::UserError& e) {
     std::cerr << "bench_kernels: error: " << e.what() << '\n';
     return 1;

@@ -35,10 +35,10 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 struct Flags {
   std::vector<std::string> inputs;  // checkpoints, or statistics files for merge
   std::string out, save_stats;
-  std::string match = "index", scope = "layer";
+  std::string match = "index", scope = "layer", device = "auto";
   univ::AnalysisOptions analysis;
   // streaming only
-  std::string site = "pre", device = "auto", shard = "0/1";
+  std::string site = "pre", shard = "0/1";
   std::string data;
   int vocab = 0;
   uint64_t data_seed = 0;
@@ -63,6 +63,10 @@ void add_analysis_flags(CLI::App& app, Flags& f) {
                  "further rotations (and partner permutations, for index matching) that estimate chance")
       ->capture_default_str();
   app.add_option("--seed", f.analysis.seed, "seed of the rotations and permutations")->capture_default_str();
+  app.add_option("--device", f.device,
+                 "auto (the GPU when there is one), cpu or cuda: where the forward pass, the statistics and the "
+                 "rotation baseline run (the same rotations either way)")
+      ->capture_default_str();
 }
 
 nlohmann::json model_info(const univ::LoadedModel& m) {
@@ -88,6 +92,7 @@ univ::AnalysisOptions analysis_options(const Flags& f) {
   univ::AnalysisOptions o = f.analysis;
   o.match = univ::parse_match_mode(f.match);
   o.scope = univ::parse_match_scope(f.scope);
+  o.device = univ::resolve_device(f.device);
   o.validate();
   return o;
 }
@@ -333,9 +338,6 @@ int main(int argc, char** argv) {
   app.add_option("--vocab", flags.vocab, "vocabulary of --data (as train_pair's --vocab)");
   app.add_option("--data-seed", flags.data_seed, "seed of --data (as train_pair's --data-seed)")->capture_default_str();
   app.add_option("--batch", flags.batch, "sequences per forward chunk (default: 64 on the CPU, 512 on the GPU)");
-  app.add_option("--device", flags.device,
-                 "auto (the GPU when there is one), cpu or cuda: where the forward pass and statistics run")
-      ->capture_default_str();
   app.add_option("--shard", flags.shard, "process shard I of N of the tokens (with --save-stats; merge later)")
       ->capture_default_str();
   app.add_option("--acts", flags.acts,

@@ -15,7 +15,7 @@ namespace univ {
 struct CudaStatsAccumulator::Device {
   cuda::Stream stream;
   cuda::CublasHandle cublas{stream.get(), false};
-  std::vector<cuda::DeviceBuffer<float>> hi, lo;                 // [m] split_tf32 parts of one span, [span, N_m]
+  std::vector<cuda::DeviceBuffer<float>> stacked;                // [m] split_tf32's stack of one span, [4, span, N_m]
   cuda::DeviceBuffer<float> product;                             // the largest block in float32
   std::vector<cuda::DeviceBuffer<float>> shift;                  // [m] N_m
   std::vector<cuda::DeviceBuffer<double>> sums;                  // [m] N_m: sum of x - shift
@@ -24,8 +24,8 @@ struct CudaStatsAccumulator::Device {
   std::vector<cuda::DeviceBuffer<float>> staging;                // [m] add_from_host's chunks
 };
 
-CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes)
-    : shapes_(std::move(shapes)), device_(std::make_unique<Device>()) {
+CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span)
+    : shapes_(std::move(shapes)), span_(span > 0 ? span : cuda::kComomentSpan), device_(std::make_unique<Device>()) {
   Device& d = *device_;
   const cudaStream_t s = d.stream.get();
   auto zeros = [&](size_t n) {
@@ -41,8 +41,7 @@ CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes)
   }
   size_t largest = 0;
   for (int i = 0; i < K; ++i) {
-    d.hi.emplace_back(size_t(cuda::kComomentSpan) * shapes_[i].neurons());
-    d.lo.emplace_back(size_t(cuda::kComomentSpan) * shapes_[i].neurons());
+    d.stacked.emplace_back(4 * size_t(span_) * shapes_[i].neurons());
     largest = std::max(largest, d.within[i].size());
     for (int j = i + 1; j < K; ++j) {
       d.cross.push_back(zeros(size_t(shapes_[i].neurons()) * shapes_[j].neurons()));
@@ -72,23 +71,23 @@ void CudaStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n)
     cuda::column_sums(d.sums[m].data(), acts[m], N, d.shift[m].data(), N, n, s);
   }
   // Co-moments span by span: each span's float32 products join the float64 masters.
-  for (int64_t t0 = 0; t0 < n; t0 += cuda::kComomentSpan) {
-    const int64_t span = std::min(cuda::kComomentSpan, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += span_) {
+    const int64_t span = std::min(span_, n - t0);
     for (int m = 0; m < K; ++m) {
       const int N = static_cast<int>(shapes_[m].neurons());
-      cuda::split_tf32(d.hi[m].data(), d.lo[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, s);
+      cuda::split_tf32(d.stacked[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, s);
     }
     int pair = 0;
     for (int i = 0; i < K; ++i)
       for (int j = i + 1; j < K; ++j, ++pair) {
         const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
-        cuda::comoment_accumulate(d.cublas.get(), d.cross[pair].data(), Nj, d.hi[i].data(), d.lo[i].data(), Ni, Ni,
-                                  d.hi[j].data(), d.lo[j].data(), Nj, Nj, span, d.product.data(), s);
+        cuda::comoment_accumulate(d.cublas.get(), d.cross[pair].data(), Nj, d.stacked[i].data(), Ni, Ni,
+                                  d.stacked[j].data(), Nj, Nj, span, d.product.data(), s);
       }
     for (int m = 0; m < K; ++m) {  // every layer's within-layer block in one batched call
       const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
-      const float *hi = d.hi[m].data(), *lo = d.lo[m].data();
-      cuda::comoment_accumulate(d.cublas.get(), d.within[m].data(), D, hi, lo, N, D, hi, lo, N, D, span,
+      const float* stacked = d.stacked[m].data();
+      cuda::comoment_accumulate(d.cublas.get(), d.within[m].data(), D, stacked, N, D, stacked, N, D, span,
                                 d.product.data(), s, shapes_[m].layers, D);
     }
   }

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "univ/backend.hpp"
 #include "univ/stats.hpp"
 
 namespace univ {
@@ -23,6 +24,7 @@ struct AnalysisOptions {
   int baseline_draws = 8;  // rotations averaged into the baseline
   int null_draws = 8;      // further rotations (and, for index matching, partner permutations) for the nulls
   uint64_t seed = 0;
+  Device device = Device::cpu;  // where the rotation draws run (the same draws either way)
   void validate() const;
 };
 
@@ -74,6 +76,13 @@ struct Analysis {
 // The rotation of draw `draw` for `model`: a Haar-random orthogonal [width, width]
 // matrix per layer, from (seed, model, draw, layer) alone.
 std::vector<std::vector<double>> rotation_matrices(const NeuronShape& shape, int model, int draw, uint64_t seed);
+
+#ifdef UNIV_HAVE_CUDA
+// rotation_matrices for draws [first_draw, first_draw + draws), drawn and factored on
+// the current GPU: equal to the host's to rounding.
+std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const NeuronShape& shape, int model,
+                                                                     int first_draw, int draws, uint64_t seed);
+#endif
 
 // Correlations [N_i, N_j] of model i's neurons with model j's neurons rotated layer
 // by layer (b' = Q_l b), from the statistics alone: the co-moment becomes C Q^T and

@@ -88,7 +88,10 @@ class CpuStatsAccumulator {
 // device (kernels/comoment.cu), centered once when stats() is asked. CUDA builds only.
 class CudaStatsAccumulator {
  public:
-  explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes);
+  // span: tokens whose products one float32 GEMM sums before they join the float64
+  // masters (0: cuda::kComomentSpan); longer spans mean fewer float64 passes and
+  // larger float32 sums.
+  explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span = 0);
   ~CudaStatsAccumulator();
   // acts[m]: device pointers to model m's activations for n tokens, token-major
   // [n, N_m], complete before the call. Returns once the chunk's work is enqueued:
@@ -103,6 +106,7 @@ class CudaStatsAccumulator {
  private:
   struct Device;
   std::vector<NeuronShape> shapes_;
+  int64_t span_;
   std::unique_ptr<Device> device_;  // keeps CUDA types out of this header
   int64_t count_ = 0;
 };

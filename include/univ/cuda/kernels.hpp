@@ -112,21 +112,41 @@ void column_sums(double* sums, const float* x, int64_t ld, const float* shift, i
                  cudaStream_t stream);
 // shift[cols] = float(sums / n): each column's mean from its sums over n tokens.
 void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cudaStream_t stream);
-// Tokens whose products a float32 sum spans before joining the float64 master.
+// Tokens whose products a float32 sum spans before joining the float64 master (the
+// default of CudaStatsAccumulator).
 constexpr int64_t kComomentSpan = 1024;
-// hi, lo [n, cols] (packed) = the TF32 parts of x[t, c] - shift[c], x row stride ldx:
-// hi = tf32(y), lo = tf32(y - hi).
-void split_tf32(float* hi, float* lo, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
+// stacked [4, n, cols] (packed) = lo | hi | hi | lo, the TF32 parts of y = x[t, c] -
+// shift[c] (x row stride ldx): hi = tf32(y), lo = tf32(y - hi).
+void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
                 cudaStream_t stream);
-// master[rows, cols] (row stride ld_master) += sum over n <= kComomentSpan tokens of
-// y_a[t]^T y_b[t], from split_tf32's parts of a (row stride lda, rows columns) and of
-// b (ldb, cols): three TF32 GEMMs on `handle` (bound to `stream`) into product
-// [batch, rows, cols] (scratch), then added in float64. With batch > 1, entry e reads
-// columns from e * column_stride of a and b and adds into master + e * rows * ld_master
-// (e.g. every layer's within-layer block at once).
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_hi,
-                         const float* a_lo, int64_t lda, int rows, const float* b_hi, const float* b_lo, int64_t ldb,
-                         int cols, int64_t n, float* product, cudaStream_t stream, int batch = 1,
-                         int64_t column_stride = 0);
+// master[rows, cols] (row stride ld_master) += sum over n tokens of y_a[t]^T y_b[t],
+// from split_tf32's stacks of a (row stride lda, rows columns) and of b (ldb, cols):
+// one TF32 GEMM of depth 3n on `handle` (bound to `stream`) into product [batch, rows,
+// cols] (scratch), then added in float64. With batch > 1, entry e reads columns from
+// e * column_stride of a and b and adds into master + e * rows * ld_master (e.g. every
+// layer's within-layer block at once).
+void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_stacked,
+                         int64_t lda, int rows, const float* b_stacked, int64_t ldb, int cols, int64_t n,
+                         float* product, cudaStream_t stream, int batch = 1, int64_t column_stride = 0);
+
+// rotation.cu: the rotation baseline -------------------------------------------------
+// q [batch, n, n] column-major: Haar-random orthogonal matrices, matrix b from the
+// Philox stream streams[b] (device array) under `seed`, equal to the host's
+// haar_orthogonal(n, PhiloxStream(seed, streams[b])) to rounding. work [batch, n, n]
+// scratch. One block per matrix; n at most haar_max_width().
+void haar_orthogonal_batch(double* q, double* work, const uint64_t* streams, uint64_t seed, int n, int batch,
+                           cudaStream_t stream);
+int haar_max_width();  // of the current device (its shared memory holds 3 n doubles)
+// var [batch, n] = the diagonals of qs[b] q[b]^T (column-major n x n): with qs = Q S,
+// the variances diag(Q S Q^T) of rotated neurons.
+void rotated_variances(double* var, const double* qs, const double* q, int n, int batch, cudaStream_t stream);
+// r [batch, rows, cols] /= sqrt(var_rows[rows] var_cols[batch, cols]); 0 where a
+// variance is 0.
+void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
+                            int batch, cudaStream_t stream);
+// out [batch, rows] = r[d, a, a] (index) or the largest r[d, a, c] over c in a's layer
+// block (per_layer: blocks of row_width rows and col_width columns) or over all c.
+void match_rows(double* out, const double* r, int64_t rows, int64_t cols, int row_width, int col_width, bool index,
+                bool per_layer, int batch, cudaStream_t stream);
 
 }  // namespace univ::cuda

@@ -1,0 +1,20 @@
+// The rotation baseline on the GPU (CUDA builds only): analyze() dispatches here for
+// Device::cuda.
+#pragma once
+#include <functional>
+#include <vector>
+
+#include "univ/analysis.hpp"
+
+namespace univ {
+
+// The matched correlations of model i's neurons with model j's neurons under each of
+// the rotation draws [0, draws) (rotation_matrices' draws), one [N_i] vector per draw,
+// computed on the current GPU in float64: the Haar matrices, C Q^T, diag(Q S Q^T) and,
+// for index and max matching, the match itself. One-to-one matching runs on the host:
+// match_on_host gets each draw's correlation matrix [N_i, N_j].
+std::vector<std::vector<double>> rotated_matches_cuda(
+    const CorrelationStats& stats, int i, int j, int draws, const AnalysisOptions& options,
+    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host);
+
+}  // namespace univ

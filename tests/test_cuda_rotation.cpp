@@ -1,0 +1,121 @@
+// The rotation baseline on the GPU against the host's: the same Haar matrices (cuRAND's
+// Philox words are PhiloxStream's) to float64 rounding, and the same analysis in every
+// match mode. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "stats_reference.hpp"
+#include "univ/analysis.hpp"
+#include "univ/backend.hpp"
+
+namespace univ {
+namespace {
+
+class GpuRotation : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
+  }
+};
+
+TEST_F(GpuRotation, HaarMatricesEqualTheHostDraws) {
+  // Widths 1 and 2 (edge cases of the reflectors), odd 37, and the seed's 256.
+  for (int width : {1, 2, 37, 256}) {
+    const NeuronShape shape{2, width};
+    const int first = 3, draws = 2, model = 1;
+    const uint64_t seed = 11;
+    const auto gpu = rotation_matrices_cuda(shape, model, first, draws, seed);
+    ASSERT_EQ(gpu.size(), size_t(draws));
+    for (int d = 0; d < draws; ++d) {
+      const auto host = rotation_matrices(shape, model, first + d, seed);
+      for (int l = 0; l < shape.layers; ++l) {
+        SCOPED_TRACE("width " + std::to_string(width) + " draw " + std::to_string(d) + " layer " + std::to_string(l));
+        const std::vector<double>& q = gpu[d][l];
+        double worst = 0, worst_orthogonality = 0;
+        for (int a = 0; a < width; ++a)
+          for (int b = 0; b < width; ++b) {
+            ASSERT_TRUE(std::isfinite(q[a * width + b]));
+            worst = std::max(worst, std::abs(q[a * width + b] - host[l][a * width + b]));
+            double dot = 0;  // (Q^T Q)_ab
+            for (int k = 0; k < width; ++k) dot += q[k * width + a] * q[k * width + b];
+            worst_orthogonality = std::max(worst_orthogonality, std::abs(dot - (a == b)));
+          }
+        // Both are the Q of the Gaussian's QR with positive diag R: they differ by the
+        // rounding of two Householder QRs (and a few ulps of log and cos).
+        EXPECT_LT(worst, 1e-10);
+        EXPECT_LT(worst_orthogonality, 1e-12);
+      }
+    }
+  }
+}
+
+// Three models whose neurons share latent factors; one neuron of model 1 is dead.
+CorrelationStats three_models(const std::vector<NeuronShape>& shapes) {
+  const int64_t n = 3000;
+  auto acts = testing::correlated_acts(shapes, n, 5.0, 21);
+  for (int64_t t = 0; t < n; ++t) acts[1][t * shapes[1].neurons() + 5] = 2.5f;
+  CpuStatsAccumulator acc(shapes);
+  std::vector<const float*> ptrs;
+  for (const auto& a : acts) ptrs.push_back(a.data());
+  acc.add(ptrs, n);
+  return acc.stats();
+}
+
+void expect_same_analysis(const Analysis& gpu, const Analysis& cpu) {
+  ASSERT_EQ(gpu.neurons.size(), cpu.neurons.size());
+  double worst = 0;
+  for (size_t n = 0; n < cpu.neurons.size(); ++n) {
+    const NeuronResult &g = gpu.neurons[n], &c = cpu.neurons[n];
+    ASSERT_EQ(g.partners.size(), c.partners.size());
+    EXPECT_EQ(g.dead, c.dead);
+    EXPECT_EQ(g.universal, c.universal) << "neuron " << n;
+    for (size_t p = 0; p < c.partners.size(); ++p) {
+      ASSERT_TRUE(std::isfinite(g.partners[p].baseline));
+      worst = std::max(worst, std::abs(g.partners[p].baseline - c.partners[p].baseline));
+    }
+  }
+  EXPECT_LT(worst, 1e-10);
+  ASSERT_EQ(gpu.layers.size(), cpu.layers.size());
+  for (size_t l = 0; l < cpu.layers.size(); ++l) {
+    EXPECT_EQ(gpu.layers[l].rotation_null.counts, cpu.layers[l].rotation_null.counts) << "layer " << l;
+    EXPECT_EQ(gpu.layers[l].permutation_null.counts, cpu.layers[l].permutation_null.counts) << "layer " << l;
+  }
+  EXPECT_EQ(gpu.verdict, cpu.verdict);
+}
+
+TEST_F(GpuRotation, AnalysisEqualsTheHostsInEveryMode) {
+  const CorrelationStats equal = three_models({{2, 37}, {2, 37}, {2, 37}});
+  struct Case {
+    MatchMode match;
+    MatchScope scope;
+  };
+  for (const Case& c : {Case{MatchMode::index, MatchScope::layer}, Case{MatchMode::max, MatchScope::layer},
+                        Case{MatchMode::max, MatchScope::all}, Case{MatchMode::one_to_one, MatchScope::layer}}) {
+    SCOPED_TRACE(to_string(c.match) + "/" + to_string(c.scope));
+    AnalysisOptions o;
+    o.match = c.match;
+    o.scope = c.scope;
+    o.baseline_draws = 3;
+    o.null_draws = 4;
+    o.seed = 5;
+    const Analysis cpu = analyze(equal, o);
+    o.device = Device::cuda;
+    expect_same_analysis(analyze(equal, o), cpu);
+  }
+  // Max matching between models of other widths and layer counts.
+  for (MatchScope scope : {MatchScope::layer, MatchScope::all}) {
+    const CorrelationStats unequal = three_models({{2, 37}, {2, 20}, scope == MatchScope::all ? NeuronShape{3, 9}
+                                                                                                : NeuronShape{2, 9}});
+    SCOPED_TRACE("max/" + to_string(scope) + " of unequal widths");
+    AnalysisOptions o;
+    o.match = MatchMode::max;
+    o.scope = scope;
+    const Analysis cpu = analyze(unequal, o);
+    o.device = Device::cuda;
+    expect_same_analysis(analyze(unequal, o), cpu);
+  }
+}
+
+}  // namespace
+}  // namespace univ
