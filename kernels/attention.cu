@@ -11,14 +11,18 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+// One block fills an SM once T reaches 64 (its shared memory holds no second block),
+// so long sequences take the most threads a block may have: the score and output
+// loops are latency-bound chains over shared memory, and more warps hide more of it.
+constexpr int kMaxThreads = 1024;
+int threads_for(int T) { return T >= 64 ? kMaxThreads : 256; }
 
 // k and v rows are padded by one float: threads reading different rows at the same
 // column then hit different banks.
 size_t forward_shared_floats(int T, int hd) { return size_t(T) * hd * 2 + size_t(T) * (hd + 1) + size_t(T) * T; }
 size_t backward_shared_floats(int T, int hd) { return size_t(T) * hd * 2 + size_t(T) * (hd + 1) * 2 + size_t(T) * T * 2; }
 
-__global__ void attention_forward_kernel(float* __restrict__ out, float* __restrict__ att,
+__global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* __restrict__ out, float* __restrict__ att,
                                          const float* __restrict__ qkv, int T, int C, int H, float scale) {
   extern __shared__ float shared[];
   const int hd = C / H;
@@ -69,7 +73,7 @@ __global__ void attention_forward_kernel(float* __restrict__ out, float* __restr
   }
 }
 
-__global__ void attention_backward_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
+__global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
                                           const float* __restrict__ qkv, const float* __restrict__ att, int T, int C,
                                           int H, float scale) {
   extern __shared__ float shared[];
@@ -156,7 +160,7 @@ void attention_forward(float* out, float* att, const float* qkv, int M, int B, i
                        cudaStream_t stream) {
   const int hd = C / H;
   const size_t shared = forward_shared_floats(T, hd) * sizeof(float);
-  attention_forward_kernel<<<M * B * H, kThreads, shared, stream>>>(out, att, qkv, T, C, H, attention_scale(hd));
+  attention_forward_kernel<<<M * B * H, threads_for(T), shared, stream>>>(out, att, qkv, T, C, H, attention_scale(hd));
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -164,7 +168,7 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         int H, cudaStream_t stream) {
   const int hd = C / H;
   const size_t shared = backward_shared_floats(T, hd) * sizeof(float);
-  attention_backward_kernel<<<M * B * H, kThreads, shared, stream>>>(dqkv, dout, qkv, att, T, C, H,
+  attention_backward_kernel<<<M * B * H, threads_for(T), shared, stream>>>(dqkv, dout, qkv, att, T, C, H,
                                                                     attention_scale(hd));
   UNIV_CUDA_CHECK_LAUNCH();
 }
