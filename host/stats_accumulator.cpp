@@ -42,26 +42,27 @@ void CpuStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n) 
       for (int64_t k = 0; k < N; ++k) mean[k] += y[t * N + k];
     for (int64_t k = 0; k < N; ++k) mean[k] /= static_cast<double>(n);
   }
-  auto centered_block = [&](std::vector<double>& out, const double* a, int64_t lda, const double* b, int64_t ldb,
-                            const double* mean_a, const double* mean_b, int64_t rows, int64_t cols) {
-    cpu::gemm(true, false, static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(n), 1.0, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), 0.0, out.data(), static_cast<int>(cols));
-    const double nn = static_cast<double>(n);
+  const double nn = static_cast<double>(n);
+  auto center = [&](std::vector<double>& out, const double* mean_a, const double* mean_b, int64_t rows, int64_t cols) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) out[r * cols + c] -= nn * mean_a[r] * mean_b[c];
   };
   for (int i = 0; i < K; ++i)
     for (int j = i + 1; j < K; ++j) {
       const int64_t Ni = stats_.shapes_[i].neurons(), Nj = stats_.shapes_[j].neurons();
-      centered_block(chunk_.cross_[stats_.pair_index(i, j)], shifted_[i].data(), Ni, shifted_[j].data(), Nj,
-                     chunk_.means_[i].data(), chunk_.means_[j].data(), Ni, Nj);
+      std::vector<double>& block = chunk_.cross_[stats_.pair_index(i, j)];
+      cpu::gemm(true, false, static_cast<int>(Ni), static_cast<int>(Nj), static_cast<int>(n), 1.0, shifted_[i].data(),
+                static_cast<int>(Ni), shifted_[j].data(), static_cast<int>(Nj), 0.0, block.data(), static_cast<int>(Nj));
+      center(block, chunk_.means_[i].data(), chunk_.means_[j].data(), Ni, Nj);
     }
-  for (int m = 0; m < K; ++m) {
+  for (int m = 0; m < K; ++m) {  // within-layer blocks are symmetric: half the products
     const int64_t N = stats_.shapes_[m].neurons(), D = stats_.shapes_[m].width;
     for (int l = 0; l < stats_.shapes_[m].layers; ++l) {
-      const double* y = shifted_[m].data() + l * D;
-      centered_block(chunk_.within_[m][l], y, N, y, N, chunk_.means_[m].data() + l * D,
-                     chunk_.means_[m].data() + l * D, D, D);
+      std::vector<double>& block = chunk_.within_[m][l];
+      cpu::gram(static_cast<int>(D), static_cast<int>(n), 1.0, shifted_[m].data() + l * D, static_cast<int>(N), 0.0,
+                block.data(), static_cast<int>(D));
+      const double* mean = chunk_.means_[m].data() + l * D;
+      center(block, mean, mean, D, D);
     }
   }
   // The chunk's means of x itself, then the pairwise merge into the masters.

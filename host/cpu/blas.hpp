@@ -1,4 +1,5 @@
-// Row-major GEMM on the CPU through CBLAS (OpenBLAS), one overload per float type.
+// Row-major GEMM (one overload per float type) and Gram matrices on the CPU through
+// CBLAS (OpenBLAS).
 #pragma once
 #include <cblas.h>
 
@@ -14,6 +15,14 @@ inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, double alpha, 
                  const double* b, int ldb, double beta, double* c, int ldc) {
   cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha,
               a, lda, b, ldb, beta, c, ldc);
+}
+
+// C[n,n] = alpha * A^T A + beta * C for row-major A [k, n]: both triangles of C are
+// written (BLAS forms the upper one, the lower is its mirror, so C is exactly symmetric).
+inline void gram(int n, int k, double alpha, const double* a, int lda, double beta, double* c, int ldc) {
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, n, k, alpha, a, lda, beta, c, ldc);
+  for (int r = 1; r < n; ++r)
+    for (int col = 0; col < r; ++col) c[r * ldc + col] = c[col * ldc + r];
 }
 
 }  // namespace univ::cpu
