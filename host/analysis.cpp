@@ -233,10 +233,61 @@ std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int
 
 namespace {
 
+// Matched correlations under one draw's rotations q when every match stays within its
+// layer (index matching, or scope layer): per layer l only the block C_ll Q_l^T of the
+// rotated co-moments is formed, and for index matching only its diagonal, instead of
+// the whole [N_i, N_j] matrix.
+std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, int j,
+                                          const std::vector<std::vector<double>>& q, const AnalysisOptions& o) {
+  const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
+  const int Di = si.width, Dj = sj.width;
+  const int64_t Ni = si.neurons(), Nj = sj.neurons();
+  // C[a, b] (rows of model i, columns of model j) within the stored cross block.
+  const bool stored_ij = i < j;
+  const std::vector<double>& cross = stored_ij ? stats.cross(i, j) : stats.cross(j, i);
+  auto c_at = [&](int64_t a, int64_t b) { return stored_ij ? cross[a * Nj + b] : cross[b * Ni + a]; };
+  const std::vector<double> var_i = stats.variance_sums(i);
+  std::vector<double> out(Ni), qs(size_t(Dj) * Dj), var_j(Dj), block(size_t(Di) * Dj);
+  for (int l = 0; l < si.layers; ++l) {
+    const std::vector<double>& ql = q[l];
+    cpu::gemm(false, false, Dj, Dj, Dj, 1.0, ql.data(), Dj, stats.within(j, l).data(), Dj, 0.0, qs.data(), Dj);
+    for (int k = 0; k < Dj; ++k) {  // diag(Q S Q^T)
+      double v = 0;
+      for (int a = 0; a < Dj; ++a) v += qs[size_t(k) * Dj + a] * ql[size_t(k) * Dj + a];
+      var_j[k] = v;
+    }
+    const int64_t row0 = int64_t(l) * Di, col0 = int64_t(l) * Dj;
+    auto normalized = [&](double c, int64_t row, int col) {
+      const double denom = std::sqrt(var_i[row] * var_j[col]);
+      return denom > 0 ? c / denom : 0.0;
+    };
+    if (o.match == MatchMode::index) {  // (C Q^T)_kk = C[k, :] . Q[k, :]
+      for (int k = 0; k < Di; ++k) {
+        double c = 0;
+        for (int a = 0; a < Dj; ++a) c += c_at(row0 + k, col0 + a) * ql[size_t(k) * Dj + a];
+        out[row0 + k] = normalized(c, row0 + k, k);
+      }
+      continue;
+    }
+    if (stored_ij)
+      cpu::gemm(false, true, Di, Dj, Dj, 1.0, cross.data() + row0 * Nj + col0, static_cast<int>(Nj), ql.data(), Dj,
+                0.0, block.data(), Dj);
+    else  // the stored block is [N_j, N_i]: its layer block transposed
+      cpu::gemm(true, true, Di, Dj, Dj, 1.0, cross.data() + col0 * Ni + row0, static_cast<int>(Ni), ql.data(), Dj,
+                0.0, block.data(), Dj);
+    for (int k = 0; k < Di; ++k)
+      for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = normalized(block[size_t(k) * Dj + b], row0 + k, b);
+    const Matched m = match_rows(block, Di, Dj, Di, Dj, o);
+    std::copy(m.value.begin(), m.value.end(), out.begin() + row0);
+  }
+  return out;
+}
+
 // The matched correlations of model i's neurons under each of the draws [0, draws) of
 // model j's rotations. Each draw's rotations are a pure function of (seed, model,
 // draw), drawn where used: on the GPU in batches, or on the host several draws at once
-// on threads as far as memory allows (each holds an [N_i, N_j] matrix).
+// on threads as far as memory allows (each holds an [N_i, N_j] matrix, or one layer's
+// block when matches stay within layers).
 std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
                                                  const AnalysisOptions& o) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
@@ -245,11 +296,14 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
 #ifdef UNIV_HAVE_CUDA
   if (o.device == Device::cuda) return rotated_matches_cuda(stats, i, j, draws, o, match);
 #endif
+  const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
   std::vector<std::vector<double>> matched(draws);
-  const int parallel = concurrent_draws(Ni, Nj);
+  const int parallel = within_layers ? concurrent_draws(si.width, sj.width) : concurrent_draws(Ni, Nj);
 #pragma omp parallel for schedule(dynamic) num_threads(parallel)
-  for (int d = 0; d < draws; ++d)
-    matched[d] = match(correlation_matrix(stats, i, j, rotation_matrices(sj, j, d, o.seed)));
+  for (int d = 0; d < draws; ++d) {
+    const auto q = rotation_matrices(sj, j, d, o.seed);
+    matched[d] = within_layers ? rotated_layer_matches(stats, i, j, q, o) : match(correlation_matrix(stats, i, j, q));
+  }
   return matched;
 }
 
