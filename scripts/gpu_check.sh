@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels and the
-# default pair's training time, the PyTorch comparison, the seed experiment's
-# correlation step on GPU and CPU, the whole CTest suite, and compute-sanitizer
-# memcheck (GPU tests) and racecheck (the training ops' and the Haar QR's tests). Each step has a time limit
-# and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
-# summary.txt (one line per step, also printed last) and bench.json.
+# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels, a
+# per-kernel profile of training steps, the default pair's training time, the
+# PyTorch comparison, the seed experiment's correlation step on GPU and CPU, the
+# whole CTest suite, and compute-sanitizer memcheck (GPU tests) and racecheck (the
+# training ops' and the Haar QR's tests). Each step has a time limit and a log;
+# ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
+# summary.txt (one line per step, also printed last), bench.json and profile.txt.
 #
 #   scripts/gpu_check.sh              build for sm_90 here, then check
 #   scripts/gpu_check.sh --prebuilt   use build-gpu-dist from scripts/pack_gpu_build.sh
@@ -56,7 +57,20 @@ bin="$root/build-gpu"
 
 { nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'; } >"$out/machine.txt" 2>&1
 step gpu_tests 90 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
-step bench 90 sh -c "'$bin/bench_kernels' --json > '$out/bench.json' && '$bin/bench_kernels'"
+step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
+# Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
+# locked): three steps of the default pair and two of the large configuration.
+profile() {  # profile NAME TRAIN_PAIR_FLAGS...
+  local name="$1"
+  shift
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-kernel-base function "$bin/train_pair" --device cuda \
+    --out "$logs/profile_$name" --overwrite --test-samples 64 "$@" >"$logs/ncu_$name.csv" &&
+    { echo "== $name"; python3 scripts/ncu_summary.py "$logs/ncu_$name.csv"; } >>"$out/profile.txt"
+}
+step profile 150 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$out'; : >'$out/profile.txt'; \
+  profile seed --steps 3 --samples 256 && \
+  profile large --steps 2 --samples 128 --vocab 256 --seq-len 128 --d-model 256 --heads 8 --d-mlp 1024 --layers 4 --models 1 && \
+  cat '$out/profile.txt'"
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
   python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \

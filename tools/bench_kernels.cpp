@@ -1,10 +1,12 @@
 // bench_kernels: times every CUDA kernel of the training step (CUDA events, warm-up,
 // median of many launches) beside the card's measured copy bandwidth and GEMM rate,
 // whole training steps per configuration, the correlation statistics and the seed
-// experiment's whole correlation step. --json for machines.
+// experiment's whole correlation step. Tables on stdout; --json FILE also writes them
+// for machines.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -311,9 +313,9 @@ nlohmann::json correlation_step(Bench& b) {
 int main(int argc, char** argv) {
   CLI::App app{"bench_kernels: times the CUDA kernels and training steps against the card's copy bandwidth and "
                "GEMM rate"};
-  bool json = false;
+  std::string json;
   int repeats = 50, steps = 200;
-  app.add_flag("--json", json, "print one JSON object instead of tables");
+  app.add_option("--json", json, "also write the results to this file as one JSON object");
   app.add_option("--repeats", repeats, "timed launches per kernel (median reported)")->capture_default_str();
   app.add_option("--steps", steps, "timed training steps per configuration")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -335,9 +337,10 @@ int main(int argc, char** argv) {
     }
     report["correlation"] = correlation(b, fp32.get(), tf32.get());
     report["correlation_step"] = correlation_step(b);
-    if (json) {
-      std::cout << report.dump(2) << '\n';
-      return 0;
+    if (!json.empty()) {
+      std::ofstream file(json);
+      file << report.dump(2) << '\n';
+      if (!file) throw univ::UserError("cannot write " + json);
     }
     const auto& cl = report["ceilings"];
     std::printf("%s\ncopy %.0f GB/s, SGEMM %.1f TFLOP/s fp32, %.1f TFLOP/s tf32\n",
