@@ -15,7 +15,7 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr int kQrThreads = 512;
+constexpr int kQrThreads = 1024;  // a block per matrix: as many warps as a block may have share its columns
 constexpr int kQrWarps = kQrThreads / kWarpSize;
 
 // (0, 1] from 53 bits of two Philox words, as PhiloxStream::next_uniform.
