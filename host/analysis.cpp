@@ -284,17 +284,17 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
 }
 
 // The matched correlations of model i's neurons under each of the draws [0, draws) of
-// model j's rotations. Each draw's rotations are a pure function of (seed, model,
-// draw), drawn where used: on the GPU in batches, or on the host several draws at once
-// on threads as far as memory allows (each holds an [N_i, N_j] matrix, or one layer's
-// block when matches stay within layers).
+// model j's rotations; drawn(n) is told of every n draws done. Each draw's rotations
+// are a pure function of (seed, model, draw), drawn where used: on the GPU in batches,
+// or on the host several draws at once on threads as far as memory allows (each holds
+// an [N_i, N_j] matrix, or one layer's block when matches stay within layers).
 std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
-                                                 const AnalysisOptions& o) {
+                                                 const AnalysisOptions& o, const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
   auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
 #ifdef UNIV_HAVE_CUDA
-  if (o.device == Device::cuda) return rotated_matches_cuda(stats, i, j, draws, o, match);
+  if (o.device == Device::cuda) return rotated_matches_cuda(stats, i, j, draws, o, match, drawn);
 #endif
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
   std::vector<std::vector<double>> matched(draws);
@@ -303,17 +303,25 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
   for (int d = 0; d < draws; ++d) {
     const auto q = rotation_matrices(sj, j, d, o.seed);
     matched[d] = within_layers ? rotated_layer_matches(stats, i, j, q, o) : match(correlation_matrix(stats, i, j, q));
+#pragma omp critical(univ_rotation_progress)
+    drawn(1);
   }
   return matched;
 }
 
 }  // namespace
 
-Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) {
+Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
+                 const std::function<void(int done, int total)>& progress) {
   options.validate();
   check_fit(stats, options);
   const int K = stats.models();
   const int draws = options.baseline_draws + options.null_draws;
+  int draws_done = 0;
+  auto drawn = [&, total = K * (K - 1) * draws](int n) {
+    draws_done += n;
+    if (progress) progress(draws_done, total);
+  };
   Analysis out;
   out.options = options;
   out.tokens = stats.count();
@@ -340,7 +348,7 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options) 
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      const std::vector<std::vector<double>> matched = rotated_matches(stats, i, j, draws, options);
+      const std::vector<std::vector<double>> matched = rotated_matches(stats, i, j, draws, options, drawn);
       // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {

@@ -308,6 +308,26 @@ TEST(Analysis, IndexMatchingOfIdenticalModelsIsUniversalAndBeatsChance) {
   for (const auto& nr : a.neurons) EXPECT_NEAR(nr.partners[0].r, 1.0, 1e-9);
 }
 
+TEST(Analysis, ProgressFollowsEveryRotationDraw) {
+  const std::vector<NeuronShape> shapes{{1, 8}, {1, 8}, {1, 8}};
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> normal;
+  std::vector<std::vector<float>> acts(3, std::vector<float>(300 * 8));
+  for (auto& a : acts)
+    for (float& x : a) x = static_cast<float>(normal(rng));
+  AnalysisOptions o;
+  o.baseline_draws = 3;
+  o.null_draws = 2;
+  std::vector<int> seen;
+  analyze(stats_of(shapes, acts, 300), o, [&](int done, int total) {
+    EXPECT_EQ(total, 3 * 2 * 5);  // ordered model pairs times draws
+    seen.push_back(done);
+  });
+  std::vector<int> expected(30);
+  std::iota(expected.begin(), expected.end(), 1);
+  EXPECT_EQ(seen, expected);
+}
+
 TEST(Analysis, ModesThatDoNotFitTheModelsAreRefused) {
   const std::vector<NeuronShape> shapes{{2, 8}, {2, 6}};
   std::vector<std::vector<float>> acts{std::vector<float>(100 * 16), std::vector<float>(100 * 12)};

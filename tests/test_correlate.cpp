@@ -96,6 +96,7 @@ TEST(CorrelateCli, TwinModelsAreUniversalUnderIndexMatchingAndBeatChance) {
   const ProcessResult r = correlate(dir, {(dir / "twins").string(), "--out", (dir / "report").string()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("exceeds what chance gives"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("rotation draws 32/32"), std::string::npos) << r.err;  // 2 directions x (8 + 8)
   const auto summary = nlohmann::json::parse(read_file(dir / "report" / "summary.json"));
   int dead = 0;
   for (const auto& l : summary.at("layers")) dead += l.at("dead").get<int>();

@@ -88,6 +88,43 @@ void check_outputs(const Flags& f, bool need_report) {
     throw UserError("--save-stats " + f.save_stats + " is a directory");
 }
 
+// A live line on a terminal, a line per tenth of the work otherwise.
+class ProgressLine {
+ public:
+  explicit ProgressLine(bool enabled) : enabled_(enabled) {}
+  void show(int64_t done, int64_t total, const std::string& text) {
+    if (!enabled_) return;
+    const bool last = done == total;
+    const int tenth = static_cast<int>(10 * done / std::max<int64_t>(total, 1));
+    if (!tty_ && !last && tenth == last_tenth_) return;
+    last_tenth_ = tenth;
+    if (tty_) std::cerr << "\r\033[K" << text << (last ? "\n" : "") << std::flush;
+    else std::cerr << text << '\n';
+  }
+
+ private:
+  bool enabled_;
+  bool tty_ = isatty(STDERR_FILENO);
+  int last_tenth_ = -1;
+};
+
+// Tokens streamed and their rate.
+class Progress {
+ public:
+  explicit Progress(bool enabled) : line_(enabled) {}
+  void operator()(const univ::StreamProgress& p) {
+    char text[160];
+    const double seconds = std::max(p.seconds, 1e-9);
+    int used = std::snprintf(text, sizeof text, "tokens %lld/%lld | %.1fk tokens/s", static_cast<long long>(p.tokens_done),
+                             static_cast<long long>(p.tokens_total), static_cast<double>(p.tokens_done) / seconds / 1000);
+    if (p.bytes_read > 0) std::snprintf(text + used, sizeof text - used, " | %.2f GB/s read", p.bytes_read / seconds / 1e9);
+    line_.show(p.tokens_done, p.tokens_total, text);
+  }
+
+ private:
+  ProgressLine line_;
+};
+
 univ::AnalysisOptions analysis_options(const Flags& f) {
   univ::AnalysisOptions o = f.analysis;
   o.match = univ::parse_match_mode(f.match);
@@ -99,7 +136,12 @@ univ::AnalysisOptions analysis_options(const Flags& f) {
 
 void report(const Flags& f, const univ::CorrelationStats& stats, univ::ReportInput input, Clock::time_point start) {
   const auto t0 = Clock::now();
-  const univ::Analysis analysis = univ::analyze(stats, analysis_options(f));
+  ProgressLine line(true);
+  const univ::Analysis analysis = univ::analyze(stats, analysis_options(f), [&](int done, int total) {
+    char text[96];
+    std::snprintf(text, sizeof text, "rotation draws %d/%d | %.1f s", done, total, seconds_since(t0));
+    line.show(done, total, text);
+  });
   input.timings["analysis"] = seconds_since(t0);
   input.analysis = &analysis;
   input.timings["total"] = seconds_since(start);  // writing the report takes milliseconds
@@ -118,31 +160,6 @@ void finish(const Flags& f, const univ::CorrelationStats& stats, const univ::Rep
   }
   if (full_run) report(f, stats, input, start);
 }
-
-// A live line on a terminal, a line per tenth otherwise.
-class Progress {
- public:
-  explicit Progress(bool enabled) : enabled_(enabled) {}
-  void operator()(const univ::StreamProgress& p) {
-    if (!enabled_) return;
-    const bool last = p.tokens_done == p.tokens_total;
-    const int tenth = static_cast<int>(10 * p.tokens_done / std::max<int64_t>(p.tokens_total, 1));
-    if (!tty_ && !last && tenth == last_tenth_) return;
-    last_tenth_ = tenth;
-    char line[160];
-    const double seconds = std::max(p.seconds, 1e-9);
-    int used = std::snprintf(line, sizeof line, "tokens %lld/%lld | %.1fk tokens/s", static_cast<long long>(p.tokens_done),
-                             static_cast<long long>(p.tokens_total), static_cast<double>(p.tokens_done) / seconds / 1000);
-    if (p.bytes_read > 0) std::snprintf(line + used, sizeof line - used, " | %.2f GB/s read", p.bytes_read / seconds / 1e9);
-    if (tty_) std::cerr << "\r\033[K" << line << (last ? "\n" : "") << std::flush;
-    else std::cerr << line << '\n';
-  }
-
- private:
-  bool enabled_;
-  bool tty_ = isatty(STDERR_FILENO);
-  int last_tenth_ = -1;
-};
 
 // The slice of the tokens this process streams: --shard, or this rank's under mpirun.
 // A run is complete (and reported) unless the user asked for one shard.

@@ -66,7 +66,8 @@ std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const Neuro
 
 std::vector<std::vector<double>> rotated_matches_cuda(
     const CorrelationStats& stats, int i, int j, int draws, const AnalysisOptions& options,
-    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host) {
+    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host,
+    const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
   const int L = sj.layers, D = sj.width;
@@ -124,6 +125,7 @@ std::vector<std::vector<double>> rotated_matches_cuda(
       stream.synchronize();
       for (int d = 0; d < count; ++d) out.emplace_back(host.begin() + d * Ni, host.begin() + (d + 1) * Ni);
     }
+    drawn(count);
   }
   return out;
 }

@@ -12,9 +12,11 @@ namespace univ {
 // the rotation draws [0, draws) (rotation_matrices' draws), one [N_i] vector per draw,
 // computed on the current GPU in float64: the Haar matrices, C Q^T, diag(Q S Q^T) and,
 // for index and max matching, the match itself. One-to-one matching runs on the host:
-// match_on_host gets each draw's correlation matrix [N_i, N_j].
+// match_on_host gets each draw's correlation matrix [N_i, N_j]. drawn(n) is told of
+// every n draws done.
 std::vector<std::vector<double>> rotated_matches_cuda(
     const CorrelationStats& stats, int i, int j, int draws, const AnalysisOptions& options,
-    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host);
+    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host,
+    const std::function<void(int)>& drawn);
 
 }  // namespace univ

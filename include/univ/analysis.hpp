@@ -2,6 +2,7 @@
 // baseline applied algebraically, matching of partner neurons, and null counts.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,8 @@ double chance_bound(const NullCount& null);
 
 // UserError when the match mode does not fit the models (index and one-to-one need
 // equal widths, scope layer equal layer counts) or there are fewer than 2 tokens.
-Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options);
+// progress(done, total), when given, follows the rotation draws over all model pairs.
+Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
+                 const std::function<void(int done, int total)>& progress = {});
 
 }  // namespace univ
