@@ -1,12 +1,17 @@
 // Correlation statistics on the GPU: shifted column sums and co-moment blocks
 // sum_t (a_t - shift_a)(b_t - shift_b)^T of token-major activation chunks, added into
-// float64 masters. The products run on tensor cores in split TF32: each shifted value
-// y = hi + lo with hi and lo TF32 numbers, and y_a y_b ~ lo_a hi_b + hi_a hi_b + hi_a lo_b
-// (the dropped lo lo is 2^-22 relative). The three terms are one cuBLAS TF32 GEMM of
-// depth 3n over a stacked copy [lo; hi; hi; lo] of each span: rows [0, 3n) of a's
+// float64 masters. The products run on tensor cores on split values: each shifted
+// value y = hi + lo with hi and lo of 11 significant bits, and y_a y_b ~ lo_a hi_b +
+// hi_a hi_b + hi_a lo_b (the dropped lo lo is 2^-22 relative). The parts are TF32
+// numbers, or FP16 numbers after scaling each neuron by a power of two (exact) that
+// maps the first chunk's largest |y| to 2^6, FP16 reaching 2^16; FP16 products run at
+// about twice TF32's rate. The three terms are one cuBLAS GEMM of depth 3n with float32
+// accumulation over a stacked copy [lo; hi; hi; lo] of each span: rows [0, 3n) of a's
 // stack against rows [n, 4n) of b's pair exactly those terms, so the float32 product
 // is written once per span (not read and written by three GEMMs) before it joins the
 // float64 master. No atomics; cuBLAS is bitwise reproducible for fixed shapes on one GPU.
+#include <cuda_fp16.h>
+
 #include <cstdint>
 #include <stdexcept>
 
@@ -18,6 +23,7 @@ namespace univ::cuda {
 namespace {
 
 constexpr int kSumColumns = 32, kSumLanes = 8;  // column sums: block of 32 columns x 8 token lanes
+constexpr int kF16TopExponent = 6;                // FP16 split: the first chunk's largest |y| maps to <= 2^6
 
 __device__ inline float round_tf32(float x) {
   uint32_t bits;
@@ -39,6 +45,48 @@ __global__ void split_tf32_kernel(float* __restrict__ stacked, const float* __re
     stacked[total + i] = hi;
     stacked[2 * total + i] = hi;
     stacked[3 * total + i] = lo;
+  }
+}
+
+// stacked [4, n, cols] = lo | hi | hi | lo, the FP16 parts of (x[t, c] - shift[c]) *
+// inv_scale[c]; *overflow = 1 where a part is not finite (past FP16's range).
+__global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
+                                 const float* __restrict__ shift, const float* __restrict__ inv_scale, int cols,
+                                 int64_t n, int* __restrict__ overflow) {
+  const int64_t total = n * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / cols;
+    const int c = static_cast<int>(i - t * cols);
+    const float y = (x[t * ldx + c] - shift[c]) * inv_scale[c];
+    const __half hi = __float2half_rn(y);
+    const float hi_value = __half2float(hi);
+    const __half lo = __float2half_rn(y - hi_value);
+    if (!isfinite(hi_value)) *overflow = 1;
+    stacked[i] = lo;
+    stacked[total + i] = hi;
+    stacked[2 * total + i] = hi;
+    stacked[3 * total + i] = lo;
+  }
+}
+
+// inv_scale[c] = 2^(kF16TopExponent - e) where the column's largest |x - shift| over n
+// rows is at most 2^e (for a column constant there, |shift| stands in; 1 when that is
+// 0 too). Block: kSumColumns columns x kSumLanes token lanes.
+__global__ void column_scales_kernel(float* __restrict__ inv_scale, const float* __restrict__ x, int64_t ld,
+                                     const float* __restrict__ shift, int cols, int64_t n) {
+  __shared__ float partial[kSumLanes][kSumColumns];
+  const int c = blockIdx.x * kSumColumns + threadIdx.x;
+  float largest = 0.0f;
+  if (c < cols)
+    for (int64_t t = threadIdx.y; t < n; t += kSumLanes) largest = fmaxf(largest, fabsf(x[t * ld + c] - shift[c]));
+  partial[threadIdx.y][threadIdx.x] = largest;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    for (int lane = 1; lane < kSumLanes; ++lane) largest = fmaxf(largest, partial[lane][threadIdx.x]);
+    if (largest == 0.0f) largest = fabsf(shift[c]);
+    int e = 0;
+    if (largest > 0.0f && isfinite(largest)) frexpf(largest, &e);  // largest <= 2^e
+    inv_scale[c] = largest > 0.0f ? ldexpf(1.0f, max(-100, min(100, kF16TopExponent - e))) : 1.0f;
   }
 }
 
@@ -99,18 +147,38 @@ void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift,
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_stacked,
-                         int64_t lda, int rows, const float* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, int batch, int64_t column_stride) {
+void column_scales(float* inv_scale, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
+                   cudaStream_t stream) {
+  if (cols <= 0 || n <= 0) return;
+  column_scales_kernel<<<ceil_div(cols, kSumColumns), dim3(kSumColumns, kSumLanes), 0, stream>>>(inv_scale, x, ld,
+                                                                                                  shift, cols, n);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
+               int64_t n, int* overflow, cudaStream_t stream) {
+  if (cols <= 0 || n <= 0) return;
+  split_f16_kernel<<<blocks_for(n * cols, 256), 256, 0, stream>>>(static_cast<__half*>(stacked), x, ldx, shift,
+                                                                  inv_scale, cols, n, overflow);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
+                         int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
+                         float* product, cudaStream_t stream, Split split, int batch, int64_t column_stride) {
   if (rows <= 0 || cols <= 0 || n <= 0 || batch <= 0) return;
   if (3 * n > INT32_MAX) throw std::invalid_argument("comoment_accumulate: span too long for one GEMM");
   // Column-major view: product^T [cols, rows] = b' [cols, 3n] x a'^T [3n, rows] with
   // a' = a's stack rows [0, 3n) (lo, hi, hi) and b' = b's rows [n, 4n) (hi, hi, lo).
+  const bool f16 = split == Split::f16;
+  const cudaDataType_t type = f16 ? CUDA_R_16F : CUDA_R_32F;
+  const int64_t part_bytes = f16 ? 2 : 4;
+  const void* b_rows = static_cast<const char*>(b_stacked) + n * ldb * part_bytes;
   const float one = 1.0f, zero = 0.0f;
   UNIV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-      handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(3 * n), &one, b_stacked + n * ldb, CUDA_R_32F,
-      static_cast<int>(ldb), column_stride, a_stacked, CUDA_R_32F, static_cast<int>(lda), column_stride, &zero,
-      product, CUDA_R_32F, cols, int64_t(rows) * cols, batch, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+      handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(3 * n), &one, b_rows, type, static_cast<int>(ldb),
+      column_stride, a_stacked, type, static_cast<int>(lda), column_stride, &zero, product, CUDA_R_32F, cols,
+      int64_t(rows) * cols, batch, f16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
   // The batch's masters follow one another (rows * ld_master apart): one pass over all.
   const int all_rows = batch * rows;
   add_to_float64_kernel<<<blocks_for(int64_t(all_rows) * cols, 256), 256, 0, stream>>>(master, ld_master, product,

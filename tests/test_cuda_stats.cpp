@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <stdexcept>
 
 #include "stats_reference.hpp"
 #include "test_util.hpp"
@@ -36,16 +37,17 @@ class GpuStats : public ::testing::Test {
 };
 
 // Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory,
-// float32 sums over spans of `span` tokens (0: the default).
+// float32 sums over spans of `span` tokens (0: the default) of products of `split` parts.
 CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
-                           const std::vector<int64_t>& chunks, int64_t span = 0) {
+                           const std::vector<int64_t>& chunks, int64_t span = 0,
+                           SplitPrecision split = SplitPrecision::tf32) {
   std::vector<cuda::DeviceBuffer<float>> device;
   for (const auto& a : acts) {
     device.emplace_back(a.size());
     device.back().upload(a.data(), a.size(), nullptr);
   }
   UNIV_CUDA_CHECK(cudaDeviceSynchronize());
-  CudaStatsAccumulator acc(shapes, span);
+  CudaStatsAccumulator acc(shapes, span, split);
   int64_t at = 0;
   for (int64_t n : chunks) {
     std::vector<const float*> ptrs;
@@ -77,13 +79,16 @@ double worst_cross_error(const std::vector<std::vector<float>>& acts, const std:
 
 TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   // Widths that are not multiples of 16, chunks of 1 and of token counts off the
-  // 1024-token float32 spans.
+  // 1024-token float32 spans; both splits.
   const std::vector<NeuronShape> shapes{{2, 37}, {1, 150}, {3, 21}};
   const std::vector<int64_t> chunks{1999, 1, 3000, 517};
   const int64_t n = 1999 + 1 + 3000 + 517;
   const auto acts = correlated_acts(shapes, n, 1e3, 7);
+  for (SplitPrecision split : {SplitPrecision::f16, SplitPrecision::tf32}) {
+    SCOPED_TRACE(split == SplitPrecision::f16 ? "fp16 split" : "tf32 split");
+    EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, chunks, 0, split), n), kGpuR);
+  }
   const CorrelationStats s = gpu_stats(acts, shapes, chunks);
-  EXPECT_LT(worst_cross_error(acts, shapes, s, n), kGpuR);
   // Within-layer blocks (the rotation baseline's), and the means.
   const auto& w = s.within(2, 1);
   for (int a = 0; a < 21; ++a)
@@ -104,7 +109,18 @@ TEST_F(GpuStats, LongSpansKeepTheAccuracy) {
   const std::vector<NeuronShape> shapes{{1, 40}, {2, 24}};
   const int64_t n = 9000 + 517;
   const auto acts = correlated_acts(shapes, n, 1e3, 9);
-  EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 8192), n), kGpuR);
+  for (SplitPrecision split : {SplitPrecision::tf32, SplitPrecision::f16})
+    EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 8192, split), n), kGpuR)
+        << (split == SplitPrecision::f16 ? "fp16 split" : "tf32 split");
+}
+
+TEST_F(GpuStats, Fp16SplitOverflowIsReported) {
+  // Values a million times the first chunk's leave FP16's range even after scaling.
+  const std::vector<NeuronShape> shapes{{1, 4}, {1, 4}};
+  auto acts = correlated_acts(shapes, 200, 0.0, 10);
+  for (size_t i = 100 * 4; i < acts[1].size(); ++i) acts[1][i] *= 1e6f;
+  EXPECT_THROW(gpu_stats(acts, shapes, {100, 100}, 0, SplitPrecision::f16), std::runtime_error);
+  EXPECT_NO_THROW(gpu_stats(acts, shapes, {100, 100}, 0, SplitPrecision::tf32));
 }
 
 TEST_F(GpuStats, AreBitwiseReproducibleAndMatchTheCpu) {

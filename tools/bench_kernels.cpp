@@ -186,8 +186,9 @@ univ::RunConfig large_config() {
 // The correlation engine on 2 models of 16 layers x 256 neurons (4096 x 4096 cross
 // block, and the within-layer blocks): one chunk of 16384 tokens through
 // CudaStatsAccumulator (column sums, split-TF32 co-moments, float64 masters), median
-// of several, projected to 1M tokens, at the default float32 span and longer ones
-// (GpuStats.LongSpansKeepTheAccuracy checks their accuracy); beside it cuBLAS's plain
+// of several, projected to 1M tokens, with the default split-TF32 over 1024-token
+// float32 spans and with the FP16 split and longer spans (GpuStats.* check their
+// accuracy); beside it cuBLAS's plain
 // A^T B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
 // framework would call.
 nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
@@ -198,8 +199,8 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   auto a = random_device(size_t(chunk) * N, s), x = random_device(size_t(chunk) * N, s, 2.0f);
   b.stream.synchronize();
   // Median ms of one chunk through an accumulator with float32 spans of `span` tokens.
-  auto chunk_ms = [&](int64_t span) {
-    univ::CudaStatsAccumulator acc({shape, shape}, span);
+  auto chunk_ms = [&](int64_t span, univ::SplitPrecision split) {
+    univ::CudaStatsAccumulator acc({shape, shape}, span, split);
     std::vector<double> ms;
     for (int i = 0; i < 6; ++i) {  // the first add sets the shift and warms up
       const auto t0 = std::chrono::steady_clock::now();
@@ -211,10 +212,15 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
     return ms[ms.size() / 2];
   };
   const double chunks = double(tokens) / chunk;
-  nlohmann::json spans = nlohmann::json::array();
-  for (int64_t span : {int64_t(2048), int64_t(4096), int64_t(8192)})
-    spans.push_back({{"span", span}, {"projected_ms", chunk_ms(span) * chunks}});
-  const double default_ms = chunk_ms(univ::cuda::kComomentSpan);
+  nlohmann::json variants = nlohmann::json::array();
+  for (const auto split : {univ::SplitPrecision::tf32, univ::SplitPrecision::f16})
+    for (int64_t span : {int64_t(1024), int64_t(2048), int64_t(4096), int64_t(8192)}) {
+      if (split == univ::SplitPrecision::tf32 && span == univ::cuda::kComomentSpan) continue;  // the default, below
+      variants.push_back({{"split", split == univ::SplitPrecision::f16 ? "fp16" : "tf32"},
+                          {"span", span},
+                          {"projected_ms", chunk_ms(span, split) * chunks}});
+    }
+  const double default_ms = chunk_ms(univ::cuda::kComomentSpan, univ::SplitPrecision::tf32);
   DeviceBuffer<float> product(size_t(N) * N);
   const float one = 1, zero = 0;
   const int saved = b.repeats;
@@ -234,7 +240,7 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
           {"chunk_ms", default_ms},
           {"projected_ms", default_ms * chunks},
           {"cross_block_TFLOPs", 2.0 * N * N * chunk / default_ms / 1e9},
-          {"longer_spans", spans},
+          {"variants", variants},
           {"cublas_sgemm_fp32_projected_ms", sgemm_ms * chunks},
           {"cublas_sgemm_tf32_projected_ms", tf32_ms * chunks}};
 }
@@ -360,9 +366,9 @@ int main(int argc, char** argv) {
                 c["neurons"].get<int>(), static_cast<long long>(c["tokens"].get<int64_t>()),
                 c["chunk_tokens"].get<int>(), c["projected_ms"].get<double>(), c["cross_block_TFLOPs"].get<double>(),
                 c["cublas_sgemm_fp32_projected_ms"].get<double>(), c["cublas_sgemm_tf32_projected_ms"].get<double>());
-    for (const auto& sp : c["longer_spans"])
-      std::printf("  with float32 spans of %lld tokens: %.1f ms\n", static_cast<long long>(sp["span"].get<int64_t>()),
-                  sp["projected_ms"].get<double>());
+    for (const auto& v : c["variants"])
+      std::printf("  %s split, float32 spans of %lld tokens: %.1f ms\n", v["split"].get<std::string>().c_str(),
+                  static_cast<long long>(v["span"].get<int64_t>()), v["projected_ms"].get<double>());
     const auto& r = report["correlation_step"];
     std::printf("seed correlation step, 2 x %d neurons over %lld tokens, %d draws each way: %.1f ms (forward and "
                 "statistics %.1f ms, analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of "

@@ -83,6 +83,11 @@ class CpuStatsAccumulator {
   std::vector<std::vector<double>> shifted_;  // scratch: x - shift in float64, [n, N_m]
 };
 
+// The parts the GPU splits each shifted value into for its tensor-core products (see
+// kernels/comoment.cu): TF32, or FP16 after a power-of-two scale per neuron (twice the
+// TF32 rate; values may not grow more than about 1000-fold past the first chunk's).
+enum class SplitPrecision { tf32, f16 };
+
 // Streams float32 activation chunks that are already on the GPU into a
 // CorrelationStats: the shifted sums and co-moment blocks are float64 masters on the
 // device (kernels/comoment.cu), centered once when stats() is asked. CUDA builds only.
@@ -91,7 +96,8 @@ class CudaStatsAccumulator {
   // span: tokens whose products one float32 GEMM sums before they join the float64
   // masters (0: cuda::kComomentSpan); longer spans mean fewer float64 passes and
   // larger float32 sums.
-  explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span = 0);
+  explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span = 0,
+                                SplitPrecision split = SplitPrecision::tf32);
   ~CudaStatsAccumulator();
   // acts[m]: device pointers to model m's activations for n tokens, token-major
   // [n, N_m], complete before the call. Returns once the chunk's work is enqueued:
@@ -101,12 +107,14 @@ class CudaStatsAccumulator {
   // pinned): host_acts too must stay unchanged until synchronize().
   void add_from_host(const std::vector<const float*>& host_acts, int64_t n);
   void synchronize() const;
+  // std::runtime_error when an FP16 split overflowed.
   CorrelationStats stats() const;
 
  private:
   struct Device;
   std::vector<NeuronShape> shapes_;
   int64_t span_;
+  SplitPrecision split_;
   std::unique_ptr<Device> device_;  // keeps CUDA types out of this header
   int64_t count_ = 0;
 };

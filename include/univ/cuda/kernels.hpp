@@ -115,19 +115,31 @@ void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cuda
 // Tokens whose products a float32 sum spans before joining the float64 master (the
 // default of CudaStatsAccumulator).
 constexpr int64_t kComomentSpan = 1024;
+// The parts a shifted value is split into: TF32 numbers, or FP16 numbers of the value
+// scaled by a power of two (column_scales).
+enum class Split { tf32, f16 };
 // stacked [4, n, cols] (packed) = lo | hi | hi | lo, the TF32 parts of y = x[t, c] -
 // shift[c] (x row stride ldx): hi = tf32(y), lo = tf32(y - hi).
 void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
                 cudaStream_t stream);
+// inv_scale[cols]: powers of two that map each column's largest |x - shift| over n rows
+// to at most 2^6 (FP16 reaches 2^16: values may grow 1000-fold before overflowing).
+void column_scales(float* inv_scale, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
+                   cudaStream_t stream);
+// stacked [4, n, cols] FP16 (packed) = lo | hi | hi | lo, the FP16 parts of y = (x[t, c]
+// - shift[c]) * inv_scale[c]; *overflow set to 1 when a part is not finite.
+void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
+               int64_t n, int* overflow, cudaStream_t stream);
 // master[rows, cols] (row stride ld_master) += sum over n tokens of y_a[t]^T y_b[t],
-// from split_tf32's stacks of a (row stride lda, rows columns) and of b (ldb, cols):
-// one TF32 GEMM of depth 3n on `handle` (bound to `stream`) into product [batch, rows,
-// cols] (scratch), then added in float64. With batch > 1, entry e reads columns from
-// e * column_stride of a and b and adds into master + e * rows * ld_master (e.g. every
-// layer's within-layer block at once).
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const float* a_stacked,
-                         int64_t lda, int rows, const float* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, int batch = 1, int64_t column_stride = 0);
+// from the stacks of a (row stride lda, rows columns) and of b (ldb, cols) that split_tf32
+// or split_f16 wrote: one GEMM of depth 3n with float32 accumulation on `handle` (bound
+// to `stream`) into product [batch, rows, cols] (scratch), then added in float64. With
+// batch > 1, entry e reads columns from e * column_stride of a and b and adds into
+// master + e * rows * ld_master (e.g. every layer's within-layer block at once).
+void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
+                         int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
+                         float* product, cudaStream_t stream, Split split = Split::tf32, int batch = 1,
+                         int64_t column_stride = 0);
 
 // rotation.cu: the rotation baseline -------------------------------------------------
 // q [batch, n, n] column-major: Haar-random orthogonal matrices, matrix b from the
