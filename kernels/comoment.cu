@@ -49,7 +49,7 @@ __global__ void split_tf32_kernel(float* __restrict__ stacked, const float* __re
 }
 
 // stacked [4, n, cols] = lo | hi | hi | lo, the FP16 parts of (x[t, c] - shift[c]) *
-// inv_scale[c]; *overflow = 1 where a part is not finite (past FP16's range).
+// inv_scale[c]; *overflow = 1 where a finite value leaves FP16's range.
 __global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
                                  const float* __restrict__ shift, const float* __restrict__ inv_scale, int cols,
                                  int64_t n, int* __restrict__ overflow) {
@@ -61,7 +61,7 @@ __global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __re
     const __half hi = __float2half_rn(y);
     const float hi_value = __half2float(hi);
     const __half lo = __float2half_rn(y - hi_value);
-    if (!isfinite(hi_value)) *overflow = 1;
+    if (isfinite(y) && !isfinite(hi_value)) *overflow = 1;  // non-finite inputs pass, as in the TF32 split
     stacked[i] = lo;
     stacked[total + i] = hi;
     stacked[2 * total + i] = hi;

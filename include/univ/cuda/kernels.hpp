@@ -127,7 +127,7 @@ void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift,
 void column_scales(float* inv_scale, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
                    cudaStream_t stream);
 // stacked [4, n, cols] FP16 (packed) = lo | hi | hi | lo, the FP16 parts of y = (x[t, c]
-// - shift[c]) * inv_scale[c]; *overflow set to 1 when a part is not finite.
+// - shift[c]) * inv_scale[c]; *overflow set to 1 when a finite value leaves FP16's range.
 void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
                int64_t n, int* overflow, cudaStream_t stream);
 // master[rows, cols] (row stride ld_master) += sum over n tokens of y_a[t]^T y_b[t],
