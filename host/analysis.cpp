@@ -292,10 +292,15 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
                                                  const AnalysisOptions& o, const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
-  auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
 #ifdef UNIV_HAVE_CUDA
-  if (o.device == Device::cuda) return rotated_matches_cuda(stats, i, j, draws, o, match, drawn);
+  if (o.device == Device::cuda) {
+    auto whole = [&](const std::vector<double>& r, int64_t rows, int64_t cols) {
+      return match_rows(r, rows, cols, static_cast<int>(rows), static_cast<int>(cols), o).value;
+    };
+    return rotated_matches_cuda(stats, i, j, draws, o, whole, drawn);
+  }
 #endif
+  auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
   std::vector<std::vector<double>> matched(draws);
   const int parallel = within_layers ? concurrent_draws(si.width, sj.width) : concurrent_draws(Ni, Nj);

@@ -143,36 +143,37 @@ __global__ void rotated_variances_kernel(double* __restrict__ var, const double*
   }
 }
 
-// r[d, a, b] /= sqrt(var_rows[a] var_cols[d, b]); 0 where that product is not positive.
+// r[d, a, b] /= sqrt(var_rows[a] var_cols[d, col0 + b]); 0 where that product is not
+// positive. col0 = (a / row_block) cols for layer blocks (row_block > 0), else 0.
 __global__ void normalize_correlations_kernel(double* __restrict__ r, const double* __restrict__ var_rows,
                                               const double* __restrict__ var_cols, int64_t rows, int64_t cols,
-                                              int batch) {
+                                              int64_t var_cols_stride, int row_block, int batch) {
   const int64_t total = int64_t(batch) * rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = i / (rows * cols), rest = i - d * rows * cols, a = rest / cols, b = rest - a * cols;
-    const double denom = sqrt(var_rows[a] * var_cols[d * cols + b]);
+    const int64_t col0 = row_block > 0 ? a / row_block * cols : 0;
+    const double denom = sqrt(var_rows[a] * var_cols[d * var_cols_stride + col0 + b]);
     r[i] = denom > 0 ? r[i] / denom : 0.0;
   }
 }
 
-// out[d, a] = the largest r[d, a, c] over c in the row's column range (the first on
-// ties), or r[d, a, a] for index matching; one warp per row.
+// out[d, a] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c] (the
+// first on ties); one warp per row.
 __global__ void match_rows_kernel(double* __restrict__ out, const double* __restrict__ r, int64_t rows, int64_t cols,
-                                  int row_width, int col_width, bool index, bool per_layer, int batch) {
+                                  bool index, int batch) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t w = blockIdx.x * int64_t(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; w < batch * rows;
        w += warps) {
-    const int64_t d = w / rows, a = w - d * rows;
-    const double* row = r + (d * rows + a) * cols;
+    const int64_t a = w % rows;
+    const double* row = r + w * cols;
     if (index) {
-      if (lane == 0) out[w] = row[a];
+      if (lane == 0) out[w] = row[a % cols];
       continue;
     }
-    const int64_t c0 = per_layer ? a / row_width * col_width : 0, c1 = per_layer ? c0 + col_width : cols;
     double best = -INFINITY;
-    int64_t at = c1;
-    for (int64_t c = c0 + lane; c < c1; c += kWarpSize)
+    int64_t at = cols;
+    for (int64_t c = lane; c < cols; c += kWarpSize)
       if (row[c] > best) best = row[c], at = c;
     for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
       const double other = __shfl_xor_sync(kFullMask, best, offset);
@@ -218,20 +219,20 @@ void rotated_variances(double* var, const double* qs, const double* q, int n, in
 }
 
 void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
-                            int batch, cudaStream_t stream) {
+                            int64_t var_cols_stride, int row_block, int batch, cudaStream_t stream) {
   const int64_t total = int64_t(batch) * rows * cols;
   if (total <= 0) return;
-  normalize_correlations_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(r, var_rows, var_cols, rows, cols, batch);
+  normalize_correlations_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(r, var_rows, var_cols, rows, cols,
+                                                                            var_cols_stride, row_block, batch);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void match_rows(double* out, const double* r, int64_t rows, int64_t cols, int row_width, int col_width, bool index,
-                bool per_layer, int batch, cudaStream_t stream) {
+void match_rows(double* out, const double* r, int64_t rows, int64_t cols, bool index, int batch,
+                cudaStream_t stream) {
   const int64_t total = int64_t(batch) * rows;
   if (total <= 0) return;
   constexpr int threads = 256;
-  match_rows_kernel<<<blocks_for(total * kWarpSize, threads), threads, 0, stream>>>(out, r, rows, cols, row_width,
-                                                                                    col_width, index, per_layer, batch);
+  match_rows_kernel<<<blocks_for(total * kWarpSize, threads), threads, 0, stream>>>(out, r, rows, cols, index, batch);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

@@ -90,8 +90,10 @@ TEST_F(GpuRotation, AnalysisEqualsTheHostsInEveryMode) {
     MatchMode match;
     MatchScope scope;
   };
+  // Within layers the GPU forms layer blocks, across layers whole matrices.
   for (const Case& c : {Case{MatchMode::index, MatchScope::layer}, Case{MatchMode::max, MatchScope::layer},
-                        Case{MatchMode::max, MatchScope::all}, Case{MatchMode::one_to_one, MatchScope::layer}}) {
+                        Case{MatchMode::max, MatchScope::all}, Case{MatchMode::one_to_one, MatchScope::layer},
+                        Case{MatchMode::one_to_one, MatchScope::all}}) {
     SCOPED_TRACE(to_string(c.match) + "/" + to_string(c.scope));
     AnalysisOptions o;
     o.match = c.match;

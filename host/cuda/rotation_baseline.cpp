@@ -1,7 +1,9 @@
 // The rotation baseline on the GPU: per batch of draws, the Haar matrices of model j's
-// layers (kernels/rotation.cu), the rotated co-moments C Q^T and Q S (cuBLAS DGEMM,
-// strided-batched over draws), the rotated variances diag(Q S Q^T), the correlations
-// and their matches. Everything stays in float64; only the matched values come back.
+// layers (kernels/rotation.cu), the rotated co-moments C Q^T (only each layer's block
+// where matches stay within layers) and Q S (cuBLAS DGEMM, strided-batched over
+// draws), the rotated variances diag(Q S Q^T), the correlations and their matches.
+// Everything stays in float64; for index and max matching only the matched values
+// come back.
 #include "rotation_baseline.hpp"
 
 #include <algorithm>
@@ -16,8 +18,8 @@ namespace univ {
 namespace {
 
 // Draws whose matrices are held at once: all of them, as far as 2 GiB allows.
-int draws_per_batch(int64_t Ni, int64_t Nj, const NeuronShape& sj, int draws) {
-  const double per_draw = sizeof(double) * (static_cast<double>(Ni) * static_cast<double>(Nj) + double(Nj) +
+int draws_per_batch(int64_t correlations, const NeuronShape& sj, int draws) {
+  const double per_draw = sizeof(double) * (static_cast<double>(correlations) + double(sj.neurons()) +
                                             3.0 * sj.layers * double(sj.width) * sj.width);
   const double budget = 2.0 * (int64_t(1) << 30);
   return std::max(1, std::min(draws, static_cast<int>(std::min(budget / per_draw, 1e6))));
@@ -64,15 +66,18 @@ std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const Neuro
   return out;
 }
 
-std::vector<std::vector<double>> rotated_matches_cuda(
-    const CorrelationStats& stats, int i, int j, int draws, const AnalysisOptions& options,
-    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host,
-    const std::function<void(int)>& drawn) {
+std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& stats, int i, int j, int draws,
+                                                      const AnalysisOptions& options, const HostMatch& match_on_host,
+                                                      const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
-  const int L = sj.layers, D = sj.width;
+  const int L = sj.layers, Di = si.width, D = sj.width;
   const int64_t block = int64_t(D) * D;
-  const int batch = draws_per_batch(Ni, Nj, sj, draws);
+  // Where matches stay within layers, each row's layer block of C Q^T (rows [N_i, D]),
+  // else the whole [N_i, N_j].
+  const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;
+  const int64_t cols = within_layers ? D : Nj, per_draw = Ni * cols;
+  const int batch = draws_per_batch(per_draw, sj, draws);
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
   cuda::CublasHandle cublas(s, false);
@@ -92,7 +97,7 @@ std::vector<std::vector<double>> rotated_matches_cuda(
   for (int l = 0; l < L; ++l) within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric
 
   cuda::DeviceBuffer<double> q(size_t(batch) * L * block), work(q.size()), qs(q.size());
-  cuda::DeviceBuffer<double> r(size_t(batch) * Ni * Nj), var_j(size_t(batch) * Nj), matched(size_t(batch) * Ni);
+  cuda::DeviceBuffer<double> r(size_t(batch) * per_draw), var_j(size_t(batch) * Nj), matched(size_t(batch) * Ni);
   cuda::DeviceBuffer<uint64_t> streams(size_t(batch) * L);
   const bool on_host = options.match == MatchMode::one_to_one;
   std::vector<double> host(on_host ? r.size() : matched.size());
@@ -102,25 +107,39 @@ std::vector<std::vector<double>> rotated_matches_cuda(
     const int count = std::min(batch, draws - first);
     draw_rotations(q, work, streams, sj, j, first, count, options.seed, s);
     for (int l = 0; l < L; ++l) {
-      // Rotated co-moments: (C Q^T)^T = Q C^T on the layer's rows of C^T; and Q S.
-      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(Ni), D,
-                                                  &one, q.data() + l * block, D, L * block, c.data() + int64_t(l) * D,
-                                                  static_cast<int>(Nj), 0, &zero, r.data() + int64_t(l) * D,
-                                                  static_cast<int>(Nj), Ni * Nj, count));
+      // Rotated co-moments (C Q^T)^T = Q C^T on the layer's rows of C^T: its columns of
+      // layer l's rows (within layers) or all of them; and Q S.
+      const int64_t row0 = within_layers ? int64_t(l) * Di : 0;
+      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(
+          cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(within_layers ? Di : Ni), D, &one,
+          q.data() + l * block, D, L * block, c.data() + int64_t(l) * D + row0 * Nj, static_cast<int>(Nj), 0, &zero,
+          r.data() + (within_layers ? row0 * D : int64_t(l) * D), static_cast<int>(cols), per_draw, count));
       UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one,
                                                   q.data() + l * block, D, L * block, within.data() + l * block, D, 0,
                                                   &zero, qs.data() + l * block, D, L * block, count));
     }
     cuda::rotated_variances(var_j.data(), qs.data(), q.data(), D, count * L, s);
-    cuda::normalize_correlations(r.data(), var_i.data(), var_j.data(), Ni, Nj, count, s);
+    cuda::normalize_correlations(r.data(), var_i.data(), var_j.data(), Ni, cols, Nj, within_layers ? Di : 0, count,
+                                 s);
     if (on_host) {
-      r.download(host.data(), size_t(count) * Ni * Nj, s);
+      r.download(host.data(), size_t(count) * per_draw, s);
       stream.synchronize();
-      for (int d = 0; d < count; ++d)
-        out.push_back(match_on_host(std::vector<double>(host.begin() + d * Ni * Nj, host.begin() + (d + 1) * Ni * Nj)));
+      for (int d = 0; d < count; ++d) {
+        const auto first_row = host.begin() + d * per_draw;
+        if (!within_layers) {
+          out.push_back(match_on_host(std::vector<double>(first_row, first_row + per_draw), Ni, Nj));
+          continue;
+        }
+        std::vector<double> values;  // layer by layer: [D_i, D] blocks
+        for (int l = 0; l < si.layers; ++l) {
+          const auto rows = first_row + int64_t(l) * Di * D;
+          const std::vector<double> m = match_on_host(std::vector<double>(rows, rows + int64_t(Di) * D), Di, D);
+          values.insert(values.end(), m.begin(), m.end());
+        }
+        out.push_back(std::move(values));
+      }
     } else {
-      cuda::match_rows(matched.data(), r.data(), Ni, Nj, si.width, D, options.match == MatchMode::index,
-                       options.scope == MatchScope::layer, count, s);
+      cuda::match_rows(matched.data(), r.data(), Ni, cols, options.match == MatchMode::index, count, s);
       matched.download(host.data(), size_t(count) * Ni, s);
       stream.synchronize();
       for (int d = 0; d < count; ++d) out.emplace_back(host.begin() + d * Ni, host.begin() + (d + 1) * Ni);

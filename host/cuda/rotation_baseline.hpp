@@ -1,6 +1,7 @@
 // The rotation baseline on the GPU (CUDA builds only): analyze() dispatches here for
 // Device::cuda.
 #pragma once
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -8,15 +9,18 @@
 
 namespace univ {
 
+// Matched values of the rows of a correlation matrix [rows, cols] on the host, all of
+// its columns open to every row.
+using HostMatch = std::function<std::vector<double>(const std::vector<double>& r, int64_t rows, int64_t cols)>;
+
 // The matched correlations of model i's neurons with model j's neurons under each of
 // the rotation draws [0, draws) (rotation_matrices' draws), one [N_i] vector per draw,
-// computed on the current GPU in float64: the Haar matrices, C Q^T, diag(Q S Q^T) and,
-// for index and max matching, the match itself. One-to-one matching runs on the host:
-// match_on_host gets each draw's correlation matrix [N_i, N_j]. drawn(n) is told of
-// every n draws done.
-std::vector<std::vector<double>> rotated_matches_cuda(
-    const CorrelationStats& stats, int i, int j, int draws, const AnalysisOptions& options,
-    const std::function<std::vector<double>(const std::vector<double>&)>& match_on_host,
-    const std::function<void(int)>& drawn);
+// computed on the current GPU in float64: the Haar matrices, C Q^T (each layer's block
+// where matches stay within layers), diag(Q S Q^T) and, for index and max matching, the
+// match itself. One-to-one matching runs on the host: match_on_host gets each layer
+// block, or each whole matrix. drawn(n) is told of every n draws done.
+std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& stats, int i, int j, int draws,
+                                                      const AnalysisOptions& options, const HostMatch& match_on_host,
+                                                      const std::function<void(int)>& drawn);
 
 }  // namespace univ

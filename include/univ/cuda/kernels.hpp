@@ -152,13 +152,14 @@ int haar_max_width();  // of the current device (its shared memory holds 3 n dou
 // var [batch, n] = the diagonals of qs[b] q[b]^T (column-major n x n): with qs = Q S,
 // the variances diag(Q S Q^T) of rotated neurons.
 void rotated_variances(double* var, const double* qs, const double* q, int n, int batch, cudaStream_t stream);
-// r [batch, rows, cols] /= sqrt(var_rows[rows] var_cols[batch, cols]); 0 where a
-// variance is 0.
+// r [batch, rows, cols] /= sqrt(var_rows[a] var_cols[d * var_cols_stride + col0 + b]); 0
+// where a variance is 0. With row_block > 0, row a of r holds only its layer's columns
+// (layers of row_block rows and cols columns): col0 = (a / row_block) * cols; else 0.
 void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
-                            int batch, cudaStream_t stream);
-// out [batch, rows] = r[d, a, a] (index) or the largest r[d, a, c] over c in a's layer
-// block (per_layer: blocks of row_width rows and col_width columns) or over all c.
-void match_rows(double* out, const double* r, int64_t rows, int64_t cols, int row_width, int col_width, bool index,
-                bool per_layer, int batch, cudaStream_t stream);
+                            int64_t var_cols_stride, int row_block, int batch, cudaStream_t stream);
+// out [batch, rows] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c]
+// over the row (the first on ties).
+void match_rows(double* out, const double* r, int64_t rows, int64_t cols, bool index, int batch,
+                cudaStream_t stream);
 
 }  // namespace univ::cuda
