@@ -1,7 +1,8 @@
 // The rotation baseline on the GPU: Haar-random orthogonal matrices (Gaussian entries
-// from cuRAND's Philox4_32_10, a Householder QR per matrix, Q's columns times
-// sign(diag R), Mezzadri 2007), the rotated variances diag(Q S Q^T), and correlation
-// matrices normalised and matched row by row. The Gaussians use the counters of
+// from cuRAND's Philox4_32_10, a Householder QR per matrix in one thread block, or
+// the sign fix around cuSOLVER's QR for wide ones, Q's columns times sign(diag R),
+// Mezzadri 2007), the rotated variances diag(Q S Q^T), and correlation matrices
+// normalised and matched row by row. The Gaussians use the counters of
 // univ::PhiloxStream, so the host's rotation_matrices draws the same matrices.
 #include <curand_kernel.h>
 
@@ -129,6 +130,20 @@ __global__ void __launch_bounds__(kQrThreads) haar_q_kernel(double* __restrict__
   for (int64_t e = tid; e < count; e += kQrThreads) q[e] *= sign[e / n];
 }
 
+// sign[k] = the sign of a(k, k) (+1 for 0), a column-major n x n.
+__global__ void diagonal_signs_kernel(double* __restrict__ sign, const double* __restrict__ a, int n) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k < n) sign[k] = a[int64_t(k) * n + k] < 0 ? -1.0 : 1.0;
+}
+
+// q = a diag(sign), column-major n x n.
+__global__ void columns_times_signs_kernel(double* __restrict__ q, const double* __restrict__ a,
+                                           const double* __restrict__ sign, int n) {
+  const int64_t count = int64_t(n) * n;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x)
+    q[e] = a[e] * sign[e / n];
+}
+
 // var[b, k] = sum_c qs[b](k, c) q[b](k, c): the diagonal of (Q S) Q^T, column-major.
 __global__ void rotated_variances_kernel(double* __restrict__ var, const double* __restrict__ qs,
                                          const double* __restrict__ q, int n, int batch) {
@@ -143,16 +158,14 @@ __global__ void rotated_variances_kernel(double* __restrict__ var, const double*
   }
 }
 
-// r[d, a, b] /= sqrt(var_rows[a] var_cols[d, col0 + b]); 0 where that product is not
-// positive. col0 = (a / row_block) cols for layer blocks (row_block > 0), else 0.
+// r[d, a, b] /= sqrt(var_rows[a] var_cols[d, b]); 0 where that product is not positive.
 __global__ void normalize_correlations_kernel(double* __restrict__ r, const double* __restrict__ var_rows,
                                               const double* __restrict__ var_cols, int64_t rows, int64_t cols,
-                                              int64_t var_cols_stride, int row_block, int batch) {
+                                              int batch) {
   const int64_t total = int64_t(batch) * rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = i / (rows * cols), rest = i - d * rows * cols, a = rest / cols, b = rest - a * cols;
-    const int64_t col0 = row_block > 0 ? a / row_block * cols : 0;
-    const double denom = sqrt(var_rows[a] * var_cols[d * var_cols_stride + col0 + b]);
+    const double denom = sqrt(var_rows[a] * var_cols[d * cols + b]);
     r[i] = denom > 0 ? r[i] / denom : 0.0;
   }
 }
@@ -186,7 +199,7 @@ __global__ void match_rows_kernel(double* __restrict__ out, const double* __rest
 
 }  // namespace
 
-int haar_max_width() {
+int batched_qr_max_width() {
   int device = 0, optin = 0;
   UNIV_CUDA_CHECK(cudaGetDevice(&device));
   UNIV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -194,21 +207,36 @@ int haar_max_width() {
   return (optin - reserved) / static_cast<int>(3 * sizeof(double));
 }
 
-void haar_orthogonal_batch(double* q, double* work, const uint64_t* streams, uint64_t seed, int n, int batch,
-                           cudaStream_t stream) {
+void gaussian_matrices(double* g, const uint64_t* streams, uint64_t seed, int n, int batch, cudaStream_t stream) {
   if (n <= 0 || batch <= 0) return;
-  const int max_width = haar_max_width();
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(int64_t(n) * n, 256), 4096)), batch);
+  gaussian_matrices_kernel<<<grid, 256, 0, stream>>>(g, streams, seed, n);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void haar_q_batched(double* q, double* g, int n, int batch, cudaStream_t stream) {
+  if (n <= 0 || batch <= 0) return;
+  const int max_width = batched_qr_max_width();
   if (n > max_width)
-    throw std::invalid_argument("haar_orthogonal_batch: width " + std::to_string(n) + " exceeds " +
+    throw std::invalid_argument("haar_q_batched: width " + std::to_string(n) + " exceeds " +
                                 std::to_string(max_width));
   const size_t shared = 3 * sizeof(double) * n;
   if (shared > 48 * 1024)
     UNIV_CUDA_CHECK(
         cudaFuncSetAttribute(haar_q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(int64_t(n) * n, 256), 4096)), batch);
-  gaussian_matrices_kernel<<<grid, 256, 0, stream>>>(work, streams, seed, n);
+  haar_q_kernel<<<batch, kQrThreads, shared, stream>>>(g, q, n);
   UNIV_CUDA_CHECK_LAUNCH();
-  haar_q_kernel<<<batch, kQrThreads, shared, stream>>>(work, q, n);
+}
+
+void diagonal_signs(double* sign, const double* a, int n, cudaStream_t stream) {
+  if (n <= 0) return;
+  diagonal_signs_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(sign, a, n);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void columns_times_signs(double* q, const double* a, const double* sign, int n, cudaStream_t stream) {
+  if (n <= 0) return;
+  columns_times_signs_kernel<<<blocks_for(int64_t(n) * n, 256), 256, 0, stream>>>(q, a, sign, n);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -219,11 +247,10 @@ void rotated_variances(double* var, const double* qs, const double* q, int n, in
 }
 
 void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
-                            int64_t var_cols_stride, int row_block, int batch, cudaStream_t stream) {
+                            int batch, cudaStream_t stream) {
   const int64_t total = int64_t(batch) * rows * cols;
   if (total <= 0) return;
-  normalize_correlations_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(r, var_rows, var_cols, rows, cols,
-                                                                            var_cols_stride, row_block, batch);
+  normalize_correlations_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(r, var_rows, var_cols, rows, cols, batch);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

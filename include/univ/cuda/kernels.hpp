@@ -142,21 +142,27 @@ void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_maste
                          int64_t column_stride = 0);
 
 // rotation.cu: the rotation baseline -------------------------------------------------
-// q [batch, n, n] column-major: Haar-random orthogonal matrices, matrix b from the
-// Philox stream streams[b] (device array) under `seed`, equal to the host's
-// haar_orthogonal(n, PhiloxStream(seed, streams[b])) to rounding. work [batch, n, n]
-// scratch. One block per matrix; n at most haar_max_width().
-void haar_orthogonal_batch(double* q, double* work, const uint64_t* streams, uint64_t seed, int n, int batch,
-                           cudaStream_t stream);
-int haar_max_width();  // of the current device (its shared memory holds 3 n doubles)
+// g [batch, n, n] column-major: Gaussian matrices, matrix b from the Philox stream
+// streams[b] (device array) under `seed`, the numbers the host's
+// PhiloxStream(seed, streams[b]).next_normal() draws row by row.
+void gaussian_matrices(double* g, const uint64_t* streams, uint64_t seed, int n, int batch, cudaStream_t stream);
+// q [batch, n, n] column-major = Q diag(sign(diag R)) of the QR of each g (overwritten):
+// Haar-random orthogonal matrices for Gaussian g, equal to the host's haar_orthogonal
+// to rounding. One block per matrix; n at most batched_qr_max_width().
+void haar_q_batched(double* q, double* g, int n, int batch, cudaStream_t stream);
+int batched_qr_max_width();  // of the current device (its shared memory holds 3 n doubles)
+// sign [n] = the signs of the diagonal of the column-major n x n a (+1 for 0): of R after
+// a QR (cuSOLVER's geqrf leaves R above a's diagonal).
+void diagonal_signs(double* sign, const double* a, int n, cudaStream_t stream);
+// q = a diag(sign), column-major n x n.
+void columns_times_signs(double* q, const double* a, const double* sign, int n, cudaStream_t stream);
 // var [batch, n] = the diagonals of qs[b] q[b]^T (column-major n x n): with qs = Q S,
 // the variances diag(Q S Q^T) of rotated neurons.
 void rotated_variances(double* var, const double* qs, const double* q, int n, int batch, cudaStream_t stream);
-// r [batch, rows, cols] /= sqrt(var_rows[a] var_cols[d * var_cols_stride + col0 + b]); 0
-// where a variance is 0. With row_block > 0, row a of r holds only its layer's columns
-// (layers of row_block rows and cols columns): col0 = (a / row_block) * cols; else 0.
+// r [batch, rows, cols] /= sqrt(var_rows[rows] var_cols[batch, cols]); 0 where a
+// variance is 0.
 void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
-                            int64_t var_cols_stride, int row_block, int batch, cudaStream_t stream);
+                            int batch, cudaStream_t stream);
 // out [batch, rows] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c]
 // over the row (the first on ties).
 void match_rows(double* out, const double* r, int64_t rows, int64_t cols, bool index, int batch,
