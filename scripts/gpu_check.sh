@@ -55,7 +55,8 @@ else
 fi
 bin="$root/build-gpu"
 
-{ nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'; } >"$out/machine.txt" 2>&1
+{ nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'
+  ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 90 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
 step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
 # Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
