@@ -233,22 +233,26 @@ std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int
 
 namespace {
 
-// Matched correlations under one draw's rotations q when every match stays within its
-// layer (index matching, or scope layer): per layer l only the block C_ll Q_l^T of the
-// rotated co-moments is formed, and for index matching only its diagonal, instead of
-// the whole [N_i, N_j] matrix.
+// Matched correlations under one draw's rotations q, layer by layer of model j: where
+// matches stay within layers (index matching, scope layer) only the block C_ll Q_l^T of
+// layer l's rows is formed, and for index matching only its diagonal; for max matching
+// across layers, C[:, layer l] Q_l^T of all rows, the row maxima of the layers combined.
+// One-to-one matching across layers needs the whole matrix (correlation_matrix).
 std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, int j,
                                           const std::vector<std::vector<double>>& q, const AnalysisOptions& o) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int Di = si.width, Dj = sj.width;
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
+  const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
+  const int rows = static_cast<int>(within_layers ? Di : Ni);
   // C[a, b] (rows of model i, columns of model j) within the stored cross block.
   const bool stored_ij = i < j;
   const std::vector<double>& cross = stored_ij ? stats.cross(i, j) : stats.cross(j, i);
   auto c_at = [&](int64_t a, int64_t b) { return stored_ij ? cross[a * Nj + b] : cross[b * Ni + a]; };
   const std::vector<double> var_i = stats.variance_sums(i);
-  std::vector<double> out(Ni), qs(size_t(Dj) * Dj), var_j(Dj), block(size_t(Di) * Dj);
-  for (int l = 0; l < si.layers; ++l) {
+  std::vector<double> out(Ni, -std::numeric_limits<double>::infinity()), qs(size_t(Dj) * Dj), var_j(Dj),
+      block(size_t(rows) * Dj);
+  for (int l = 0; l < sj.layers; ++l) {
     const std::vector<double>& ql = q[l];
     cpu::gemm(false, false, Dj, Dj, Dj, 1.0, ql.data(), Dj, stats.within(j, l).data(), Dj, 0.0, qs.data(), Dj);
     for (int k = 0; k < Dj; ++k) {  // diag(Q S Q^T)
@@ -256,7 +260,7 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
       for (int a = 0; a < Dj; ++a) v += qs[size_t(k) * Dj + a] * ql[size_t(k) * Dj + a];
       var_j[k] = v;
     }
-    const int64_t row0 = int64_t(l) * Di, col0 = int64_t(l) * Dj;
+    const int64_t row0 = within_layers ? int64_t(l) * Di : 0, col0 = int64_t(l) * Dj;
     auto normalized = [&](double c, int64_t row, int col) {
       const double denom = std::sqrt(var_i[row] * var_j[col]);
       return denom > 0 ? c / denom : 0.0;
@@ -270,15 +274,15 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
       continue;
     }
     if (stored_ij)
-      cpu::gemm(false, true, Di, Dj, Dj, 1.0, cross.data() + row0 * Nj + col0, static_cast<int>(Nj), ql.data(), Dj,
+      cpu::gemm(false, true, rows, Dj, Dj, 1.0, cross.data() + row0 * Nj + col0, static_cast<int>(Nj), ql.data(), Dj,
                 0.0, block.data(), Dj);
-    else  // the stored block is [N_j, N_i]: its layer block transposed
-      cpu::gemm(true, true, Di, Dj, Dj, 1.0, cross.data() + col0 * Ni + row0, static_cast<int>(Ni), ql.data(), Dj,
+    else  // the stored block is [N_j, N_i]: the rows' columns transposed
+      cpu::gemm(true, true, rows, Dj, Dj, 1.0, cross.data() + col0 * Ni + row0, static_cast<int>(Ni), ql.data(), Dj,
                 0.0, block.data(), Dj);
-    for (int k = 0; k < Di; ++k)
+    for (int k = 0; k < rows; ++k)
       for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = normalized(block[size_t(k) * Dj + b], row0 + k, b);
-    const Matched m = match_rows(block, Di, Dj, Di, Dj, o);
-    std::copy(m.value.begin(), m.value.end(), out.begin() + row0);
+    const Matched m = match_rows(block, rows, Dj, rows, Dj, o);  // within the block: all its columns
+    for (int k = 0; k < rows; ++k) out[row0 + k] = std::max(out[row0 + k], m.value[k]);  // layers in order
   }
   return out;
 }
@@ -287,7 +291,8 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
 // model j's rotations; drawn(n) is told of every n draws done. Each draw's rotations
 // are a pure function of (seed, model, draw), drawn where used: on the GPU in batches,
 // or on the host several draws at once on threads as far as memory allows (each holds
-// an [N_i, N_j] matrix, or one layer's block when matches stay within layers).
+// one layer's columns of the rotated correlations; one-to-one matching across layers
+// the whole [N_i, N_j] matrix).
 std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
                                                  const AnalysisOptions& o, const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
@@ -301,13 +306,14 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
   }
 #endif
   auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
+  const bool whole = o.match == MatchMode::one_to_one && o.scope == MatchScope::all;
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
   std::vector<std::vector<double>> matched(draws);
-  const int parallel = within_layers ? concurrent_draws(si.width, sj.width) : concurrent_draws(Ni, Nj);
+  const int parallel = concurrent_draws(within_layers ? si.width : Ni, whole ? Nj : sj.width);
 #pragma omp parallel for schedule(dynamic) num_threads(parallel)
   for (int d = 0; d < draws; ++d) {
     const auto q = rotation_matrices(sj, j, d, o.seed);
-    matched[d] = within_layers ? rotated_layer_matches(stats, i, j, q, o) : match(correlation_matrix(stats, i, j, q));
+    matched[d] = whole ? match(correlation_matrix(stats, i, j, q)) : rotated_layer_matches(stats, i, j, q, o);
 #pragma omp critical(univ_rotation_progress)
     drawn(1);
   }
