@@ -19,40 +19,48 @@ class GpuRotation : public ::testing::Test {
   }
 };
 
-TEST_F(GpuRotation, HaarMatricesEqualTheHostDraws) {
-  // Widths 1 and 2 (edge cases of the reflectors), odd 37, the seed's 256 (a QR per
-  // thread block), and 2100 (cuSOLVER's QR).
-  for (int width : {1, 2, 37, 256, 2100}) {
-    const NeuronShape shape{width > 1000 ? 1 : 2, width};
-    const int first = 3, draws = 2, model = 1;
-    const uint64_t seed = 11;
-    const auto gpu = rotation_matrices_cuda(shape, model, first, draws, seed);
-    ASSERT_EQ(gpu.size(), size_t(draws));
-    for (int d = 0; d < draws; ++d) {
-      const auto host = rotation_matrices(shape, model, first + d, seed);
-      for (int l = 0; l < shape.layers; ++l) {
-        SCOPED_TRACE("width " + std::to_string(width) + " draw " + std::to_string(d) + " layer " + std::to_string(l));
-        const std::vector<double>& q = gpu[d][l];
-        ASSERT_EQ(q.size(), size_t(width) * width);
-        double worst = 0, worst_orthogonality = 0;
-        for (size_t e = 0; e < q.size(); ++e) {
-          ASSERT_TRUE(std::isfinite(q[e]));
-          worst = std::max(worst, std::abs(q[e] - host[l][e]));
-        }
-        for (int a = 0; a < std::min(width, 64); ++a)  // (Q^T Q)_ab for the first columns
-          for (int b = 0; b < width; ++b) {
-            double dot = 0;
-            for (int k = 0; k < width; ++k) dot += q[size_t(k) * width + a] * q[size_t(k) * width + b];
-            worst_orthogonality = std::max(worst_orthogonality, std::abs(dot - (a == b)));
-          }
-        // Both are the Q of the Gaussian's QR with positive diag R: they differ by the
-        // rounding of two Householder QRs (and a few ulps of log and cos), which grows
-        // with the width.
-        EXPECT_LT(worst, 1e-11 + 5e-13 * width);
-        EXPECT_LT(worst_orthogonality, 1e-12 * std::max(1.0, width / 256.0));
+// rotation_matrices_cuda against the host's rotation_matrices for two draws.
+void expect_host_draws(int width) {
+  SCOPED_TRACE("width " + std::to_string(width));
+  const NeuronShape shape{width > 1000 ? 1 : 2, width};
+  const int first = 3, draws = 2, model = 1;
+  const uint64_t seed = 11;
+  const auto gpu = rotation_matrices_cuda(shape, model, first, draws, seed);
+  ASSERT_EQ(gpu.size(), size_t(draws));
+  for (int d = 0; d < draws; ++d) {
+    const auto host = rotation_matrices(shape, model, first + d, seed);
+    for (int l = 0; l < shape.layers; ++l) {
+      SCOPED_TRACE("draw " + std::to_string(d) + " layer " + std::to_string(l));
+      const std::vector<double>& q = gpu[d][l];
+      ASSERT_EQ(q.size(), size_t(width) * width);
+      double worst = 0, worst_orthogonality = 0;
+      for (size_t e = 0; e < q.size(); ++e) {
+        ASSERT_TRUE(std::isfinite(q[e]));
+        worst = std::max(worst, std::abs(q[e] - host[l][e]));
       }
+      for (int a = 0; a < std::min(width, 64); ++a)  // (Q^T Q)_ab for the first columns
+        for (int b = 0; b < width; ++b) {
+          double dot = 0;
+          for (int k = 0; k < width; ++k) dot += q[size_t(k) * width + a] * q[size_t(k) * width + b];
+          worst_orthogonality = std::max(worst_orthogonality, std::abs(dot - (a == b)));
+        }
+      // Both are the Q of the Gaussian's QR with positive diag R: they differ by the
+      // rounding of two Householder QRs (and a few ulps of log and cos), which grows
+      // with the width.
+      EXPECT_LT(worst, 1e-11 + 5e-13 * width);
+      EXPECT_LT(worst_orthogonality, 1e-12 * std::max(1.0, width / 256.0));
     }
   }
+}
+
+TEST_F(GpuRotation, SmallHaarMatricesEqualTheHostDraws) {
+  // Widths 1 and 2 (edge cases of the reflectors) and odd ones; small enough for racecheck.
+  for (int width : {1, 2, 37, 70}) expect_host_draws(width);
+}
+
+TEST_F(GpuRotation, HaarMatricesEqualTheHostDraws) {
+  expect_host_draws(256);   // the seed's width: a QR per thread block
+  expect_host_draws(2100);  // wider than 2048: cuSOLVER's QR
 }
 
 // Three models whose neurons share latent factors; one neuron of model 1 is dead.
