@@ -282,7 +282,7 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
     for (int k = 0; k < rows; ++k)
       for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = normalized(block[size_t(k) * Dj + b], row0 + k, b);
     const Matched m = match_rows(block, rows, Dj, rows, Dj, o);  // within the block: all its columns
-    for (int k = 0; k < rows; ++k) out[row0 + k] = std::max(out[row0 + k], m.value[k]);  // layers in order
+    for (int k = 0; k < rows; ++k) out[row0 + k] = std::max(out[row0 + k], m.value[k]);  // the layers' maxima
   }
   return out;
 }

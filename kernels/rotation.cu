@@ -170,29 +170,22 @@ __global__ void normalize_correlations_kernel(double* __restrict__ r, const doub
   }
 }
 
-// out[d, a] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c] (the
-// first on ties); one warp per row.
+// out[d, a] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c]; one warp
+// per row.
 __global__ void match_rows_kernel(double* __restrict__ out, const double* __restrict__ r, int64_t rows, int64_t cols,
                                   bool index, int batch) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t w = blockIdx.x * int64_t(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; w < batch * rows;
        w += warps) {
-    const int64_t a = w % rows;
     const double* row = r + w * cols;
     if (index) {
-      if (lane == 0) out[w] = row[a % cols];
+      if (lane == 0) out[w] = row[w % rows % cols];
       continue;
     }
     double best = -INFINITY;
-    int64_t at = cols;
-    for (int64_t c = lane; c < cols; c += kWarpSize)
-      if (row[c] > best) best = row[c], at = c;
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-      const double other = __shfl_xor_sync(kFullMask, best, offset);
-      const int64_t other_at = __shfl_xor_sync(kFullMask, at, offset);
-      if (other > best || (other == best && other_at < at)) best = other, at = other_at;
-    }
+    for (int64_t c = lane; c < cols; c += kWarpSize) best = fmax(best, row[c]);
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) best = fmax(best, __shfl_xor_sync(kFullMask, best, offset));
     if (lane == 0) out[w] = best;
   }
 }

@@ -1,9 +1,9 @@
-// The rotation baseline on the GPU: per batch of draws, the Haar matrices of model j's
-// layers (kernels/rotation.cu; cuSOLVER's QR for wide layers), the rotated co-moments C Q^T (only each layer's block
-// where matches stay within layers) and Q S (cuBLAS DGEMM, strided-batched over
-// draws), the rotated variances diag(Q S Q^T), the correlations and their matches.
-// Everything stays in float64; for index and max matching only the matched values
-// come back.
+// The rotation baseline on the GPU, per batch of draws and layer by layer of the
+// rotated model: the layer's Haar matrices (kernels/rotation.cu; cuSOLVER's QR for
+// wide layers), the rotated co-moments C Q^T (of the layer's own rows where matches
+// stay within layers) and Q S as cuBLAS DGEMMs strided-batched over the draws, the
+// rotated variances diag(Q S Q^T), the correlations and their matches. Everything
+// stays in float64; for index and max matching only the matched values come back.
 #include "rotation_baseline.hpp"
 
 #include <algorithm>
@@ -194,7 +194,7 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
         cuda::match_rows(matched.data(), r.data(), layer_rows, D, options.match == MatchMode::index, count, s);
         matched.download(host.data(), size_t(count) * layer_rows, s);
         stream.synchronize();
-        for (int d = 0; d < count; ++d)  // layers in order: on ties the earlier layer's column stays
+        for (int d = 0; d < count; ++d)  // across layers: the max of the layers' maxima
           for (int64_t a = 0; a < layer_rows; ++a) {
             double& v = values[d][row0 + a];
             v = std::max(v, host[d * layer_rows + a]);

@@ -164,7 +164,7 @@ void rotated_variances(double* var, const double* qs, const double* q, int n, in
 void normalize_correlations(double* r, const double* var_rows, const double* var_cols, int64_t rows, int64_t cols,
                             int batch, cudaStream_t stream);
 // out [batch, rows] = r[d, a, a mod cols] (index matching) or the largest r[d, a, c]
-// over the row (the first on ties).
+// over the row.
 void match_rows(double* out, const double* r, int64_t rows, int64_t cols, bool index, int batch,
                 cudaStream_t stream);
 
