@@ -299,10 +299,10 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
 #ifdef UNIV_HAVE_CUDA
   if (o.device == Device::cuda) {
-    auto whole = [&](const std::vector<double>& r, int64_t rows, int64_t cols) {
+    auto match_on_host = [&](const std::vector<double>& r, int64_t rows, int64_t cols) {
       return match_rows(r, rows, cols, static_cast<int>(rows), static_cast<int>(cols), o).value;
     };
-    return rotated_matches_cuda(stats, i, j, draws, o, whole, drawn);
+    return rotated_matches_cuda(stats, i, j, draws, o, match_on_host, drawn);
   }
 #endif
   auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
