@@ -20,11 +20,12 @@ namespace univ {
 
 namespace {
 
-// Widest layer whose QRs run one per thread block, all of a batch at once: at 2048 a
-// block's QR takes about as long as cuSOLVER's blocked QR of 32 such matrices one
-// after another over the whole GPU (estimated from the flop rates of one SM and of the
-// card, and cuSOLVER's launches per call); wider ones go to cuSOLVER.
-constexpr int kBlockQrMaxWidth = 2048;
+// Widest layer whose QRs run one per thread block, a batch of draws at once: near 1536
+// a block's QR takes about as long as cuSOLVER's blocked QRs of the default 16 draws
+// one after another over the whole GPU (estimated from the float64 rates of one SM and
+// of the card, and some 2 ms of launches per cuSOLVER QR; not measured); wider ones go
+// to cuSOLVER.
+constexpr int kBlockQrMaxWidth = 1536;
 
 // cuSOLVER's blocked Householder QR (geqrf, orgqr) of one n x n matrix at a time, for
 // layers too wide for a QR per thread block, with the sign fix around it.
