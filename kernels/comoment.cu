@@ -22,8 +22,7 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr int kSumColumns = 32, kSumLanes = 8;  // column sums: block of 32 columns x 8 token lanes
-constexpr int kF16TopExponent = 6;                // FP16 split: the first chunk's largest |y| maps to <= 2^6
+constexpr int kF16TopExponent = 6;  // FP16 split: the first chunk's largest |y| maps to <= 2^6
 
 __device__ inline float round_tf32(float x) {
   uint32_t bits;
@@ -71,18 +70,19 @@ __global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __re
 
 // inv_scale[c] = 2^(kF16TopExponent - e) where the column's largest |x - shift| over n
 // rows is at most 2^e (for a column constant there, |shift| stands in; 1 when that is
-// 0 too). Block: kSumColumns columns x kSumLanes token lanes.
+// 0 too). Block: kColumnTile columns x kColumnRowGroups token lanes (common.cuh).
 __global__ void column_scales_kernel(float* __restrict__ inv_scale, const float* __restrict__ x, int64_t ld,
                                      const float* __restrict__ shift, int cols, int64_t n) {
-  __shared__ float partial[kSumLanes][kSumColumns];
-  const int c = blockIdx.x * kSumColumns + threadIdx.x;
+  __shared__ float partial[kColumnRowGroups][kColumnTile];
+  const int c = blockIdx.x * kColumnTile + threadIdx.x;
   float largest = 0.0f;
   if (c < cols)
-    for (int64_t t = threadIdx.y; t < n; t += kSumLanes) largest = fmaxf(largest, fabsf(x[t * ld + c] - shift[c]));
+    for (int64_t t = threadIdx.y; t < n; t += kColumnRowGroups)
+      largest = fmaxf(largest, fabsf(x[t * ld + c] - shift[c]));
   partial[threadIdx.y][threadIdx.x] = largest;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
-    for (int lane = 1; lane < kSumLanes; ++lane) largest = fmaxf(largest, partial[lane][threadIdx.x]);
+    for (int lane = 1; lane < kColumnRowGroups; ++lane) largest = fmaxf(largest, partial[lane][threadIdx.x]);
     if (largest == 0.0f) largest = fabsf(shift[c]);
     int e = 0;
     if (largest > 0.0f && isfinite(largest)) frexpf(largest, &e);  // largest <= 2^e
@@ -100,20 +100,20 @@ __global__ void add_to_float64_kernel(double* __restrict__ master, int64_t ld_ma
   }
 }
 
-// Block: kSumColumns columns x kSumLanes token lanes; lanes are added in a fixed order.
+// Block: kColumnTile columns x kColumnRowGroups token lanes (common.cuh); lanes are added in a fixed order.
 __global__ void column_sums_kernel(double* __restrict__ sums, const float* __restrict__ x, int64_t ld,
                                    const float* __restrict__ shift, int cols, int64_t n) {
-  __shared__ double partial[kSumLanes][kSumColumns];
-  const int c = blockIdx.x * kSumColumns + threadIdx.x;
+  __shared__ double partial[kColumnRowGroups][kColumnTile];
+  const int c = blockIdx.x * kColumnTile + threadIdx.x;
   double s = 0.0;
   if (c < cols) {
     const float sh = shift ? shift[c] : 0.0f;
-    for (int64_t t = threadIdx.y; t < n; t += kSumLanes) s += double(x[t * ld + c] - sh);
+    for (int64_t t = threadIdx.y; t < n; t += kColumnRowGroups) s += double(x[t * ld + c] - sh);
   }
   partial[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
-    for (int lane = 1; lane < kSumLanes; ++lane) s += partial[lane][threadIdx.x];
+    for (int lane = 1; lane < kColumnRowGroups; ++lane) s += partial[lane][threadIdx.x];
     sums[c] += s;
   }
 }
@@ -129,8 +129,8 @@ __global__ void shift_from_sums_kernel(float* __restrict__ shift, const double* 
 void column_sums(double* sums, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
                  cudaStream_t stream) {
   if (cols <= 0 || n <= 0) return;
-  column_sums_kernel<<<ceil_div(cols, kSumColumns), dim3(kSumColumns, kSumLanes), 0, stream>>>(sums, x, ld, shift,
-                                                                                                cols, n);
+  const dim3 block(kColumnTile, kColumnRowGroups);
+  column_sums_kernel<<<ceil_div(cols, kColumnTile), block, 0, stream>>>(sums, x, ld, shift, cols, n);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -150,8 +150,8 @@ void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift,
 void column_scales(float* inv_scale, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
                    cudaStream_t stream) {
   if (cols <= 0 || n <= 0) return;
-  column_scales_kernel<<<ceil_div(cols, kSumColumns), dim3(kSumColumns, kSumLanes), 0, stream>>>(inv_scale, x, ld,
-                                                                                                  shift, cols, n);
+  const dim3 block(kColumnTile, kColumnRowGroups);
+  column_scales_kernel<<<ceil_div(cols, kColumnTile), block, 0, stream>>>(inv_scale, x, ld, shift, cols, n);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -165,12 +165,12 @@ void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, c
 
 void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
                          int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, Split split, int batch, int64_t column_stride) {
+                         float* product, cudaStream_t stream, SplitPrecision split, int batch, int64_t column_stride) {
   if (rows <= 0 || cols <= 0 || n <= 0 || batch <= 0) return;
   if (3 * n > INT32_MAX) throw std::invalid_argument("comoment_accumulate: span too long for one GEMM");
   // Column-major view: product^T [cols, rows] = b' [cols, 3n] x a'^T [3n, rows] with
   // a' = a's stack rows [0, 3n) (lo, hi, hi) and b' = b's rows [n, 4n) (hi, hi, lo).
-  const bool f16 = split == Split::f16;
+  const bool f16 = split == SplitPrecision::f16;
   const cudaDataType_t type = f16 ? CUDA_R_16F : CUDA_R_32F;
   const int64_t part_bytes = f16 ? 2 : 4;
   const void* b_rows = static_cast<const char*>(b_stacked) + n * ldb * part_bytes;

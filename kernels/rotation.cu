@@ -185,7 +185,8 @@ __global__ void match_rows_kernel(double* __restrict__ out, const double* __rest
     }
     double best = -INFINITY;
     for (int64_t c = lane; c < cols; c += kWarpSize) best = fmax(best, row[c]);
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) best = fmax(best, __shfl_xor_sync(kFullMask, best, offset));
+    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1)
+      best = fmax(best, __shfl_xor_sync(kFullMask, best, offset));
     if (lane == 0) out[w] = best;
   }
 }

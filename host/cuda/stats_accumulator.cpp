@@ -91,19 +91,18 @@ void CudaStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n)
       else
         cuda::split_tf32(d.stacked[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, s);
     }
-    const cuda::Split split = f16 ? cuda::Split::f16 : cuda::Split::tf32;
     int pair = 0;
     for (int i = 0; i < K; ++i)
       for (int j = i + 1; j < K; ++j, ++pair) {
         const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
         cuda::comoment_accumulate(d.cublas.get(), d.cross[pair].data(), Nj, d.stacked[i].data(), Ni, Ni,
-                                  d.stacked[j].data(), Nj, Nj, span, d.product.data(), s, split);
+                                  d.stacked[j].data(), Nj, Nj, span, d.product.data(), s, split_);
       }
     for (int m = 0; m < K; ++m) {  // every layer's within-layer block in one batched call
       const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
       const float* stacked = d.stacked[m].data();
       cuda::comoment_accumulate(d.cublas.get(), d.within[m].data(), D, stacked, N, D, stacked, N, D, span,
-                                d.product.data(), s, split, shapes_[m].layers, D);
+                                d.product.data(), s, split_, shapes_[m].layers, D);
     }
   }
   count_ += n;

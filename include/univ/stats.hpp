@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "univ/split_precision.hpp"
+
 namespace univ {
 
 // The neurons of one model: `layers` blocks of `width` neurons; neuron index l*width + k.
@@ -82,11 +84,6 @@ class CpuStatsAccumulator {
   std::vector<std::vector<float>> shift_;     // each neuron's mean over the first chunk
   std::vector<std::vector<double>> shifted_;  // scratch: x - shift in float64, [n, N_m]
 };
-
-// The parts the GPU splits each shifted value into for its tensor-core products (see
-// kernels/comoment.cu): TF32, or FP16 after a power-of-two scale per neuron (twice the
-// TF32 rate; values may not grow more than about 1000-fold past the first chunk's).
-enum class SplitPrecision { tf32, f16 };
 
 // Streams float32 activation chunks that are already on the GPU into a
 // CorrelationStats: the shifted sums and co-moment blocks are float64 masters on the

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "univ/split_precision.hpp"
+
 namespace univ::cuda {
 
 enum class Act { none, relu, gelu };
@@ -115,9 +117,6 @@ void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cuda
 // Tokens whose products a float32 sum spans before joining the float64 master (the
 // default of CudaStatsAccumulator).
 constexpr int64_t kComomentSpan = 1024;
-// The parts a shifted value is split into: TF32 numbers, or FP16 numbers of the value
-// scaled by a power of two (column_scales).
-enum class Split { tf32, f16 };
 // stacked [4, n, cols] (packed) = lo | hi | hi | lo, the TF32 parts of y = x[t, c] -
 // shift[c] (x row stride ldx): hi = tf32(y), lo = tf32(y - hi).
 void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
@@ -138,7 +137,7 @@ void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, c
 // master + e * rows * ld_master (e.g. every layer's within-layer block at once).
 void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
                          int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, Split split = Split::tf32, int batch = 1,
+                         float* product, cudaStream_t stream, SplitPrecision split = SplitPrecision::tf32, int batch = 1,
                          int64_t column_stride = 0);
 
 // rotation.cu: the rotation baseline -------------------------------------------------
