@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <future>
 #include <limits>
+#include <mutex>
 #include <numeric>
 
 #include <omp.h>
@@ -329,10 +331,32 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
   const int K = stats.models();
   const int draws = options.baseline_draws + options.null_draws;
   int draws_done = 0;
+  std::mutex progress_mutex;
   auto drawn = [&, total = K * (K - 1) * draws](int n) {
+    const std::lock_guard<std::mutex> lock(progress_mutex);
     draws_done += n;
     if (progress) progress(draws_done, total);
   };
+  // Each ordered pair's rotated matches. On the GPU two pairs run at once, each on its
+  // own stream and host thread, so that one pair's uploads, launches and host work
+  // overlap the other's kernels (a pair's Haar QRs occupy one SM per matrix, for
+  // milliseconds).
+  std::vector<std::vector<std::vector<double>>> pair_matches(size_t(K) * K);
+  auto pair_match = [&](int i, int j) {
+    pair_matches[size_t(i) * K + j] = rotated_matches(stats, i, j, draws, options, drawn);
+  };
+  std::vector<std::pair<int, int>> pairs;
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j)
+      if (i != j) pairs.emplace_back(i, j);
+  const size_t concurrent = options.device == Device::cuda ? 2 : 1;
+  for (size_t p = 0; p < pairs.size(); p += concurrent) {
+    std::vector<std::future<void>> running;
+    for (size_t q = p + 1; q < std::min(pairs.size(), p + concurrent); ++q)
+      running.push_back(std::async(std::launch::async, pair_match, pairs[q].first, pairs[q].second));
+    pair_match(pairs[p].first, pairs[p].second);
+    for (auto& r : running) r.get();
+  }
   Analysis out;
   out.options = options;
   out.tokens = stats.count();
@@ -359,7 +383,7 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      const std::vector<std::vector<double>> matched = rotated_matches(stats, i, j, draws, options, drawn);
+      const std::vector<std::vector<double>>& matched = pair_matches[size_t(i) * K + j];
       // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {

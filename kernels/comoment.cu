@@ -7,9 +7,11 @@
 // maps the first chunk's largest |y| to 2^6, FP16 reaching 2^16; FP16 products run at
 // about twice TF32's rate. The three terms are one cuBLAS GEMM of depth 3n with float32
 // accumulation over a stacked copy [lo; hi; hi; lo] of each span: rows [0, 3n) of a's
-// stack against rows [n, 4n) of b's pair exactly those terms, so the float32 product
-// is written once per span (not read and written by three GEMMs) before it joins the
-// float64 master. No atomics; cuBLAS is bitwise reproducible for fixed shapes on one GPU.
+// stack against rows [n, 4n) of b's pair exactly those terms. The float32 sums grow
+// less accurate with the span's length, so spans stay short, and the float64 pass
+// that adds them into the masters takes a group of spans at once (one batched GEMM
+// writes their products side by side): the master is read and written once per group.
+// No atomics; cuBLAS is bitwise reproducible for fixed shapes on one GPU.
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -30,29 +32,37 @@ __device__ inline float round_tf32(float x) {
   return __uint_as_float(bits);
 }
 
-// stacked [4, n, cols] = lo | hi | hi | lo, the TF32 parts of x[t, c] - shift[c] (x row
-// stride ldx).
+// Where token t's part 0 (lo) of column c goes in a group of stacks [spans, 4, n, cols]:
+// the stack of span t / n, row t % n; parts follow n * cols apart.
+__device__ inline int64_t stacked_index(int64_t t, int c, int cols, int64_t n) {
+  const int64_t span = t / n;
+  return span * 4 * n * cols + (t - span * n) * cols + c;
+}
+
+// stacked [spans, 4, n, cols] = lo | hi | hi | lo per span of n tokens, the TF32 parts
+// of x[t, c] - shift[c] for t < spans * n (x row stride ldx).
 __global__ void split_tf32_kernel(float* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
-                                  const float* __restrict__ shift, int cols, int64_t n) {
-  const int64_t total = n * cols;
+                                  const float* __restrict__ shift, int cols, int64_t n, int spans) {
+  const int64_t total = spans * n * cols, part = n * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / cols;
     const int c = static_cast<int>(i - t * cols);
     const float y = x[t * ldx + c] - shift[c];
     const float hi = round_tf32(y), lo = round_tf32(y - hi);
-    stacked[i] = lo;
-    stacked[total + i] = hi;
-    stacked[2 * total + i] = hi;
-    stacked[3 * total + i] = lo;
+    float* out = stacked + stacked_index(t, c, cols, n);
+    out[0] = lo;
+    out[part] = hi;
+    out[2 * part] = hi;
+    out[3 * part] = lo;
   }
 }
 
-// stacked [4, n, cols] = lo | hi | hi | lo, the FP16 parts of (x[t, c] - shift[c]) *
-// inv_scale[c]; *overflow = 1 where a finite value leaves FP16's range.
+// The same in FP16 parts of (x[t, c] - shift[c]) * inv_scale[c]; *overflow = 1 where a
+// finite value leaves FP16's range.
 __global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
                                  const float* __restrict__ shift, const float* __restrict__ inv_scale, int cols,
-                                 int64_t n, int* __restrict__ overflow) {
-  const int64_t total = n * cols;
+                                 int64_t n, int spans, int* __restrict__ overflow) {
+  const int64_t total = spans * n * cols, part = n * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / cols;
     const int c = static_cast<int>(i - t * cols);
@@ -61,10 +71,11 @@ __global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __re
     const float hi_value = __half2float(hi);
     const __half lo = __float2half_rn(y - hi_value);
     if (isfinite(y) && !isfinite(hi_value)) *overflow = 1;  // non-finite inputs pass, as in the TF32 split
-    stacked[i] = lo;
-    stacked[total + i] = hi;
-    stacked[2 * total + i] = hi;
-    stacked[3 * total + i] = lo;
+    __half* out = stacked + stacked_index(t, c, cols, n);
+    out[0] = lo;
+    out[part] = hi;
+    out[2 * part] = hi;
+    out[3 * part] = lo;
   }
 }
 
@@ -90,13 +101,16 @@ __global__ void column_scales_kernel(float* __restrict__ inv_scale, const float*
   }
 }
 
-// master[r, c] (row stride ld_master) += part[r, c] ([rows, cols] packed).
-__global__ void add_to_float64_kernel(double* __restrict__ master, int64_t ld_master, const float* __restrict__ part,
-                                      int rows, int cols) {
+// master[r, c] (row stride ld_master) += sum over g < count of products[g, r, c]
+// ([count, rows, cols] packed), added in g order.
+__global__ void add_to_float64_kernel(double* __restrict__ master, int64_t ld_master,
+                                      const float* __restrict__ products, int rows, int cols, int count) {
   const int64_t total = int64_t(rows) * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    double sum = 0.0;
+    for (int g = 0; g < count; ++g) sum += double(products[g * total + i]);
     const int64_t r = i / cols;
-    master[r * ld_master + (i - r * cols)] += double(part[i]);
+    master[r * ld_master + (i - r * cols)] += sum;
   }
 }
 
@@ -140,10 +154,10 @@ void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cuda
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
+void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n, int spans,
                 cudaStream_t stream) {
-  if (cols <= 0 || n <= 0) return;
-  split_tf32_kernel<<<blocks_for(n * cols, 256), 256, 0, stream>>>(stacked, x, ldx, shift, cols, n);
+  if (cols <= 0 || n <= 0 || spans <= 0) return;
+  split_tf32_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(stacked, x, ldx, shift, cols, n, spans);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -156,18 +170,18 @@ void column_scales(float* inv_scale, const float* x, int64_t ld, const float* sh
 }
 
 void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
-               int64_t n, int* overflow, cudaStream_t stream) {
-  if (cols <= 0 || n <= 0) return;
-  split_f16_kernel<<<blocks_for(n * cols, 256), 256, 0, stream>>>(static_cast<__half*>(stacked), x, ldx, shift,
-                                                                  inv_scale, cols, n, overflow);
+               int64_t n, int spans, int* overflow, cudaStream_t stream) {
+  if (cols <= 0 || n <= 0 || spans <= 0) return;
+  split_f16_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(static_cast<__half*>(stacked), x, ldx,
+                                                                          shift, inv_scale, cols, n, spans, overflow);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
-                         int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, SplitPrecision split, int batch, int64_t column_stride) {
+void comoment_products(cublasHandle_t handle, float* products, const void* a_stacked, int64_t lda, int rows,
+                       const void* b_stacked, int64_t ldb, int cols, int64_t n, SplitPrecision split, int batch,
+                       int64_t stride_a, int64_t stride_b) {
   if (rows <= 0 || cols <= 0 || n <= 0 || batch <= 0) return;
-  if (3 * n > INT32_MAX) throw std::invalid_argument("comoment_accumulate: span too long for one GEMM");
+  if (3 * n > INT32_MAX) throw std::invalid_argument("comoment_products: span too long for one GEMM");
   // Column-major view: product^T [cols, rows] = b' [cols, 3n] x a'^T [3n, rows] with
   // a' = a's stack rows [0, 3n) (lo, hi, hi) and b' = b's rows [n, 4n) (hi, hi, lo).
   const bool f16 = split == SplitPrecision::f16;
@@ -177,12 +191,15 @@ void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_maste
   const float one = 1.0f, zero = 0.0f;
   UNIV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(3 * n), &one, b_rows, type, static_cast<int>(ldb),
-      column_stride, a_stacked, type, static_cast<int>(lda), column_stride, &zero, product, CUDA_R_32F, cols,
+      stride_b, a_stacked, type, static_cast<int>(lda), stride_a, &zero, products, CUDA_R_32F, cols,
       int64_t(rows) * cols, batch, f16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
-  // The batch's masters follow one another (rows * ld_master apart): one pass over all.
-  const int all_rows = batch * rows;
-  add_to_float64_kernel<<<blocks_for(int64_t(all_rows) * cols, 256), 256, 0, stream>>>(master, ld_master, product,
-                                                                                        all_rows, cols);
+}
+
+void add_products_to_float64(double* master, int64_t ld_master, const float* products, int rows, int cols, int count,
+                             cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0 || count <= 0) return;
+  add_to_float64_kernel<<<blocks_for(int64_t(rows) * cols, 256), 256, 0, stream>>>(master, ld_master, products, rows,
+                                                                                   cols, count);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

@@ -60,17 +60,21 @@ bin="$root/build-gpu"
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
 step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
 # Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
-# locked): three steps of the default pair and two of the large configuration.
-profile() {  # profile NAME TRAIN_PAIR_FLAGS...
+# locked): three steps of the default pair and two of the large configuration; then
+# the seed correlation step (forward, statistics, rotation baseline) on the first run.
+profile() {  # profile NAME PROGRAM ARGS...
   local name="$1"
   shift
-  ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-kernel-base function "$bin/train_pair" --device cuda \
-    --out "$logs/profile_$name" --overwrite --test-samples 64 "$@" >"$logs/ncu_$name.csv" &&
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-kernel-base function "$@" \
+    >"$logs/ncu_$name.csv" &&
     { echo "== $name"; python3 scripts/ncu_summary.py "$logs/ncu_$name.csv"; } >>"$out/profile.txt"
 }
-step profile 150 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$out'; : >'$out/profile.txt'; \
-  profile seed --steps 3 --samples 256 && \
-  profile large --steps 2 --samples 128 --vocab 256 --seq-len 128 --d-model 256 --heads 8 --d-mlp 1024 --layers 4 --models 1 && \
+train_flags="--device cuda --overwrite --test-samples 64"
+step profile 200 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$out'; : >'$out/profile.txt'; \
+  profile seed '$bin/train_pair' $train_flags --out '$logs/profile_seed' --steps 3 --samples 256 && \
+  profile large '$bin/train_pair' $train_flags --out '$logs/profile_large' --steps 2 --samples 128 --vocab 256 \
+    --seq-len 128 --d-model 256 --heads 8 --d-mlp 1024 --layers 4 --models 1 && \
+  profile correlate '$bin/correlate' '$logs/profile_seed' --device cuda --out '$logs/profile_correlate' && \
   cat '$out/profile.txt'"
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \

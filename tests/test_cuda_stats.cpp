@@ -1,5 +1,6 @@
-// correlate on the GPU against float64 references and the CPU path: the split-TF32
-// co-moments on data whose means are a thousand deviations, odd shapes and spans,
+// correlate on the GPU against float64 references and the CPU path: the split-FP16 and
+// split-TF32 co-moments on data whose means are a thousand deviations, odd shapes,
+// spans and groups of spans, the FP16 split's overflow and the fallback to TF32,
 // bitwise reproducibility, the GPU forward feeding them, and activation files through
 // pinned buffers. Skipped without a GPU.
 #include <gtest/gtest.h>
@@ -37,17 +38,18 @@ class GpuStats : public ::testing::Test {
 };
 
 // Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory,
-// float32 sums over spans of `span` tokens (0: the default) of products of `split` parts.
+// float32 sums over spans of `span` tokens (0: the default) of products of `split`
+// parts, `spans_per_pass` of them per float64 pass (0: the default).
 CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
                            const std::vector<int64_t>& chunks, int64_t span = 0,
-                           SplitPrecision split = SplitPrecision::tf32) {
+                           SplitPrecision split = SplitPrecision::f16, int spans_per_pass = 0) {
   std::vector<cuda::DeviceBuffer<float>> device;
   for (const auto& a : acts) {
     device.emplace_back(a.size());
     device.back().upload(a.data(), a.size(), nullptr);
   }
   UNIV_CUDA_CHECK(cudaDeviceSynchronize());
-  CudaStatsAccumulator acc(shapes, span, split);
+  CudaStatsAccumulator acc(shapes, span, split, spans_per_pass);
   int64_t at = 0;
   for (int64_t n : chunks) {
     std::vector<const float*> ptrs;
@@ -104,14 +106,25 @@ TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
     }
 }
 
-TEST_F(GpuStats, LongSpansKeepTheAccuracy) {
-  // Float32 sums over 8192 tokens, eight times the default span, between float64 passes.
+TEST_F(GpuStats, GroupsOfSpansPerFloat64PassKeepTheAccuracy) {
+  // 9000 tokens: groups of 3, 3 and 2 spans of 1024, a span of 808, then 517 tokens;
+  // then spans of 512 in groups of 5. Within-layer blocks exactly symmetric.
   const std::vector<NeuronShape> shapes{{1, 40}, {2, 24}};
   const int64_t n = 9000 + 517;
   const auto acts = correlated_acts(shapes, n, 1e3, 9);
-  for (SplitPrecision split : {SplitPrecision::tf32, SplitPrecision::f16})
-    EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 8192, split), n), kGpuR)
-        << (split == SplitPrecision::f16 ? "fp16 split" : "tf32 split");
+  for (SplitPrecision split : {SplitPrecision::tf32, SplitPrecision::f16}) {
+    SCOPED_TRACE(split == SplitPrecision::f16 ? "fp16 split" : "tf32 split");
+    EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 1024, split, 3), n), kGpuR);
+    const CorrelationStats s = gpu_stats(acts, shapes, {9000, 517}, 512, split, 5);
+    EXPECT_LT(worst_cross_error(acts, shapes, s, n), kGpuR);
+    const auto& w = s.within(1, 1);
+    for (int a = 0; a < 24; ++a)
+      for (int b = 0; b < 24; ++b) {
+        ASSERT_EQ(w[a * 24 + b], w[b * 24 + a]);
+        ASSERT_NEAR(w[a * 24 + b] / std::sqrt(w[a * 25] * w[b * 25]),
+                    reference_r(acts[1], 48, 24 + a, acts[1], 48, 24 + b, n), kGpuR);
+      }
+  }
 }
 
 TEST_F(GpuStats, Fp16SplitOverflowIsReported) {
@@ -119,7 +132,7 @@ TEST_F(GpuStats, Fp16SplitOverflowIsReported) {
   const std::vector<NeuronShape> shapes{{1, 4}, {1, 4}};
   auto acts = correlated_acts(shapes, 200, 0.0, 10);
   for (size_t i = 100 * 4; i < acts[1].size(); ++i) acts[1][i] *= 1e6f;
-  EXPECT_THROW(gpu_stats(acts, shapes, {100, 100}, 0, SplitPrecision::f16), std::runtime_error);
+  EXPECT_THROW(gpu_stats(acts, shapes, {100, 100}, 0, SplitPrecision::f16), Fp16SplitOverflow);
   EXPECT_NO_THROW(gpu_stats(acts, shapes, {100, 100}, 0, SplitPrecision::tf32));
 }
 
@@ -157,21 +170,45 @@ TEST_F(GpuStats, CorrelateForwardOnTheGpuMatchesTheCpu) {
   }
 }
 
+// Model m's activations acts[m] [n, width] as .npy files in dir, opened for streaming.
+std::vector<ActivationModel> activation_files(const TempDir& dir, const std::vector<std::vector<float>>& acts,
+                                              int64_t n, int64_t width) {
+  std::vector<ActivationModel> files;
+  for (size_t m = 0; m < acts.size(); ++m) {
+    const fs::path path = dir / ("m" + std::to_string(m) + ".npy");
+    const std::string_view bytes(reinterpret_cast<const char*>(acts[m].data()), acts[m].size() * 4);
+    write_file_durable(path, npy_bytes("<f4", {n, width}, bytes));
+    files.push_back(open_activation_model("m" + std::to_string(m) + "=" + path.string(), {}));
+  }
+  return files;
+}
+
 TEST_F(GpuStats, ActivationFilesThroughPinnedBuffersMatchTheCpu) {
   TempDir dir;
   const std::vector<NeuronShape> shapes{{1, 48}, {1, 48}};
   const int64_t n = 20000;
   const auto acts = correlated_acts(shapes, n, 5.0, 9);
-  std::vector<ActivationModel> files;
-  for (int m = 0; m < 2; ++m) {
-    const fs::path path = dir / ("m" + std::to_string(m) + ".npy");
-    write_file_durable(path, npy_bytes("<f4", {n, 48}, {reinterpret_cast<const char*>(acts[m].data()), acts[m].size() * 4}));
-    files.push_back(open_activation_model("m" + std::to_string(m) + "=" + path.string(), {}));
-  }
+  const std::vector<ActivationModel> files = activation_files(dir, acts, n, 48);
   const StreamResult cpu = stream_activation_statistics(files, {}, 3000, {}, Device::cpu);
   const StreamResult gpu = stream_activation_statistics(files, {}, 3000, {}, Device::cuda);  // 7 chunks, last partial
   ASSERT_EQ(gpu.stats.count(), n);
   EXPECT_EQ(gpu.bytes_read, cpu.bytes_read);
+  const auto g = correlation_matrix(gpu.stats, 0, 1), c = correlation_matrix(cpu.stats, 0, 1);
+  for (size_t k = 0; k < g.size(); ++k) ASSERT_NEAR(g[k], c[k], kGpuR);
+}
+
+TEST_F(GpuStats, ActivationsPastTheFp16RangeFallBackToTf32) {
+  // The second of two chunks a million times the first: the stream runs again with the
+  // TF32 split and equals the CPU's statistics.
+  TempDir dir;
+  const std::vector<NeuronShape> shapes{{1, 8}, {1, 8}};
+  const int64_t n = 4000;
+  auto acts = correlated_acts(shapes, n, 3.0, 11);
+  for (size_t i = 2000 * 8; i < acts[1].size(); ++i) acts[1][i] *= 1e6f;
+  const std::vector<ActivationModel> files = activation_files(dir, acts, n, 8);
+  const StreamResult cpu = stream_activation_statistics(files, {}, 2000, {}, Device::cpu);
+  const StreamResult gpu = stream_activation_statistics(files, {}, 2000, {}, Device::cuda);
+  ASSERT_EQ(gpu.stats.count(), n);
   const auto g = correlation_matrix(gpu.stats, 0, 1), c = correlation_matrix(cpu.stats, 0, 1);
   for (size_t k = 0; k < g.size(); ++k) ASSERT_NEAR(g[k], c[k], kGpuR);
 }

@@ -5,10 +5,13 @@
 // for machines.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -183,13 +186,69 @@ univ::RunConfig large_config() {
   return c;
 }
 
+// The worst |r - r_float64| of the GPU statistics with `split` parts and float32 sums
+// over `span` tokens, over 2 models of 64 neurons and 16901 tokens whose means are
+// about a thousand standard deviations (correlated through 4 shared latents), against
+// a two-pass float64 reference on the host.
+double statistics_error(univ::SplitPrecision split, int64_t span) {
+  const int N = 64, latents = 4;
+  const int64_t n = 4 * 4096 + 517;
+  std::mt19937_64 rng(12);
+  std::normal_distribution<double> normal;
+  std::vector<double> loading(size_t(2) * N * latents);
+  for (double& w : loading) w = normal(rng);
+  std::vector<std::vector<float>> acts(2, std::vector<float>(size_t(n) * N));
+  for (int64_t t = 0; t < n; ++t) {
+    double z[latents];
+    for (double& v : z) v = normal(rng);
+    for (int m = 0; m < 2; ++m)
+      for (int k = 0; k < N; ++k) {
+        double x = 2000.0 * (1 + k % 7) + 0.5 * normal(rng);
+        for (int j = 0; j < latents; ++j) x += loading[(size_t(m) * N + k) * latents + j] * z[j];
+        acts[m][t * N + k] = static_cast<float>(x);
+      }
+  }
+  std::vector<DeviceBuffer<float>> device;
+  for (const auto& x : acts) {
+    device.emplace_back(x.size());
+    device.back().upload(x.data(), x.size(), nullptr);
+  }
+  UNIV_CUDA_CHECK(cudaDeviceSynchronize());
+  const univ::NeuronShape shape{1, N};
+  univ::CudaStatsAccumulator acc({shape, shape}, span, split);
+  for (int64_t t0 = 0; t0 < n; t0 += 8192) {  // chunks of 8192 tokens
+    const int64_t len = std::min<int64_t>(8192, n - t0);
+    acc.add({device[0].data() + t0 * N, device[1].data() + t0 * N}, len);
+  }
+  const std::vector<double> r = univ::correlation_matrix(acc.stats(), 0, 1);
+  std::vector<std::vector<double>> centered(2, std::vector<double>(size_t(n) * N));
+  for (int m = 0; m < 2; ++m)
+    for (int k = 0; k < N; ++k) {
+      double mean = 0;
+      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * N + k];
+      mean /= double(n);
+      for (int64_t t = 0; t < n; ++t) centered[m][t * N + k] = acts[m][t * N + k] - mean;
+    }
+  double worst = 0;
+  for (int a = 0; a < N; ++a)
+    for (int c = 0; c < N; ++c) {
+      double ab = 0, aa = 0, cc = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const double x = centered[0][t * N + a], y = centered[1][t * N + c];
+        ab += x * y, aa += x * x, cc += y * y;
+      }
+      worst = std::max(worst, std::abs(r[size_t(a) * N + c] - ab / std::sqrt(aa * cc)));
+    }
+  return worst;
+}
+
 // The correlation engine on 2 models of 16 layers x 256 neurons (4096 x 4096 cross
 // block, and the within-layer blocks): one chunk of 16384 tokens through
-// CudaStatsAccumulator (column sums, split-TF32 co-moments, float64 masters), median
-// of several, projected to 1M tokens, with the default split-TF32 over 1024-token
-// float32 spans and with the FP16 split and longer spans (GpuStats.* check their
-// accuracy); beside it cuBLAS's plain
-// A^T B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
+// CudaStatsAccumulator (column sums, split co-moments, float64 masters), median of
+// several, projected to 1M tokens, with the default (FP16 split, float32 sums over
+// spans of 1024 tokens, 8 spans per float64 pass) and with other splits, spans and
+// groups, each beside its accuracy (statistics_error); beside them cuBLAS's plain A^T
+// B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
 // framework would call.
 nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   const univ::NeuronShape shape{16, 256};
@@ -198,9 +257,10 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   const cudaStream_t s = b.stream.get();
   auto a = random_device(size_t(chunk) * N, s), x = random_device(size_t(chunk) * N, s, 2.0f);
   b.stream.synchronize();
-  // Median ms of one chunk through an accumulator with float32 spans of `span` tokens.
-  auto chunk_ms = [&](int64_t span, univ::SplitPrecision split) {
-    univ::CudaStatsAccumulator acc({shape, shape}, span, split);
+  // Median ms of one chunk through an accumulator with float32 spans of `span` tokens,
+  // spans_per_pass of them per float64 pass (0: the default).
+  auto chunk_ms = [&](int64_t span, univ::SplitPrecision split, int spans_per_pass) {
+    univ::CudaStatsAccumulator acc({shape, shape}, span, split, spans_per_pass);
     std::vector<double> ms;
     for (int i = 0; i < 6; ++i) {  // the first add sets the shift and warms up
       const auto t0 = std::chrono::steady_clock::now();
@@ -213,14 +273,17 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   };
   const double chunks = double(tokens) / chunk;
   nlohmann::json variants = nlohmann::json::array();
-  for (const auto split : {univ::SplitPrecision::tf32, univ::SplitPrecision::f16})
-    for (int64_t span : {int64_t(1024), int64_t(2048), int64_t(4096), int64_t(8192)}) {
-      if (split == univ::SplitPrecision::tf32 && span == univ::cuda::kComomentSpan) continue;  // the default, below
-      variants.push_back({{"split", split == univ::SplitPrecision::f16 ? "fp16" : "tf32"},
-                          {"span", span},
-                          {"projected_ms", chunk_ms(span, split) * chunks}});
+  for (const auto split : {univ::SplitPrecision::f16, univ::SplitPrecision::tf32})
+    for (int64_t span : {int64_t(512), int64_t(1024), int64_t(2048), int64_t(4096)}) {
+      const double error = statistics_error(split, span);
+      for (int spans_per_pass : {1, 8})
+        variants.push_back({{"split", split == univ::SplitPrecision::f16 ? "fp16" : "tf32"},
+                            {"span", span},
+                            {"spans_per_pass", spans_per_pass},
+                            {"worst_r_error", error},
+                            {"projected_ms", chunk_ms(span, split, spans_per_pass) * chunks}});
     }
-  const double default_ms = chunk_ms(univ::cuda::kComomentSpan, univ::SplitPrecision::tf32);
+  const double default_ms = chunk_ms(0, univ::SplitPrecision::f16, 0);
   DeviceBuffer<float> product(size_t(N) * N);
   const float one = 1, zero = 0;
   const int saved = b.repeats;
@@ -284,6 +347,25 @@ nlohmann::json correlation_step(Bench& b) {
     std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
     return v[v.size() / 2];
   };
+  // Of forward and statistics: making the two forward networks and the accumulator,
+  // and releasing them.
+  std::vector<double> setup_ms, teardown_ms;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto nets = std::make_unique<std::vector<std::unique_ptr<univ::DeviceForward>>>();
+    for (const auto& m : models) {
+      univ::RunConfig config = m.checkpoint.run;
+      config.batch = batch;
+      nets->push_back(univ::make_device_forward(config, m.checkpoint.params));
+    }
+    auto acc = std::make_unique<univ::CudaStatsAccumulator>(std::vector{models[0].shape(), models[1].shape()});
+    acc->synchronize();
+    setup_ms.push_back(ms_since(t0));
+    const auto t1 = std::chrono::steady_clock::now();
+    acc.reset();
+    nets.reset();
+    teardown_ms.push_back(ms_since(t1));
+  }
   o.device = univ::Device::cpu;
   const auto t_cpu = std::chrono::steady_clock::now();
   univ::analyze(stats, o);
@@ -307,6 +389,8 @@ nlohmann::json correlation_step(Bench& b) {
           {"neurons_per_model", shape.neurons()},
           {"draws", draws},
           {"forward_and_statistics_ms", median(forward_ms)},
+          {"forward_setup_ms", median(setup_ms)},
+          {"forward_teardown_ms", median(teardown_ms)},
           {"analysis_ms", median(analysis_ms)},
           {"step_ms", median(total_ms)},
           {"analysis_cpu_ms", cpu_analysis_ms},
@@ -368,14 +452,16 @@ int main(int argc, char** argv) {
                 c["chunk_tokens"].get<int>(), c["projected_ms"].get<double>(), c["cross_block_TFLOPs"].get<double>(),
                 c["cublas_sgemm_fp32_projected_ms"].get<double>(), c["cublas_sgemm_tf32_projected_ms"].get<double>());
     for (const auto& v : c["variants"])
-      std::printf("  %s split, float32 spans of %lld tokens: %.1f ms\n", v["split"].get<std::string>().c_str(),
-                  static_cast<long long>(v["span"].get<int64_t>()), v["projected_ms"].get<double>());
+      std::printf("  %s split, float32 sums over %lld tokens, %d per float64 pass: %.1f ms, worst |dr| %.1e\n",
+                  v["split"].get<std::string>().c_str(), static_cast<long long>(v["span"].get<int64_t>()),
+                  v["spans_per_pass"].get<int>(), v["projected_ms"].get<double>(), v["worst_r_error"].get<double>());
     const auto& r = report["correlation_step"];
     std::printf("seed correlation step, 2 x %d neurons over %lld tokens, %d draws each way: %.1f ms (forward and "
-                "statistics %.1f ms, analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of "
-                "%d: %.2f ms\n",
+                "statistics %.1f ms, of which %.1f ms making the networks and the accumulator and %.1f ms releasing "
+                "them; analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of %d: %.2f ms\n",
                 r["neurons_per_model"].get<int>(), static_cast<long long>(r["tokens"].get<int64_t>()),
                 r["draws"].get<int>(), r["step_ms"].get<double>(), r["forward_and_statistics_ms"].get<double>(),
+                r["forward_setup_ms"].get<double>(), r["forward_teardown_ms"].get<double>(),
                 r["analysis_ms"].get<double>(), r["analysis_cpu_ms"].get<double>(), r["haar_matrices"].get<int>(),
                 r["haar_width"].get<int>(), r["haar_ms"].get<double>());
   } catch (const univ::UserError& e) {

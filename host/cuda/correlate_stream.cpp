@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include "univ/backend.hpp"
 #include "univ/cuda/memory.hpp"
@@ -17,10 +18,22 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-}  // namespace
+// run(split) with the FP16 split, or again with the TF32 split if FP16 overflowed (the
+// accumulator reports it at the chunk where it happened).
+template <class Run>
+StreamResult with_tf32_fallback(const Run& run) {
+  try {
+    return run(SplitPrecision::f16);
+  } catch (const Fp16SplitOverflow&) {
+    std::fprintf(stderr, "correlate: activations grew past the FP16 split's range; statistics again with the "
+                         "TF32 split\n");
+    return run(SplitPrecision::tf32);
+  }
+}
 
-StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
-                                    int batch, const std::function<void(const StreamProgress&)>& progress) {
+StreamResult stream_forward_statistics(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
+                                       int batch, const std::function<void(const StreamProgress&)>& progress,
+                                       SplitPrecision split) {
   const auto start = Clock::now();
   const int K = static_cast<int>(models.size());
   const int T = models[0].checkpoint.run.model.seq_len;
@@ -35,7 +48,7 @@ StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, cons
     nets.push_back(make_device_forward(config, m.checkpoint.params));
     chunk.emplace_back(size_t(batch) * T * m.shape().neurons());
   }
-  CudaStatsAccumulator acc(shapes);
+  CudaStatsAccumulator acc(shapes, 0, split);
   StreamResult result;
   result.loss.assign(K, 0.0);
   std::vector<const float*> ptrs;
@@ -56,14 +69,14 @@ StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, cons
   return result;
 }
 
-StreamResult stream_activation_statistics_cuda(const std::vector<ActivationModel>& models, int64_t first,
-                                               int64_t last, int64_t chunk,
-                                               const std::function<void(const StreamProgress&)>& progress) {
+StreamResult stream_file_statistics(const std::vector<ActivationModel>& models, int64_t first, int64_t last,
+                                    int64_t chunk, const std::function<void(const StreamProgress&)>& progress,
+                                    SplitPrecision split) {
   const auto start = Clock::now();
   const size_t K = models.size();
   std::vector<NeuronShape> shapes;
   for (const auto& m : models) shapes.push_back(m.shape);
-  CudaStatsAccumulator acc(shapes);
+  CudaStatsAccumulator acc(shapes, 0, split);
   std::vector<cuda::PinnedBuffer<float>> pinned[2];
   for (auto& buffers : pinned)
     for (const auto& s : shapes) buffers.emplace_back(size_t(chunk) * s.neurons());
@@ -89,6 +102,21 @@ StreamResult stream_activation_statistics_cuda(const std::vector<ActivationModel
   result.stats = acc.stats();
   result.seconds = seconds_since(start);
   return result;
+}
+
+}  // namespace
+
+StreamResult stream_statistics_cuda(const std::vector<LoadedModel>& models, const HeldOutTokens& tokens, Site site,
+                                    int batch, const std::function<void(const StreamProgress&)>& progress) {
+  return with_tf32_fallback(
+      [&](SplitPrecision split) { return stream_forward_statistics(models, tokens, site, batch, progress, split); });
+}
+
+StreamResult stream_activation_statistics_cuda(const std::vector<ActivationModel>& models, int64_t first,
+                                               int64_t last, int64_t chunk,
+                                               const std::function<void(const StreamProgress&)>& progress) {
+  return with_tf32_fallback(
+      [&](SplitPrecision split) { return stream_file_statistics(models, first, last, chunk, progress, split); });
 }
 
 }  // namespace univ

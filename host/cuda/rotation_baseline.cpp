@@ -1,9 +1,11 @@
-// The rotation baseline on the GPU, per batch of draws and layer by layer of the
-// rotated model: the layer's Haar matrices (kernels/rotation.cu; cuSOLVER's QR for
-// wide layers), the rotated co-moments C Q^T (of the layer's own rows where matches
-// stay within layers) and Q S as cuBLAS DGEMMs strided-batched over the draws, the
-// rotated variances diag(Q S Q^T), the correlations and their matches. Everything
-// stays in float64; for index and max matching only the matched values come back.
+// The rotation baseline on the GPU, per batch of draws: every layer's Haar matrices of
+// the rotated model in one launch (kernels/rotation.cu: a QR per thread block takes
+// milliseconds, and one launch keeps as many SMs busy as there are matrices; cuSOLVER's
+// QR for wide layers), then layer by layer the rotated co-moments C Q^T (of the
+// layer's own rows where matches stay within layers) and Q S as cuBLAS DGEMMs
+// strided-batched over the draws, the rotated variances diag(Q S Q^T), the
+// correlations and their matches. Everything stays in float64; for index and max
+// matching only the matched values come back.
 #include "rotation_baseline.hpp"
 
 #include <algorithm>
@@ -67,31 +69,35 @@ class WideQr {
   cuda::DeviceBuffer<int> info_;
 };
 
-// The Haar matrices of layer `layer` of `model` for draws [first, first + count):
-// q [count, width, width] column-major; work as large, scratch.
+// The Haar matrices of every layer of `model` for draws [first, first + count): q
+// [layers, count, width, width], each column-major; work as large, scratch.
 void draw_rotations(cuda::DeviceBuffer<double>& q, cuda::DeviceBuffer<double>& work,
-                    cuda::DeviceBuffer<uint64_t>& streams, int width, int model, int layer, int first, int count,
+                    cuda::DeviceBuffer<uint64_t>& streams, int width, int layers, int model, int first, int count,
                     uint64_t seed, cudaStream_t stream) {
   std::vector<uint64_t> ids;
-  for (int d = first; d < first + count; ++d)
-    ids.push_back(rng_stream(RngPurpose::rotation, static_cast<uint32_t>(model),
-                             (static_cast<uint32_t>(d) << 16) | static_cast<uint32_t>(layer)));
+  for (int l = 0; l < layers; ++l)
+    for (int d = first; d < first + count; ++d)
+      ids.push_back(rng_stream(RngPurpose::rotation, static_cast<uint32_t>(model),
+                               (static_cast<uint32_t>(d) << 16) | static_cast<uint32_t>(l)));
+  const int matrices = layers * count;
   streams.upload(ids.data(), ids.size(), stream);
-  cuda::gaussian_matrices(work.data(), streams.data(), seed, width, count, stream);
+  cuda::gaussian_matrices(work.data(), streams.data(), seed, width, matrices, stream);
   if (width <= kBlockQrMaxWidth && width <= cuda::batched_qr_max_width()) {
-    cuda::haar_q_batched(q.data(), work.data(), width, count, stream);
+    cuda::haar_q_batched(q.data(), work.data(), width, matrices, stream);
     return;
   }
   WideQr qr(width, work.data(), stream);
   const int64_t block = int64_t(width) * width;
-  for (int b = 0; b < count; ++b) qr.haar_q(q.data() + b * block, work.data() + b * block, stream);
+  for (int b = 0; b < matrices; ++b) qr.haar_q(q.data() + b * block, work.data() + b * block, stream);
   UNIV_CUDA_CHECK(cudaStreamSynchronize(stream));
   qr.check();
 }
 
-// Draws processed at once: all of them, as far as 2 GiB holds their matrices.
-int draws_per_batch(int64_t correlations, int width, int draws) {
-  const double per_draw = sizeof(double) * (static_cast<double>(correlations) + 3.0 * width * double(width) + width);
+// Draws processed at once: all of them, as far as 2 GiB holds their matrices (every
+// layer's Haar matrices and scratch, one layer's correlations and Q S).
+int draws_per_batch(int64_t correlations, int width, int layers, int draws) {
+  const double per_draw =
+      sizeof(double) * (static_cast<double>(correlations) + (2.0 * layers + 1) * width * double(width) + width);
   const double budget = 2.0 * (int64_t(1) << 30);
   return std::max(1, std::min(draws, static_cast<int>(std::min(budget / per_draw, 1e6))));
 }
@@ -102,16 +108,16 @@ std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const Neuro
                                                                      int first_draw, int draws, uint64_t seed) {
   const int64_t D = shape.width, block = D * D;
   cuda::Stream stream;
-  cuda::DeviceBuffer<double> q(draws * block), work(q.size());
-  cuda::DeviceBuffer<uint64_t> streams(draws);
+  cuda::DeviceBuffer<double> q(size_t(shape.layers) * draws * block), work(q.size());
+  cuda::DeviceBuffer<uint64_t> streams(size_t(shape.layers) * draws);
   std::vector<std::vector<std::vector<double>>> out(draws);
   std::vector<double> host(q.size());
+  draw_rotations(q, work, streams, shape.width, shape.layers, model, first_draw, draws, seed, stream.get());
+  q.download(host.data(), host.size(), stream.get());
+  stream.synchronize();
   for (int l = 0; l < shape.layers; ++l) {
-    draw_rotations(q, work, streams, shape.width, model, l, first_draw, draws, seed, stream.get());
-    q.download(host.data(), host.size(), stream.get());
-    stream.synchronize();
     for (int d = 0; d < draws; ++d) {
-      const double* cm = host.data() + d * block;
+      const double* cm = host.data() + (int64_t(l) * draws + d) * block;
       std::vector<double> row_major(block);
       for (int64_t r = 0; r < D; ++r)
         for (int64_t c = 0; c < D; ++c) row_major[r * D + c] = cm[r + c * D];
@@ -134,7 +140,7 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
   const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;
   const bool on_host = options.match == MatchMode::one_to_one;
   const int64_t layer_rows = within_layers ? Di : Ni;
-  const int batch = draws_per_batch(layer_rows * D, D, draws);
+  const int batch = draws_per_batch(layer_rows * D, D, L, draws);
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
   cuda::CublasHandle cublas(s, false);
@@ -154,9 +160,9 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
   for (int l = 0; l < L; ++l) within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric
 
   const int64_t per_draw = layer_rows * D;  // one layer's correlations [layer_rows, D]
-  cuda::DeviceBuffer<double> q(size_t(batch) * block), work(q.size()), qs(q.size());
+  cuda::DeviceBuffer<double> q(size_t(L) * batch * block), work(q.size()), qs(size_t(batch) * block);
   cuda::DeviceBuffer<double> r(size_t(batch) * per_draw), var_j(size_t(batch) * D), matched(size_t(batch) * layer_rows);
-  cuda::DeviceBuffer<uint64_t> streams(batch);
+  cuda::DeviceBuffer<uint64_t> streams(size_t(L) * batch);
   std::vector<double> host(on_host ? r.size() : matched.size());
   std::vector<std::vector<double>> out;
   const double one = 1.0, zero = 0.0;
@@ -165,18 +171,18 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
     std::vector<std::vector<double>> values(count, std::vector<double>(Ni, -INFINITY));
     std::vector<std::vector<double>> whole;  // one-to-one across layers: [N_i, N_j] per draw
     if (on_host && !within_layers) whole.assign(count, std::vector<double>(Ni * Nj));
+    draw_rotations(q, work, streams, D, L, j, first, count, options.seed, s);
     for (int l = 0; l < L; ++l) {
-      draw_rotations(q, work, streams, D, j, l, first, count, options.seed, s);
+      const double* q_l = q.data() + int64_t(l) * count * block;  // [count, D, D]
       // (C Q_l^T)^T = Q_l C^T on layer l's rows of C^T and the rows of model i in view;
       // Q_l S_l; the rotated variances; the correlations.
       const int64_t row0 = within_layers ? int64_t(l) * Di : 0;
       UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(
-          cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(layer_rows), D, &one, q.data(), D, block,
+          cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(layer_rows), D, &one, q_l, D, block,
           c.data() + int64_t(l) * D + row0 * Nj, static_cast<int>(Nj), 0, &zero, r.data(), D, per_draw, count));
-      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one, q.data(), D,
-                                                  block, within.data() + l * block, D, 0, &zero, qs.data(), D, block,
-                                                  count));
-      cuda::rotated_variances(var_j.data(), qs.data(), q.data(), D, count, s);
+      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one, q_l, D, block,
+                                                  within.data() + l * block, D, 0, &zero, qs.data(), D, block, count));
+      cuda::rotated_variances(var_j.data(), qs.data(), q_l, D, count, s);
       cuda::normalize_correlations(r.data(), var_i.data() + row0, var_j.data(), layer_rows, D, count, s);
       if (on_host) {
         r.download(host.data(), size_t(count) * per_draw, s);

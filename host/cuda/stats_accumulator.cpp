@@ -1,8 +1,8 @@
 // Correlation statistics from activation chunks on the GPU: each neuron's shift (its
 // mean over the first chunk), shifted sums and co-moment blocks as float64 masters on
-// the device (split-TF32 or split-FP16 products span by span, kernels/comoment.cu);
-// stats() downloads them once, undoes the FP16 split's power-of-two scales and centers
-// them in float64.
+// the device (split-FP16 or split-TF32 products of short spans, a group of spans per
+// float64 pass, kernels/comoment.cu); stats() downloads them once, undoes the FP16
+// split's power-of-two scales and centers them in float64.
 #include <algorithm>
 #include <stdexcept>
 #include <type_traits>
@@ -16,10 +16,10 @@ namespace univ {
 struct CudaStatsAccumulator::Device {
   cuda::Stream stream;
   cuda::CublasHandle cublas{stream.get(), false};
-  std::vector<cuda::DeviceBuffer<float>> stacked;                // [m] the split stack of one span, [4, span, N_m]
+  std::vector<cuda::DeviceBuffer<float>> stacked;                // [m] a group's stacks, [group, 4, span, N_m] parts
   std::vector<cuda::DeviceBuffer<float>> inv_scale;              // [m] N_m: the FP16 split's scales
   cuda::DeviceBuffer<int> overflow{1};                           // set when an FP16 part is not finite
-  cuda::DeviceBuffer<float> product;                             // the largest block in float32
+  cuda::DeviceBuffer<float> products;                            // a group's float32 products of the largest block
   std::vector<cuda::DeviceBuffer<float>> shift;                  // [m] N_m
   std::vector<cuda::DeviceBuffer<double>> sums;                  // [m] N_m: sum of x - shift
   std::vector<cuda::DeviceBuffer<double>> cross;                 // pairs i < j in CorrelationStats' order
@@ -27,10 +27,30 @@ struct CudaStatsAccumulator::Device {
   std::vector<cuda::DeviceBuffer<float>> staging;                // [m] add_from_host's chunks
 };
 
-CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span, SplitPrecision split)
+namespace {
+
+// Spans per float64 pass: up to 8, as far as 1 GiB holds their stacks and products.
+int spans_per_pass_for(const std::vector<NeuronShape>& shapes, int64_t span, SplitPrecision split) {
+  const double part_bytes = split == SplitPrecision::f16 ? 2 : 4;
+  double per_span = 0, largest = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    per_span += 4.0 * double(span) * double(shapes[i].neurons()) * part_bytes;
+    largest = std::max(largest, double(shapes[i].layers) * shapes[i].width * shapes[i].width);
+    for (size_t j = i + 1; j < shapes.size(); ++j)
+      largest = std::max(largest, double(shapes[i].neurons()) * double(shapes[j].neurons()));
+  }
+  per_span += 4.0 * largest;
+  return static_cast<int>(std::clamp(double(int64_t(1) << 30) / per_span, 1.0, 8.0));
+}
+
+}  // namespace
+
+CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span, SplitPrecision split,
+                                           int spans_per_pass)
     : shapes_(std::move(shapes)),
       span_(span > 0 ? span : cuda::kComomentSpan),
       split_(split),
+      spans_per_pass_(spans_per_pass > 0 ? spans_per_pass : spans_per_pass_for(shapes_, span_, split_)),
       device_(std::make_unique<Device>()) {
   Device& d = *device_;
   const cudaStream_t s = d.stream.get();
@@ -47,16 +67,17 @@ CudaStatsAccumulator::CudaStatsAccumulator(std::vector<NeuronShape> shapes, int6
     d.sums.push_back(zeros(shapes_[m].neurons()));
     d.within.push_back(zeros(size_t(shapes_[m].layers) * shapes_[m].width * shapes_[m].width));
   }
+  const size_t parts_per_float = split_ == SplitPrecision::f16 ? 2 : 1;  // two FP16 parts per float
   size_t largest = 0;
   for (int i = 0; i < K; ++i) {
-    d.stacked.emplace_back(4 * size_t(span_) * shapes_[i].neurons());
+    d.stacked.emplace_back(size_t(spans_per_pass_) * 4 * size_t(span_) * shapes_[i].neurons() / parts_per_float);
     largest = std::max(largest, d.within[i].size());
     for (int j = i + 1; j < K; ++j) {
       d.cross.push_back(zeros(size_t(shapes_[i].neurons()) * shapes_[j].neurons()));
       largest = std::max(largest, d.cross.back().size());
     }
   }
-  d.product = cuda::DeviceBuffer<float>(largest);
+  d.products = cuda::DeviceBuffer<float>(size_t(spans_per_pass_) * largest);
 }
 
 CudaStatsAccumulator::~CudaStatsAccumulator() = default;
@@ -80,30 +101,42 @@ void CudaStatsAccumulator::add(const std::vector<const float*>& acts, int64_t n)
     const int N = static_cast<int>(shapes_[m].neurons());
     cuda::column_sums(d.sums[m].data(), acts[m], N, d.shift[m].data(), N, n, s);
   }
-  // Co-moments span by span: each span's float32 products join the float64 masters.
-  for (int64_t t0 = 0; t0 < n; t0 += span_) {
-    const int64_t span = std::min(span_, n - t0);
+  // Co-moments in groups of spans: one split and one batched GEMM per group, whose
+  // float32 products join the float64 masters in one pass.
+  const int64_t part_bytes = f16 ? 2 : 4;
+  for (int64_t t0 = 0; t0 < n;) {
+    const int64_t full_spans = (n - t0) / span_;
+    const int64_t span = full_spans > 0 ? span_ : n - t0;
+    const int group = full_spans > 0 ? static_cast<int>(std::min<int64_t>(full_spans, spans_per_pass_)) : 1;
+    auto stack = [&](int m, int g) {  // span g's stack of model m
+      return static_cast<const char*>(static_cast<const void*>(d.stacked[m].data())) +
+             int64_t(g) * 4 * span * shapes_[m].neurons() * part_bytes;
+    };
     for (int m = 0; m < K; ++m) {
       const int N = static_cast<int>(shapes_[m].neurons());
       if (f16)
         cuda::split_f16(d.stacked[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), d.inv_scale[m].data(), N, span,
-                        d.overflow.data(), s);
+                        group, d.overflow.data(), s);
       else
-        cuda::split_tf32(d.stacked[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, s);
+        cuda::split_tf32(d.stacked[m].data(), acts[m] + t0 * N, N, d.shift[m].data(), N, span, group, s);
     }
     int pair = 0;
     for (int i = 0; i < K; ++i)
       for (int j = i + 1; j < K; ++j, ++pair) {
         const int Ni = static_cast<int>(shapes_[i].neurons()), Nj = static_cast<int>(shapes_[j].neurons());
-        cuda::comoment_accumulate(d.cublas.get(), d.cross[pair].data(), Nj, d.stacked[i].data(), Ni, Ni,
-                                  d.stacked[j].data(), Nj, Nj, span, d.product.data(), s, split_);
+        cuda::comoment_products(d.cublas.get(), d.products.data(), stack(i, 0), Ni, Ni, stack(j, 0), Nj, Nj, span,
+                                split_, group, 4 * span * Ni, 4 * span * Nj);
+        cuda::add_products_to_float64(d.cross[pair].data(), Nj, d.products.data(), Ni, Nj, group, s);
       }
-    for (int m = 0; m < K; ++m) {  // every layer's within-layer block in one batched call
-      const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width;
-      const float* stacked = d.stacked[m].data();
-      cuda::comoment_accumulate(d.cublas.get(), d.within[m].data(), D, stacked, N, D, stacked, N, D, span,
-                                d.product.data(), s, split_, shapes_[m].layers, D);
+    for (int m = 0; m < K; ++m) {  // every layer's within-layer block in one batched call per span
+      const int N = static_cast<int>(shapes_[m].neurons()), D = shapes_[m].width, L = shapes_[m].layers;
+      const int64_t blocks = int64_t(L) * D * D;
+      for (int g = 0; g < group; ++g)
+        cuda::comoment_products(d.cublas.get(), d.products.data() + g * blocks, stack(m, g), N, D, stack(m, g), N, D,
+                                span, split_, L, D, D);
+      cuda::add_products_to_float64(d.within[m].data(), D, d.products.data(), L * D, D, group, s);
     }
+    t0 += group * span;
   }
   count_ += n;
 }
@@ -123,7 +156,15 @@ void CudaStatsAccumulator::add_from_host(const std::vector<const float*>& host_a
   add(acts, n);
 }
 
-void CudaStatsAccumulator::synchronize() const { device_->stream.synchronize(); }
+void CudaStatsAccumulator::synchronize() const {
+  const Device& d = *device_;
+  int overflow = 0;
+  if (split_ == SplitPrecision::f16) d.overflow.download(&overflow, 1, d.stream.get());
+  d.stream.synchronize();
+  if (overflow)
+    throw Fp16SplitOverflow("the FP16 split overflowed: a neuron's values grew over 1000-fold past the first "
+                            "chunk's; the TF32 split has the range for them");
+}
 
 CorrelationStats CudaStatsAccumulator::stats() const {
   const Device& d = *device_;
@@ -143,18 +184,13 @@ CorrelationStats CudaStatsAccumulator::stats() const {
   // n mu_a mu_b^T.
   std::vector<std::vector<double>> mu(K), scale(K);
   std::vector<std::vector<float>> shift(K), inv_scale(K);
-  std::vector<int> overflow(1, 0);
   const bool f16 = split_ == SplitPrecision::f16;
   for (int m = 0; m < K; ++m) {
     mu[m] = download(d.sums[m]);
     shift[m] = download(d.shift[m]);
     if (f16) inv_scale[m] = download(d.inv_scale[m]);
   }
-  if (f16) d.overflow.download(overflow.data(), 1, s);
   synchronize();
-  if (overflow[0])
-    throw std::runtime_error("the FP16 split overflowed: a neuron's values grew over 1000-fold past the first "
-                             "chunk's; the TF32 split has the range for them");
   for (int m = 0; m < K; ++m) {
     scale[m].assign(mu[m].size(), 1.0);
     for (size_t k = 0; k < mu[m].size(); ++k) {
@@ -187,6 +223,11 @@ CorrelationStats CudaStatsAccumulator::stats() const {
       block.assign(blocks.begin() + int64_t(l) * D * D, blocks.begin() + int64_t(l + 1) * D * D);
       const double *mu_l = mu[m].data() + int64_t(l) * D, *scale_l = scale[m].data() + int64_t(l) * D;
       center(block, scale_l, scale_l, mu_l, mu_l, D, D);
+      // The GEMM adds (a, b)'s and (b, a)'s terms in different orders: make the block
+      // exactly symmetric, as the covariance it stands for.
+      for (int a = 0; a < D; ++a)
+        for (int b = a + 1; b < D; ++b)
+          block[a * D + b] = block[b * D + a] = 0.5 * (block[a * D + b] + block[b * D + a]);
     }
   }
   return out;

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -85,16 +86,24 @@ class CpuStatsAccumulator {
   std::vector<std::vector<double>> shifted_;  // scratch: x - shift in float64, [n, N_m]
 };
 
+// A value of the FP16 split left FP16's range: the statistics must be computed again
+// with the TF32 split.
+class Fp16SplitOverflow : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // Streams float32 activation chunks that are already on the GPU into a
 // CorrelationStats: the shifted sums and co-moment blocks are float64 masters on the
 // device (kernels/comoment.cu), centered once when stats() is asked. CUDA builds only.
 class CudaStatsAccumulator {
  public:
-  // span: tokens whose products one float32 GEMM sums before they join the float64
-  // masters (0: cuda::kComomentSpan); longer spans mean fewer float64 passes and
-  // larger float32 sums.
+  // span: tokens whose products one float32 GEMM sums (0: cuda::kComomentSpan; longer
+  // spans lose accuracy); spans_per_pass: spans whose float32 products one float64
+  // pass adds into the masters (0: up to 8, as memory allows; more mean fewer passes
+  // over the masters). The FP16 split runs at twice the TF32 split's rate.
   explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span = 0,
-                                SplitPrecision split = SplitPrecision::tf32);
+                                SplitPrecision split = SplitPrecision::f16, int spans_per_pass = 0);
   ~CudaStatsAccumulator();
   // acts[m]: device pointers to model m's activations for n tokens, token-major
   // [n, N_m], complete before the call. Returns once the chunk's work is enqueued:
@@ -103,8 +112,9 @@ class CudaStatsAccumulator {
   // The same from host memory, copied on the accumulator's stream (asynchronously when
   // pinned): host_acts too must stay unchanged until synchronize().
   void add_from_host(const std::vector<const float*>& host_acts, int64_t n);
+  // Waits for the work enqueued; Fp16SplitOverflow when an FP16 part overflowed.
   void synchronize() const;
-  // std::runtime_error when an FP16 split overflowed.
+  // Fp16SplitOverflow when an FP16 part overflowed.
   CorrelationStats stats() const;
 
  private:
@@ -112,6 +122,7 @@ class CudaStatsAccumulator {
   std::vector<NeuronShape> shapes_;
   int64_t span_;
   SplitPrecision split_;
+  int spans_per_pass_;
   std::unique_ptr<Device> device_;  // keeps CUDA types out of this header
   int64_t count_ = 0;
 };

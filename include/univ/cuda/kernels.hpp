@@ -115,30 +115,33 @@ void column_sums(double* sums, const float* x, int64_t ld, const float* shift, i
 // shift[cols] = float(sums / n): each column's mean from its sums over n tokens.
 void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cudaStream_t stream);
 // Tokens whose products a float32 sum spans before joining the float64 master (the
-// default of CudaStatsAccumulator).
+// default of CudaStatsAccumulator): the float32 sums lose accuracy as spans grow.
 constexpr int64_t kComomentSpan = 1024;
-// stacked [4, n, cols] (packed) = lo | hi | hi | lo, the TF32 parts of y = x[t, c] -
-// shift[c] (x row stride ldx): hi = tf32(y), lo = tf32(y - hi).
-void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n,
+// stacked [spans, 4, n, cols] (packed) = lo | hi | hi | lo per span of n tokens, the
+// TF32 parts of y = x[t, c] - shift[c] for t < spans * n (x row stride ldx): hi =
+// tf32(y), lo = tf32(y - hi).
+void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n, int spans,
                 cudaStream_t stream);
 // inv_scale[cols]: powers of two that map each column's largest |x - shift| over n rows
 // to at most 2^6 (FP16 reaches 2^16: values may grow 1000-fold before overflowing).
 void column_scales(float* inv_scale, const float* x, int64_t ld, const float* shift, int cols, int64_t n,
                    cudaStream_t stream);
-// stacked [4, n, cols] FP16 (packed) = lo | hi | hi | lo, the FP16 parts of y = (x[t, c]
-// - shift[c]) * inv_scale[c]; *overflow set to 1 when a finite value leaves FP16's range.
+// The same as split_tf32 in FP16 parts of y = (x[t, c] - shift[c]) * inv_scale[c];
+// *overflow set to 1 when a finite value leaves FP16's range.
 void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
-               int64_t n, int* overflow, cudaStream_t stream);
-// master[rows, cols] (row stride ld_master) += sum over n tokens of y_a[t]^T y_b[t],
-// from the stacks of a (row stride lda, rows columns) and of b (ldb, cols) that split_tf32
-// or split_f16 wrote: one GEMM of depth 3n with float32 accumulation on `handle` (bound
-// to `stream`) into product [batch, rows, cols] (scratch), then added in float64. With
-// batch > 1, entry e reads columns from e * column_stride of a and b and adds into
-// master + e * rows * ld_master (e.g. every layer's within-layer block at once).
-void comoment_accumulate(cublasHandle_t handle, double* master, int64_t ld_master, const void* a_stacked,
-                         int64_t lda, int rows, const void* b_stacked, int64_t ldb, int cols, int64_t n,
-                         float* product, cudaStream_t stream, SplitPrecision split = SplitPrecision::tf32, int batch = 1,
-                         int64_t column_stride = 0);
+               int64_t n, int spans, int* overflow, cudaStream_t stream);
+// products [batch, rows, cols] = sum over one span of n tokens of y_a[t]^T y_b[t], from
+// stacks of a (row stride lda, rows columns) and of b (ldb, cols) that split_tf32 or
+// split_f16 wrote: one GEMM of depth 3n with float32 accumulation per batch entry on
+// `handle`. Entry e reads a's stack from e * stride_a elements on and b's from e *
+// stride_b (the spans of a group, or every layer's columns for within-layer blocks).
+void comoment_products(cublasHandle_t handle, float* products, const void* a_stacked, int64_t lda, int rows,
+                       const void* b_stacked, int64_t ldb, int cols, int64_t n, SplitPrecision split, int batch,
+                       int64_t stride_a, int64_t stride_b);
+// master[rows, cols] (row stride ld_master) += the sum in float64 of the count blocks
+// products [count, rows, cols], in order.
+void add_products_to_float64(double* master, int64_t ld_master, const float* products, int rows, int cols, int count,
+                             cudaStream_t stream);
 
 // rotation.cu: the rotation baseline -------------------------------------------------
 // g [batch, n, n] column-major: Gaussian matrices, matrix b from the Philox stream
@@ -149,7 +152,7 @@ void gaussian_matrices(double* g, const uint64_t* streams, uint64_t seed, int n,
 // Haar-random orthogonal matrices for Gaussian g, equal to the host's haar_orthogonal
 // to rounding. One block per matrix; n at most batched_qr_max_width().
 void haar_q_batched(double* q, double* g, int n, int batch, cudaStream_t stream);
-int batched_qr_max_width();  // of the current device (its shared memory holds 3 n doubles)
+int batched_qr_max_width();  // of the current device (its shared memory holds 19 n doubles)
 // sign [n] = the signs of the diagonal of the column-major n x n a (+1 for 0): of R after
 // a QR (cuSOLVER's geqrf leaves R above a's diagonal).
 void diagonal_signs(double* sign, const double* a, int n, cudaStream_t stream);
