@@ -3,9 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <future>
 #include <limits>
-#include <mutex>
 #include <numeric>
 
 #include <omp.h>
@@ -289,24 +287,16 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
   return out;
 }
 
-// The matched correlations of model i's neurons under each of the draws [0, draws) of
-// model j's rotations; drawn(n) is told of every n draws done. Each draw's rotations
-// are a pure function of (seed, model, draw), drawn where used: on the GPU in batches,
-// or on the host several draws at once on threads as far as memory allows (each holds
-// one layer's columns of the rotated correlations; one-to-one matching across layers
-// the whole [N_i, N_j] matrix).
+// On the host: the matched correlations of model i's neurons under each of the draws
+// [0, draws) of model j's rotations; drawn(n) is told of every n draws done. Each
+// draw's rotations are a pure function of (seed, model, draw), drawn where used,
+// several draws at once on threads as far as memory allows (each holds one layer's
+// columns of the rotated correlations; one-to-one matching across layers the whole
+// [N_i, N_j] matrix). The GPU's counterpart is rotated_matches_cuda.
 std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
                                                  const AnalysisOptions& o, const std::function<void(int)>& drawn) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
-#ifdef UNIV_HAVE_CUDA
-  if (o.device == Device::cuda) {
-    auto match_on_host = [&](const std::vector<double>& r, int64_t rows, int64_t cols) {
-      return match_rows(r, rows, cols, static_cast<int>(rows), static_cast<int>(cols), o).value;
-    };
-    return rotated_matches_cuda(stats, i, j, draws, o, match_on_host, drawn);
-  }
-#endif
   auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
   const bool whole = o.match == MatchMode::one_to_one && o.scope == MatchScope::all;
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
@@ -325,42 +315,37 @@ std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, 
 }  // namespace
 
 Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
-                 const std::function<void(int done, int total)>& progress) {
+                 const std::function<void(int done, int total)>& progress,
+                 [[maybe_unused]] const PreparedRotations* prepared) {
   options.validate();
   check_fit(stats, options);
   const int K = stats.models();
   const int draws = options.baseline_draws + options.null_draws;
   int draws_done = 0;
-  std::mutex progress_mutex;
   auto drawn = [&, total = K * (K - 1) * draws](int n) {
-    const std::lock_guard<std::mutex> lock(progress_mutex);
     draws_done += n;
     if (progress) progress(draws_done, total);
   };
-  // Each ordered pair's rotated matches. On the GPU two pairs run at once, each on its
-  // own stream and host thread, so that one pair's uploads, launches and host work
-  // overlap the other's kernels (a pair's Haar QRs occupy one SM per matrix, for
-  // milliseconds).
+  // Each ordered pair's rotated matches [i * K + j], one [N_i] vector per draw.
   std::vector<std::vector<std::vector<double>>> pair_matches(size_t(K) * K);
-  auto pair_match = [&](int i, int j) {
-    pair_matches[size_t(i) * K + j] = rotated_matches(stats, i, j, draws, options, drawn);
-  };
-  std::vector<std::pair<int, int>> pairs;
-  for (int i = 0; i < K; ++i)
-    for (int j = 0; j < K; ++j)
-      if (i != j) pairs.emplace_back(i, j);
-  const size_t concurrent = options.device == Device::cuda ? 2 : 1;
-  for (size_t p = 0; p < pairs.size(); p += concurrent) {
-    std::vector<std::future<void>> running;
-    for (size_t q = p + 1; q < std::min(pairs.size(), p + concurrent); ++q)
-      running.push_back(std::async(std::launch::async, pair_match, pairs[q].first, pairs[q].second));
-    pair_match(pairs[p].first, pairs[p].second);
-    for (auto& r : running) r.get();
+  bool on_gpu = false;
+#ifdef UNIV_HAVE_CUDA
+  on_gpu = options.device == Device::cuda;
+  if (on_gpu) {
+    auto match_on_host = [&](const std::vector<double>& r, int64_t rows, int64_t cols) {
+      return match_rows(r, rows, cols, static_cast<int>(rows), static_cast<int>(cols), options).value;
+    };
+    pair_matches = rotated_matches_cuda(stats, draws, options, match_on_host, drawn, prepared);
   }
+#endif
+  if (!on_gpu)
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j)
+        if (i != j) pair_matches[size_t(i) * K + j] = rotated_matches(stats, i, j, draws, options, drawn);
+
   Analysis out;
   out.options = options;
   out.tokens = stats.count();
-
 
   // Per model i: each neuron's matches, and per null draw the excess it would have.
   for (int i = 0; i < K; ++i) {

@@ -323,9 +323,13 @@ int batched_qr_max_width() {
 
 void gaussian_matrices(double* g, const uint64_t* streams, uint64_t seed, int n, int batch, cudaStream_t stream) {
   if (n <= 0 || batch <= 0) return;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(int64_t(n) * n, 256), 4096)), batch);
-  gaussian_matrices_kernel<<<grid, 256, 0, stream>>>(g, streams, seed, n);
-  UNIV_CUDA_CHECK_LAUNCH();
+  constexpr int kMaxGridY = 65535;  // matrices per launch
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(int64_t(n) * n, 256), 4096));
+  for (int first = 0; first < batch; first += kMaxGridY) {
+    const dim3 grid(blocks, std::min(kMaxGridY, batch - first));
+    gaussian_matrices_kernel<<<grid, 256, 0, stream>>>(g + int64_t(first) * n * n, streams + first, seed, n);
+    UNIV_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void haar_q_batched(double* q, double* g, int n, int batch, cudaStream_t stream) {

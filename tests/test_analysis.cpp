@@ -50,7 +50,9 @@ TEST(Rotation, HouseholderQrFactorsTheMatrix) {
   const std::vector<double> q = householder_qr(a, n);
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
-      if (i > j) EXPECT_EQ(a[i * n + j], 0.0);  // R is upper triangular
+      if (i > j) {
+        EXPECT_EQ(a[i * n + j], 0.0);  // R is upper triangular
+      }
       double qr = 0;
       for (int k = 0; k < n; ++k) qr += q[i * n + k] * a[k * n + j];
       EXPECT_NEAR(qr, original[i * n + j], 1e-13);
@@ -370,7 +372,9 @@ TEST(Analysis, DeadNeuronsAreNeverUniversal) {
   const Analysis a = analyze(stats_of(shapes, acts, 500), AnalysisOptions{});
   for (const auto& nr : a.neurons) {
     EXPECT_EQ(nr.dead, nr.neuron == 2);
-    if (nr.dead) EXPECT_FALSE(nr.universal);
+    if (nr.dead) {
+      EXPECT_FALSE(nr.universal);
+    }
   }
   EXPECT_EQ(a.layers[0].dead, 1);
 }

@@ -353,7 +353,9 @@ TEST_F(Gpu, NonFiniteStepsUpdateNothingAndNameTheTensor) {
   EXPECT_EQ(after.step, 3);
   EXPECT_EQ(after.exp_avg, s.exp_avg);
   for (size_t i = 0; i < s.params.size(); ++i)
-    if (!std::isnan(s.params[i])) ASSERT_EQ(after.params[i], s.params[i]);
+    if (!std::isnan(s.params[i])) {
+      ASSERT_EQ(after.params[i], s.params[i]);
+    }
 }
 
 }  // namespace

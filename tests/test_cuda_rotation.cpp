@@ -1,6 +1,6 @@
 // The rotation baseline on the GPU against the host's: the same Haar matrices (cuRAND's
-// Philox words are PhiloxStream's) to float64 rounding, and the same analysis in every
-// match mode. Skipped without a GPU.
+// Philox words are PhiloxStream's) to float64 rounding, the same analysis in every
+// match mode, and rotations prepared ahead changing nothing. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -129,6 +129,32 @@ TEST_F(GpuRotation, AnalysisEqualsTheHostsInEveryMode) {
     const Analysis cpu = analyze(unequal, o);
     o.device = Device::cuda;
     expect_same_analysis(analyze(unequal, o), cpu);
+  }
+}
+
+TEST_F(GpuRotation, PreparedRotationsGiveTheSameAnalysis) {
+  // Models of two widths (two launches); rotations prepared for another seed are not used.
+  const std::vector<NeuronShape> shapes{{2, 37}, {2, 20}, {3, 20}};
+  const CorrelationStats stats = three_models(shapes);
+  AnalysisOptions o;
+  o.match = MatchMode::max;
+  o.scope = MatchScope::all;
+  o.device = Device::cuda;
+  o.baseline_draws = 3;
+  o.null_draws = 2;
+  const Analysis drawn_here = analyze(stats, o);
+  const PreparedRotations prepared(shapes, o);
+  ASSERT_NE(prepared.device(), nullptr);
+  AnalysisOptions other_seed = o;
+  other_seed.seed += 1;
+  const PreparedRotations unused(shapes, other_seed);
+  for (const PreparedRotations* p : {&prepared, &unused}) {
+    const Analysis a = analyze(stats, o, {}, p);
+    ASSERT_EQ(a.neurons.size(), drawn_here.neurons.size());
+    for (size_t n = 0; n < a.neurons.size(); ++n)
+      for (size_t k = 0; k < a.neurons[n].partners.size(); ++k)
+        ASSERT_EQ(a.neurons[n].partners[k].baseline, drawn_here.neurons[n].partners[k].baseline) << n;
+    EXPECT_EQ(a.verdict, drawn_here.verdict);
   }
 }
 

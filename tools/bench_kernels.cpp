@@ -10,6 +10,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -310,9 +311,10 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
 
 // The seed experiment's correlation step in process, after one untimed run (CUDA and
 // cuBLAS start-up): 2 freshly initialised seed models, forward over the 32,000 tokens
-// of the test split with the statistics on the GPU, then the analysis (index matching,
-// 8 baseline + 8 null draws) with the rotation baseline on the GPU; median of several.
-// Beside it the same analysis on this host's CPU, and the Haar kernels alone.
+// of the test split with the statistics on the GPU, the rotations drawn meanwhile (as
+// correlate does), then the analysis (index matching, 8 baseline + 8 null draws) with
+// the rotation baseline on the GPU; median of several. Beside it the same analysis on
+// this host's CPU, the forward and statistics phase by phase, and the Haar kernels alone.
 nlohmann::json correlation_step(Bench& b) {
   std::vector<univ::LoadedModel> models(2);
   for (int m = 0; m < 2; ++m) {
@@ -331,41 +333,63 @@ nlohmann::json correlation_step(Bench& b) {
   auto ms_since = [](std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
+  auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
   std::vector<double> forward_ms, analysis_ms, total_ms;
   univ::CorrelationStats stats;
   for (int i = 0; i < 6; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
+    const univ::PreparedRotations rotations({models[0].shape(), models[1].shape()}, o);  // drawn while streaming
     stats = univ::stream_statistics(models, tokens, univ::Site::pre, batch, {}, univ::Device::cuda).stats;
     const auto t1 = std::chrono::steady_clock::now();
-    univ::analyze(stats, o);
+    univ::analyze(stats, o, {}, &rotations);
     if (i == 0) continue;  // start-up
     forward_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     analysis_ms.push_back(ms_since(t1));
     total_ms.push_back(ms_since(t0));
   }
-  auto median = [](std::vector<double> v) {
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
-  };
-  // Of forward and statistics: making the two forward networks and the accumulator,
-  // and releasing them.
-  std::vector<double> setup_ms, teardown_ms;
+  // Forward and statistics phase by phase, as stream_statistics runs them: making the
+  // two forward networks and the accumulator, the forward passes, the accumulator's
+  // adds (waited for), stats(), and releasing it all.
+  std::map<std::string, std::vector<double>> phase_ms;
   for (int i = 0; i < 5; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
+    std::map<std::string, double> ms;
+    auto t = std::chrono::steady_clock::now();
+    auto lap = [&](const std::string& phase) {
+      ms[phase] += ms_since(t);
+      t = std::chrono::steady_clock::now();
+    };
     auto nets = std::make_unique<std::vector<std::unique_ptr<univ::DeviceForward>>>();
+    std::vector<DeviceBuffer<float>> acts;
     for (const auto& m : models) {
       univ::RunConfig config = m.checkpoint.run;
       config.batch = batch;
       nets->push_back(univ::make_device_forward(config, m.checkpoint.params));
+      acts.emplace_back(size_t(batch) * config.model.seq_len * m.shape().neurons());
     }
     auto acc = std::make_unique<univ::CudaStatsAccumulator>(std::vector{models[0].shape(), models[1].shape()});
     acc->synchronize();
-    setup_ms.push_back(ms_since(t0));
-    const auto t1 = std::chrono::steady_clock::now();
+    lap("setup");
+    univ::for_each_batch(tokens, batch, models[0].checkpoint.run.model.seq_len,
+                         [&](const int32_t* inputs, const int32_t* targets, int rows, int64_t n) {
+                           for (int m = 0; m < 2; ++m) (*nets)[m]->run(inputs, targets, rows, false, acts[m].data(), n);
+                           lap("forward");
+                           acc->add({acts[0].data(), acts[1].data()}, n);
+                           acc->synchronize();
+                           lap("statistics");
+                         });
+    acc->stats();
+    lap("stats_download");
+    acts.clear();
     acc.reset();
     nets.reset();
-    teardown_ms.push_back(ms_since(t1));
+    lap("teardown");
+    for (const auto& [phase, value] : ms) phase_ms[phase].push_back(value);
   }
+  nlohmann::json phases;
+  for (const auto& [phase, values] : phase_ms) phases[phase] = median(values);
   o.device = univ::Device::cpu;
   const auto t_cpu = std::chrono::steady_clock::now();
   univ::analyze(stats, o);
@@ -389,8 +413,7 @@ nlohmann::json correlation_step(Bench& b) {
           {"neurons_per_model", shape.neurons()},
           {"draws", draws},
           {"forward_and_statistics_ms", median(forward_ms)},
-          {"forward_setup_ms", median(setup_ms)},
-          {"forward_teardown_ms", median(teardown_ms)},
+          {"forward_and_statistics_phases_ms", phases},
           {"analysis_ms", median(analysis_ms)},
           {"step_ms", median(total_ms)},
           {"analysis_cpu_ms", cpu_analysis_ms},
@@ -457,13 +480,15 @@ int main(int argc, char** argv) {
                   v["spans_per_pass"].get<int>(), v["projected_ms"].get<double>(), v["worst_r_error"].get<double>());
     const auto& r = report["correlation_step"];
     std::printf("seed correlation step, 2 x %d neurons over %lld tokens, %d draws each way: %.1f ms (forward and "
-                "statistics %.1f ms, of which %.1f ms making the networks and the accumulator and %.1f ms releasing "
-                "them; analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of %d: %.2f ms\n",
+                "statistics %.1f ms, analysis %.1f ms; the analysis on this host's CPU %.1f ms); %d Haar matrices of "
+                "%d: %.2f ms\n  forward and statistics by phase (ms):",
                 r["neurons_per_model"].get<int>(), static_cast<long long>(r["tokens"].get<int64_t>()),
                 r["draws"].get<int>(), r["step_ms"].get<double>(), r["forward_and_statistics_ms"].get<double>(),
-                r["forward_setup_ms"].get<double>(), r["forward_teardown_ms"].get<double>(),
                 r["analysis_ms"].get<double>(), r["analysis_cpu_ms"].get<double>(), r["haar_matrices"].get<int>(),
                 r["haar_width"].get<int>(), r["haar_ms"].get<double>());
+    for (const auto& [phase, value] : r["forward_and_statistics_phases_ms"].items())
+      std::printf(" %s %.2f", phase.c_str(), value.get<double>());
+    std::printf("\n");
   } catch (const univ::UserError& e) {
     std::cerr << "bench_kernels: error: " << e.what() << '\n';
     return 1;

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <memory>
 #include <set>
 #include <string>
 
@@ -134,14 +135,30 @@ univ::AnalysisOptions analysis_options(const Flags& f) {
   return o;
 }
 
-void report(const Flags& f, const univ::CorrelationStats& stats, univ::ReportInput input, Clock::time_point start) {
+// The analysis' rotations, drawn on the GPU while the statistics stream, where this
+// process will analyse them there (a complete run, at rank 0).
+std::unique_ptr<univ::PreparedRotations> prepare_rotations([[maybe_unused]] const Flags& f,
+                                                           [[maybe_unused]] const std::vector<univ::NeuronShape>& shapes,
+                                                           [[maybe_unused]] bool analysed_here) {
+#ifdef UNIV_HAVE_CUDA
+  const univ::AnalysisOptions o = analysis_options(f);
+  if (analysed_here && o.device == univ::Device::cuda) return std::make_unique<univ::PreparedRotations>(shapes, o);
+#endif
+  return nullptr;
+}
+
+void report(const Flags& f, const univ::CorrelationStats& stats, univ::ReportInput input, Clock::time_point start,
+            const univ::PreparedRotations* prepared = nullptr) {
   const auto t0 = Clock::now();
   ProgressLine line(true);
-  const univ::Analysis analysis = univ::analyze(stats, analysis_options(f), [&](int done, int total) {
-    char text[96];
-    std::snprintf(text, sizeof text, "rotation draws %d/%d | %.1f s", done, total, seconds_since(t0));
-    line.show(done, total, text);
-  });
+  const univ::Analysis analysis = univ::analyze(
+      stats, analysis_options(f),
+      [&](int done, int total) {
+        char text[96];
+        std::snprintf(text, sizeof text, "rotation draws %d/%d | %.1f s", done, total, seconds_since(t0));
+        line.show(done, total, text);
+      },
+      prepared);
   input.timings["analysis"] = seconds_since(t0);
   input.analysis = &analysis;
   input.timings["total"] = seconds_since(start);  // writing the report takes milliseconds
@@ -152,13 +169,13 @@ void report(const Flags& f, const univ::CorrelationStats& stats, univ::ReportInp
 
 // Saves the statistics when asked, and reports unless this is one shard of several.
 void finish(const Flags& f, const univ::CorrelationStats& stats, const univ::ReportInput& input, bool full_run,
-            Clock::time_point start) {
+            Clock::time_point start, const univ::PreparedRotations* prepared) {
   if (!f.save_stats.empty()) {
     stats.save(f.save_stats,
                {{"univ.models", input.models.dump()}, {"univ.site", input.site}, {"univ.data", input.data.dump()}});
     std::cerr << "correlate: statistics of " << stats.count() << " tokens saved to " << f.save_stats << '\n';
   }
-  if (full_run) report(f, stats, input, start);
+  if (full_run) report(f, stats, input, start, prepared);
 }
 
 // The slice of the tokens this process streams: --shard, or this rank's under mpirun.
@@ -203,6 +220,9 @@ int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSes
     std::cerr << "correlate: " << models.size() << " models, " << tokens << " tokens of activation files"
               << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
   const univ::Device device = stream_device(f, mpi);
+  std::vector<univ::NeuronShape> shapes;
+  for (const auto& m : models) shapes.push_back(m.shape);
+  const auto prepared = prepare_rotations(f, shapes, slice.complete && mpi.root());
   Progress progress(mpi.root());
   univ::StreamResult streamed =
       univ::stream_activation_statistics(models, slice.shard, kActivationChunk, std::ref(progress), device);
@@ -229,7 +249,7 @@ int run_activation_files(const Flags& f, const CLI::App& app, const univ::MpiSes
   input.timings["read_gigabytes_per_second"] = streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9;
   std::cerr << "correlate: read " << streamed.bytes_read / 1e9 << " GB at "
             << streamed.bytes_read / std::max(streamed.seconds, 1e-9) / 1e9 << " GB/s\n";
-  finish(f, streamed.stats, input, slice.complete, start);
+  finish(f, streamed.stats, input, slice.complete, start, prepared.get());
   return 0;
 }
 
@@ -251,6 +271,9 @@ int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi)
     std::cerr << "correlate: " << models.size() << " models, " << tokens.total_tokens << " tokens of "
               << tokens.description.value("source", "") << ", site " << f.site
               << (mpi.size() > 1 ? ", " + std::to_string(mpi.size()) + " processes" : "") << '\n';
+  std::vector<univ::NeuronShape> shapes;
+  for (const auto& m : models) shapes.push_back(m.shape());
+  const auto prepared = prepare_rotations(f, shapes, slice.complete && mpi.root());
   Progress progress(mpi.root());
   univ::StreamResult streamed = univ::stream_statistics(models, tokens, site, batch, std::ref(progress), device);
   // Under mpirun: statistics merged at rank 0, losses weighted by each rank's sequences.
@@ -272,7 +295,7 @@ int run_stream(const Flags& f, const CLI::App& app, const univ::MpiSession& mpi)
   input.data["device"] = univ::to_string(device);
   input.loss = streamed.loss;
   input.timings["forward_and_statistics"] = streamed.seconds;
-  finish(f, streamed.stats, input, slice.complete, start);
+  finish(f, streamed.stats, input, slice.complete, start, prepared.get());
   return 0;
 }
 

@@ -1,7 +1,8 @@
-// The rotation baseline on the GPU, per batch of draws: every layer's Haar matrices of
-// the rotated model in one launch (kernels/rotation.cu: a QR per thread block takes
-// milliseconds, and one launch keeps as many SMs busy as there are matrices; cuSOLVER's
-// QR for wide layers), then layer by layer the rotated co-moments C Q^T (of the
+// The rotation baseline on the GPU, per batch of draws: the Haar matrices of every
+// layer of as many models as memory holds in one launch per width (kernels/rotation.cu:
+// a QR per thread block takes milliseconds, and one launch keeps as many SMs busy as
+// there are matrices; cuSOLVER's QR for wide layers), each model's serving all its
+// partners; then per ordered pair and layer the rotated co-moments C Q^T (of the
 // layer's own rows where matches stay within layers) and Q S as cuBLAS DGEMMs
 // strided-batched over the draws, the rotated variances diag(Q S Q^T), the
 // correlations and their matches. Everything stays in float64; for index and max
@@ -11,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
@@ -69,67 +72,95 @@ class WideQr {
   cuda::DeviceBuffer<int> info_;
 };
 
-// The Haar matrices of every layer of `model` for draws [first, first + count): q
-// [layers, count, width, width], each column-major; work as large, scratch.
-void draw_rotations(cuda::DeviceBuffer<double>& q, cuda::DeviceBuffer<double>& work,
-                    cuda::DeviceBuffer<uint64_t>& streams, int width, int layers, int model, int first, int count,
-                    uint64_t seed, cudaStream_t stream) {
-  std::vector<uint64_t> ids;
-  for (int l = 0; l < layers; ++l)
-    for (int d = first; d < first + count; ++d)
-      ids.push_back(rng_stream(RngPurpose::rotation, static_cast<uint32_t>(model),
-                               (static_cast<uint32_t>(d) << 16) | static_cast<uint32_t>(l)));
-  const int matrices = layers * count;
-  streams.upload(ids.data(), ids.size(), stream);
-  cuda::gaussian_matrices(work.data(), streams.data(), seed, width, matrices, stream);
+// The Haar matrices of every layer of `models` (model, layers), all of width `width`,
+// for draws [first, first + count): q [models, layers, count, width, width] in that
+// order, each column-major; work as large, scratch; ids one stream id per matrix.
+void draw_rotations(double* q, double* work, uint64_t* ids, const std::vector<std::pair<int, int>>& models, int width,
+                    int first, int count, uint64_t seed, cudaStream_t stream) {
+  std::vector<uint64_t> host_ids;
+  for (const auto& [model, layers] : models)
+    for (int l = 0; l < layers; ++l)
+      for (int d = first; d < first + count; ++d)
+        host_ids.push_back(rng_stream(RngPurpose::rotation, static_cast<uint32_t>(model),
+                                      (static_cast<uint32_t>(d) << 16) | static_cast<uint32_t>(l)));
+  const int matrices = static_cast<int>(host_ids.size());
+  UNIV_CUDA_CHECK(cudaMemcpyAsync(ids, host_ids.data(), host_ids.size() * sizeof(uint64_t), cudaMemcpyHostToDevice,
+                                  stream));
+  cuda::gaussian_matrices(work, ids, seed, width, matrices, stream);
   if (width <= kBlockQrMaxWidth && width <= cuda::batched_qr_max_width()) {
-    cuda::haar_q_batched(q.data(), work.data(), width, matrices, stream);
+    cuda::haar_q_batched(q, work, width, matrices, stream);
     return;
   }
-  WideQr qr(width, work.data(), stream);
+  WideQr qr(width, work, stream);
   const int64_t block = int64_t(width) * width;
-  for (int b = 0; b < matrices; ++b) qr.haar_q(q.data() + b * block, work.data() + b * block, stream);
+  for (int b = 0; b < matrices; ++b) qr.haar_q(q + b * block, work + b * block, stream);
   UNIV_CUDA_CHECK(cudaStreamSynchronize(stream));
   qr.check();
 }
 
-// Draws processed at once: all of them, as far as 2 GiB holds their matrices (every
-// layer's Haar matrices and scratch, one layer's correlations and Q S).
-int draws_per_batch(int64_t correlations, int width, int layers, int draws) {
-  const double per_draw =
-      sizeof(double) * (static_cast<double>(correlations) + (2.0 * layers + 1) * width * double(width) + width);
-  const double budget = 2.0 * (int64_t(1) << 30);
-  return std::max(1, std::min(draws, static_cast<int>(std::min(budget / per_draw, 1e6))));
-}
+constexpr double kBudgetBytes = 2.0 * (int64_t(1) << 30);  // device memory for a batch of draws
 
-}  // namespace
+// Bytes per draw of a model's Haar matrices and their scratch.
+double rotation_bytes(const NeuronShape& shape) { return 16.0 * shape.layers * double(shape.width) * shape.width; }
 
-std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const NeuronShape& shape, int model,
-                                                                     int first_draw, int draws, uint64_t seed) {
-  const int64_t D = shape.width, block = D * D;
-  cuda::Stream stream;
-  cuda::DeviceBuffer<double> q(size_t(shape.layers) * draws * block), work(q.size());
-  cuda::DeviceBuffer<uint64_t> streams(size_t(shape.layers) * draws);
-  std::vector<std::vector<std::vector<double>>> out(draws);
-  std::vector<double> host(q.size());
-  draw_rotations(q, work, streams, shape.width, shape.layers, model, first_draw, draws, seed, stream.get());
-  q.download(host.data(), host.size(), stream.get());
-  stream.synchronize();
-  for (int l = 0; l < shape.layers; ++l) {
-    for (int d = 0; d < draws; ++d) {
-      const double* cm = host.data() + (int64_t(l) * draws + d) * block;
-      std::vector<double> row_major(block);
-      for (int64_t r = 0; r < D; ++r)
-        for (int64_t c = 0; c < D; ++c) row_major[r * D + c] = cm[r + c * D];
-      out[d].push_back(std::move(row_major));
+// Bytes per draw of the largest ordered pair's correlations, Q S, rotated variances
+// and matches.
+double pair_bytes(const std::vector<NeuronShape>& shapes, const AnalysisOptions& options) {
+  const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;
+  double bytes = 0;
+  for (size_t j = 0; j < shapes.size(); ++j) {
+    const double D = shapes[j].width;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const double rows = within_layers ? shapes[i].width : double(shapes[i].neurons());
+      if (i != j) bytes = std::max(bytes, 8.0 * (rows * D + D * D + D + rows));
     }
   }
-  return out;
+  return bytes;
 }
 
-std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& stats, int i, int j, int draws,
-                                                      const AnalysisOptions& options, const HostMatch& match_on_host,
-                                                      const std::function<void(int)>& drawn) {
+// The Haar matrices of models [first_model, last_model) for draws [first, first +
+// count), drawn on `stream` in one launch per run of equal widths (a QR per block
+// takes milliseconds on its SM, so a launch keeps as many SMs busy as there are
+// matrices): model j's [layers, count, D, D] at of(j).
+class DrawnRotations {
+ public:
+  DrawnRotations(const std::vector<NeuronShape>& shapes, int first_model, int last_model, int first, int count,
+                 uint64_t seed, cudaStream_t stream)
+      : first_model_(first_model), at_(last_model - first_model + 1, 0) {
+    int64_t matrices = 0;
+    for (int j = first_model; j < last_model; ++j) {
+      const NeuronShape& shape = shapes[j];
+      at_[j - first_model + 1] = at_[j - first_model] + int64_t(shape.layers) * count * shape.width * shape.width;
+      matrices += int64_t(shape.layers) * count;
+    }
+    q_ = cuda::DeviceBuffer<double>(size_t(at_.back()));
+    work_ = cuda::DeviceBuffer<double>(q_.size());
+    ids_ = cuda::DeviceBuffer<uint64_t>(static_cast<size_t>(matrices));
+    int64_t first_id = 0;
+    for (int a = first_model; a < last_model;) {
+      std::vector<std::pair<int, int>> run;  // (model, layers) of one width
+      int b = a;
+      for (; b < last_model && shapes[b].width == shapes[a].width; ++b) run.emplace_back(b, shapes[b].layers);
+      draw_rotations(q_.data() + at_[a - first_model], work_.data() + at_[a - first_model], ids_.data() + first_id,
+                     run, shapes[a].width, first, count, seed, stream);
+      for (const auto& m : run) first_id += int64_t(m.second) * count;
+      a = b;
+    }
+  }
+  const double* of(int model) const { return q_.data() + at_[model - first_model_]; }
+
+ private:
+  int first_model_;
+  std::vector<int64_t> at_;  // model first_model + k's matrices from at_[k] (doubles)
+  cuda::DeviceBuffer<double> q_, work_;
+  cuda::DeviceBuffer<uint64_t> ids_;
+};
+
+// Model i's matched correlations with model j under `count` draws, given model j's
+// Haar matrices q [layers_j, count, D_j, D_j] on the device: one [N_i] vector per draw.
+std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int i, int j, const double* q, int count,
+                                              const AnalysisOptions& options, const HostMatch& match_on_host,
+                                              cublasHandle_t cublas, cudaStream_t s) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
   const int L = sj.layers, Di = si.width, D = sj.width;
@@ -140,10 +171,6 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
   const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;
   const bool on_host = options.match == MatchMode::one_to_one;
   const int64_t layer_rows = within_layers ? Di : Ni;
-  const int batch = draws_per_batch(layer_rows * D, D, L, draws);
-  cuda::Stream stream;
-  const cudaStream_t s = stream.get();
-  cuda::CublasHandle cublas(s, false);
 
   // C [N_i, N_j] row-major: on the device, the column-major [N_j, N_i] matrix C^T.
   cuda::DeviceBuffer<double> c(size_t(Ni * Nj)), var_i(Ni), within(size_t(L) * block);
@@ -160,57 +187,152 @@ std::vector<std::vector<double>> rotated_matches_cuda(const CorrelationStats& st
   for (int l = 0; l < L; ++l) within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric
 
   const int64_t per_draw = layer_rows * D;  // one layer's correlations [layer_rows, D]
-  cuda::DeviceBuffer<double> q(size_t(L) * batch * block), work(q.size()), qs(size_t(batch) * block);
-  cuda::DeviceBuffer<double> r(size_t(batch) * per_draw), var_j(size_t(batch) * D), matched(size_t(batch) * layer_rows);
-  cuda::DeviceBuffer<uint64_t> streams(size_t(L) * batch);
+  cuda::DeviceBuffer<double> qs(size_t(count) * block), r(size_t(count) * per_draw), var_j(size_t(count) * D),
+      matched(size_t(count) * layer_rows);
   std::vector<double> host(on_host ? r.size() : matched.size());
-  std::vector<std::vector<double>> out;
+  std::vector<std::vector<double>> values(count, std::vector<double>(Ni, -INFINITY));
+  std::vector<std::vector<double>> whole;  // one-to-one across layers: [N_i, N_j] per draw
+  if (on_host && !within_layers) whole.assign(count, std::vector<double>(Ni * Nj));
   const double one = 1.0, zero = 0.0;
+  for (int l = 0; l < L; ++l) {
+    const double* q_l = q + int64_t(l) * count * block;  // [count, D, D]
+    // (C Q_l^T)^T = Q_l C^T on layer l's rows of C^T and the rows of model i in view;
+    // Q_l S_l; the rotated variances; the correlations.
+    const int64_t row0 = within_layers ? int64_t(l) * Di : 0;
+    UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(layer_rows), D,
+                                                &one, q_l, D, block, c.data() + int64_t(l) * D + row0 * Nj,
+                                                static_cast<int>(Nj), 0, &zero, r.data(), D, per_draw, count));
+    UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas, CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one, q_l, D, block,
+                                                within.data() + l * block, D, 0, &zero, qs.data(), D, block, count));
+    cuda::rotated_variances(var_j.data(), qs.data(), q_l, D, count, s);
+    cuda::normalize_correlations(r.data(), var_i.data() + row0, var_j.data(), layer_rows, D, count, s);
+    if (on_host) {
+      r.download(host.data(), size_t(count) * per_draw, s);
+      UNIV_CUDA_CHECK(cudaStreamSynchronize(s));
+      for (int d = 0; d < count; ++d) {
+        const double* block_rows = host.data() + d * per_draw;  // [layer_rows, D]
+        if (within_layers) {
+          const std::vector<double> m = match_on_host(std::vector<double>(block_rows, block_rows + per_draw), Di, D);
+          std::copy(m.begin(), m.end(), values[d].begin() + row0);
+        } else {
+          for (int64_t a = 0; a < Ni; ++a)
+            std::copy(block_rows + a * D, block_rows + (a + 1) * D, whole[d].begin() + a * Nj + int64_t(l) * D);
+        }
+      }
+    } else {
+      cuda::match_rows(matched.data(), r.data(), layer_rows, D, options.match == MatchMode::index, count, s);
+      matched.download(host.data(), size_t(count) * layer_rows, s);
+      UNIV_CUDA_CHECK(cudaStreamSynchronize(s));
+      for (int d = 0; d < count; ++d)  // across layers: the max of the layers' maxima
+        for (int64_t a = 0; a < layer_rows; ++a) {
+          double& v = values[d][row0 + a];
+          v = std::max(v, host[d * layer_rows + a]);
+        }
+    }
+  }
+  if (on_host && !within_layers)
+    for (int d = 0; d < count; ++d) values[d] = match_on_host(whole[d], Ni, Nj);
+  return values;
+}
+
+}  // namespace
+
+std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const NeuronShape& shape, int model,
+                                                                     int first_draw, int draws, uint64_t seed) {
+  const int64_t D = shape.width, block = D * D;
+  cuda::Stream stream;
+  cuda::DeviceBuffer<double> q(size_t(shape.layers) * draws * block), work(q.size());
+  cuda::DeviceBuffer<uint64_t> ids(size_t(shape.layers) * draws);
+  std::vector<std::vector<std::vector<double>>> out(draws);
+  std::vector<double> host(q.size());
+  draw_rotations(q.data(), work.data(), ids.data(), {{model, shape.layers}}, shape.width, first_draw, draws, seed,
+                 stream.get());
+  q.download(host.data(), host.size(), stream.get());
+  stream.synchronize();
+  for (int l = 0; l < shape.layers; ++l) {
+    for (int d = 0; d < draws; ++d) {
+      const double* cm = host.data() + (int64_t(l) * draws + d) * block;
+      std::vector<double> row_major(block);
+      for (int64_t r = 0; r < D; ++r)
+        for (int64_t c = 0; c < D; ++c) row_major[r * D + c] = cm[r + c * D];
+      out[d].push_back(std::move(row_major));
+    }
+  }
+  return out;
+}
+
+struct PreparedRotations::Device {
+  std::vector<NeuronShape> shapes;
+  int draws;
+  uint64_t seed;
+  cuda::Stream stream;
+  std::unique_ptr<DrawnRotations> rotations;
+  cuda::Event drawn;  // recorded on stream after the drawing
+};
+
+PreparedRotations::PreparedRotations(const std::vector<NeuronShape>& shapes, const AnalysisOptions& options) {
+  const int draws = options.baseline_draws + options.null_draws;
+  double bytes = pair_bytes(shapes, options);
+  for (const auto& shape : shapes) bytes += rotation_bytes(shape);
+  if (draws <= 0 || shapes.size() < 2 || bytes * draws > kBudgetBytes) return;  // analyze() draws in batches
+  device_ = std::make_unique<Device>();
+  device_->shapes = shapes;
+  device_->draws = draws;
+  device_->seed = options.seed;
+  const cudaStream_t s = device_->stream.get();
+  device_->rotations = std::make_unique<DrawnRotations>(shapes, 0, static_cast<int>(shapes.size()), 0, draws,
+                                                        options.seed, s);
+  device_->drawn.record(s);
+}
+
+PreparedRotations::~PreparedRotations() = default;
+
+std::vector<std::vector<std::vector<double>>> rotated_matches_cuda(const CorrelationStats& stats, int draws,
+                                                                   const AnalysisOptions& options,
+                                                                   const HostMatch& match_on_host,
+                                                                   const std::function<void(int)>& drawn,
+                                                                   const PreparedRotations* prepared) {
+  const std::vector<NeuronShape>& shapes = stats.shapes();
+  const int K = stats.models();
+  std::vector<std::vector<std::vector<double>>> out(size_t(K) * K);
+  if (draws <= 0) return out;
+  cuda::Stream stream;
+  const cudaStream_t s = stream.get();
+  cuda::CublasHandle cublas(s, false);
+  // Every ordered pair (i, j) for `count` draws, given model j's Haar matrices q_j.
+  auto match_pairs = [&](int j, const double* q_j, int count) {
+    for (int i = 0; i < K; ++i) {
+      if (i == j) continue;
+      auto values = pair_matches(stats, i, j, q_j, count, options, match_on_host, cublas.get(), s);
+      auto& into = out[size_t(i) * K + j];
+      for (auto& v : values) into.push_back(std::move(v));
+      drawn(count);
+    }
+  };
+  const PreparedRotations::Device* ready = prepared ? prepared->device() : nullptr;
+  if (ready && ready->shapes == shapes && ready->draws == draws && ready->seed == options.seed) {
+    UNIV_CUDA_CHECK(cudaStreamWaitEvent(s, ready->drawn.get(), 0));
+    for (int j = 0; j < K; ++j) match_pairs(j, ready->rotations->of(j), draws);
+    return out;
+  }
+  // Draws processed at once: all of them, as far as the budget holds the widest model's.
+  const double per_pair = pair_bytes(shapes, options);
+  double widest = 0;
+  for (const auto& shape : shapes) widest = std::max(widest, rotation_bytes(shape));
+  const int batch = static_cast<int>(std::clamp(kBudgetBytes / (widest + per_pair), 1.0, double(draws)));
   for (int first = 0; first < draws; first += batch) {
     const int count = std::min(batch, draws - first);
-    std::vector<std::vector<double>> values(count, std::vector<double>(Ni, -INFINITY));
-    std::vector<std::vector<double>> whole;  // one-to-one across layers: [N_i, N_j] per draw
-    if (on_host && !within_layers) whole.assign(count, std::vector<double>(Ni * Nj));
-    draw_rotations(q, work, streams, D, L, j, first, count, options.seed, s);
-    for (int l = 0; l < L; ++l) {
-      const double* q_l = q.data() + int64_t(l) * count * block;  // [count, D, D]
-      // (C Q_l^T)^T = Q_l C^T on layer l's rows of C^T and the rows of model i in view;
-      // Q_l S_l; the rotated variances; the correlations.
-      const int64_t row0 = within_layers ? int64_t(l) * Di : 0;
-      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(
-          cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(layer_rows), D, &one, q_l, D, block,
-          c.data() + int64_t(l) * D + row0 * Nj, static_cast<int>(Nj), 0, &zero, r.data(), D, per_draw, count));
-      UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas.get(), CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one, q_l, D, block,
-                                                  within.data() + l * block, D, 0, &zero, qs.data(), D, block, count));
-      cuda::rotated_variances(var_j.data(), qs.data(), q_l, D, count, s);
-      cuda::normalize_correlations(r.data(), var_i.data() + row0, var_j.data(), layer_rows, D, count, s);
-      if (on_host) {
-        r.download(host.data(), size_t(count) * per_draw, s);
-        stream.synchronize();
-        for (int d = 0; d < count; ++d) {
-          const double* block_rows = host.data() + d * per_draw;  // [layer_rows, D]
-          if (within_layers) {
-            const std::vector<double> m = match_on_host(std::vector<double>(block_rows, block_rows + per_draw), Di, D);
-            std::copy(m.begin(), m.end(), values[d].begin() + row0);
-          } else {
-            for (int64_t a = 0; a < Ni; ++a)
-              std::copy(block_rows + a * D, block_rows + (a + 1) * D, whole[d].begin() + a * Nj + int64_t(l) * D);
-          }
-        }
-      } else {
-        cuda::match_rows(matched.data(), r.data(), layer_rows, D, options.match == MatchMode::index, count, s);
-        matched.download(host.data(), size_t(count) * layer_rows, s);
-        stream.synchronize();
-        for (int d = 0; d < count; ++d)  // across layers: the max of the layers' maxima
-          for (int64_t a = 0; a < layer_rows; ++a) {
-            double& v = values[d][row0 + a];
-            v = std::max(v, host[d * layer_rows + a]);
-          }
-      }
+    // Models whose rotations are drawn together: consecutive ones, as far as the budget
+    // holds them; each model's rotations serve all its partners.
+    for (int j0 = 0; j0 < K;) {
+      int j1 = j0 + 1;
+      double bytes = count * (rotation_bytes(shapes[j0]) + per_pair);
+      while (j1 < K && bytes + count * rotation_bytes(shapes[j1]) <= kBudgetBytes)
+        bytes += count * rotation_bytes(shapes[j1++]);
+      const DrawnRotations rotations(shapes, j0, j1, first, count, options.seed, s);
+      for (int j = j0; j < j1; ++j) match_pairs(j, rotations.of(j), count);
+      j0 = j1;
     }
-    for (int d = 0; d < count; ++d)
-      out.push_back(on_host && !within_layers ? match_on_host(whole[d], Ni, Nj) : std::move(values[d]));
-    drawn(count);
   }
   return out;
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -95,10 +96,34 @@ std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int
 // standard deviations (at least three times the Poisson deviation sqrt(max(mean, 1))).
 double chance_bound(const NullCount& null);
 
+#ifdef UNIV_HAVE_CUDA
+// Every model's Haar matrices for the draws of `options`, drawn ahead of analyze() on
+// the current GPU on a stream of their own: they do not depend on the statistics, so
+// they can be drawn while the statistics stream. Nothing is drawn where they would
+// not fit the device memory a batch of draws may take (2 GiB); analyze() then draws
+// them in batches as usual.
+class PreparedRotations {
+ public:
+  PreparedRotations(const std::vector<NeuronShape>& shapes, const AnalysisOptions& options);
+  ~PreparedRotations();
+  PreparedRotations(const PreparedRotations&) = delete;
+  PreparedRotations& operator=(const PreparedRotations&) = delete;
+  struct Device;  // the GPU baseline's
+  const Device* device() const { return device_.get(); }  // null: nothing drawn
+
+ private:
+  std::unique_ptr<Device> device_;
+};
+#else
+class PreparedRotations {};  // CPU-only builds: nothing to prepare
+#endif
+
 // UserError when the match mode does not fit the models (index and one-to-one need
 // equal widths, scope layer equal layer counts) or there are fewer than 2 tokens.
 // progress(done, total), when given, follows the rotation draws over all model pairs.
+// On the GPU, rotations prepared for these models and options are used when given.
 Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
-                 const std::function<void(int done, int total)>& progress = {});
+                 const std::function<void(int done, int total)>& progress = {},
+                 const PreparedRotations* prepared = nullptr);
 
 }  // namespace univ
