@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 
 #include <omp.h>
 
@@ -326,7 +327,9 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
     draws_done += n;
     if (progress) progress(draws_done, total);
   };
-  // Each ordered pair's rotated matches [i * K + j], one [N_i] vector per draw.
+  // Each ordered pair's rotated matches [i * K + j], one [N_i] vector per draw: on the
+  // GPU all at once (each model's rotations serve all its partners), on the host one
+  // pair at a time below.
   std::vector<std::vector<std::vector<double>>> pair_matches(size_t(K) * K);
   bool on_gpu = false;
 #ifdef UNIV_HAVE_CUDA
@@ -338,10 +341,6 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
     pair_matches = rotated_matches_cuda(stats, draws, options, match_on_host, drawn, prepared);
   }
 #endif
-  if (!on_gpu)
-    for (int i = 0; i < K; ++i)
-      for (int j = 0; j < K; ++j)
-        if (i != j) pair_matches[size_t(i) * K + j] = rotated_matches(stats, i, j, draws, options, drawn);
 
   Analysis out;
   out.options = options;
@@ -368,7 +367,8 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      const std::vector<std::vector<double>>& matched = pair_matches[size_t(i) * K + j];
+      std::vector<std::vector<double>> matched = std::move(pair_matches[size_t(i) * K + j]);
+      if (!on_gpu) matched = rotated_matches(stats, i, j, draws, options, drawn);
       // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {

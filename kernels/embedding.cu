@@ -55,6 +55,7 @@ __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const fl
     // overlap, while each channel still adds its rows in position order.
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
       float a = acc[c];
+#pragma unroll 4
       for (int j = 0; j < total; ++j) a += grad[int64_t(positions[j]) * C + c];
       acc[c] = a;
     }

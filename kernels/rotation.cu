@@ -1,8 +1,8 @@
 // The rotation baseline on the GPU: Haar-random orthogonal matrices (Gaussian entries
 // from cuRAND's Philox4_32_10, a blocked Householder QR per matrix in one thread
 // block, or the sign fix around cuSOLVER's QR for wide ones, Q's columns times
-// sign(diag R), Mezzadri 2007), the rotated variances diag(Q S Q^T), and correlation matrices
-// normalised and matched row by row. The Gaussians use the counters of
+// sign(diag R), Mezzadri 2007), the rotated variances diag(Q S Q^T), and correlation
+// matrices normalised and matched row by row. The Gaussians use the counters of
 // univ::PhiloxStream, so the host's rotation_matrices draws the same matrices.
 #include <curand_kernel.h>
 

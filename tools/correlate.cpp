@@ -135,8 +135,8 @@ univ::AnalysisOptions analysis_options(const Flags& f) {
   return o;
 }
 
-// The analysis' rotations, drawn on the GPU while the statistics stream, where this
-// process will analyse them there (a complete run, at rank 0).
+// The analysis' rotations, drawn on the GPU while the statistics stream, when this
+// process will run the analysis there (a complete run, at rank 0).
 std::unique_ptr<univ::PreparedRotations> prepare_rotations([[maybe_unused]] const Flags& f,
                                                            [[maybe_unused]] const std::vector<univ::NeuronShape>& shapes,
                                                            [[maybe_unused]] bool analysed_here) {
