@@ -367,8 +367,8 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      std::vector<std::vector<double>> matched = std::move(pair_matches[size_t(i) * K + j]);
-      if (!on_gpu) matched = rotated_matches(stats, i, j, draws, options, drawn);
+      const std::vector<std::vector<double>> matched =
+          on_gpu ? std::move(pair_matches[size_t(i) * K + j]) : rotated_matches(stats, i, j, draws, options, drawn);
       // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {

@@ -39,39 +39,40 @@ __device__ inline int64_t stacked_index(int64_t t, int c, int cols, int64_t n) {
   return span * 4 * n * cols + (t - span * n) * cols + c;
 }
 
-// stacked [spans, 4, n, cols] = lo | hi | hi | lo per span of n tokens, the TF32 parts
-// of x[t, c] - shift[c] for t < spans * n (x row stride ldx).
-__global__ void split_tf32_kernel(float* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
-                                  const float* __restrict__ shift, int cols, int64_t n, int spans) {
-  const int64_t total = spans * n * cols, part = n * cols;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / cols;
-    const int c = static_cast<int>(i - t * cols);
-    const float y = x[t * ldx + c] - shift[c];
-    const float hi = round_tf32(y), lo = round_tf32(y - hi);
-    float* out = stacked + stacked_index(t, c, cols, n);
-    out[0] = lo;
-    out[part] = hi;
-    out[2 * part] = hi;
-    out[3 * part] = lo;
+// y = hi + lo in TF32 parts.
+struct Tf32Parts {
+  __device__ void operator()(float y, int, float& hi, float& lo) const {
+    hi = round_tf32(y);
+    lo = round_tf32(y - hi);
   }
-}
+};
 
-// The same in FP16 parts of (x[t, c] - shift[c]) * inv_scale[c]; *overflow = 1 where a
-// finite value leaves FP16's range.
-__global__ void split_f16_kernel(__half* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
-                                 const float* __restrict__ shift, const float* __restrict__ inv_scale, int cols,
-                                 int64_t n, int spans, int* __restrict__ overflow) {
+// y * inv_scale[c] = hi + lo in FP16 parts; *overflow = 1 where a finite value leaves
+// FP16's range (non-finite inputs pass, as in the TF32 split).
+struct F16Parts {
+  const float* inv_scale;
+  int* overflow;
+  __device__ void operator()(float y, int c, __half& hi, __half& lo) const {
+    y *= inv_scale[c];
+    hi = __float2half_rn(y);
+    const float hi_value = __half2float(hi);
+    lo = __float2half_rn(y - hi_value);
+    if (isfinite(y) && !isfinite(hi_value)) *overflow = 1;
+  }
+};
+
+// stacked [spans, 4, n, cols] = lo | hi | hi | lo per span of n tokens, the parts
+// (Parts) of x[t, c] - shift[c] for t < spans * n (x row stride ldx).
+template <class Part, class Parts>
+__global__ void split_kernel(Part* __restrict__ stacked, const float* __restrict__ x, int64_t ldx,
+                             const float* __restrict__ shift, int cols, int64_t n, int spans, Parts parts) {
   const int64_t total = spans * n * cols, part = n * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / cols;
     const int c = static_cast<int>(i - t * cols);
-    const float y = (x[t * ldx + c] - shift[c]) * inv_scale[c];
-    const __half hi = __float2half_rn(y);
-    const float hi_value = __half2float(hi);
-    const __half lo = __float2half_rn(y - hi_value);
-    if (isfinite(y) && !isfinite(hi_value)) *overflow = 1;  // non-finite inputs pass, as in the TF32 split
-    __half* out = stacked + stacked_index(t, c, cols, n);
+    Part hi, lo;
+    parts(x[t * ldx + c] - shift[c], c, hi, lo);
+    Part* out = stacked + stacked_index(t, c, cols, n);
     out[0] = lo;
     out[part] = hi;
     out[2 * part] = hi;
@@ -157,7 +158,8 @@ void shift_from_sums(float* shift, const double* sums, int cols, int64_t n, cuda
 void split_tf32(float* stacked, const float* x, int64_t ldx, const float* shift, int cols, int64_t n, int spans,
                 cudaStream_t stream) {
   if (cols <= 0 || n <= 0 || spans <= 0) return;
-  split_tf32_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(stacked, x, ldx, shift, cols, n, spans);
+  split_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(stacked, x, ldx, shift, cols, n, spans,
+                                                                      Tf32Parts{});
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -172,8 +174,8 @@ void column_scales(float* inv_scale, const float* x, int64_t ld, const float* sh
 void split_f16(void* stacked, const float* x, int64_t ldx, const float* shift, const float* inv_scale, int cols,
                int64_t n, int spans, int* overflow, cudaStream_t stream) {
   if (cols <= 0 || n <= 0 || spans <= 0) return;
-  split_f16_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(static_cast<__half*>(stacked), x, ldx,
-                                                                          shift, inv_scale, cols, n, spans, overflow);
+  split_kernel<<<blocks_for(spans * n * cols, 256), 256, 0, stream>>>(static_cast<__half*>(stacked), x, ldx, shift,
+                                                                      cols, n, spans, F16Parts{inv_scale, overflow});
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

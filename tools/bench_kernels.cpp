@@ -187,68 +187,67 @@ univ::RunConfig large_config() {
   return c;
 }
 
-// The worst |r - r_float64| of the GPU statistics with `split` parts and float32 sums
-// over `span` tokens, over 2 models of 64 neurons and 16901 tokens whose means are
-// about a thousand standard deviations (correlated through 4 shared latents), against
-// a two-pass float64 reference on the host.
-double statistics_error(univ::SplitPrecision split, int64_t span) {
-  const int N = 64, latents = 4;
-  const int64_t n = 4 * 4096 + 517;
-  std::mt19937_64 rng(12);
-  std::normal_distribution<double> normal;
-  std::vector<double> loading(size_t(2) * N * latents);
-  for (double& w : loading) w = normal(rng);
-  std::vector<std::vector<float>> acts(2, std::vector<float>(size_t(n) * N));
-  for (int64_t t = 0; t < n; ++t) {
-    double z[latents];
-    for (double& v : z) v = normal(rng);
-    for (int m = 0; m < 2; ++m)
-      for (int k = 0; k < N; ++k) {
-        double x = 2000.0 * (1 + k % 7) + 0.5 * normal(rng);
-        for (int j = 0; j < latents; ++j) x += loading[(size_t(m) * N + k) * latents + j] * z[j];
-        acts[m][t * N + k] = static_cast<float>(x);
-      }
-  }
-  std::vector<DeviceBuffer<float>> device;
-  for (const auto& x : acts) {
-    device.emplace_back(x.size());
-    device.back().upload(x.data(), x.size(), nullptr);
-  }
-  UNIV_CUDA_CHECK(cudaDeviceSynchronize());
-  const univ::NeuronShape shape{1, N};
-  univ::CudaStatsAccumulator acc({shape, shape}, span, split);
-  for (int64_t t0 = 0; t0 < n; t0 += 8192) {  // chunks of 8192 tokens
-    const int64_t len = std::min<int64_t>(8192, n - t0);
-    acc.add({device[0].data() + t0 * N, device[1].data() + t0 * N}, len);
-  }
-  const std::vector<double> r = univ::correlation_matrix(acc.stats(), 0, 1);
-  std::vector<std::vector<double>> centered(2, std::vector<double>(size_t(n) * N));
-  for (int m = 0; m < 2; ++m)
-    for (int k = 0; k < N; ++k) {
-      double mean = 0;
-      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * N + k];
-      mean /= double(n);
-      for (int64_t t = 0; t < n; ++t) centered[m][t * N + k] = acts[m][t * N + k] - mean;
+// Accuracy of the GPU statistics: 2 models of 64 neurons and 16901 tokens whose means
+// are about a thousand standard deviations (correlated through 4 shared latents), on
+// the device once, and their correlations from the CPU path's float64 statistics
+// (exact shifted values in float64: the reference).
+class StatisticsAccuracy {
+ public:
+  StatisticsAccuracy() {
+    const int latents = 4;
+    std::mt19937_64 rng(12);
+    std::normal_distribution<double> normal;
+    std::vector<double> loading(size_t(2) * kNeurons * latents);
+    for (double& w : loading) w = normal(rng);
+    std::vector<std::vector<float>> acts(2, std::vector<float>(size_t(kTokens) * kNeurons));
+    for (int64_t t = 0; t < kTokens; ++t) {
+      double z[latents];
+      for (double& v : z) v = normal(rng);
+      for (int m = 0; m < 2; ++m)
+        for (int k = 0; k < kNeurons; ++k) {
+          double x = 2000.0 * (1 + k % 7) + 0.5 * normal(rng);
+          for (int j = 0; j < latents; ++j) x += loading[(size_t(m) * kNeurons + k) * latents + j] * z[j];
+          acts[m][t * kNeurons + k] = static_cast<float>(x);
+        }
     }
-  double worst = 0;
-  for (int a = 0; a < N; ++a)
-    for (int c = 0; c < N; ++c) {
-      double ab = 0, aa = 0, cc = 0;
-      for (int64_t t = 0; t < n; ++t) {
-        const double x = centered[0][t * N + a], y = centered[1][t * N + c];
-        ab += x * y, aa += x * x, cc += y * y;
-      }
-      worst = std::max(worst, std::abs(r[size_t(a) * N + c] - ab / std::sqrt(aa * cc)));
+    univ::CpuStatsAccumulator cpu({kShape, kShape});
+    cpu.add({acts[0].data(), acts[1].data()}, kTokens);
+    reference_ = univ::correlation_matrix(cpu.stats(), 0, 1);
+    for (const auto& x : acts) {
+      device_.emplace_back(x.size());
+      device_.back().upload(x.data(), x.size(), nullptr);
     }
-  return worst;
-}
+    UNIV_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  // The worst |r - r_reference| with `split` parts and float32 sums over `span` tokens,
+  // the tokens added in chunks of 8192.
+  double worst_error(univ::SplitPrecision split, int64_t span) const {
+    univ::CudaStatsAccumulator acc({kShape, kShape}, span, split);
+    for (int64_t t0 = 0; t0 < kTokens; t0 += 8192) {
+      const int64_t len = std::min<int64_t>(8192, kTokens - t0);
+      acc.add({device_[0].data() + t0 * kNeurons, device_[1].data() + t0 * kNeurons}, len);
+    }
+    const std::vector<double> r = univ::correlation_matrix(acc.stats(), 0, 1);
+    double worst = 0;
+    for (size_t k = 0; k < r.size(); ++k) worst = std::max(worst, std::abs(r[k] - reference_[k]));
+    return worst;
+  }
+
+ private:
+  static constexpr int kNeurons = 64;
+  static constexpr int64_t kTokens = 4 * 4096 + 517;
+  static constexpr univ::NeuronShape kShape{1, kNeurons};
+  std::vector<double> reference_;
+  std::vector<DeviceBuffer<float>> device_;
+};
 
 // The correlation engine on 2 models of 16 layers x 256 neurons (4096 x 4096 cross
 // block, and the within-layer blocks): one chunk of 16384 tokens through
 // CudaStatsAccumulator (column sums, split co-moments, float64 masters), median of
 // several, projected to 1M tokens, with the default (FP16 split, float32 sums over
 // spans of 1024 tokens, 8 spans per float64 pass) and with other splits, spans and
-// groups, each beside its accuracy (statistics_error); beside them cuBLAS's plain A^T
+// groups, each beside its accuracy (StatisticsAccuracy); beside them cuBLAS's plain A^T
 // B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
 // framework would call.
 nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
@@ -274,9 +273,10 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   };
   const double chunks = double(tokens) / chunk;
   nlohmann::json variants = nlohmann::json::array();
+  const StatisticsAccuracy accuracy;
   for (const auto split : {univ::SplitPrecision::f16, univ::SplitPrecision::tf32})
     for (int64_t span : {int64_t(512), int64_t(1024), int64_t(2048), int64_t(4096)}) {
-      const double error = statistics_error(split, span);
+      const double error = accuracy.worst_error(split, span);
       for (int spans_per_pass : {1, 8})
         variants.push_back({{"split", split == univ::SplitPrecision::f16 ? "fp16" : "tf32"},
                             {"span", span},

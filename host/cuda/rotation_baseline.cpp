@@ -11,14 +11,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <stdexcept>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
-#include "univ/error.hpp"
 #include "univ/philox.hpp"
 
 namespace univ {
