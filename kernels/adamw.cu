@@ -1,6 +1,8 @@
 // Global-norm clipping and AdamW over the flat parameter buffer, as one multi-tensor
-// pass over (tensor, model) segments. Norms are summed in float64 in a fixed order;
-// a non-finite loss or norm leaves every parameter untouched.
+// pass over (tensor, model) segments. Norms are summed in float64 in a fixed order,
+// over pieces of the segments small enough to spread a step's few tensors over the
+// GPU; a non-finite loss or norm leaves every parameter untouched.
+#include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
@@ -11,19 +13,21 @@ namespace univ::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kNormPiece = 8 * kThreads;  // gradient elements per block of the norm's squares
 
-// Block s: the sum of squares of segment s, in a fixed tree.
-__global__ void segment_squares_kernel(double* __restrict__ partials, const float* __restrict__ grads,
-                                       const ParamSegment* __restrict__ segments) {
+// Block s: the sum of squares of piece s, in a fixed tree.
+__global__ void piece_squares_kernel(double* __restrict__ partials, const float* __restrict__ grads,
+                                     const ParamSegment* __restrict__ pieces) {
   __shared__ double partial[kThreads];
-  const ParamSegment seg = segments[blockIdx.x];
+  const ParamSegment piece = pieces[blockIdx.x];
   double sum = 0.0;
-  // Unrolled so that a thread's loads overlap (a block owns a whole tensor: the fc
-  // weights are 64 loads per thread for the seed); the sum keeps its order.
-#pragma unroll 8
-  for (int64_t i = threadIdx.x; i < seg.numel; i += blockDim.x) {
-    const double g = grads[seg.offset + i];
-    sum += g * g;
+#pragma unroll
+  for (int k = 0; k < kNormPiece / kThreads; ++k) {
+    const int64_t i = threadIdx.x + int64_t(k) * kThreads;
+    if (i < piece.numel) {
+      const double g = grads[piece.offset + i];
+      sum += g * g;
+    }
   }
   partial[threadIdx.x] = sum;
   __syncthreads();
@@ -34,23 +38,31 @@ __global__ void segment_squares_kernel(double* __restrict__ partials, const floa
   if (threadIdx.x == 0) partials[blockIdx.x] = partial[0];
 }
 
-// One thread per model: its segments' sums in order, the norm, the clipping factor;
-// thread 0 then decides whether the step may update.
+// One block: per model, its pieces' sums in a fixed tree, the norm, the clipping
+// factor; then whether the step may update.
 __global__ void finish_norms_kernel(float* __restrict__ norms, float* __restrict__ scales, int* __restrict__ finite,
-                                    const double* __restrict__ partials, const ParamSegment* __restrict__ segments,
-                                    int num_segments, const float* __restrict__ losses, int M,
+                                    const double* __restrict__ partials, const ParamSegment* __restrict__ pieces,
+                                    int num_pieces, const float* __restrict__ losses, int M,
                                     const OptimizerStep* __restrict__ step) {
-  const int m = threadIdx.x;
-  if (m < M) {
-    double squares = 0.0;
-    for (int s = 0; s < num_segments; ++s)
-      if (segments[s].model == m) squares += partials[s];
-    const double norm = sqrt(squares);
-    norms[m] = static_cast<float>(norm);
-    // PyTorch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1.
-    scales[m] = static_cast<float>(step->clip > 0 ? fmin(1.0, step->clip / (norm + 1e-6)) : 1.0);
+  __shared__ double partial[kThreads];
+  for (int m = 0; m < M; ++m) {
+    double sum = 0.0;
+    for (int s = threadIdx.x; s < num_pieces; s += kThreads)
+      if (pieces[s].model == m) sum += partials[s];
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      const double norm = sqrt(partial[0]);
+      norms[m] = static_cast<float>(norm);
+      // PyTorch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1.
+      scales[m] = static_cast<float>(step->clip > 0 ? fmin(1.0, step->clip / (norm + 1e-6)) : 1.0);
+    }
+    __syncthreads();  // partial[0] read before the next model's sums
   }
-  __syncthreads();
   if (threadIdx.x == 0) {
     int ok = 1;
     for (int i = 0; i < M; ++i) ok &= isfinite(norms[i]) && isfinite(losses[i]);
@@ -81,13 +93,22 @@ __global__ void adamw_kernel(float* __restrict__ params, const float* __restrict
 
 }  // namespace
 
+std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments) {
+  std::vector<ParamSegment> pieces;
+  for (const ParamSegment& s : segments)
+    for (int64_t at = 0; at < s.numel; at += kNormPiece)
+      pieces.push_back({s.offset + at, std::min<int64_t>(kNormPiece, s.numel - at), s.model, s.decay});
+  return pieces;
+}
+
 void grad_norms(double* partials, float* norms, float* scales, int* finite, const float* grads,
-                const ParamSegment* segments, int num_segments, const float* losses, int M,
-                const OptimizerStep* step, cudaStream_t stream) {
-  segment_squares_kernel<<<num_segments, kThreads, 0, stream>>>(partials, grads, segments);
-  UNIV_CUDA_CHECK_LAUNCH();
-  finish_norms_kernel<<<1, ceil_div(M, kWarpSize) * kWarpSize, 0, stream>>>(norms, scales, finite, partials, segments,
-                                                                            num_segments, losses, M, step);
+                const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
+                cudaStream_t stream) {
+  if (num_pieces > 0) {
+    piece_squares_kernel<<<num_pieces, kThreads, 0, stream>>>(partials, grads, pieces);
+    UNIV_CUDA_CHECK_LAUNCH();
+  }
+  finish_norms_kernel<<<1, kThreads, 0, stream>>>(norms, scales, finite, partials, pieces, num_pieces, losses, M, step);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,7 +1,10 @@
 // The epilogues around the matrix products: bias (+ residual) after a linear layer,
 // bias + activation after the MLP's first one; backward, the activation derivative
 // fused with the bias gradient, a two-stage column sum over rows in a fixed order
-// (common.cuh), whose second stage, shared by the other column sums, lives here.
+// (common.cuh), and the second stage of every such sum (ColumnSums).
+#include <stdexcept>
+#include <string>
+
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -78,22 +81,41 @@ __global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float*
   }
 }
 
-// Stage 2 of every column sum. Block (column tile, model, output): thread (x, y) sums
+// The jobs of one stage-2 launch, passed as kernel parameters (4 KB at most): the
+// graph that captures the launch keeps them, and nothing is uploaded.
+constexpr int kJobsPerLaunch = 64;
+struct ColumnSumLaunch {
+  ColumnSumJob job[kJobsPerLaunch];
+  int first_block[kJobsPerLaunch + 1];  // job j owns blocks [first_block[j], first_block[j + 1])
+  int count;
+};
+
+// A job's blocks: (column tile, model, output), the tile fastest.
+int job_blocks(const ColumnSumJob& j) {
+  return static_cast<int>(ceil_div<int64_t>(j.columns, kColumnTile)) * j.models * (j.out1 ? 2 : 1);
+}
+
+// Stage 2. A block adds one (column tile, model, output) of its job: thread (x, y) sums
 // chunks y, y + kChunkGroups, ... of column x; the groups then add up in order.
-__global__ void add_column_partials_kernel(float* __restrict__ out0, float* __restrict__ out1,
-                                           const float* __restrict__ partials, int chunks, int64_t C) {
+__global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaunch launch) {
   __shared__ float group[kChunkGroups][kColumnTile];
-  const int64_t c = blockIdx.x * int64_t(kColumnTile) + threadIdx.x;
-  const int64_t m = blockIdx.y;
-  const float* p = partials + (int64_t(blockIdx.z) * gridDim.y + m) * chunks * C;
+  int j = 0;
+  while (j + 1 < launch.count && launch.first_block[j + 1] <= static_cast<int>(blockIdx.x)) ++j;
+  const ColumnSumJob& job = launch.job[j];
+  const int tiles = static_cast<int>(ceil_div<int64_t>(job.columns, kColumnTile));
+  const int local = static_cast<int>(blockIdx.x) - launch.first_block[j];
+  const int64_t c = int64_t(local % tiles) * kColumnTile + threadIdx.x;
+  const int64_t m = local / tiles % job.models;
+  const int output = local / tiles / job.models;
+  const float* p = job.partials + (output * job.models + m) * job.chunks * job.columns;
   float sum = 0.0f;
-  if (c < C)
-    for (int k = threadIdx.y; k < chunks; k += kChunkGroups) sum += p[k * C + c];
+  if (c < job.columns)
+    for (int k = threadIdx.y; k < job.chunks; k += kChunkGroups) sum += p[k * job.columns + c];
   group[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
+  if (threadIdx.y == 0 && c < job.columns) {
     for (int g = 1; g < kChunkGroups; ++g) sum += group[g][threadIdx.x];
-    (blockIdx.z == 0 ? out0 : out1)[m * C + c] += sum;
+    (output == 0 ? job.out0 : job.out1)[m * job.columns + c] += sum;
   }
 }
 
@@ -113,22 +135,45 @@ void bias_activation_forward(float* pre, float* post, const float* bias, int M, 
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-int64_t bias_activation_backward_scratch(int M, int N, int D) { return int64_t(M) * column_chunks(N) * D; }
-
-void bias_activation_backward(float* dpre, float* dbias, float* scratch, const float* dpost, const float* pre, int M,
-                              int N, int D, Act act, cudaStream_t stream) {
+void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
+                              int M, int N, int D, Act act, cudaStream_t stream) {
   const int chunks = column_chunks(N);
+  float* partials = sums.add(dbias, nullptr, M, chunks, D);
   bias_activation_backward_kernel<<<dim3(ceil_div(D, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
-                                    stream>>>(dpre, scratch, dpost, pre, N, D, ceil_div(N, chunks), act);
+                                    stream>>>(dpre, partials, dpost, pre, N, D, ceil_div(N, chunks), act);
   UNIV_CUDA_CHECK_LAUNCH();
-  add_column_partials(dbias, nullptr, scratch, M, chunks, D, stream);
 }
 
-void add_column_partials(float* out0, float* out1, const float* partials, int M, int chunks, int64_t C,
-                         cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(C, kColumnTile)), M, out1 ? 2 : 1);
-  add_column_partials_kernel<<<grid, dim3(kColumnTile, kChunkGroups), 0, stream>>>(out0, out1, partials, chunks, C);
-  UNIV_CUDA_CHECK_LAUNCH();
+int64_t column_sum_partials(int M, int N, int64_t columns) {
+  return ColumnSums::room(int64_t(M) * column_chunks(N) * columns);
+}
+
+float* ColumnSums::add(float* out0, float* out1, int M, int chunks, int64_t C) {
+  const int64_t n = room((out1 ? 2 : 1) * int64_t(M) * chunks * C);
+  if (used_ + n > capacity_)
+    throw std::logic_error("ColumnSums: " + std::to_string(used_ + n) + " floats of partial sums, room for " +
+                           std::to_string(capacity_));
+  float* partials = scratch_ + used_;
+  used_ += n;
+  jobs_.push_back({out0, out1, partials, C, M, chunks});
+  return partials;
+}
+
+void ColumnSums::finish(cudaStream_t stream) {
+  for (size_t first = 0; first < jobs_.size(); first += kJobsPerLaunch) {
+    ColumnSumLaunch launch{};
+    launch.count = static_cast<int>(std::min<size_t>(kJobsPerLaunch, jobs_.size() - first));
+    for (int j = 0; j < launch.count; ++j) {
+      launch.job[j] = jobs_[first + j];
+      launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j]);
+    }
+    if (launch.first_block[launch.count] == 0) continue;  // no columns at all
+    add_column_partials_kernel<<<launch.first_block[launch.count], dim3(kColumnTile, kChunkGroups), 0, stream>>>(
+        launch);
+    UNIV_CUDA_CHECK_LAUNCH();
+  }
+  jobs_.clear();
+  used_ = 0;
 }
 
 }  // namespace univ::cuda

@@ -38,13 +38,11 @@ inline int blocks_for(int64_t n, int threads) {
   return static_cast<int>(blocks < 65536 * 16 ? (blocks > 0 ? blocks : 1) : 65536 * 16);
 }
 
-// Parameter gradients that sum over rows (layer norm, biases, split weight gradients)
-// run in two stages, without atomics and in an order fixed by the shapes alone, so
-// results are bitwise reproducible. Stage 1: a block (column tile, row chunk, model)
-// sums its chunk's rows, kColumnRowGroups interleaved row groups per column added in
-// order, into partials [M, chunks, columns]. Stage 2 (add_column_partials) adds the
-// chunks in order into the gradient. The chunks spread a model's rows over the GPU,
-// which one block per column tile would leave mostly idle.
+// The column sums of parameter gradients (kernels.hpp's ColumnSums): stage 1, a
+// block (column tile, row chunk, model) sums its chunk's rows, kColumnRowGroups
+// interleaved row groups per column added in order, into partials [M, chunks,
+// columns]; stage 2 adds the chunks in order into the gradient. The chunks spread a
+// model's rows over the GPU, which one block per column tile would leave mostly idle.
 constexpr int kColumnTile = 32;       // columns per block, one per lane
 constexpr int kColumnRowGroups = 8;   // stage 1: row groups per block
 constexpr int kChunkRows = 32;        // rows per chunk ...
@@ -52,11 +50,5 @@ constexpr int kMaxChunks = 256;       // ... until a model has this many chunks
 
 // Row chunks of a model's N rows (at least one, so that N = 0 still adds zeros).
 inline int column_chunks(int N) { return std::max(1, std::min(ceil_div(N, kChunkRows), kMaxChunks)); }
-
-// Stage 2: out0[m, c] += sum over k of partials[m, k, c], and when out1 is not null
-// out1[m, c] += the same of partials[M, chunks, C] stored after the first ones.
-// Defined in bias.cu.
-void add_column_partials(float* out0, float* out1, const float* partials, int M, int chunks, int64_t C,
-                         cudaStream_t stream);
 
 }  // namespace univ::cuda

@@ -1,6 +1,7 @@
-// Layer norm over the channel axis, forward and backward: a warp per row; the
-// weight and bias gradients are two-stage column sums over rows in a fixed order
-// (common.cuh).
+// Layer norm over the channel axis, forward and backward: a warp per row, forward
+// optionally after the bias and residual of the linear layer before it; backward the
+// input's gradient, and the weight's and bias's as two-stage column sums over rows in
+// a fixed order (ColumnSums), which may run apart from it.
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -11,20 +12,31 @@ namespace {
 constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 
+// kAdd: inp = inp + inp_bias[m] + residual first, written back (the bias and residual
+// of the linear layer before, in the order bias_forward adds them).
+template <bool kAdd>
 __global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
-                                         const float* __restrict__ inp, const float* __restrict__ weight,
+                                         float* __restrict__ inp, const float* __restrict__ inp_bias,
+                                         const float* __restrict__ residual, const float* __restrict__ weight,
                                          const float* __restrict__ bias, int64_t rows, int N, int C) {
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
-  const float* x = inp + row * C;
+  const int64_t m = row / N;
+  float* x = inp + row * C;
   float sum = 0.0f;
-  for (int c = lane; c < C; c += kWarpSize) sum += x[c];
+  for (int c = lane; c < C; c += kWarpSize) {
+    if (kAdd) {
+      float v = x[c] + inp_bias[m * C + c];
+      v += residual[row * C + c];
+      x[c] = v;  // read back below by this lane only
+    }
+    sum += x[c];
+  }
   const float mu = warp_sum(sum) / C;
   float sq = 0.0f;
   for (int c = lane; c < C; c += kWarpSize) sq += (x[c] - mu) * (x[c] - mu);
   const float rs = rsqrtf(warp_sum(sq) / C + kEps);
-  const int64_t m = row / N;
   const float* w = weight + m * C;
   const float* b = bias + m * C;
   float* o = out + row * C;
@@ -35,7 +47,8 @@ __global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restr
   }
 }
 
-__global__ void layernorm_backward_input_kernel(float* __restrict__ dinp, const float* __restrict__ dout,
+// dinp_in may alias dinp: each element is read, then written, by one thread.
+__global__ void layernorm_backward_input_kernel(float* dinp, const float* dinp_in, const float* __restrict__ dout,
                                                 const float* __restrict__ inp, const float* __restrict__ weight,
                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
                                                 int64_t rows, int N, int C) {
@@ -55,8 +68,11 @@ __global__ void layernorm_backward_input_kernel(float* __restrict__ dinp, const 
   dnorm_mean = warp_sum(dnorm_mean) / C;
   dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
   float* dx = dinp + row * C;
-  for (int c = lane; c < C; c += kWarpSize)
-    dx[c] += (w[c] * dy[c] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
+  const float* dx_in = dinp_in ? dinp_in + row * C : nullptr;
+  for (int c = lane; c < C; c += kWarpSize) {
+    const float d = (w[c] * dy[c] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
+    dx[c] = dx_in ? dx_in[c] + d : d;
+  }
 }
 
 // Stage 1 of the parameter gradients. Block (column tile, row chunk, model): thread
@@ -97,27 +113,40 @@ __global__ void layernorm_backward_params_kernel(float* __restrict__ partials, c
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
                        int M, int N, int C, cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
-  layernorm_forward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                             dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(out, mean, rstd, inp, weight, bias, rows, N,
-                                                                          C);
+  // Without kAdd the kernel only reads inp.
+  layernorm_forward_kernel<false><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                                    dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
+      out, mean, rstd, const_cast<float*>(inp), nullptr, nullptr, weight, bias, rows, N, C);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-int64_t layernorm_backward_scratch(int M, int N, int C) { return 2 * int64_t(M) * column_chunks(N) * C; }
+void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, const float* inp_bias,
+                           const float* residual, const float* weight, const float* bias, int M, int N, int C,
+                           cudaStream_t stream) {
+  const int64_t rows = int64_t(M) * N;
+  layernorm_forward_kernel<true><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                                   dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(out, mean, rstd, inp, inp_bias,
+                                                                                residual, weight, bias, rows, N, C);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
 
-void layernorm_backward(float* dinp, float* dweight, float* dbias, float* scratch, const float* dout, const float* inp,
-                        const float* weight, const float* mean, const float* rstd, int M, int N, int C,
-                        cudaStream_t stream) {
+void layernorm_backward_input(float* dinp, const float* dinp_in, const float* dout, const float* inp,
+                              const float* weight, const float* mean, const float* rstd, int M, int N, int C,
+                              cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
   layernorm_backward_input_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                    dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(dinp, dout, inp, weight, mean, rstd,
-                                                                                 rows, N, C);
+                                    dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(dinp, dinp_in, dout, inp, weight,
+                                                                                 mean, rstd, rows, N, C);
   UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
+                               const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream) {
   const int chunks = column_chunks(N);
+  float* partials = sums.add(dweight, dbias, M, chunks, C);
   layernorm_backward_params_kernel<<<dim3(ceil_div(C, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
-                                     stream>>>(scratch, dout, inp, mean, rstd, N, C, ceil_div(N, chunks));
+                                     stream>>>(partials, dout, inp, mean, rstd, N, C, ceil_div(N, chunks));
   UNIV_CUDA_CHECK_LAUNCH();
-  add_column_partials(dweight, dbias, scratch, M, chunks, C, stream);
 }
 
 }  // namespace univ::cuda

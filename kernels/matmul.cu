@@ -2,7 +2,7 @@
 // [out, in] weights in row-major memory (llm.c's operand order). Biases are added
 // by the epilogues in bias.cu. The weight gradient, a long reduction over N rows into
 // a small output, is split over row blocks as extra batches and the partial products
-// added in order (common.cuh's stage 2): a deterministic split-K.
+// added in order (ColumnSums' stage 2): a deterministic split-K.
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -37,18 +37,23 @@ void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const f
                                               int64_t(N) * OC, M));
 }
 
-int64_t matmul_backward_scratch(int M, int N, int C, int OC) {
-  const int splits = weight_grad_splits(M, N, C, OC);
-  return splits > 1 ? int64_t(M) * splits * OC * C : 0;
+void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
+                           int C, int OC) {
+  // dinp^T [C, N] = weight^T [C, OC] x dout^T [OC, N]
+  const float one = 1.0f, zero = 0.0f;
+  UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, weight, C,
+                                              int64_t(OC) * C, dout, OC, int64_t(N) * OC, &zero, dinp, C,
+                                              int64_t(N) * C, M));
 }
 
-void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, float* scratch, const float* dout,
-                     const float* inp, const float* weight, int M, int N, int C, int OC) {
+int64_t matmul_backward_partials(int M, int N, int C, int OC) {
+  const int splits = weight_grad_splits(M, N, C, OC);
+  return splits > 1 ? ColumnSums::room(int64_t(M) * splits * OC * C) : 0;
+}
+
+void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& sums, const float* dout,
+                            const float* inp, int M, int N, int C, int OC) {
   const float one = 1.0f, zero = 0.0f;
-  if (dinp)  // dinp^T [C, N] = weight^T [C, OC] x dout^T [OC, N]
-    UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, weight, C,
-                                                int64_t(OC) * C, dout, OC, int64_t(N) * OC, &zero, dinp, C,
-                                                int64_t(N) * C, M));
   const int splits = weight_grad_splits(M, N, C, OC);
   if (splits == 1) {  // dweight^T [C, OC] += inp^T [C, N] x dout [N, OC]
     UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, C,
@@ -57,14 +62,13 @@ void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, float* 
     return;
   }
   // Batch (m, s) covers rows [s R, (s + 1) R) of model m, R = N / splits, which start
-  // (m splits + s) R rows in: scratch[m, s]^T [C, OC] = inp^T [C, R] x dout [R, OC].
+  // (m splits + s) R rows in: partials[m, s]^T [C, OC] = inp^T [C, R] x dout [R, OC];
+  // stage 2 adds them over s into dweight.
   const int R = N / splits;
+  float* partials = sums.add(dweight, nullptr, M, splits, int64_t(OC) * C);
   UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, R, &one, inp, C,
-                                              int64_t(R) * C, dout, OC, int64_t(R) * OC, &zero, scratch, C,
+                                              int64_t(R) * C, dout, OC, int64_t(R) * OC, &zero, partials, C,
                                               int64_t(OC) * C, M * splits));
-  cudaStream_t stream{};
-  UNIV_CUBLAS_CHECK(cublasGetStream(handle, &stream));
-  add_column_partials(dweight, nullptr, scratch, M, splits, int64_t(OC) * C, stream);  // dweight += sum over s
 }
 
 }  // namespace univ::cuda

@@ -104,9 +104,13 @@ TEST_F(Gpu, LayerNorm) {
     auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size());
     cuda::layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_inp.data(), d_w.data(), d_b.data(), s.M, N, C,
                             stream->get());
-    auto d_scratch = poisoned(static_cast<size_t>(cuda::layernorm_backward_scratch(s.M, N, C)));
-    cuda::layernorm_backward(d_dinp.data(), d_dw.data(), d_db.data(), d_scratch.data(), d_dout.data(), d_inp.data(),
-                             d_w.data(), d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
+    auto d_scratch = poisoned(static_cast<size_t>(2 * cuda::column_sum_partials(s.M, N, C)));
+    cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
+    cuda::layernorm_backward_input(d_dinp.data(), d_dinp.data(), d_dout.data(), d_inp.data(), d_w.data(),
+                                   d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
+    cuda::layernorm_backward_params(d_dw.data(), d_db.data(), sums, d_dout.data(), d_inp.data(), d_mean.data(),
+                                    d_rstd.data(), s.M, N, C, stream->get());
+    sums.finish(stream->get());
     cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), s.M, N, C);
     cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), mean.data(),
                             rstd.data(), s.M, N, C);
@@ -115,6 +119,39 @@ TEST_F(Gpu, LayerNorm) {
     expect_close(down(d_dinp), dinp, kFp32, "dinp");
     expect_close(down(d_dw), dw, kFp32, "dweight");
     expect_close(down(d_db), db, kFp32, "dbias");
+  }
+}
+
+// The fused form: the bias and residual of the linear layer before, added and written
+// back in bias_forward's order, then the norm; backward, the input's gradient with
+// nothing to add to.
+TEST_F(Gpu, LayerNormAfterBiasAndResidual) {
+  for (const Shape& s : kShapes) {
+    const int N = s.B * s.T, C = s.C;
+    const int64_t n = int64_t(s.M) * N * C;
+    const auto x = random_vector<float>(n, 81, 3.0), residual = random_vector<float>(n, 82);
+    const auto inp_bias = random_vector<float>(size_t(s.M) * C, 83);
+    const auto w = random_vector<float>(size_t(s.M) * C, 84), b = random_vector<float>(size_t(s.M) * C, 85);
+    const auto dout = random_vector<float>(n, 86);
+    std::vector<float> sum(n), out(n), mean(size_t(s.M) * N), rstd(mean.size()), dinp(n, 0.0f), dw(w.size()),
+        db(b.size());
+    for (int64_t i = 0; i < n; ++i) {
+      sum[i] = x[i] + inp_bias[i / (int64_t(N) * C) * C + i % C];
+      sum[i] += residual[i];
+    }
+    auto d_x = up(x), d_res = up(residual), d_inp_bias = up(inp_bias), d_w = up(w), d_b = up(b), d_dout = up(dout);
+    auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size()), d_dinp = poisoned(n);
+    cuda::add_layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_x.data(), d_inp_bias.data(),
+                                d_res.data(), d_w.data(), d_b.data(), s.M, N, C, stream->get());
+    cuda::layernorm_backward_input(d_dinp.data(), nullptr, d_dout.data(), d_x.data(), d_w.data(), d_mean.data(),
+                                   d_rstd.data(), s.M, N, C, stream->get());
+    cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), sum.data(), w.data(), b.data(), s.M, N, C);
+    cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), sum.data(), w.data(), mean.data(),
+                            rstd.data(), s.M, N, C);
+    EXPECT_EQ(down(d_x), sum);  // the same two additions per element: equal to the bit
+    expect_close(down(d_out), out, kFp32, "out");
+    expect_close(down(d_mean), mean, kFp32, "mean");
+    expect_close(down(d_dinp), dinp, kFp32, "dinp");
   }
 }
 
@@ -131,9 +168,11 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
       auto d_inp = up(inp), d_w = up(w), d_dout = up(dout), d_dw = up(dw);
       auto d_out = poisoned(out.size()), d_dinp = poisoned(dinp.size());
       cuda::matmul_forward(handle.get(), d_out.data(), d_inp.data(), d_w.data(), s.M, N, C, OC);
-      auto d_scratch = poisoned(static_cast<size_t>(cuda::matmul_backward_scratch(s.M, N, C, OC)));
-      cuda::matmul_backward(handle.get(), d_dinp.data(), d_dw.data(), d_scratch.data(), d_dout.data(), d_inp.data(),
-                            d_w.data(), s.M, N, C, OC);
+      auto d_scratch = poisoned(static_cast<size_t>(cuda::matmul_backward_partials(s.M, N, C, OC)));
+      cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
+      cuda::matmul_backward_input(handle.get(), d_dinp.data(), d_dout.data(), d_w.data(), s.M, N, C, OC);
+      cuda::matmul_backward_weight(handle.get(), d_dw.data(), sums, d_dout.data(), d_inp.data(), s.M, N, C, OC);
+      sums.finish(stream->get());
       cpu::matmul_forward(out.data(), inp.data(), w.data(), static_cast<const float*>(nullptr), s.M, N, C, OC);
       cpu::matmul_backward(dinp.data(), dw.data(), static_cast<float*>(nullptr), dout.data(), inp.data(), w.data(),
                            s.M, N, C, OC);
@@ -163,9 +202,11 @@ TEST_F(Gpu, BiasEpilogues) {
       auto dbias = random_vector<float>(bias.size(), 35);
       auto d_dbias = up(dbias), d_dpost = up(dpost);
       cuda::bias_activation_forward(d_pre.data(), d_post.data(), d_bias.data(), s.M, N, D, act, stream->get());
-      auto d_scratch = poisoned(static_cast<size_t>(cuda::bias_activation_backward_scratch(s.M, N, D)));
-      cuda::bias_activation_backward(d_dpre.data(), d_dbias.data(), d_scratch.data(), d_dpost.data(), d_pre.data(), s.M,
-                                     N, D, act, stream->get());
+      auto d_scratch = poisoned(static_cast<size_t>(cuda::column_sum_partials(s.M, N, D)));
+      cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
+      cuda::bias_activation_backward(d_dpre.data(), d_dbias.data(), sums, d_dpost.data(), d_pre.data(), s.M, N, D, act,
+                                     stream->get());
+      sums.finish(stream->get());
       std::vector<float> pre(n), post(n), dpre(n);
       for (int64_t i = 0; i < n; ++i) pre[i] = x[i] + bias[i / (int64_t(N) * D) * D + i % D];
       cpu::activation_forward(post.data(), pre.data(), n, cpu_act);
@@ -181,6 +222,44 @@ TEST_F(Gpu, BiasEpilogues) {
       expect_close(down(d_dpre), dpre, kFp32, "dpre");
       expect_close(down(d_dbias), dbias, kFp32, "dbias");
     }
+  }
+}
+
+// Many column sums of many shapes through one ColumnSums: more jobs than one stage-2
+// launch carries, one and two outputs, every sum equal to its own.
+TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
+  struct Sum {
+    int M, N, C;
+    std::vector<float> dout, dbias;
+  };
+  std::vector<Sum> ops;
+  for (int k = 0; k < 150; ++k) {
+    const int M = 1 + k % 3, N = 1 + (k * 37) % 300, C = 1 + (k * 53) % 97;
+    ops.push_back({M, N, C, random_vector<float>(size_t(M) * N * C, 200 + k), random_vector<float>(size_t(M) * C, 400 + k)});
+  }
+  int64_t room = 0;
+  for (const Sum& o : ops) room += cuda::column_sum_partials(o.M, o.N, o.C);
+  auto d_scratch = poisoned(static_cast<size_t>(room));
+  cuda::ColumnSums sums(d_scratch.data(), room);
+  std::vector<cuda::DeviceBuffer<float>> d_dout, d_dbias;
+  for (const Sum& o : ops) {
+    d_dout.push_back(up(o.dout));
+    d_dbias.push_back(up(o.dbias));
+    cuda::bias_activation_backward(nullptr, d_dbias.back().data(), sums, d_dout.back().data(), nullptr, o.M, o.N, o.C,
+                                   cuda::Act::none, stream->get());
+  }
+  EXPECT_THROW(sums.add(d_dbias[0].data(), nullptr, 1, 1, 1), std::logic_error);  // the room is used up
+  sums.finish(stream->get());
+  for (size_t k = 0; k < ops.size(); ++k) {
+    const Sum& o = ops[k];
+    std::vector<float> expect = o.dbias;
+    for (int m = 0; m < o.M; ++m)
+      for (int c = 0; c < o.C; ++c) {
+        double sum = 0;
+        for (int r = 0; r < o.N; ++r) sum += o.dout[(int64_t(m) * o.N + r) * o.C + c];
+        expect[size_t(m) * o.C + c] += static_cast<float>(sum);
+      }
+    expect_close(down(d_dbias[k]), expect, kFp32, "column sum " + std::to_string(k));
   }
 }
 
@@ -224,7 +303,7 @@ TEST_F(Gpu, CrossEntropy) {
 
 TEST_F(Gpu, NormsClippingAndAdamW) {
   ModelConfig c;
-  c.vocab = 13, c.seq_len = 7, c.d_model = 12, c.heads = 3, c.d_mlp = 20, c.layers = 2;
+  c.vocab = 13, c.seq_len = 7, c.d_model = 12, c.heads = 3, c.d_mlp = 200, c.layers = 2;  // fc weights: 2 pieces
   for (const int M : {1, 3}) {
     const ParamLayout layout(c, M);
     auto params = random_vector<float>(layout.total(), 61), grads = random_vector<float>(layout.total(), 62, 0.3);
@@ -241,12 +320,14 @@ TEST_F(Gpu, NormsClippingAndAdamW) {
     const std::vector<float> losses(M, 1.5f);
     auto d_params = up(params), d_grads = up(grads), d_m = up(m1), d_v = up(v1), d_losses = up(losses);
     auto d_segments = up(segments);
+    const auto pieces = cuda::norm_pieces(segments);
+    auto d_pieces = up(pieces);
     auto d_step = up(std::vector<cuda::OptimizerStep>{h});
-    cuda::DeviceBuffer<double> partials(segments.size());
+    cuda::DeviceBuffer<double> partials(pieces.size());
     auto norms = poisoned(M), scales = poisoned(M);
     cuda::DeviceBuffer<int> finite(1);
-    cuda::grad_norms(partials.data(), norms.data(), scales.data(), finite.data(), d_grads.data(), d_segments.data(),
-                     int(segments.size()), d_losses.data(), M, d_step.data(), stream->get());
+    cuda::grad_norms(partials.data(), norms.data(), scales.data(), finite.data(), d_grads.data(), d_pieces.data(),
+                     int(pieces.size()), d_losses.data(), M, d_step.data(), stream->get());
     cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_segments.data(),
                        int(segments.size()), scales.data(), finite.data(), d_step.data(), stream->get());
     EXPECT_EQ(down(finite)[0], 1);
@@ -266,6 +347,36 @@ TEST_F(Gpu, NormsClippingAndAdamW) {
     expect_close(down(d_m), m1, kFp32, "exp_avg");
     expect_close(down(d_v), v1, kFp32, "exp_avg_sq");
   }
+}
+
+// Host parts of the launchers, run without a device.
+TEST(CudaHost, NormPiecesCoverEverySegmentInOrder) {
+  const std::vector<cuda::ParamSegment> segments = {{0, 5000, 0, 1}, {5056, 1, 1, 0}, {6000, 2048, 0, 0}, {9000, 0, 1, 1}};
+  const auto pieces = cuda::norm_pieces(segments);
+  size_t k = 0;
+  for (const auto& seg : segments)
+    for (int64_t at = 0; at < seg.numel; at += pieces[k++].numel) {
+      ASSERT_LT(k, pieces.size());
+      EXPECT_EQ(pieces[k].offset, seg.offset + at);
+      EXPECT_GT(pieces[k].numel, 0);
+      EXPECT_LE(pieces[k].numel, 2048);
+      EXPECT_EQ(pieces[k].model, seg.model);
+      EXPECT_EQ(pieces[k].decay, seg.decay);
+    }
+  EXPECT_EQ(k, pieces.size());
+  EXPECT_EQ(pieces.size(), 3u + 1u + 1u);
+}
+
+TEST(CudaHost, ColumnSumsHandOutAlignedRoomAndRefuseMore) {
+  std::vector<float> scratch(1000);  // add() only hands out places in it
+  const int64_t room = cuda::column_sum_partials(2, 70, 5);
+  EXPECT_EQ(room % 64, 0);
+  EXPECT_GE(room, 2 * 3 * 5);  // 70 rows: 3 chunks
+  cuda::ColumnSums sums(scratch.data(), 2 * room);
+  float out = 0;
+  EXPECT_EQ(sums.add(&out, nullptr, 2, 3, 5), scratch.data());
+  EXPECT_EQ(sums.add(&out, nullptr, 2, 3, 5), scratch.data() + room);
+  EXPECT_THROW(sums.add(&out, nullptr, 1, 1, 1), std::logic_error);
 }
 
 RunConfig small_run(int models) {

@@ -114,9 +114,11 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   DeviceBuffer<int32_t> tokens(tok.size());
   tokens.upload(tok.data(), tok.size(), s);
   DeviceBuffer<float> losses(M), row_loss(static_cast<size_t>(rows));
-  DeviceBuffer<float> scratch(static_cast<size_t>(std::max({k::layernorm_backward_scratch(M, N, C),
-                                                            k::bias_activation_backward_scratch(M, N, D),
-                                                            k::matmul_backward_scratch(M, N, C, D)})));
+  // Backward rows time an op with its column sums' stage 2, as one op's share of a pass.
+  const int64_t room = std::max({2 * k::column_sum_partials(M, N, C), k::column_sum_partials(M, N, D),
+                                 k::matmul_backward_partials(M, N, C, D)});
+  DeviceBuffer<float> scratch(static_cast<size_t>(room));
+  k::ColumnSums sums(scratch.data(), room);
   std::vector<Row> out;
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& work) {
     out.push_back({name, b.time_ms(work), bytes, flops});
@@ -127,16 +129,28 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       [&] { k::embedding_backward(w.data(), pos.data(), x.data(), tokens.data(), M, B, T, C, V, s); });
   add("layernorm_forward", rows * C * f * 2, rows * C * 8,
       [&] { k::layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), w.data(), bias.data(), M, N, C, s); });
-  add("layernorm_backward", rows * C * f * 5, rows * C * 14,
-      [&] { k::layernorm_backward(y.data(), w.data(), dbias.data(), scratch.data(), x.data(), x.data(), bias.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s); });
+  add("add_layernorm_forward", rows * C * f * 4, rows * C * 10,
+      [&] { k::add_layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), bias.data(), y.data() + size_t(rows) * C, w.data(), bias.data(), M, N, C, s); });
+  add("layernorm_backward", rows * C * f * 5, rows * C * 14, [&] {
+    k::layernorm_backward_input(y.data(), y.data(), x.data(), x.data(), bias.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s);
+    k::layernorm_backward_params(w.data(), dbias.data(), sums, x.data(), x.data(), stats.data(), stats.data() + size_t(rows), M, N, C, s);
+    sums.finish(s);
+  });
   add("matmul_forward fc", (rows * C + rows * D + double(M) * D * C) * f, 2 * rows * C * D,
       [&] { k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, C, D); });
   add("matmul_backward fc", (2 * rows * D + 2 * rows * C + 2.0 * M * D * C) * f, 4 * rows * C * D,
-      [&] { k::matmul_backward(h, y.data(), w.data(), scratch.data(), x.data(), x.data(), w.data(), M, N, C, D); });
+      [&] {
+        k::matmul_backward_input(h, y.data(), x.data(), w.data(), M, N, C, D);
+        k::matmul_backward_weight(h, w.data(), sums, x.data(), x.data(), M, N, C, D);
+        sums.finish(s);
+      });
   add("bias_activation_forward", rows * D * f * 3, rows * D * 4,
       [&] { k::bias_activation_forward(x.data(), y.data(), bias.data(), M, N, D, k::Act::gelu, s); });
   add("bias_activation_backward", rows * D * f * 3, rows * D * 8,
-      [&] { k::bias_activation_backward(y.data(), dbias.data(), scratch.data(), x.data(), x.data(), M, N, D, k::Act::gelu, s); });
+      [&] {
+        k::bias_activation_backward(y.data(), dbias.data(), sums, x.data(), x.data(), M, N, D, k::Act::gelu, s);
+        sums.finish(s);
+      });
   const double att_flops = double(M) * B * H * T * T * (C / H) * 2;  // causal: half of 2 products
   add("attention_forward", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
       [&] { k::attention_forward(y.data(), att.data(), x.data(), M, B, T, C, H, s); });

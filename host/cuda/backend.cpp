@@ -2,9 +2,14 @@
 // as cuBLAS strided-batched GEMMs, and one training step (forward, backward, norms,
 // AdamW, the copy of losses and norms to the host) captured once as a CUDA graph.
 // Per step only the batch and the step's constants go up before the graph launch.
+// Backward, the parameter gradients (weight products, bias and layer-norm column sums)
+// run on a second stream beside the chain of input gradients, which is all the next
+// layer waits for; their column sums' second stages end the pass as one launch.
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "univ/backend.hpp"
 #include "univ/cpu/ops.hpp"
@@ -43,16 +48,29 @@ class Arena {
   DeviceBuffer<float> buffer_;
 };
 
+// The second stream of the backward pass, with its own cuBLAS handle and the events
+// that order it against the main stream (edges of the captured graph).
+struct SideStream {
+  explicit SideStream(bool tf32) : cublas(stream.get(), tf32) {}
+  cuda::Stream stream;
+  cuda::CublasHandle cublas;
+  cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+};
+
 class CudaBackend final : public TrainBackend, public DeviceForward {
  public:
-  CudaBackend(const RunConfig& config, Precision precision)
+  // training false: a forward-only network (no gradients, optimizer state or
+  // backward buffers), for DeviceForward; its parameters come from load_params().
+  CudaBackend(const RunConfig& config, Precision precision, bool training = true)
       : config_(config),
         layout_(config.model, config.models),
-        cublas_(stream_.get(), precision == Precision::tf32),
+        training_(training),
+        tf32_(precision == Precision::tf32),
+        cublas_(stream_.get(), tf32_),
         params_(layout_.total()),
-        grads_(layout_.total()),
-        exp_avg_(layout_.total()),
-        exp_avg_sq_(layout_.total()),
+        grads_(training ? layout_.total() : 0),
+        exp_avg_(training ? layout_.total() : 0),
+        exp_avg_sq_(training ? layout_.total() : 0),
         host_tokens_(2 * size_t(config.models) * config.batch * config.model.seq_len),
         host_step_(1),
         host_stats_(2 * size_t(config.models)),
@@ -64,12 +82,17 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                       "head width " + std::to_string(c.head_dim()) + " (" + std::to_string(max_T) + ")");
     cuda::prepare_attention_kernels();
     allocate();
-    for (const auto& t : layout_.tensors())
-      for (int m = 0; m < config.models; ++m)
-        host_segments_.push_back({layout_.offset(t, m), t.numel, m, t.decay ? 1 : 0});
-    segments_ = DeviceBuffer<cuda::ParamSegment>(host_segments_.size());
-    segments_.upload(host_segments_.data(), host_segments_.size(), stream_.get());
-    partials_ = DeviceBuffer<double>(host_segments_.size());
+    if (training) {
+      for (const auto& t : layout_.tensors())
+        for (int m = 0; m < config.models; ++m)
+          host_segments_.push_back({layout_.offset(t, m), t.numel, m, t.decay ? 1 : 0});
+      segments_ = DeviceBuffer<cuda::ParamSegment>(host_segments_.size());
+      segments_.upload(host_segments_.data(), host_segments_.size(), stream_.get());
+      const auto pieces = cuda::norm_pieces(host_segments_);
+      norm_pieces_ = DeviceBuffer<cuda::ParamSegment>(pieces.size());
+      norm_pieces_.upload(pieces.data(), pieces.size(), stream_.get());
+      norm_partials_ = DeviceBuffer<double>(pieces.size());
+    }
     if (c.pos == PosEncoding::sinusoidal) {
       std::vector<float> table(size_t(c.seq_len) * c.d_model);
       cpu::sinusoidal_positions(table.data(), c.seq_len, c.d_model);
@@ -82,7 +105,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
   Device device() const override { return Device::cuda; }
 
+  // Parameters only, for a forward-only network.
+  void load_params(const std::vector<float>& params) {
+    if (params.size() != static_cast<size_t>(layout_.total()))
+      throw std::invalid_argument("CudaBackend::load_params: parameters do not match the layout");
+    params_.upload(params.data(), params.size(), stream_.get());
+    stream_.synchronize();
+  }
+
   void set_state(const TrainState& s) override {
+    require_training("set_state");
     const size_t n = layout_.total();
     if (s.params.size() != n || s.exp_avg.size() != n || s.exp_avg_sq.size() != n)
       throw std::invalid_argument("CudaBackend::set_state: state does not match the parameter layout");
@@ -94,11 +126,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   }
 
   TrainState state() const override {
+    require_training("state");
     TrainState s{download(params_), download(exp_avg_), download(exp_avg_sq_), step_};
     return s;
   }
 
-  std::vector<float> gradients() const override { return download(grads_); }
+  std::vector<float> gradients() const override {
+    require_training("gradients");
+    return download(grads_);
+  }
 
   double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) override {
     const ModelConfig& c = config_.model;
@@ -119,6 +155,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   }
 
   StepStats step(const int32_t* inputs, const int32_t* targets, double lr) override {
+    require_training("step");
     const int M = config_.models;
     const size_t tokens = size_t(M) * config_.batch * config_.model.seq_len;
     std::copy_n(inputs, tokens, host_tokens_.data());
@@ -127,13 +164,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     inputs_.upload(host_tokens_.data(), tokens, stream_.get());
     targets_.upload(host_tokens_.data() + tokens, tokens, stream_.get());
     step_params_.upload(host_step_.data(), 1, stream_.get());
-    if (!graph_)
+    if (!graph_) {
+      side_ = std::make_unique<SideStream>(tf32_);
       graph_ = std::make_unique<cuda::Graph>(stream_.get(), [&] {
         grads_.fill_bytes(0, stream_.get());
         forward(config_.batch, true);
         backward();
         optimize();
       });
+    }
     graph_->launch(stream_.get());
     stream_.synchronize();
 
@@ -176,6 +215,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
         *resid_out;
   };
+  // A layer's gradients that the side stream reads: each written once per pass, so the
+  // main stream never overwrites what the side stream has yet to read.
+  struct LayerGrads {
+    float *dresid_in, *dresid_mid, *dln1, *dqkv, *dln2, *dpre;
+  };
+
+  void require_training(const char* what) const {
+    if (!training_) throw std::logic_error(std::string("CudaBackend::") + what + ": a forward-only network");
+  }
 
   void allocate() {
     const ModelConfig& c = config_.model;
@@ -193,18 +241,32 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
     r.reserve(lnf_, rows * C), r.reserve(lnf_mean_, rows), r.reserve(lnf_rstd_, rows), r.reserve(logits_, rows * V);
     r.reserve(row_loss_, rows);
-    r.reserve(dresidual_, rows * C), r.reserve(dln_, rows * C), r.reserve(datty_, rows * C);
-    r.reserve(dqkv_, rows * 3 * C), r.reserve(dpre_, rows * D), r.reserve(dpost_, rows * D), r.reserve(dlnf_, rows * C);
-    // The partial sums of the parameter gradients, shared by the backward ops (one
-    // stream runs them one at a time): the largest of their needs. Whether a weight
-    // gradient splits depends on its shape, so each (d_model, out) pair is asked.
-    const int models = config_.models, n = config_.batch * c.seq_len;
-    int64_t scratch = std::max(cuda::layernorm_backward_scratch(models, n, c.d_model),
-                               cuda::bias_activation_backward_scratch(models, n, std::max(3 * c.d_model, c.d_mlp)));
-    for (const int out : {3 * c.d_model, c.d_model, c.d_mlp, c.vocab})
-      scratch = std::max(scratch, cuda::matmul_backward_scratch(models, n, c.d_model, out));
-    r.reserve(scratch_, scratch);
-    r.allocate();
+    if (training_) {
+      r.reserve(dlnf_, rows * C), r.reserve(dresid_top_, rows * C), r.reserve(dpost_, rows * D);
+      r.reserve(datty_, rows * C);
+      layer_grads_.resize(c.layers);
+      for (auto& l : layer_grads_) {
+        r.reserve(l.dresid_in, rows * C), r.reserve(l.dresid_mid, rows * C), r.reserve(l.dln1, rows * C);
+        r.reserve(l.dqkv, rows * 3 * C), r.reserve(l.dln2, rows * C), r.reserve(l.dpre, rows * D);
+      }
+      // Every column sum's partials wait in the scratch until the pass's one stage-2
+      // launch: room for each bias and norm vector and each weight matrix whose rows
+      // split (the embeddings sum without partials).
+      const int models = config_.models, n = config_.batch * c.seq_len;
+      int64_t partials = 0;
+      for (const auto& t : layout_.tensors()) {
+        if (t.shape.size() == 1)
+          partials += cuda::column_sum_partials(models, n, t.numel);
+        else if (t.name != "wte" && t.name != "wpe")
+          partials += cuda::matmul_backward_partials(models, n, static_cast<int>(t.shape[1]),
+                                                     static_cast<int>(t.shape[0]));
+      }
+      r.reserve(partials_, partials);
+      r.allocate();
+      column_sums_ = std::make_unique<cuda::ColumnSums>(partials_, partials);
+    } else {
+      r.allocate();
+    }
     inputs_ = DeviceBuffer<int32_t>(rows);
     targets_ = DeviceBuffer<int32_t>(rows);
     losses_ = DeviceBuffer<float>(M);
@@ -225,6 +287,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
             o.clip};
   }
 
+  // Each linear layer's product goes straight into the residual stream's buffer; its
+  // bias and the residual are added by the layer norm that reads it next.
   void forward(int B, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads, N = B * T;
@@ -234,64 +298,103 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const bool learned = c.pos == PosEncoding::learned;
     cuda::embedding_forward(encoded_, inputs_.data(), p.wte, learned ? p.wpe : positions_.data(),
                             learned ? int64_t(T) * C : 0, M, B, T, C, V, s);
-    const float* residual = encoded_;
+    // ln = layer norm of the residual stream, after the last layer's MLP bias and
+    // residual (resid_out = product + out_b + resid_mid) where there is one.
+    auto norm_residual = [&](float* ln, float* mean, float* rstd, const float* w, const float* b, int l) {
+      if (l == 0) {
+        cuda::layernorm_forward(ln, mean, rstd, encoded_, w, b, M, N, C, s);
+      } else {
+        const LayerActs& prev = layers_[l - 1];
+        cuda::add_layernorm_forward(ln, mean, rstd, prev.resid_out, p.blocks[l - 1].out_b, prev.resid_mid, w, b, M,
+                                    N, C, s);
+      }
+    };
     for (int l = 0; l < c.layers; ++l) {
       const LayerActs& a = layers_[l];
       const auto& w = p.blocks[l];
-      cuda::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, w.ln1_w, w.ln1_b, M, N, C, s);
+      const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
+      norm_residual(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b, l);
       cuda::matmul_forward(h, a.qkv, a.ln1, w.qkv_w, M, N, C, 3 * C);
       cuda::bias_forward(a.qkv, w.qkv_b, nullptr, M, N, 3 * C, s);
       cuda::attention_forward(a.atty, a.att, a.qkv, M, B, T, C, H, s);
       cuda::matmul_forward(h, a.resid_mid, a.atty, w.proj_w, M, N, C, C);
-      cuda::bias_forward(a.resid_mid, w.proj_b, residual, M, N, C, s);
-      cuda::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.ln2_w, w.ln2_b, M, N, C, s);
+      cuda::add_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.proj_b, residual, w.ln2_w, w.ln2_b,
+                                  M, N, C, s);  // resid_mid = product + proj_b + residual
       cuda::matmul_forward(h, a.pre, a.ln2, w.fc_w, M, N, C, D);
       cuda::bias_activation_forward(a.pre, a.post, w.fc_b, M, N, D, to_act(c.activation), s);
       cuda::matmul_forward(h, a.resid_out, a.post, w.out_w, M, N, D, C);
-      cuda::bias_forward(a.resid_out, w.out_b, a.resid_mid, M, N, C, s);
-      residual = a.resid_out;
     }
-    cuda::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, p.lnf_w, p.lnf_b, M, N, C, s);
+    norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
     cuda::matmul_forward(h, logits_, lnf_, p.lm_head, M, N, C, V);
     cuda::crossentropy_forward_backward(losses_.data(), row_loss_, logits_, targets_.data(), M, N, V, for_backward, s);
   }
 
-  // After forward(batch, true): gradients of every model's loss into grads_ (zeroed before).
+  // What the side stream enqueues next waits for everything on the main stream so far.
+  void fork() {
+    side_->fork.record(stream_.get());
+    side_->fork.make_wait(side_->stream.get());
+  }
+
+  // After forward(batch, true): gradients of every model's loss into grads_ (zeroed
+  // before). The main stream runs the chain of input gradients, the side stream each
+  // parameter gradient once its inputs exist; the main stream waits for it at the end.
   void backward() {
     const ModelConfig& c = config_.model;
     const int M = config_.models, B = config_.batch, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab,
               H = c.heads, N = B * T;
-    const cudaStream_t s = stream_.get();
-    const cublasHandle_t h = cublas_.get();
+    const cudaStream_t s = stream_.get(), side = side_->stream.get();
+    const cublasHandle_t h = cublas_.get(), hs = side_->cublas.get();
+    const cuda::Act none = cuda::Act::none;
+    cuda::ColumnSums& sums = *column_sums_;
     const auto p = param_pointers(layout_, c, params_.data());
     const auto g = param_pointers(layout_, c, grads_.data());
     const float* last = c.layers > 0 ? layers_.back().resid_out : encoded_;
-    cuda::matmul_backward(h, dlnf_, g.lm_head, scratch_, logits_, lnf_, p.lm_head, M, N, C, V);  // logits hold dlogits
-    UNIV_CUDA_CHECK(cudaMemsetAsync(dresidual_, 0, sizeof(float) * size_t(M) * N * C, s));
-    cuda::layernorm_backward(dresidual_, g.lnf_w, g.lnf_b, scratch_, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N,
-                             C, s);
+    cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);  // logits hold dlogits
+    fork();
+    cuda::matmul_backward_weight(hs, g.lm_head, sums, logits_, lnf_, M, N, C, V);
+    cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side);
+    cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
+    const float* dresid = dresid_top_;  // the gradient at the current layer's output
     for (int l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = layers_[l];
+      const LayerGrads& d = layer_grads_[l];
       const auto& w = p.blocks[l];
       const auto& gw = g.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
-      cuda::bias_activation_backward(nullptr, gw.out_b, scratch_, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
-      cuda::matmul_backward(h, dpost_, gw.out_w, scratch_, dresidual_, a.post, w.out_w, M, N, D, C);
-      cuda::bias_activation_backward(dpre_, gw.fc_b, scratch_, dpost_, a.pre, M, N, D, to_act(c.activation), s);
-      cuda::matmul_backward(h, dln_, gw.fc_w, scratch_, dpre_, a.ln2, w.fc_w, M, N, C, D);
-      cuda::layernorm_backward(dresidual_, gw.ln2_w, gw.ln2_b, scratch_, dln_, a.resid_mid, w.ln2_w, a.ln2_mean,
-                               a.ln2_rstd, M, N, C, s);
+      fork();
+      cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
+      cuda::matmul_backward_weight(hs, gw.out_w, sums, dresid, a.post, M, N, D, C);
+      cuda::matmul_backward_input(h, dpost_, dresid, w.out_w, M, N, D, C);
+      cuda::bias_activation_backward(d.dpre, gw.fc_b, sums, dpost_, a.pre, M, N, D, to_act(c.activation), s);
+      fork();
+      cuda::matmul_backward_weight(hs, gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
+      cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
+      cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M, N,
+                                     C, s);
+      fork();
+      cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N, C,
+                                      side);
       // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
-      cuda::bias_activation_backward(nullptr, gw.proj_b, scratch_, dresidual_, nullptr, M, N, C, cuda::Act::none, s);
-      cuda::matmul_backward(h, datty_, gw.proj_w, scratch_, dresidual_, a.atty, w.proj_w, M, N, C, C);
-      cuda::attention_backward(dqkv_, datty_, a.qkv, a.att, M, B, T, C, H, s);
-      cuda::bias_activation_backward(nullptr, gw.qkv_b, scratch_, dqkv_, nullptr, M, N, 3 * C, cuda::Act::none, s);
-      cuda::matmul_backward(h, dln_, gw.qkv_w, scratch_, dqkv_, a.ln1, w.qkv_w, M, N, C, 3 * C);
-      cuda::layernorm_backward(dresidual_, gw.ln1_w, gw.ln1_b, scratch_, dln_, residual, w.ln1_w, a.ln1_mean,
-                               a.ln1_rstd, M, N, C, s);
+      cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side);
+      cuda::matmul_backward_weight(hs, gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
+      cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
+      cuda::attention_backward(d.dqkv, datty_, a.qkv, a.att, M, B, T, C, H, s);
+      fork();
+      cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side);
+      cuda::matmul_backward_weight(hs, gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
+      cuda::matmul_backward_input(h, d.dln1, d.dqkv, w.qkv_w, M, N, C, 3 * C);
+      cuda::layernorm_backward_input(d.dresid_in, d.dresid_mid, d.dln1, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd, M,
+                                     N, C, s);
+      fork();
+      cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
+                                      side);
+      dresid = d.dresid_in;
     }
-    cuda::embedding_backward(g.wte, g.wpe, dresidual_, inputs_.data(), M, B, T, C, V, s);
+    cuda::embedding_backward(g.wte, g.wpe, dresid, inputs_.data(), M, B, T, C, V, s);
+    sums.finish(side);
+    side_->join.record(side);
+    side_->join.make_wait(s);
   }
 
   // Norms, clipping, AdamW (skipped on device when anything is not finite), and the
@@ -299,8 +402,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   void optimize() {
     const int M = config_.models, S = static_cast<int>(host_segments_.size());
     const cudaStream_t s = stream_.get();
-    cuda::grad_norms(partials_.data(), norms_.data(), scales_.data(), finite_.data(), grads_.data(), segments_.data(),
-                     S, losses_.data(), M, step_params_.data(), s);
+    cuda::grad_norms(norm_partials_.data(), norms_.data(), scales_.data(), finite_.data(), grads_.data(),
+                     norm_pieces_.data(), static_cast<int>(norm_pieces_.size()), losses_.data(), M,
+                     step_params_.data(), s);
     cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), segments_.data(), S,
                        scales_.data(), finite_.data(), step_params_.data(), s);
     losses_.download(host_stats_.data(), M, s);
@@ -317,19 +421,23 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
   RunConfig config_;
   ParamLayout layout_;
+  bool training_;
+  bool tf32_;
   cuda::Stream stream_;
   cuda::CublasHandle cublas_;
+  std::unique_ptr<SideStream> side_;  // made with the step's graph
   DeviceBuffer<float> params_, grads_, exp_avg_, exp_avg_sq_, positions_;
   Arena arena_;
   float* encoded_ = nullptr;
   std::vector<LayerActs> layers_;
+  std::vector<LayerGrads> layer_grads_;
   float *lnf_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
-  float *dresidual_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr, *dpre_ = nullptr,
-        *dpost_ = nullptr, *dlnf_ = nullptr, *scratch_ = nullptr;
+  float *dlnf_ = nullptr, *dresid_top_ = nullptr, *dpost_ = nullptr, *datty_ = nullptr, *partials_ = nullptr;
+  std::unique_ptr<cuda::ColumnSums> column_sums_;
   DeviceBuffer<int32_t> inputs_, targets_;
   std::vector<cuda::ParamSegment> host_segments_;
-  DeviceBuffer<cuda::ParamSegment> segments_;
-  DeviceBuffer<double> partials_;
+  DeviceBuffer<cuda::ParamSegment> segments_, norm_pieces_;
+  DeviceBuffer<double> norm_partials_;
   DeviceBuffer<float> losses_, norms_, scales_;
   DeviceBuffer<int> finite_;
   DeviceBuffer<cuda::OptimizerStep> step_params_;
@@ -349,9 +457,8 @@ std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precisi
 
 std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params) {
   if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
-  auto net = std::make_unique<CudaBackend>(config, Precision::fp32);
-  const std::vector<float> zeros(params.size(), 0.0f);
-  net->set_state({params, zeros, zeros, 0});
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, /*training=*/false);
+  net->load_params(params);
   return net;
 }
 

@@ -310,7 +310,7 @@ std::vector<std::vector<std::vector<double>>> rotated_matches_cuda(const Correla
   };
   const PreparedRotations::Device* ready = prepared ? prepared->device() : nullptr;
   if (ready && ready->shapes == shapes && ready->draws == draws && ready->seed == options.seed) {
-    UNIV_CUDA_CHECK(cudaStreamWaitEvent(s, ready->drawn.get(), 0));
+    ready->drawn.make_wait(s);
     for (int j = 0; j < K; ++j) match_pairs(j, ready->rotations->of(j), draws);
     return out;
   }

@@ -9,12 +9,44 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "univ/split_precision.hpp"
 
 namespace univ::cuda {
 
 enum class Act { none, relu, gelu };
+
+// Parameter gradients that sum over rows (layer norm, biases, split weight gradients)
+// run in two stages, without atomics and in an order fixed by the shapes alone.
+// Stage 1, in each op's backward, writes partial sums [outputs, M, chunks, columns]
+// where a ColumnSums says; stage 2, ColumnSums::finish(), adds every op's chunks in
+// order into the gradients, all ops of a backward pass in one launch (defined in bias.cu).
+struct ColumnSumJob {
+  float* out0;            // out0[m, c] += sum over k of partials[0, m, k, c]
+  float* out1;            // null, or out1[m, c] += the same of partials[1, m, k, c]
+  const float* partials;  // [out1 ? 2 : 1, models, chunks, columns]
+  int64_t columns;
+  int models, chunks;
+};
+class ColumnSums {
+ public:
+  // scratch: device memory for `capacity` floats, holding the partials until finish().
+  ColumnSums(float* scratch, int64_t capacity) : scratch_(scratch), capacity_(capacity) {}
+  // Where stage 1 writes the partials [out1 ? 2 : 1, M, chunks, C] of out0 (and out1).
+  float* add(float* out0, float* out1, int M, int chunks, int64_t C);
+  // Stage 2 of every sum added since the last finish(); the scratch is free again after.
+  void finish(cudaStream_t stream);
+  // The floats one add() of n partials takes from the scratch (256-byte aligned).
+  static int64_t room(int64_t n) { return (n + 63) / 64 * 64; }
+
+ private:
+  float* scratch_;
+  int64_t capacity_, used_ = 0;
+  std::vector<ColumnSumJob> jobs_;
+};
+// The room of the partials of column sums over N rows of `columns` columns per model.
+int64_t column_sum_partials(int M, int N, int64_t columns);
 
 // embedding.cu ----------------------------------------------------------------------
 // out[M,B,T,C] = wte[m, tokens[m,b,t]] + pos[m, t]; pos [M,T,C] (stride T*C) or one
@@ -30,23 +62,32 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
 // out[M,N,C] = (inp - mean) * rstd * weight[m] + bias[m]; mean, rstd [M,N].
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
                        int M, int N, int C, cudaStream_t stream);
-// dinp += ..., dweight += ..., dbias += ...; scratch [layernorm_backward_scratch(M, N, C)]
-// holds the partial column sums.
-int64_t layernorm_backward_scratch(int M, int N, int C);
-void layernorm_backward(float* dinp, float* dweight, float* dbias, float* scratch, const float* dout, const float* inp,
-                        const float* weight, const float* mean, const float* rstd, int M, int N, int C,
-                        cudaStream_t stream);
+// The same of inp = inp + inp_bias[M,C] + residual[M,N,C], written back first: the bias
+// and residual that close a linear layer, fused with the layer norm that follows it.
+void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, const float* inp_bias,
+                           const float* residual, const float* weight, const float* bias, int M, int N, int C,
+                           cudaStream_t stream);
+// dinp = dinp_in + the gradient through the norm (dinp_in null: nothing to add; it may
+// be dinp itself).
+void layernorm_backward_input(float* dinp, const float* dinp_in, const float* dout, const float* inp,
+                              const float* weight, const float* mean, const float* rstd, int M, int N, int C,
+                              cudaStream_t stream);
+// dweight += ..., dbias += ... through `sums` (2 column_sum_partials(M, N, C) of room).
+void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
+                               const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream);
 
 // matmul.cu (cuBLAS strided-batched over models) ------------------------------------
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
-// dinp[M,N,C] = dout weight (overwritten; null: skipped); dweight[M,OC,C] += dout^T inp,
-// over row blocks summed in a fixed order: scratch [matmul_backward_scratch(M, N, C, OC)]
-// holds the blocks' products (size 0 where N is not split).
-int64_t matmul_backward_scratch(int M, int N, int C, int OC);
-void matmul_backward(cublasHandle_t handle, float* dinp, float* dweight, float* scratch, const float* dout,
-                     const float* inp, const float* weight, int M, int N, int C, int OC);
+// dinp[M,N,C] = dout[M,N,OC] weight (overwritten).
+void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
+                           int C, int OC);
+// dweight[M,OC,C] += dout^T inp, at once or over row blocks whose products `sums` adds
+// in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
+int64_t matmul_backward_partials(int M, int N, int C, int OC);
+void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& sums, const float* dout,
+                            const float* inp, int M, int N, int C, int OC);
 
 // bias.cu: the epilogues around the matrix products -----------------------------------
 // out[M,N,OC] += bias[M,OC], and + residual[M,N,OC] when residual is not null.
@@ -55,11 +96,9 @@ void bias_forward(float* out, const float* bias, const float* residual, int M, i
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
 // dpre = dpost * act'(pre) (act none: dpost itself, dpre and pre unused);
-// dbias[M,D] += sum over the rows of dpre; scratch [bias_activation_backward_scratch(M,
-// N, D)] holds the partial column sums.
-int64_t bias_activation_backward_scratch(int M, int N, int D);
-void bias_activation_backward(float* dpre, float* dbias, float* scratch, const float* dpost, const float* pre, int M,
-                              int N, int D, Act act, cudaStream_t stream);
+// dbias[M,D] += sum over the rows of dpre through `sums` (column_sum_partials(M, N, D)).
+void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
+                              int M, int N, int D, Act act, cudaStream_t stream);
 
 // attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
@@ -97,11 +136,14 @@ struct OptimizerStep {
   float beta1, beta2, eps;
   double clip;          // <= 0: no clipping
 };
-// norms[M] = global gradient norm per model; scales[M] = min(1, clip / (norm + 1e-6));
-// finite[0] = 1 when every loss and norm is finite. partials [segments] scratch.
+// The segments cut into the pieces grad_norms sums one block each, in order.
+std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments);
+// norms[M] = global gradient norm per model over the norm_pieces of its segments;
+// scales[M] = min(1, clip / (norm + 1e-6)); finite[0] = 1 when every loss and norm is
+// finite. partials [num_pieces] scratch.
 void grad_norms(double* partials, float* norms, float* scales, int* finite, const float* grads,
-                const ParamSegment* segments, int num_segments, const float* losses, int M,
-                const OptimizerStep* step, cudaStream_t stream);
+                const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
+                cudaStream_t stream);
 // AdamW on every segment, gradients times the model's scale; nothing when !finite[0].
 void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* segments,
                   int num_segments, const float* scales, const int* finite, const OptimizerStep* step,

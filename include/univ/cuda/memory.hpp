@@ -87,12 +87,15 @@ class Stream {
 
 class Event {
  public:
-  Event() { UNIV_CUDA_CHECK(cudaEventCreate(&event_)); }
+  // flags: cudaEventDisableTiming for events that only order streams.
+  explicit Event(unsigned flags = cudaEventDefault) { UNIV_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags)); }
   ~Event() { cudaEventDestroy(event_); }
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   cudaEvent_t get() const { return event_; }
   void record(cudaStream_t stream) { UNIV_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+  // Work enqueued on `stream` from now on waits for the work before the last record().
+  void make_wait(cudaStream_t stream) const { UNIV_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0)); }
   // Milliseconds from `start` to this event (both recorded and complete).
   float since(const Event& start) const {
     float ms = 0;
