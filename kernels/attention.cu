@@ -1,5 +1,6 @@
 // Causal multi-head attention, fused: one block per (model, sequence, head) keeps the
-// head's q, k, v and its T x T scores in shared memory. The forward writes the
+// head's q, k, v and its T x T scores in shared memory. The forward first adds the
+// QKV bias to its head's slices of qkv (written back for the backward) and writes the
 // softmax probabilities for the backward, which owns its head's slices of dqkv.
 #include <cfloat>
 #include <cmath>
@@ -23,7 +24,8 @@ size_t forward_shared_floats(int T, int hd) { return size_t(T) * hd * 2 + size_t
 size_t backward_shared_floats(int T, int hd) { return size_t(T) * hd * 2 + size_t(T) * (hd + 1) * 2 + size_t(T) * T * 2; }
 
 __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* __restrict__ out, float* __restrict__ att,
-                                         const float* __restrict__ qkv, int T, int C, int H, float scale) {
+                                         float* __restrict__ qkv, const float* __restrict__ qkv_bias, int B, int T,
+                                         int C, int H, float scale) {
   extern __shared__ float shared[];
   const int hd = C / H;
   const int64_t seq = blockIdx.x / H;
@@ -32,12 +34,19 @@ __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* _
   float* k = q + T * hd;           // [T, hd + 1]
   float* v = k + T * (hd + 1);     // [T, hd]
   float* s = v + T * hd;           // [T, T]
-  const float* base = qkv + seq * T * 3 * C + h * hd;
+  float* base = qkv + seq * T * 3 * C + h * hd;
+  const float* bias = qkv_bias ? qkv_bias + seq / B * 3 * C + h * hd : nullptr;  // model seq / B
   for (int idx = threadIdx.x; idx < T * hd; idx += blockDim.x) {
     const int t = idx / hd, i = idx % hd;
-    q[t * hd + i] = base[int64_t(t) * 3 * C + i];
-    k[t * (hd + 1) + i] = base[int64_t(t) * 3 * C + C + i];
-    v[t * hd + i] = base[int64_t(t) * 3 * C + 2 * C + i];
+    float* row = base + int64_t(t) * 3 * C;
+    float qv = row[i], kv = row[C + i], vv = row[2 * C + i];
+    if (bias) {
+      qv += bias[i], kv += bias[C + i], vv += bias[2 * C + i];
+      row[i] = qv, row[C + i] = kv, row[2 * C + i] = vv;
+    }
+    q[t * hd + i] = qv;
+    k[t * (hd + 1) + i] = kv;
+    v[t * hd + i] = vv;
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) {
@@ -156,11 +165,12 @@ int attention_max_seq_len(int head_dim) {
   return T;
 }
 
-void attention_forward(float* out, float* att, const float* qkv, int M, int B, int T, int C, int H,
+void attention_forward(float* out, float* att, float* qkv, const float* qkv_bias, int M, int B, int T, int C, int H,
                        cudaStream_t stream) {
   const int hd = C / H;
   const size_t shared = forward_shared_floats(T, hd) * sizeof(float);
-  attention_forward_kernel<<<M * B * H, threads_for(T), shared, stream>>>(out, att, qkv, T, C, H, attention_scale(hd));
+  attention_forward_kernel<<<M * B * H, threads_for(T), shared, stream>>>(out, att, qkv, qkv_bias, B, T, C, H,
+                                                                          attention_scale(hd));
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,7 +1,7 @@
-// The epilogues around the matrix products: bias (+ residual) after a linear layer,
-// bias + activation after the MLP's first one; backward, the activation derivative
-// fused with the bias gradient, a two-stage column sum over rows in a fixed order
-// (common.cuh), and the second stage of every such sum (ColumnSums).
+// The epilogue of the MLP's first matrix product, bias + activation (the other
+// layers' biases are added by the kernels that read their outputs); backward, the
+// activation derivative fused with the bias gradient, a two-stage column sum over rows
+// in a fixed order (common.cuh), and the second stage of every such sum (ColumnSums).
 #include <stdexcept>
 #include <string>
 
@@ -27,17 +27,6 @@ __device__ inline float activation_derivative(float x, Act act) {
   if (act == Act::relu) return x > 0.0f ? 1.0f : 0.0f;
   if (act == Act::gelu) return 0.5f * (1.0f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
   return 1.0f;
-}
-
-__global__ void bias_forward_kernel(float* __restrict__ out, const float* __restrict__ bias,
-                                    const float* __restrict__ residual, int64_t rows_per_model, int OC,
-                                    int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / (rows_per_model * OC);
-    float v = out[i] + bias[m * OC + i % OC];
-    if (residual) v += residual[i];
-    out[i] = v;
-  }
 }
 
 __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* __restrict__ post,
@@ -120,12 +109,6 @@ __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaun
 }
 
 }  // namespace
-
-void bias_forward(float* out, const float* bias, const float* residual, int M, int N, int OC, cudaStream_t stream) {
-  const int64_t total = int64_t(M) * N * OC;
-  bias_forward_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(out, bias, residual, N, OC, total);
-  UNIV_CUDA_CHECK_LAUNCH();
-}
 
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream) {

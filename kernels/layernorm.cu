@@ -12,8 +12,8 @@ namespace {
 constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 
-// kAdd: inp = inp + inp_bias[m] + residual first, written back (the bias and residual
-// of the linear layer before, in the order bias_forward adds them).
+// kAdd: inp = (inp + inp_bias[m]) + residual first, written back (the bias and
+// residual of the linear layer before).
 template <bool kAdd>
 __global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
                                          float* __restrict__ inp, const float* __restrict__ inp_bias,

@@ -122,9 +122,8 @@ TEST_F(Gpu, LayerNorm) {
   }
 }
 
-// The fused form: the bias and residual of the linear layer before, added and written
-// back in bias_forward's order, then the norm; backward, the input's gradient with
-// nothing to add to.
+// The fused form: the bias and then the residual of the linear layer before, added and
+// written back, then the norm; backward, the input's gradient with nothing to add to.
 TEST_F(Gpu, LayerNormAfterBiasAndResidual) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T, C = s.C;
@@ -183,18 +182,13 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
   }
 }
 
-TEST_F(Gpu, BiasEpilogues) {
+TEST_F(Gpu, BiasActivationEpilogue) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T, D = s.D;
     const int64_t n = int64_t(s.M) * N * D;
     const auto x = random_vector<float>(n, 31, 2.0), bias = random_vector<float>(size_t(s.M) * D, 32);
-    const auto residual = random_vector<float>(n, 33), dpost = random_vector<float>(n, 34);
-    // bias + residual
-    auto d_x = up(x), d_bias = up(bias), d_res = up(residual);
-    cuda::bias_forward(d_x.data(), d_bias.data(), d_res.data(), s.M, N, D, stream->get());
-    std::vector<float> expect(n);
-    for (int64_t i = 0; i < n; ++i) expect[i] = x[i] + bias[i / (int64_t(N) * D) * D + i % D] + residual[i];
-    expect_close(down(d_x), expect, 1e-7, "bias + residual");
+    const auto dpost = random_vector<float>(n, 34);
+    auto d_bias = up(bias);
     for (cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
       const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
       auto d_pre = up(x);
@@ -263,14 +257,21 @@ TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
   }
 }
 
+// With and without the QKV bias, which the forward adds to qkv in place first.
 TEST_F(Gpu, Attention) {
-  for (const Shape& s : kShapes) {
+  for (const Shape& s : kShapes) for (const bool with_bias : {false, true}) {
     const int64_t rows = int64_t(s.M) * s.B * s.T;
-    const auto qkv = random_vector<float>(rows * 3 * s.C, 41), dout = random_vector<float>(rows * s.C, 42);
+    const auto raw = random_vector<float>(rows * 3 * s.C, 41), dout = random_vector<float>(rows * s.C, 42);
+    const auto bias = random_vector<float>(size_t(s.M) * 3 * s.C, 43);
+    std::vector<float> qkv = raw;
+    if (with_bias)
+      for (int64_t i = 0; i < rows * 3 * s.C; ++i) qkv[i] += bias[i / (int64_t(s.B) * s.T * 3 * s.C) * 3 * s.C + i % (3 * s.C)];
     std::vector<float> out(rows * s.C), att(size_t(s.M) * s.B * s.H * s.T * s.T), dqkv(qkv.size());
-    auto d_qkv = up(qkv), d_dout = up(dout);
+    auto d_qkv = up(raw), d_bias = up(bias), d_dout = up(dout);
     auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
-    cuda::attention_forward(d_out.data(), d_att.data(), d_qkv.data(), s.M, s.B, s.T, s.C, s.H, stream->get());
+    cuda::attention_forward(d_out.data(), d_att.data(), d_qkv.data(), with_bias ? d_bias.data() : nullptr, s.M, s.B,
+                            s.T, s.C, s.H, stream->get());
+    EXPECT_EQ(down(d_qkv), qkv);  // one addition per element: equal to the bit
     cuda::attention_backward(d_dqkv.data(), d_dout.data(), d_qkv.data(), d_att.data(), s.M, s.B, s.T, s.C, s.H,
                              stream->get());
     cpu::attention_forward(out.data(), att.data(), qkv.data(), s.M, s.B, s.T, s.C, s.H);

@@ -3,7 +3,7 @@
 // AdamW, the copy of losses and norms to the host) captured once as a CUDA graph.
 // Per step only the batch and the step's constants go up before the graph launch.
 // Backward, the parameter gradients (weight products, bias and layer-norm column sums)
-// run on a second stream beside the chain of input gradients, which is all the next
+// run on two more streams beside the chain of input gradients, which is all the next
 // layer waits for; their column sums' second stages end the pass as one launch.
 #include <algorithm>
 #include <cmath>
@@ -48,13 +48,14 @@ class Arena {
   DeviceBuffer<float> buffer_;
 };
 
-// The second stream of the backward pass, with its own cuBLAS handle and the events
-// that order it against the main stream (edges of the captured graph).
-struct SideStream {
-  explicit SideStream(bool tf32) : cublas(stream.get(), tf32) {}
-  cuda::Stream stream;
-  cuda::CublasHandle cublas;
-  cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+// The backward pass's streams beside the main one: one for the weight gradients'
+// products (with its own cuBLAS handle), one for the column sums, and the events that
+// order them against the main stream (edges of the captured graph).
+struct SideStreams {
+  explicit SideStreams(bool tf32) : cublas(weights.get(), tf32) {}
+  cuda::Stream weights, sums;
+  cuda::CublasHandle cublas;  // on `weights`
+  cuda::Event fork{cudaEventDisableTiming}, weights_done{cudaEventDisableTiming}, join{cudaEventDisableTiming};
 };
 
 class CudaBackend final : public TrainBackend, public DeviceForward {
@@ -165,7 +166,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     targets_.upload(host_tokens_.data() + tokens, tokens, stream_.get());
     step_params_.upload(host_step_.data(), 1, stream_.get());
     if (!graph_) {
-      side_ = std::make_unique<SideStream>(tf32_);
+      side_ = std::make_unique<SideStreams>(tf32_);
       graph_ = std::make_unique<cuda::Graph>(stream_.get(), [&] {
         grads_.fill_bytes(0, stream_.get());
         forward(config_.batch, true);
@@ -287,8 +288,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
             o.clip};
   }
 
-  // Each linear layer's product goes straight into the residual stream's buffer; its
-  // bias and the residual are added by the layer norm that reads it next.
+  // Linear layers' biases are added by the kernel that reads their output next: the
+  // attention adds the QKV bias, and the layer norms the bias and residual of the
+  // products written straight into the residual stream's buffers.
   void forward(int B, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads, N = B * T;
@@ -315,8 +317,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       norm_residual(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b, l);
       cuda::matmul_forward(h, a.qkv, a.ln1, w.qkv_w, M, N, C, 3 * C);
-      cuda::bias_forward(a.qkv, w.qkv_b, nullptr, M, N, 3 * C, s);
-      cuda::attention_forward(a.atty, a.att, a.qkv, M, B, T, C, H, s);
+      cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b to qkv first
       cuda::matmul_forward(h, a.resid_mid, a.atty, w.proj_w, M, N, C, C);
       cuda::add_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.proj_b, residual, w.ln2_w, w.ln2_b,
                                   M, N, C, s);  // resid_mid = product + proj_b + residual
@@ -329,20 +330,23 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     cuda::crossentropy_forward_backward(losses_.data(), row_loss_, logits_, targets_.data(), M, N, V, for_backward, s);
   }
 
-  // What the side stream enqueues next waits for everything on the main stream so far.
+  // What the side streams enqueue next waits for everything on the main stream so far.
   void fork() {
     side_->fork.record(stream_.get());
-    side_->fork.make_wait(side_->stream.get());
+    side_->fork.make_wait(side_->weights.get());
+    side_->fork.make_wait(side_->sums.get());
   }
 
   // After forward(batch, true): gradients of every model's loss into grads_ (zeroed
-  // before). The main stream runs the chain of input gradients, the side stream each
-  // parameter gradient once its inputs exist; the main stream waits for it at the end.
+  // before). The main stream runs the chain of input gradients; each parameter
+  // gradient runs on a side stream once its inputs exist (products on hs, column sums
+  // on `side`), every buffer they read written once per pass; the main stream waits
+  // for both at the end.
   void backward() {
     const ModelConfig& c = config_.model;
     const int M = config_.models, B = config_.batch, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab,
               H = c.heads, N = B * T;
-    const cudaStream_t s = stream_.get(), side = side_->stream.get();
+    const cudaStream_t s = stream_.get(), side = side_->sums.get();
     const cublasHandle_t h = cublas_.get(), hs = side_->cublas.get();
     const cuda::Act none = cuda::Act::none;
     cuda::ColumnSums& sums = *column_sums_;
@@ -392,6 +396,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       dresid = d.dresid_in;
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, inputs_.data(), M, B, T, C, V, s);
+    side_->weights_done.record(side_->weights.get());  // split products are partials too
+    side_->weights_done.make_wait(side);
     sums.finish(side);
     side_->join.record(side);
     side_->join.make_wait(s);
@@ -425,7 +431,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   bool tf32_;
   cuda::Stream stream_;
   cuda::CublasHandle cublas_;
-  std::unique_ptr<SideStream> side_;  // made with the step's graph
+  std::unique_ptr<SideStreams> side_;  // made with the step's graph
   DeviceBuffer<float> params_, grads_, exp_avg_, exp_avg_sq_, positions_;
   Arena arena_;
   float* encoded_ = nullptr;

@@ -89,9 +89,7 @@ int64_t matmul_backward_partials(int M, int N, int C, int OC);
 void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& sums, const float* dout,
                             const float* inp, int M, int N, int C, int OC);
 
-// bias.cu: the epilogues around the matrix products -----------------------------------
-// out[M,N,OC] += bias[M,OC], and + residual[M,N,OC] when residual is not null.
-void bias_forward(float* out, const float* bias, const float* residual, int M, int N, int OC, cudaStream_t stream);
+// bias.cu: the MLP's epilogues and the column sums' stage 2 -----------------------------
 // pre[M,N,D] += bias[M,D]; post = act(pre) (exact GELU, as PyTorch).
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
@@ -102,8 +100,9 @@ void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const
 
 // attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
-// att [M,B,H,T,T] softmax probabilities (zero above the diagonal).
-void attention_forward(float* out, float* att, const float* qkv, int M, int B, int T, int C, int H,
+// att [M,B,H,T,T] softmax probabilities (zero above the diagonal). qkv_bias [M,3C] not
+// null: qkv += qkv_bias first, written back (the QKV layer's bias, fused here).
+void attention_forward(float* out, float* att, float* qkv, const float* qkv_bias, int M, int B, int T, int C, int H,
                        cudaStream_t stream);
 // dqkv [M,B,T,3C] overwritten.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, int M, int B, int T, int C,
