@@ -104,7 +104,7 @@ __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaun
   __syncthreads();
   if (threadIdx.y == 0 && c < job.columns) {
     for (int g = 1; g < kChunkGroups; ++g) sum += group[g][threadIdx.x];
-    (output == 0 ? job.out0 : job.out1)[m * job.columns + c] += sum;
+    (output == 0 ? job.out0 : job.out1)[m * job.columns + c] = sum;
   }
 }
 

@@ -26,7 +26,7 @@ __global__ void embedding_forward_kernel(float* __restrict__ out, const int32_t*
 }
 
 // Block (v, m): finds model m's positions holding token v, in order (ballot and
-// prefix counts), and adds their gradient rows channel by channel.
+// prefix counts), and adds their gradient rows channel by channel into row v.
 __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
                                               const int32_t* __restrict__ tokens, int64_t N, int C, int V) {
   extern __shared__ float shared[];
@@ -61,10 +61,10 @@ __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const fl
     }
     __syncthreads();
   }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) dwte[(int64_t(m) * V + v) * C + c] += acc[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x) dwte[(int64_t(m) * V + v) * C + c] = acc[c];
 }
 
-// dwpe[m] [T*C] += sum over sequences b of dout[m, b] [T*C]. Block (column tile,
+// dwpe[m] [T*C] = sum over sequences b of dout[m, b] [T*C]. Block (column tile,
 // model): thread (x, y) sums sequences y, y + kColumnRowGroups, ... of column x; the
 // groups then add up in order. T*C columns give enough blocks for one stage.
 __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const float* __restrict__ dout, int B,
@@ -79,7 +79,7 @@ __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const fl
   __syncthreads();
   if (threadIdx.y == 0 && i < TC) {
     for (int g = 1; g < kColumnRowGroups; ++g) sum += group[g][threadIdx.x];
-    dwpe[m * TC + i] += sum;
+    dwpe[m * TC + i] = sum;
   }
 }
 

@@ -55,9 +55,9 @@ void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& s
                             const float* inp, int M, int N, int C, int OC) {
   const float one = 1.0f, zero = 0.0f;
   const int splits = weight_grad_splits(M, N, C, OC);
-  if (splits == 1) {  // dweight^T [C, OC] += inp^T [C, N] x dout [N, OC]
+  if (splits == 1) {  // dweight^T [C, OC] = inp^T [C, N] x dout [N, OC]
     UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, C,
-                                                int64_t(N) * C, dout, OC, int64_t(N) * OC, &one, dweight, C,
+                                                int64_t(N) * C, dout, OC, int64_t(N) * OC, &zero, dweight, C,
                                                 int64_t(OC) * C, M));
     return;
   }

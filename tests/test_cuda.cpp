@@ -74,10 +74,10 @@ TEST_F(Gpu, Embedding) {
     const auto tokens = random_tokens(rows, s.V, 1);
     const auto wte = random_vector<float>(size_t(s.M) * s.V * s.C, 2), wpe = random_vector<float>(size_t(s.M) * s.T * s.C, 3);
     const auto dout = random_vector<float>(rows * s.C, 4);
-    std::vector<float> out(rows * s.C), dwte = random_vector<float>(wte.size(), 5), dwpe = random_vector<float>(wpe.size(), 6);
+    std::vector<float> out(rows * s.C), dwte(wte.size()), dwpe(wpe.size());  // the CPU ops add to zeros
     auto d_tokens = up(tokens);
-    auto d_wte = up(wte), d_wpe = up(wpe), d_dout = up(dout), d_dwte = up(dwte), d_dwpe = up(dwpe);
-    auto d_out = poisoned(out.size());
+    auto d_wte = up(wte), d_wpe = up(wpe), d_dout = up(dout);
+    auto d_out = poisoned(out.size()), d_dwte = poisoned(dwte.size()), d_dwpe = poisoned(dwpe.size());
     cuda::embedding_forward(d_out.data(), d_tokens.data(), d_wte.data(), d_wpe.data(), int64_t(s.T) * s.C, s.M, s.B,
                             s.T, s.C, s.V, stream->get());
     cuda::embedding_backward(d_dwte.data(), d_dwpe.data(), d_dout.data(), d_tokens.data(), s.M, s.B, s.T, s.C, s.V,
@@ -99,9 +99,11 @@ TEST_F(Gpu, LayerNorm) {
     const auto w = random_vector<float>(size_t(s.M) * C, 12), b = random_vector<float>(size_t(s.M) * C, 13);
     const auto dout = random_vector<float>(n, 14);
     std::vector<float> out(n), mean(size_t(s.M) * N), rstd(mean.size());
-    auto dinp = random_vector<float>(n, 15), dw = random_vector<float>(w.size(), 16), db = random_vector<float>(b.size(), 17);
-    auto d_inp = up(inp), d_w = up(w), d_b = up(b), d_dout = up(dout), d_dinp = up(dinp), d_dw = up(dw), d_db = up(db);
+    auto dinp = random_vector<float>(n, 15);  // the input's gradient adds to it, the parameters' are written
+    std::vector<float> dw(w.size()), db(b.size());
+    auto d_inp = up(inp), d_w = up(w), d_b = up(b), d_dout = up(dout), d_dinp = up(dinp);
     auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size());
+    auto d_dw = poisoned(dw.size()), d_db = poisoned(db.size());
     cuda::layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_inp.data(), d_w.data(), d_b.data(), s.M, N, C,
                             stream->get());
     auto d_scratch = poisoned(static_cast<size_t>(2 * cuda::column_sum_partials(s.M, N, C)));
@@ -162,10 +164,9 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
       const int N = s.B * s.T, C = s.C, OC = s.D;
       const auto inp = random_vector<float>(size_t(s.M) * N * C, 21), w = random_vector<float>(size_t(s.M) * OC * C, 22);
       const auto dout = random_vector<float>(size_t(s.M) * N * OC, 23);
-      std::vector<float> out(dout.size()), dinp(inp.size());
-      auto dw = random_vector<float>(w.size(), 24);
-      auto d_inp = up(inp), d_w = up(w), d_dout = up(dout), d_dw = up(dw);
-      auto d_out = poisoned(out.size()), d_dinp = poisoned(dinp.size());
+      std::vector<float> out(dout.size()), dinp(inp.size()), dw(w.size());
+      auto d_inp = up(inp), d_w = up(w), d_dout = up(dout);
+      auto d_out = poisoned(out.size()), d_dinp = poisoned(dinp.size()), d_dw = poisoned(dw.size());
       cuda::matmul_forward(handle.get(), d_out.data(), d_inp.data(), d_w.data(), s.M, N, C, OC);
       auto d_scratch = poisoned(static_cast<size_t>(cuda::matmul_backward_partials(s.M, N, C, OC)));
       cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
@@ -193,8 +194,8 @@ TEST_F(Gpu, BiasActivationEpilogue) {
       const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
       auto d_pre = up(x);
       auto d_post = poisoned(n), d_dpre = poisoned(n);
-      auto dbias = random_vector<float>(bias.size(), 35);
-      auto d_dbias = up(dbias), d_dpost = up(dpost);
+      std::vector<float> dbias(bias.size());
+      auto d_dbias = poisoned(dbias.size()), d_dpost = up(dpost);
       cuda::bias_activation_forward(d_pre.data(), d_post.data(), d_bias.data(), s.M, N, D, act, stream->get());
       auto d_scratch = poisoned(static_cast<size_t>(cuda::column_sum_partials(s.M, N, D)));
       cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
@@ -209,7 +210,7 @@ TEST_F(Gpu, BiasActivationEpilogue) {
         for (int d = 0; d < D; ++d) {
           double sum = 0;
           for (int r = 0; r < N; ++r) sum += dpre[(int64_t(m) * N + r) * D + d];
-          dbias[m * D + d] += static_cast<float>(sum);
+          dbias[m * D + d] = static_cast<float>(sum);
         }
       expect_close(down(d_pre), pre, 1e-7, "pre");
       expect_close(down(d_post), post, kFp32, "post");
@@ -224,12 +225,12 @@ TEST_F(Gpu, BiasActivationEpilogue) {
 TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
   struct Sum {
     int M, N, C;
-    std::vector<float> dout, dbias;
+    std::vector<float> dout;
   };
   std::vector<Sum> ops;
   for (int k = 0; k < 150; ++k) {
     const int M = 1 + k % 3, N = 1 + (k * 37) % 300, C = 1 + (k * 53) % 97;
-    ops.push_back({M, N, C, random_vector<float>(size_t(M) * N * C, 200 + k), random_vector<float>(size_t(M) * C, 400 + k)});
+    ops.push_back({M, N, C, random_vector<float>(size_t(M) * N * C, 200 + k)});
   }
   int64_t room = 0;
   for (const Sum& o : ops) room += cuda::column_sum_partials(o.M, o.N, o.C);
@@ -238,7 +239,7 @@ TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
   std::vector<cuda::DeviceBuffer<float>> d_dout, d_dbias;
   for (const Sum& o : ops) {
     d_dout.push_back(up(o.dout));
-    d_dbias.push_back(up(o.dbias));
+    d_dbias.push_back(poisoned(size_t(o.M) * o.C));
     cuda::bias_activation_backward(nullptr, d_dbias.back().data(), sums, d_dout.back().data(), nullptr, o.M, o.N, o.C,
                                    cuda::Act::none, stream->get());
   }
@@ -246,12 +247,12 @@ TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
   sums.finish(stream->get());
   for (size_t k = 0; k < ops.size(); ++k) {
     const Sum& o = ops[k];
-    std::vector<float> expect = o.dbias;
+    std::vector<float> expect(size_t(o.M) * o.C);
     for (int m = 0; m < o.M; ++m)
       for (int c = 0; c < o.C; ++c) {
         double sum = 0;
         for (int r = 0; r < o.N; ++r) sum += o.dout[(int64_t(m) * o.N + r) * o.C + c];
-        expect[size_t(m) * o.C + c] += static_cast<float>(sum);
+        expect[size_t(m) * o.C + c] = static_cast<float>(sum);
       }
     expect_close(down(d_dbias[k]), expect, kFp32, "column sum " + std::to_string(k));
   }

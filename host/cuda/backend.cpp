@@ -7,7 +7,9 @@
 // layer waits for; their column sums' second stages end the pass as one launch.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -48,6 +50,35 @@ class Arena {
   DeviceBuffer<float> buffer_;
 };
 
+// Device memory with a pinned host mirror, carved into parts like Arena and copied
+// whole: a step's constants and batch go up, and its report comes down, in one copy.
+class Mirrored {
+ public:
+  template <class T>
+  void reserve(T*& device, T*& host, size_t n) {
+    const size_t at = used_;
+    pending_.push_back([&device, &host, at](char* d, char* h) {
+      device = reinterpret_cast<T*>(d + at);
+      host = reinterpret_cast<T*>(h + at);
+    });
+    used_ += (n * sizeof(T) + 15) / 16 * 16;
+  }
+  void allocate() {
+    device_ = DeviceBuffer<char>(used_);
+    host_.emplace(used_);
+    for (const auto& set : pending_) set(device_.data(), host_->data());
+    pending_.clear();
+  }
+  void upload(cudaStream_t stream) { device_.upload(host_->data(), used_, stream); }
+  void download(cudaStream_t stream) { device_.download(host_->data(), used_, stream); }
+
+ private:
+  size_t used_ = 0;
+  std::vector<std::function<void(char*, char*)>> pending_;
+  DeviceBuffer<char> device_;
+  std::optional<PinnedBuffer<char>> host_;
+};
+
 // The backward pass's streams beside the main one: one for the weight gradients'
 // products (with its own cuBLAS handle), one for the column sums, and the events that
 // order them against the main stream (edges of the captured graph).
@@ -71,11 +102,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         params_(layout_.total()),
         grads_(training ? layout_.total() : 0),
         exp_avg_(training ? layout_.total() : 0),
-        exp_avg_sq_(training ? layout_.total() : 0),
-        host_tokens_(2 * size_t(config.models) * config.batch * config.model.seq_len),
-        host_step_(1),
-        host_stats_(2 * size_t(config.models)),
-        host_finite_(1) {
+        exp_avg_sq_(training ? layout_.total() : 0) {
     const ModelConfig& c = config.model;
     const int max_T = cuda::attention_max_seq_len(c.head_dim());
     if (c.seq_len > max_T)
@@ -100,6 +127,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       positions_ = DeviceBuffer<float>(table.size());
       positions_.upload(table.data(), table.size(), stream_.get());
     }
+    // Zero once: the padding between tensors is never written after.
     for (auto* b : {&params_, &grads_, &exp_avg_, &exp_avg_sq_}) b->fill_bytes(0, stream_.get());
     stream_.synchronize();
   }
@@ -142,33 +170,31 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     if (config_.models != 1 || b < 1 || b > config_.batch || n > int64_t(b) * c.seq_len)
       throw std::invalid_argument("CudaBackend::run: one model, at most batch sequences, at most b * seq_len tokens");
     const cudaStream_t s = stream_.get();
-    inputs_.upload(inputs, size_t(b) * c.seq_len, s);
-    targets_.upload(targets, size_t(b) * c.seq_len, s);
+    std::copy_n(inputs, size_t(b) * c.seq_len, host_inputs_);
+    std::copy_n(targets, size_t(b) * c.seq_len, host_targets_);
+    batch_.upload(s);
     forward(b, false);
     const size_t width = sizeof(float) * c.d_mlp;
     for (int l = 0; l < c.layers; ++l)  // [n, D] per layer -> columns [l D, (l + 1) D) of out
       UNIV_CUDA_CHECK(cudaMemcpy2DAsync(out + int64_t(l) * c.d_mlp, width * c.layers,
                                         post ? layers_[l].post : layers_[l].pre, width, width, n,
                                         cudaMemcpyDeviceToDevice, s));
-    losses_.download(host_stats_.data(), 1, s);
+    report_.download(s);
     stream_.synchronize();
-    return host_stats_[0];
+    return host_losses_[0];
   }
 
   StepStats step(const int32_t* inputs, const int32_t* targets, double lr) override {
     require_training("step");
     const int M = config_.models;
     const size_t tokens = size_t(M) * config_.batch * config_.model.seq_len;
-    std::copy_n(inputs, tokens, host_tokens_.data());
-    std::copy_n(targets, tokens, host_tokens_.data() + tokens);
-    host_step_[0] = optimizer_step(lr, step_ + 1);
-    inputs_.upload(host_tokens_.data(), tokens, stream_.get());
-    targets_.upload(host_tokens_.data() + tokens, tokens, stream_.get());
-    step_params_.upload(host_step_.data(), 1, stream_.get());
+    std::copy_n(inputs, tokens, host_inputs_);
+    std::copy_n(targets, tokens, host_targets_);
+    *host_step_ = optimizer_step(lr, step_ + 1);
+    batch_.upload(stream_.get());
     if (!graph_) {
       side_ = std::make_unique<SideStreams>(tf32_);
       graph_ = std::make_unique<cuda::Graph>(stream_.get(), [&] {
-        grads_.fill_bytes(0, stream_.get());
         forward(config_.batch, true);
         backward();
         optimize();
@@ -179,10 +205,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
     StepStats stats;
     for (int m = 0; m < M; ++m) {
-      stats.loss.push_back(host_stats_[m]);
-      stats.grad_norm.push_back(host_stats_[M + m]);
+      stats.loss.push_back(host_losses_[m]);
+      stats.grad_norm.push_back(host_norms_[m]);
     }
-    stats.finite = host_finite_[0] != 0;
+    stats.finite = *host_finite_ != 0;
     if (stats.finite) {
       ++step_;
     } else {
@@ -194,18 +220,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   std::vector<double> evaluate(const int32_t* sequences, int64_t count) override {
     const int M = config_.models, T = config_.model.seq_len;
     std::vector<double> total(M, 0.0);
-    std::vector<int32_t> in(size_t(M) * config_.batch * T), tg(in.size());
     for (int64_t first = 0; first < count; first += config_.batch) {
       const int b = static_cast<int>(std::min<int64_t>(config_.batch, count - first));
       for (int m = 0; m < M; ++m)  // every model sees the same sequences
-        split_inputs_targets(sequences + first * (T + 1), b, T, in.data() + int64_t(m) * b * T,
-                             tg.data() + int64_t(m) * b * T);
-      inputs_.upload(in.data(), size_t(M) * b * T, stream_.get());
-      targets_.upload(tg.data(), size_t(M) * b * T, stream_.get());
+        split_inputs_targets(sequences + first * (T + 1), b, T, host_inputs_ + int64_t(m) * b * T,
+                             host_targets_ + int64_t(m) * b * T);
+      batch_.upload(stream_.get());
       forward(b, false);
-      losses_.download(host_stats_.data(), M, stream_.get());
+      report_.download(stream_.get());
       stream_.synchronize();
-      for (int m = 0; m < M; ++m) total[m] += double(host_stats_[m]) * b;
+      for (int m = 0; m < M; ++m) total[m] += double(host_losses_[m]) * b;
     }
     for (double& t : total) t /= static_cast<double>(std::max<int64_t>(count, 1));
     return total;
@@ -268,13 +292,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     } else {
       r.allocate();
     }
-    inputs_ = DeviceBuffer<int32_t>(rows);
-    targets_ = DeviceBuffer<int32_t>(rows);
-    losses_ = DeviceBuffer<float>(M);
-    norms_ = DeviceBuffer<float>(M);
+    batch_.reserve(step_params_, host_step_, 1);
+    batch_.reserve(inputs_, host_inputs_, rows);
+    batch_.reserve(targets_, host_targets_, rows);
+    batch_.allocate();
+    report_.reserve(losses_, host_losses_, M);
+    report_.reserve(norms_, host_norms_, M);
+    report_.reserve(finite_, host_finite_, 1);
+    report_.allocate();
     scales_ = DeviceBuffer<float>(M);
-    finite_ = DeviceBuffer<int>(1);
-    step_params_ = DeviceBuffer<cuda::OptimizerStep>(1);
   }
 
   // The step's constants, in float64 as the CPU backend computes them.
@@ -298,7 +324,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const cublasHandle_t h = cublas_.get();
     const auto p = param_pointers(layout_, c, params_.data());
     const bool learned = c.pos == PosEncoding::learned;
-    cuda::embedding_forward(encoded_, inputs_.data(), p.wte, learned ? p.wpe : positions_.data(),
+    cuda::embedding_forward(encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
                             learned ? int64_t(T) * C : 0, M, B, T, C, V, s);
     // ln = layer norm of the residual stream, after the last layer's MLP bias and
     // residual (resid_out = product + out_b + resid_mid) where there is one.
@@ -327,7 +353,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
     norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
     cuda::matmul_forward(h, logits_, lnf_, p.lm_head, M, N, C, V);
-    cuda::crossentropy_forward_backward(losses_.data(), row_loss_, logits_, targets_.data(), M, N, V, for_backward, s);
+    cuda::crossentropy_forward_backward(losses_, row_loss_, logits_, targets_, M, N, V, for_backward, s);
   }
 
   // What the side streams enqueue next waits for everything on the main stream so far.
@@ -337,8 +363,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     side_->fork.make_wait(side_->sums.get());
   }
 
-  // After forward(batch, true): gradients of every model's loss into grads_ (zeroed
-  // before). The main stream runs the chain of input gradients; each parameter
+  // After forward(batch, true): gradients of every model's loss into grads_ (each
+  // written once). The main stream runs the chain of input gradients; each parameter
   // gradient runs on a side stream once its inputs exist (products on hs, column sums
   // on `side`), every buffer they read written once per pass; the main stream waits
   // for both at the end.
@@ -395,7 +421,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                                       side);
       dresid = d.dresid_in;
     }
-    cuda::embedding_backward(g.wte, g.wpe, dresid, inputs_.data(), M, B, T, C, V, s);
+    cuda::embedding_backward(g.wte, g.wpe, dresid, inputs_, M, B, T, C, V, s);
     side_->weights_done.record(side_->weights.get());  // split products are partials too
     side_->weights_done.make_wait(side);
     sums.finish(side);
@@ -404,18 +430,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   }
 
   // Norms, clipping, AdamW (skipped on device when anything is not finite), and the
-  // losses, norms and verdict copied to pinned host memory.
+  // report (losses, norms, verdict) copied to pinned host memory.
   void optimize() {
     const int M = config_.models, S = static_cast<int>(host_segments_.size());
     const cudaStream_t s = stream_.get();
-    cuda::grad_norms(norm_partials_.data(), norms_.data(), scales_.data(), finite_.data(), grads_.data(),
-                     norm_pieces_.data(), static_cast<int>(norm_pieces_.size()), losses_.data(), M,
-                     step_params_.data(), s);
+    cuda::grad_norms(norm_partials_.data(), norms_, scales_.data(), finite_, grads_.data(),
+                     norm_pieces_.data(), static_cast<int>(norm_pieces_.size()), losses_, M,
+                     step_params_, s);
     cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), segments_.data(), S,
-                       scales_.data(), finite_.data(), step_params_.data(), s);
-    losses_.download(host_stats_.data(), M, s);
-    norms_.download(host_stats_.data() + M, M, s);
-    finite_.download(host_finite_.data(), 1, s);
+                       scales_.data(), finite_, step_params_, s);
+    report_.download(s);
   }
 
   std::vector<float> download(const DeviceBuffer<float>& b) const {
@@ -440,17 +464,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   float *lnf_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
   float *dlnf_ = nullptr, *dresid_top_ = nullptr, *dpost_ = nullptr, *datty_ = nullptr, *partials_ = nullptr;
   std::unique_ptr<cuda::ColumnSums> column_sums_;
-  DeviceBuffer<int32_t> inputs_, targets_;
   std::vector<cuda::ParamSegment> host_segments_;
   DeviceBuffer<cuda::ParamSegment> segments_, norm_pieces_;
   DeviceBuffer<double> norm_partials_;
-  DeviceBuffer<float> losses_, norms_, scales_;
-  DeviceBuffer<int> finite_;
-  DeviceBuffer<cuda::OptimizerStep> step_params_;
-  PinnedBuffer<int32_t> host_tokens_;
-  PinnedBuffer<cuda::OptimizerStep> host_step_;
-  PinnedBuffer<float> host_stats_;
-  PinnedBuffer<int> host_finite_;
+  DeviceBuffer<float> scales_;
+  Mirrored batch_;   // up before each step or forward pass: its constants, inputs and targets
+  Mirrored report_;  // down after it: losses, norms and whether the step was finite
+  cuda::OptimizerStep *step_params_ = nullptr, *host_step_ = nullptr;
+  int32_t *inputs_ = nullptr, *host_inputs_ = nullptr, *targets_ = nullptr, *host_targets_ = nullptr;
+  float *losses_ = nullptr, *host_losses_ = nullptr, *norms_ = nullptr, *host_norms_ = nullptr;
+  int *finite_ = nullptr, *host_finite_ = nullptr;
   std::unique_ptr<cuda::Graph> graph_;
   int64_t step_ = 0;
 };

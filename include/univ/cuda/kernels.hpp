@@ -1,9 +1,10 @@
 // Launchers of the CUDA kernels (kernels/*.cu), one group per op, forward and
 // backward together; each launch covers all M models. Shapes as in univ/cpu/ops.hpp:
 // M models, B sequences, T positions, C = d_model, H heads, D = d_mlp, V vocabulary,
-// N = B * T rows; tensors [M, ...], contiguous per model. Parameter gradients
-// accumulate (+=) and every reduction runs in a fixed order: results are bitwise
-// reproducible. Plain C++17 (the kernels compile as such).
+// N = B * T rows; tensors [M, ...], contiguous per model. Parameter gradients are
+// written (=), each by one op per pass, so nothing zeroes them first; every reduction
+// runs in a fixed order: results are bitwise reproducible. Plain C++17 (the kernels
+// compile as such).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -20,11 +21,12 @@ enum class Act { none, relu, gelu };
 // Parameter gradients that sum over rows (layer norm, biases, split weight gradients)
 // run in two stages, without atomics and in an order fixed by the shapes alone.
 // Stage 1, in each op's backward, writes partial sums [outputs, M, chunks, columns]
-// where a ColumnSums says; stage 2, ColumnSums::finish(), adds every op's chunks in
-// order into the gradients, all ops of a backward pass in one launch (defined in bias.cu).
+// where a ColumnSums says; stage 2, ColumnSums::finish(), writes each gradient as
+// the sum of its op's chunks in order, all ops of a backward pass in one launch
+// (bias.cu).
 struct ColumnSumJob {
-  float* out0;            // out0[m, c] += sum over k of partials[0, m, k, c]
-  float* out1;            // null, or out1[m, c] += the same of partials[1, m, k, c]
+  float* out0;            // out0[m, c] = sum over k of partials[0, m, k, c]
+  float* out1;            // null, or out1[m, c] = the same of partials[1, m, k, c]
   const float* partials;  // [out1 ? 2 : 1, models, chunks, columns]
   int64_t columns;
   int models, chunks;
@@ -53,7 +55,7 @@ int64_t column_sum_partials(int M, int N, int64_t columns);
 // shared sinusoidal table [T,C] (pos_model_stride 0).
 void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int64_t pos_model_stride,
                        int M, int B, int T, int C, int V, cudaStream_t stream);
-// dwte[M,V,C] += ..., dwpe[M,T,C] += ... (null: fixed positions); each token's rows are
+// dwte[M,V,C] = ..., dwpe[M,T,C] = ... (null: fixed positions); each token's rows are
 // summed in position order, without atomics.
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int M, int B, int T,
                         int C, int V, cudaStream_t stream);
@@ -72,7 +74,7 @@ void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, con
 void layernorm_backward_input(float* dinp, const float* dinp_in, const float* dout, const float* inp,
                               const float* weight, const float* mean, const float* rstd, int M, int N, int C,
                               cudaStream_t stream);
-// dweight += ..., dbias += ... through `sums` (2 column_sum_partials(M, N, C) of room).
+// dweight = ..., dbias = ... through `sums` (2 column_sum_partials(M, N, C) of room).
 void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
                                const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream);
 
@@ -83,7 +85,7 @@ void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const f
 // dinp[M,N,C] = dout[M,N,OC] weight (overwritten).
 void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
                            int C, int OC);
-// dweight[M,OC,C] += dout^T inp, at once or over row blocks whose products `sums` adds
+// dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
 // in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
 int64_t matmul_backward_partials(int M, int N, int C, int OC);
 void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& sums, const float* dout,
@@ -94,7 +96,7 @@ void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& s
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
 // dpre = dpost * act'(pre) (act none: dpost itself, dpre and pre unused);
-// dbias[M,D] += sum over the rows of dpre through `sums` (column_sum_partials(M, N, D)).
+// dbias[M,D] = sum over the rows of dpre through `sums` (column_sum_partials(M, N, D)).
 void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
                               int M, int N, int D, Act act, cudaStream_t stream);
 
