@@ -1,0 +1,54 @@
+// The cuBLAS calls of the training backend, emulated on the host: a plain
+// column-major GEMM per batch, enqueued on the handle's stream.
+#pragma once
+#include "cuda_runtime.h"
+
+typedef int cublasStatus_t;
+enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_ALLOC_FAILED = 3 };
+enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
+enum cublasMath_t { CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH };
+struct EmuCublas {
+  cudaStream_t stream = nullptr;
+};
+typedef EmuCublas* cublasHandle_t;
+inline cublasStatus_t cublasCreate(cublasHandle_t* h) {
+  *h = new EmuCublas;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasDestroy(cublasHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+  h->stream = s;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t* s) {
+  *s = h->stream;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void*, size_t) { return CUBLAS_STATUS_SUCCESS; }
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
+inline const char* cublasGetStatusName(cublasStatus_t) { return "emulated"; }
+// C = alpha op(A) op(B) + beta C per batch, column-major; beta 0 does not read C.
+inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
+                                                int m, int n, int k, const float* alpha, const float* A, int lda,
+                                                long long stride_a, const float* B, int ldb, long long stride_b,
+                                                const float* beta, float* C, int ldc, long long stride_c, int batch) {
+  const float al = *alpha, be = *beta;
+  emu::enqueue(h->stream, [=] {
+    for (int b = 0; b < batch; ++b)
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+          float acc = 0.0f;
+          for (int p = 0; p < k; ++p) {
+            const float a = op_a == CUBLAS_OP_N ? A[b * stride_a + i + (long long)p * lda] : A[b * stride_a + p + (long long)i * lda];
+            const float x = op_b == CUBLAS_OP_N ? B[b * stride_b + p + (long long)j * ldb] : B[b * stride_b + j + (long long)p * ldb];
+            acc += a * x;
+          }
+          float& c = C[b * stride_c + i + (long long)j * ldc];
+          c = be == 0.0f ? al * acc : al * acc + be * c;
+        }
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}

@@ -1,0 +1,162 @@
+// The CUDA runtime calls of the training backend, emulated on the host (emulator.hpp):
+// device memory is host memory filled with NaN bytes, copies are memcpy, streams and
+// events order a captured graph's nodes, and a graph replays its nodes in an order
+// their edges allow (at random from emu::graph_order_seed, which exposes a missing edge).
+#pragma once
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../emulator.hpp"
+
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+typedef emu::Stream* cudaStream_t;
+typedef emu::Event* cudaEvent_t;
+struct EmuGraph {
+  std::vector<emu::Node> nodes;
+};
+typedef EmuGraph* cudaGraph_t;
+typedef EmuGraph* cudaGraphExec_t;
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum { cudaStreamNonBlocking = 1, cudaEventDefault = 0, cudaEventDisableTiming = 2 };
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+
+inline cudaError_t cudaMalloc(void** p, size_t n) {
+  *p = std::malloc(n);
+  std::memset(*p, 0xff, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMallocHost(void** p, size_t n) { return cudaMalloc(p, n); }
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+  std::memcpy(d, s, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t stream = nullptr) {
+  emu::enqueue(stream, [=] { std::memcpy(d, s, n); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy2DAsync(void* d, size_t d_pitch, const void* s, size_t s_pitch, size_t width,
+                                     size_t height, cudaMemcpyKind, cudaStream_t stream = nullptr) {
+  emu::enqueue(stream, [=] {
+    for (size_t r = 0; r < height; ++r)
+      std::memcpy(static_cast<char*>(d) + r * d_pitch, static_cast<const char*>(s) + r * s_pitch, width);
+  });
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* d, int value, size_t n, cudaStream_t stream = nullptr) {
+  emu::enqueue(stream, [=] { std::memset(d, value, n); });
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  *s = new emu::Stream;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  delete s;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = new emu::Event;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+  if (emu::capture) e->node = (s ? s : &emu::default_stream)->last;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned = 0) {
+  if (emu::capture && e->node >= 0) (s ? s : &emu::default_stream)->waits.push_back(e->node);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
+  *ms = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+  emu::capture = new std::vector<emu::Node>;
+  s->last = -1;
+  s->waits.clear();
+  return cudaSuccess;
+}
+// As CUDA requires, every captured node must lead into the origin stream's last one.
+inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
+  std::vector<emu::Node>& nodes = *emu::capture;
+  std::vector<char> joined(nodes.size(), 0);
+  if (s->last >= 0) joined[s->last] = 1;
+  for (int i = static_cast<int>(nodes.size()) - 1; i >= 0; --i)
+    if (joined[i])
+      for (int d : nodes[i].deps) joined[d] = 1;
+  for (size_t i = 0; i < nodes.size(); ++i)
+    if (!joined[i]) {
+      std::fprintf(stderr, "emulator: captured node %zu is not joined into the origin stream\n", i);
+      std::abort();
+    }
+  *graph = new EmuGraph{std::move(nodes)};
+  delete emu::capture;
+  emu::capture = nullptr;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+  *exec = new EmuGraph{graph->nodes};
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+  static std::mt19937 rng(emu::graph_order_seed);
+  const std::vector<emu::Node>& nodes = exec->nodes;
+  std::vector<int> waiting(nodes.size());
+  std::vector<std::vector<int>> users(nodes.size());
+  std::vector<int> ready;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    waiting[i] = static_cast<int>(nodes[i].deps.size());
+    for (int d : nodes[i].deps) users[d].push_back(static_cast<int>(i));
+    if (!waiting[i]) ready.push_back(static_cast<int>(i));
+  }
+  while (!ready.empty()) {
+    const auto pick = emu::graph_order_seed ? ready.begin() + rng() % ready.size()
+                                            : std::min_element(ready.begin(), ready.end());
+    const int i = *pick;
+    ready.erase(pick);
+    nodes[i].work();
+    for (int u : users[i])
+      if (--waiting[u] == 0) ready.push_back(u);
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  delete g;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t g) {
+  delete g;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 232448;  // sm_90's opt-in shared memory per block
+  return cudaSuccess;
+}
+template <class Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}

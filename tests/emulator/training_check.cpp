@@ -1,0 +1,153 @@
+// The CUDA training backend (host/cuda/backend.cpp and the training kernels, run on the
+// host emulator) against the CPU backend, for machines without a GPU: losses, norms
+// and every gradient of whole steps, the parameters after them, evaluation, and the
+// forward-only network's activations, to 1e-5. The step graph replays in random orders
+// its edges allow, so a missing edge between its streams shows as a wrong gradient.
+#include <cmath>
+#include <cstdio>
+
+#include "emulator.hpp"
+#include "univ/backend.hpp"
+#include "univ/cpu/model.hpp"
+#include "univ/data.hpp"
+#include "univ/init.hpp"
+#include "univ/param_layout.hpp"
+#include "univ/train.hpp"
+
+namespace univ {
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision);
+}
+
+namespace {
+
+using namespace univ;
+
+constexpr double kTolerance = 1e-5;
+
+double relative_error(const std::vector<float>& got, const std::vector<float>& expect) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
+    den += double(expect[i]) * expect[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+bool report(const char* what, double error) {
+  const bool ok = error < kTolerance;
+  std::printf("  %-28s %.2e %s\n", what, error, ok ? "ok" : "FAILED");
+  return ok;
+}
+
+struct Case {
+  const char* name;
+  int models, seq_len, d_model, heads, d_mlp, layers, batch, steps;
+  Activation activation;
+  PosEncoding pos;
+  unsigned order_seed;  // 0: the graph in capture order
+};
+
+bool whole_steps(const Case& k) {
+  std::printf("%s\n", k.name);
+  emu::graph_order_seed = k.order_seed;
+  RunConfig c;
+  c.model = {0, k.seq_len, k.d_model, k.heads, k.d_mlp, k.layers, k.activation, k.pos};
+  c.data.test_samples = 8;
+  c.models = k.models;
+  for (int m = 0; m < k.models; ++m) c.seeds.push_back(7 + m);
+  c.samples = 64;
+  c.batch = k.batch;
+  c.steps = k.steps;
+  c.optim.warmup = 1;
+  c.optim.lr = 3e-3;
+  const DataSource source = open_data(c.data);
+  c.model.vocab = c.data.vocab = source.vocab();
+  const DataSplits splits = make_splits(source, c);
+  BatchSampler sampler(c, splits);
+  auto cpu = make_backend(Device::cpu, c);
+  auto gpu = make_cuda_backend(c, Precision::fp32);
+  const ParamLayout layout(c.model, k.models);
+  TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
+                  std::vector<float>(layout.total()), 0};
+  init_parameters(layout, c.model, std::vector<uint64_t>(c.seeds.begin(), c.seeds.end()), init.params.data());
+  cpu->set_state(init);
+  gpu->set_state(init);
+  const size_t n = size_t(k.models) * c.batch * c.model.seq_len;
+  std::vector<int32_t> in(n), tg(n);
+  bool ok = true;
+  for (int64_t step = 0; step < k.steps; ++step) {
+    sampler.fill(step, in.data(), tg.data());
+    const double lr = learning_rate(c.optim, step, c.steps);
+    const StepStats a = cpu->step(in.data(), tg.data(), lr), b = gpu->step(in.data(), tg.data(), lr);
+    double loss = b.finite ? 0 : INFINITY, norm = loss;
+    for (int m = 0; m < k.models; ++m) {
+      loss = std::max(loss, std::abs(b.loss[m] - a.loss[m]) / a.loss[m]);
+      norm = std::max(norm, std::abs(b.grad_norm[m] - a.grad_norm[m]) / a.grad_norm[m]);
+    }
+    std::printf(" step %ld\n", static_cast<long>(step));
+    ok &= report("losses", loss);
+    ok &= report("gradient norms", norm);
+    ok &= report("gradients", relative_error(gpu->gradients(), cpu->gradients()));
+  }
+  ok &= report("parameters after the steps", relative_error(gpu->state().params, cpu->state().params));
+  const auto expect = cpu->evaluate(splits.test.tokens.data(), splits.test.count());
+  const auto got = gpu->evaluate(splits.test.tokens.data(), splits.test.count());
+  double evaluation = 0;
+  for (int m = 0; m < k.models; ++m) evaluation = std::max(evaluation, std::abs(got[m] - expect[m]) / expect[m]);
+  ok &= report("evaluation losses", evaluation);
+  return ok;
+}
+
+bool forward_only() {
+  std::printf("forward-only network, T 16, d 32, 4 heads, d_mlp 48, 2 layers\n");
+  RunConfig c;
+  c.model = {37, 16, 32, 4, 48, 2, Activation::gelu, PosEncoding::learned};
+  c.models = 1;
+  c.seeds = {3};
+  const int b = 3, T = c.model.seq_len, D = c.model.d_mlp, layers = c.model.layers;
+  c.batch = b + 1;
+  const ParamLayout layout(c.model, 1);
+  std::vector<float> params(layout.total());
+  init_parameters(layout, c.model, {3}, params.data());
+  std::vector<int32_t> in(size_t(b) * T), tg(in.size());
+  for (size_t i = 0; i < in.size(); ++i) in[i] = int32_t(i * 7 % 37), tg[i] = int32_t(i * 5 % 37);
+  cpu::Model<float> model(c.model, 1, b);
+  model.params() = params;
+  float expect_loss = 0;
+  model.forward(in.data(), tg.data(), b, &expect_loss, false);
+  auto net = make_device_forward(c, params);
+  const int64_t n = int64_t(b) * T - 3;  // not every token
+  bool ok = true;
+  for (const bool post : {false, true}) {
+    std::vector<float> got(size_t(n) * layers * D, NAN), expect(got.size());
+    const double loss = net->run(in.data(), tg.data(), b, post, got.data(), n);
+    for (int l = 0; l < layers; ++l) {
+      const float* acts = post ? model.mlp_post(l) : model.mlp_pre(l);
+      for (int64_t t = 0; t < n; ++t)
+        for (int d = 0; d < D; ++d) expect[(t * layers + l) * D + d] = acts[t * D + d];
+    }
+    ok &= report(post ? "post activations" : "pre activations", relative_error(got, expect));
+    ok &= report("loss", std::abs(loss - expect_loss) / expect_loss);
+  }
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IONBF, 0);
+  const Case cases[] = {
+      {"1 model, T 16, d 32, 4 heads, d_mlp 48, 2 layers, GELU, learned positions", 1, 16, 32, 4, 48, 2, 3, 3,
+       Activation::gelu, PosEncoding::learned, 0},
+      {"3 models, T 16, d 32, 4 heads, d_mlp 48, 2 layers, ReLU, sinusoidal positions", 3, 16, 32, 4, 48, 2, 2, 2,
+       Activation::relu, PosEncoding::sinusoidal, 1},
+      {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles)", 2, 66, 30, 2, 20, 1,
+       1, 2, Activation::gelu, PosEncoding::learned, 2},
+  };
+  bool ok = true;
+  for (const Case& k : cases) ok &= whole_steps(k);
+  ok &= forward_only();
+  std::printf("%s\n", ok ? "the emulated CUDA backend follows the CPU backend" : "FAILED");
+  return ok ? 0 : 1;
+}

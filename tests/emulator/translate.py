@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Rewrites a kernels/*.cu file as host C++ for the emulator (emulator.hpp).
+
+Two rewrites: shared-memory arrays become views of the emulated block's shared memory
+(the dynamic one its exact size, so that AddressSanitizer sees overruns), and every
+launch `kernel<<<grid, block, shared, stream>>>(args)` becomes a call that enqueues the
+kernel on the emulated stream. Usage: translate.py IN.cu OUT.cpp
+"""
+import re
+import sys
+
+STATIC_SLOT = 65536  # bytes of emulated static shared memory per array
+
+
+def shared_arrays(src):
+    src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];',
+                 r'\1* \2 = reinterpret_cast<\1*>(emu::block().shared.data());', src)
+    slot = [0]
+
+    def view(type_, name, dims):
+        offset = slot[0] * STATIC_SLOT
+        slot[0] += 1
+        return f'auto& {name} = *reinterpret_cast<{type_}(*){dims}>(emu::block().static_shared.data() + {offset});'
+
+    def declaration(m):  # "__shared__ T a[..][..], b[..];"
+        return ' '.join(view(m.group(1), name, dims) for name, dims in re.findall(r'(\w+)((?:\[[^\]]+\])+)', m.group(2)))
+
+    return re.sub(r'__shared__ (\w+) ([^;]+);', declaration, src)
+
+
+def split_top_level(text):
+    parts, depth, current = [], 0, ''
+    for ch in text:
+        depth += ch in '([{'
+        depth -= ch in ')]}'
+        if ch == ',' and depth == 0:
+            parts.append(current.strip())
+            current = ''
+        else:
+            current += ch
+    return parts + [current.strip()]
+
+
+def launches(src):
+    out = ''
+    while (at := src.find('<<<')) >= 0:
+        start, depth = at, 0  # back over the kernel's name and template arguments
+        while start > 0:
+            ch = src[start - 1]
+            if ch == '>':
+                depth += 1
+            elif ch == '<':
+                depth -= 1
+            elif depth == 0 and not (ch.isalnum() or ch in '_:'):
+                break
+            start -= 1
+        end_config = src.index('>>>', at)
+        config = split_top_level(src[at + 3:end_config])
+        assert src[end_config + 3] == '(', src[at:end_config + 20]
+        close, depth = end_config + 3, 0
+        while True:
+            depth += src[close] == '('
+            depth -= src[close] == ')'
+            if depth == 0:
+                break
+            close += 1
+        shared = config[2] if len(config) > 2 else '0'
+        stream = config[3] if len(config) > 3 else 'nullptr'
+        out += (src[:start] + f'emu::enqueue({stream}, [=] {{ emu::launch(dim3({config[0]}), dim3({config[1]}), '
+                f'{shared}, [=] {{ {src[start:at]}({src[end_config + 4:close]}); }}); }})')
+        src = src[close + 1:]
+    return out + src
+
+
+if __name__ == '__main__':
+    source, target = sys.argv[1], sys.argv[2]
+    with open(source) as f:
+        text = launches(shared_arrays(f.read()))
+    with open(target, 'w') as f:
+        f.write(f'// Generated from {source} by tests/emulator/translate.py.\n#line 1 "{source}"\n' + text)
