@@ -116,7 +116,9 @@ inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph
   return cudaSuccess;
 }
 inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
-  static std::mt19937 rng(emu::graph_order_seed);
+  static std::mt19937 rng;
+  static unsigned seeded = 0;
+  if (emu::graph_order_seed != seeded) rng.seed(seeded = emu::graph_order_seed);
   const std::vector<emu::Node>& nodes = exec->nodes;
   std::vector<int> waiting(nodes.size());
   std::vector<std::vector<int>> users(nodes.size());
