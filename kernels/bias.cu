@@ -1,7 +1,8 @@
-// The epilogue of the MLP's first matrix product, bias + activation (the other
-// layers' biases are added by the kernels that read their outputs); backward, the
-// activation derivative fused with the bias gradient, a two-stage column sum over rows
-// in a fixed order (common.cuh), and the second stage of every such sum (ColumnSums).
+// The epilogue of the MLP's first matrix product, bias + activation, where the product
+// itself does not fuse it (matmul.cu; the other layers' biases are added by the
+// kernels that read their outputs); backward, the activation derivative, alone or
+// fused with the bias gradient, a two-stage column sum over rows in a fixed order
+// (common.cuh), and the second stage of every such sum (ColumnSums).
 #include <stdexcept>
 #include <string>
 
@@ -13,21 +14,6 @@ namespace univ::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChunkGroups = 16;  // add_column_partials: chunk groups per block
-constexpr float kInvSqrt2 = 0.70710678118654752440f;
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-
-__device__ inline float activate(float x, Act act) {
-  if (act == Act::relu) return x < 0.0f ? 0.0f : x;  // NaN passes, as in PyTorch
-  if (act == Act::gelu) return 0.5f * x * (1.0f + erff(x * kInvSqrt2));
-  return x;
-}
-
-__device__ inline float activation_derivative(float x, Act act) {
-  if (act == Act::relu) return x > 0.0f ? 1.0f : 0.0f;
-  if (act == Act::gelu) return 0.5f * (1.0f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
-  return 1.0f;
-}
 
 __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* __restrict__ post,
                                                const float* __restrict__ bias, int64_t rows_per_model, int D, Act act,
@@ -38,6 +24,12 @@ __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* _
     pre[i] = x;
     post[i] = activate(x, act);
   }
+}
+
+__global__ void activation_backward_kernel(float* __restrict__ dpre, const float* __restrict__ pre, Act act,
+                                           int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    dpre[i] *= activation_derivative(pre[i], act);
 }
 
 // Stage 1 of the bias gradient. Block (column tile, row chunk, model): dpre for its
@@ -73,37 +65,57 @@ __global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float*
 // The jobs of one stage-2 launch, passed as kernel parameters (4 KB at most): the
 // graph that captures the launch keeps them, and nothing is uploaded.
 constexpr int kJobsPerLaunch = 64;
+constexpr int kSumThreads = 256;   // stage 2: threads per block ...
+constexpr int kChunksPerGroup = 8;  // ... in chunk groups of about this many chunks each
 struct ColumnSumLaunch {
   ColumnSumJob job[kJobsPerLaunch];
   int first_block[kJobsPerLaunch + 1];  // job j owns blocks [first_block[j], first_block[j + 1])
+  int groups[kJobsPerLaunch];           // chunk groups of job j: a power of two up to 32
   int count;
 };
 
-// A job's blocks: (column tile, model, output), the tile fastest.
-int job_blocks(const ColumnSumJob& j) {
-  return static_cast<int>(ceil_div<int64_t>(j.columns, kColumnTile)) * j.models * (j.out1 ? 2 : 1);
+// A job's chunk groups, of about kChunksPerGroup chunks each (a split weight
+// gradient's 16 chunks take 2 groups, a bias's 256 take 32): a thread's loads stay
+// few, and the rest of the block's threads take distinct columns.
+int chunk_groups(const ColumnSumJob& j) {
+  int groups = 1;
+  while (groups < kWarpSize && groups * kChunksPerGroup < j.chunks) groups *= 2;
+  return groups;
 }
 
-// Stage 2. A block adds one (column tile, model, output) of its job: thread (x, y) sums
-// chunks y, y + kChunkGroups, ... of column x; the groups then add up in order.
+// A job's blocks: (column tile of kSumThreads / groups columns, model, output), the
+// tile fastest.
+int job_blocks(const ColumnSumJob& j, int groups) {
+  return static_cast<int>(ceil_div<int64_t>(j.columns, kSumThreads / groups)) * j.models * (j.out1 ? 2 : 1);
+}
+
+// Stage 2. A block adds one (column tile, model, output) of its job: thread (x, g)
+// sums chunks g, g + groups, ... of column x; the groups then add up in order.
 __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaunch launch) {
-  __shared__ float group[kChunkGroups][kColumnTile];
-  int j = 0;
-  while (j + 1 < launch.count && launch.first_block[j + 1] <= static_cast<int>(blockIdx.x)) ++j;
-  const ColumnSumJob& job = launch.job[j];
-  const int tiles = static_cast<int>(ceil_div<int64_t>(job.columns, kColumnTile));
-  const int local = static_cast<int>(blockIdx.x) - launch.first_block[j];
-  const int64_t c = int64_t(local % tiles) * kColumnTile + threadIdx.x;
+  __shared__ float group_sum[kSumThreads];
+  int lo = 0, hi = launch.count - 1;  // the job whose blocks hold this one
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (launch.first_block[mid] <= static_cast<int>(blockIdx.x)) lo = mid; else hi = mid - 1;
+  }
+  const ColumnSumJob& job = launch.job[lo];
+  const int groups = launch.groups[lo], width = kSumThreads / groups;
+  const int x = threadIdx.x % width, g = threadIdx.x / width;
+  const int tiles = static_cast<int>(ceil_div<int64_t>(job.columns, width));
+  const int local = static_cast<int>(blockIdx.x) - launch.first_block[lo];
+  const int64_t c = int64_t(local % tiles) * width + x;
   const int64_t m = local / tiles % job.models;
   const int output = local / tiles / job.models;
   const float* p = job.partials + (output * job.models + m) * job.chunks * job.columns;
   float sum = 0.0f;
-  if (c < job.columns)
-    for (int k = threadIdx.y; k < job.chunks; k += kChunkGroups) sum += p[k * job.columns + c];
-  group[threadIdx.y][threadIdx.x] = sum;
+  if (c < job.columns) {
+#pragma unroll 4
+    for (int k = g; k < job.chunks; k += groups) sum += p[k * job.columns + c];
+  }
+  group_sum[threadIdx.x] = sum;
   __syncthreads();
-  if (threadIdx.y == 0 && c < job.columns) {
-    for (int g = 1; g < kChunkGroups; ++g) sum += group[g][threadIdx.x];
+  if (g == 0 && c < job.columns) {
+    for (int k = 1; k < groups; ++k) sum += group_sum[k * width + x];
     (output == 0 ? job.out0 : job.out1)[m * job.columns + c] = sum;
   }
 }
@@ -115,6 +127,11 @@ void bias_activation_forward(float* pre, float* post, const float* bias, int M, 
   const int64_t total = int64_t(M) * N * D;
   bias_activation_forward_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(pre, post, bias, N, D, act,
                                                                                        total);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cudaStream_t stream) {
+  activation_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(dpre, pre, act, n);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -148,11 +165,11 @@ void ColumnSums::finish(cudaStream_t stream) {
     launch.count = static_cast<int>(std::min<size_t>(kJobsPerLaunch, jobs_.size() - first));
     for (int j = 0; j < launch.count; ++j) {
       launch.job[j] = jobs_[first + j];
-      launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j]);
+      launch.groups[j] = chunk_groups(launch.job[j]);
+      launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j], launch.groups[j]);
     }
     if (launch.first_block[launch.count] == 0) continue;  // no columns at all
-    add_column_partials_kernel<<<launch.first_block[launch.count], dim3(kColumnTile, kChunkGroups), 0, stream>>>(
-        launch);
+    add_column_partials_kernel<<<launch.first_block[launch.count], kSumThreads, 0, stream>>>(launch);
     UNIV_CUDA_CHECK_LAUNCH();
   }
   jobs_.clear();

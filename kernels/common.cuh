@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "univ/cuda/check.hpp"
+#include "univ/cuda/kernels.hpp"
 
 namespace univ::cuda {
 
@@ -25,6 +26,20 @@ __device__ inline double warp_sum(double v) {
 __device__ inline float warp_max(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
+}
+
+// The MLP's activations (exact GELU, as PyTorch) and their derivatives.
+__device__ inline float activate(float x, Act act) {
+  if (act == Act::relu) return x < 0.0f ? 0.0f : x;  // NaN passes, as in PyTorch
+  if (act == Act::gelu) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
+  return x;
+}
+
+__device__ inline float activation_derivative(float x, Act act) {
+  if (act == Act::relu) return x > 0.0f ? 1.0f : 0.0f;
+  if (act == Act::gelu)
+    return 0.5f * (1.0f + erff(x * 0.70710678118654752440f)) + x * 0.39894228040143267794f * expf(-0.5f * x * x);
+  return 1.0f;
 }
 
 template <class T>

@@ -1,6 +1,7 @@
 // Softmax cross-entropy over the vocabulary, forward and backward fused: a warp per
 // row; the gradient overwrites the logits, so probabilities are never stored apart.
-// The mean over rows runs per model in a fixed tree order.
+// The mean over rows, per model in a fixed tree order, is a launch of its own, so that
+// a training step can take it off the backward pass's path.
 #include <cfloat>
 
 #include "common.cuh"
@@ -54,12 +55,15 @@ __global__ void mean_per_model_kernel(float* __restrict__ losses, const float* _
 
 }  // namespace
 
-void crossentropy_forward_backward(float* losses, float* row_loss, float* logits, const int32_t* targets, int M, int N,
-                                   int V, bool backward, cudaStream_t stream) {
+void crossentropy_forward_backward(float* row_loss, float* logits, const int32_t* targets, int M, int N, int V,
+                                   bool backward, cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
   crossentropy_rows_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kWarpsPerBlock)),
                              kWarpsPerBlock * kWarpSize, 0, stream>>>(row_loss, logits, targets, rows, N, V, backward);
   UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void mean_loss_per_model(float* losses, const float* row_loss, int M, int N, cudaStream_t stream) {
   mean_per_model_kernel<<<M, kReduceThreads, 0, stream>>>(losses, row_loss, N);
   UNIV_CUDA_CHECK_LAUNCH();
 }

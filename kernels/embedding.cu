@@ -1,7 +1,12 @@
-// Token embedding plus positional encoding, forward and backward. The backward sums
-// each token's gradient rows in position order inside one block: deterministic,
-// no float atomics, the same order as the CPU backend; the positional gradient is a
-// column sum over sequences in a fixed order.
+// The backward of the token embedding plus positional encoding (the forward is fused
+// into the first layer norm, layernorm.cu). Each token's gradient rows, found by a
+// counting sort of the batch on the host, add up in a fixed order without float
+// atomics; the positional gradient is a column sum over sequences in a fixed order.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -9,59 +14,29 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kScanThreads = 512;  // positions scanned per step of the token gradient
-
-__global__ void embedding_forward_kernel(float* __restrict__ out, const int32_t* __restrict__ tokens,
-                                         const float* __restrict__ wte, const float* __restrict__ pos,
-                                         int64_t pos_model_stride, int64_t rows_per_model, int T, int C, int V,
-                                         int64_t total) {
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / C;
-    const int c = static_cast<int>(idx % C);
-    const int64_t m = row / rows_per_model;
-    const int t = static_cast<int>(row % T);
-    out[idx] = wte[(m * V + tokens[row]) * C + c] + pos[m * pos_model_stride + int64_t(t) * C + c];
-  }
-}
-
-// Block (v, m): finds model m's positions holding token v, in order (ballot and
-// prefix counts), and adds their gradient rows channel by channel into row v.
+// Block (channel tile, v, m): the gradient rows of model m's positions holding token v
+// (token_rows[starts[v]], ... in position order), thread (x, y) adding rows y,
+// y + kColumnRowGroups, ... of channel x; the groups then add up in order.
 __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
-                                              const int32_t* __restrict__ tokens, int64_t N, int C, int V) {
-  extern __shared__ float shared[];
-  float* acc = shared;                                   // [C]
-  int* positions = reinterpret_cast<int*>(acc + C);      // [blockDim.x]
-  int* warp_counts = positions + blockDim.x;             // [blockDim.x / 32]
-  const int v = blockIdx.x, m = blockIdx.y;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) acc[c] = 0.0f;
-  const int32_t* tok = tokens + m * N;
-  const float* grad = dout + m * N * C;
-  for (int64_t base = 0; base < N; base += blockDim.x) {
-    const int64_t n = base + threadIdx.x;
-    const bool hit = n < N && tok[n] == v;
-    const unsigned mask = __ballot_sync(kFullMask, hit);
-    if (lane == 0) warp_counts[warp] = __popc(mask);
-    __syncthreads();
-    int before = 0, total = 0;
-    for (int w = 0; w < warps; ++w) {
-      before += w < warp ? warp_counts[w] : 0;
-      total += warp_counts[w];
-    }
-    if (hit) positions[before + __popc(mask & ((1u << lane) - 1u))] = static_cast<int>(n);
-    __syncthreads();
-    // Channels outermost: a thread's loads of the hit rows are independent and can
-    // overlap, while each channel still adds its rows in position order.
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      float a = acc[c];
+                                              const int32_t* __restrict__ token_rows,
+                                              const int32_t* __restrict__ token_starts, int N, int C, int V) {
+  __shared__ float group[kColumnRowGroups][kColumnTile];
+  const int c = blockIdx.x * kColumnTile + threadIdx.x;
+  const int v = blockIdx.y, m = blockIdx.z;
+  const int32_t* rows = token_rows + int64_t(m) * N;
+  const int begin = token_starts[int64_t(m) * (V + 1) + v], end = token_starts[int64_t(m) * (V + 1) + v + 1];
+  const float* grad = dout + int64_t(m) * N * C;
+  float sum = 0.0f;
+  if (c < C) {
 #pragma unroll 4
-      for (int j = 0; j < total; ++j) a += grad[int64_t(positions[j]) * C + c];
-      acc[c] = a;
-    }
-    __syncthreads();
+    for (int j = begin + threadIdx.y; j < end; j += kColumnRowGroups) sum += grad[int64_t(rows[j]) * C + c];
   }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) dwte[(int64_t(m) * V + v) * C + c] = acc[c];
+  group[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int g = 1; g < kColumnRowGroups; ++g) sum += group[g][threadIdx.x];
+    dwte[(int64_t(m) * V + v) * C + c] = sum;
+  }
 }
 
 // dwpe[m] [T*C] = sum over sequences b of dout[m, b] [T*C]. Block (column tile,
@@ -85,20 +60,27 @@ __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const fl
 
 }  // namespace
 
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int64_t pos_model_stride,
-                       int M, int B, int T, int C, int V, cudaStream_t stream) {
-  const int64_t total = int64_t(M) * B * T * C;
-  embedding_forward_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(out, tokens, wte, pos,
-                                                                                 pos_model_stride, int64_t(B) * T, T,
-                                                                                 C, V, total);
-  UNIV_CUDA_CHECK_LAUNCH();
+void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const int32_t* tokens, int M, int N, int V) {
+  for (int m = 0; m < M; ++m) {
+    const int32_t* tok = tokens + int64_t(m) * N;
+    int32_t* starts = token_starts + int64_t(m) * (V + 1);
+    std::fill(starts, starts + V + 1, 0);
+    for (int n = 0; n < N; ++n) {
+      if (tok[n] < 0 || tok[n] >= V)
+        throw std::out_of_range("sort_positions_by_token: token " + std::to_string(tok[n]) +
+                                " outside a vocabulary of " + std::to_string(V));
+      ++starts[tok[n] + 1];
+    }
+    for (int v = 0; v < V; ++v) starts[v + 1] += starts[v];
+    std::vector<int32_t> next(starts, starts + V);
+    for (int n = 0; n < N; ++n) token_rows[int64_t(m) * N + next[tok[n]]++] = n;
+  }
 }
 
-void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int M, int B, int T,
-                        int C, int V, cudaStream_t stream) {
-  const size_t shared = C * sizeof(float) + (kScanThreads + kScanThreads / kWarpSize) * sizeof(int);
-  embedding_backward_wte_kernel<<<dim3(V, M), kScanThreads, shared, stream>>>(dwte, dout, tokens, int64_t(B) * T, C,
-                                                                              V);
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* token_rows,
+                        const int32_t* token_starts, int M, int B, int T, int C, int V, cudaStream_t stream) {
+  embedding_backward_wte_kernel<<<dim3(ceil_div(C, kColumnTile), V, M), dim3(kColumnTile, kColumnRowGroups), 0,
+                                  stream>>>(dwte, dout, token_rows, token_starts, B * T, C, V);
   UNIV_CUDA_CHECK_LAUNCH();
   if (dwpe) {
     const int64_t TC = int64_t(T) * C;

@@ -1,5 +1,6 @@
 // Layer norm over the channel axis, forward and backward: a warp per row, forward
-// optionally after the bias and residual of the linear layer before it; backward the
+// fused with what writes its input, the bias and residual of the linear layer before
+// it, or for the first layer's norm the embedding (token plus position); backward the
 // input's gradient, and the weight's and bias's as two-stage column sums over rows in
 // a fixed order (ColumnSums), which may run apart from it.
 #include "common.cuh"
@@ -12,27 +13,12 @@ namespace {
 constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 
-// kAdd: inp = (inp + inp_bias[m]) + residual first, written back (the bias and
-// residual of the linear layer before).
-template <bool kAdd>
-__global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
-                                         float* __restrict__ inp, const float* __restrict__ inp_bias,
-                                         const float* __restrict__ residual, const float* __restrict__ weight,
-                                         const float* __restrict__ bias, int64_t rows, int N, int C) {
-  const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
-  if (row >= rows) return;
+// Row `row` of model m: out = (x - mean) * rstd * weight[m] + bias[m], x the row this
+// lane has written (or reads) at channels lane, lane + 32, ...; its sum already taken.
+__device__ inline void normalize_row(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
+                                     const float* x, float sum, const float* __restrict__ weight,
+                                     const float* __restrict__ bias, int64_t row, int64_t m, int C) {
   const int lane = threadIdx.x;
-  const int64_t m = row / N;
-  float* x = inp + row * C;
-  float sum = 0.0f;
-  for (int c = lane; c < C; c += kWarpSize) {
-    if (kAdd) {
-      float v = x[c] + inp_bias[m * C + c];
-      v += residual[row * C + c];
-      x[c] = v;  // read back below by this lane only
-    }
-    sum += x[c];
-  }
   const float mu = warp_sum(sum) / C;
   float sq = 0.0f;
   for (int c = lane; c < C; c += kWarpSize) sq += (x[c] - mu) * (x[c] - mu);
@@ -45,6 +31,49 @@ __global__ void layernorm_forward_kernel(float* __restrict__ out, float* __restr
     mean[row] = mu;
     rstd[row] = rs;
   }
+}
+
+// inp = (inp + inp_bias[m]) + residual first, written back (the bias and residual of
+// the linear layer before).
+__global__ void add_layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean,
+                                             float* __restrict__ rstd, float* __restrict__ inp,
+                                             const float* __restrict__ inp_bias, const float* __restrict__ residual,
+                                             const float* __restrict__ weight, const float* __restrict__ bias,
+                                             int64_t rows, int N, int C) {
+  const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
+  if (row >= rows) return;
+  const int64_t m = row / N;
+  float* x = inp + row * C;
+  float sum = 0.0f;
+  for (int c = threadIdx.x; c < C; c += kWarpSize) {
+    float v = x[c] + inp_bias[m * C + c];
+    v += residual[row * C + c];
+    x[c] = v;  // read back below by this lane only
+    sum += v;
+  }
+  normalize_row(out, mean, rstd, x, sum, weight, bias, row, m, C);
+}
+
+// encoded = wte[m, token] + pos[m, t] first, as embedding_forward computes it.
+__global__ void embedding_layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean,
+                                                   float* __restrict__ rstd, float* __restrict__ encoded,
+                                                   const int32_t* __restrict__ tokens, const float* __restrict__ wte,
+                                                   const float* __restrict__ pos, int64_t pos_model_stride,
+                                                   const float* __restrict__ weight, const float* __restrict__ bias,
+                                                   int64_t rows, int N, int T, int C, int V) {
+  const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
+  if (row >= rows) return;
+  const int64_t m = row / N;
+  const float* token_row = wte + (m * V + tokens[row]) * C;
+  const float* pos_row = pos + m * pos_model_stride + int64_t(row % T) * C;
+  float* x = encoded + row * C;
+  float sum = 0.0f;
+  for (int c = threadIdx.x; c < C; c += kWarpSize) {
+    const float v = token_row[c] + pos_row[c];
+    x[c] = v;  // read back below by this lane only
+    sum += v;
+  }
+  normalize_row(out, mean, rstd, x, sum, weight, bias, row, m, C);
 }
 
 // dinp_in may alias dinp: each element is read, then written, by one thread.
@@ -110,23 +139,23 @@ __global__ void layernorm_backward_params_kernel(float* __restrict__ partials, c
 
 }  // namespace
 
-void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
-                       int M, int N, int C, cudaStream_t stream) {
-  const int64_t rows = int64_t(M) * N;
-  // Without kAdd the kernel only reads inp.
-  layernorm_forward_kernel<false><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                    dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
-      out, mean, rstd, const_cast<float*>(inp), nullptr, nullptr, weight, bias, rows, N, C);
-  UNIV_CUDA_CHECK_LAUNCH();
-}
-
 void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, const float* inp_bias,
                            const float* residual, const float* weight, const float* bias, int M, int N, int C,
                            cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
-  layernorm_forward_kernel<true><<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                   dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(out, mean, rstd, inp, inp_bias,
-                                                                                residual, weight, bias, rows, N, C);
+  add_layernorm_forward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                                 dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(out, mean, rstd, inp, inp_bias, residual,
+                                                                              weight, bias, rows, N, C);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void embedding_layernorm_forward(float* out, float* mean, float* rstd, float* encoded, const int32_t* tokens,
+                                 const float* wte, const float* pos, int64_t pos_model_stride, const float* weight,
+                                 const float* bias, int M, int B, int T, int C, int V, cudaStream_t stream) {
+  const int64_t rows = int64_t(M) * B * T;
+  embedding_layernorm_forward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                                       dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
+      out, mean, rstd, encoded, tokens, wte, pos, pos_model_stride, weight, bias, rows, B * T, T, C, V);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

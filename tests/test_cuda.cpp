@@ -68,54 +68,84 @@ struct Shape {
 const Shape kShapes[] = {{2, 3, 5, 8, 2, 11, 12}, {1, 1, 1, 4, 1, 3, 5}, {3, 2, 33, 48, 3, 70, 100},
                          {2, 4, 32, 64, 4, 64, 256}, {1, 2, 128, 64, 2, 37, 40}};
 
+// The embedding fused into the first layer norm (encoded written as the CPU op adds
+// it), and its backward from the sorted positions.
 TEST_F(Gpu, Embedding) {
   for (const Shape& s : kShapes) {
     const int64_t rows = int64_t(s.M) * s.B * s.T;
-    const auto tokens = random_tokens(rows, s.V, 1);
+    auto tokens = random_tokens(rows, s.V, 1);
+    for (int64_t i = 0; i < rows; i += 3) tokens[i] = s.V - 1;  // one token far more frequent than the rest
+    std::vector<int32_t> token_rows(rows), token_starts(size_t(s.M) * (s.V + 1));
+    cuda::sort_positions_by_token(token_rows.data(), token_starts.data(), tokens.data(), s.M, s.B * s.T, s.V);
     const auto wte = random_vector<float>(size_t(s.M) * s.V * s.C, 2), wpe = random_vector<float>(size_t(s.M) * s.T * s.C, 3);
+    const auto w = random_vector<float>(size_t(s.M) * s.C, 5), b = random_vector<float>(size_t(s.M) * s.C, 6);
     const auto dout = random_vector<float>(rows * s.C, 4);
-    std::vector<float> out(rows * s.C), dwte(wte.size()), dwpe(wpe.size());  // the CPU ops add to zeros
-    auto d_tokens = up(tokens);
-    auto d_wte = up(wte), d_wpe = up(wpe), d_dout = up(dout);
-    auto d_out = poisoned(out.size()), d_dwte = poisoned(dwte.size()), d_dwpe = poisoned(dwpe.size());
-    cuda::embedding_forward(d_out.data(), d_tokens.data(), d_wte.data(), d_wpe.data(), int64_t(s.T) * s.C, s.M, s.B,
-                            s.T, s.C, s.V, stream->get());
-    cuda::embedding_backward(d_dwte.data(), d_dwpe.data(), d_dout.data(), d_tokens.data(), s.M, s.B, s.T, s.C, s.V,
-                             stream->get());
-    cpu::embedding_forward(out.data(), tokens.data(), wte.data(), wpe.data(), int64_t(s.T) * s.C, s.M, s.B, s.T, s.C, s.V);
+    std::vector<float> encoded(rows * s.C), out(encoded.size()), mean(rows), rstd(rows);
+    std::vector<float> dwte(wte.size()), dwpe(wpe.size());  // the CPU ops add to zeros
+    auto d_tokens = up(tokens), d_token_rows = up(token_rows), d_token_starts = up(token_starts);
+    auto d_wte = up(wte), d_wpe = up(wpe), d_w = up(w), d_b = up(b), d_dout = up(dout);
+    auto d_encoded = poisoned(encoded.size()), d_out = poisoned(out.size()), d_mean = poisoned(rows),
+         d_rstd = poisoned(rows), d_dwte = poisoned(dwte.size()), d_dwpe = poisoned(dwpe.size());
+    cuda::embedding_layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_encoded.data(), d_tokens.data(),
+                                      d_wte.data(), d_wpe.data(), int64_t(s.T) * s.C, d_w.data(), d_b.data(), s.M,
+                                      s.B, s.T, s.C, s.V, stream->get());
+    cuda::embedding_backward(d_dwte.data(), d_dwpe.data(), d_dout.data(), d_token_rows.data(), d_token_starts.data(),
+                             s.M, s.B, s.T, s.C, s.V, stream->get());
+    cpu::embedding_forward(encoded.data(), tokens.data(), wte.data(), wpe.data(), int64_t(s.T) * s.C, s.M, s.B, s.T,
+                           s.C, s.V);
+    cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), encoded.data(), w.data(), b.data(), s.M, s.B * s.T,
+                           s.C);
     cpu::embedding_backward(dwte.data(), dwpe.data(), dout.data(), tokens.data(), s.M, s.B, s.T, s.C, s.V);
-    EXPECT_EQ(down(d_out), out);  // one addition per element: equal to the bit
+    EXPECT_EQ(down(d_encoded), encoded);  // one addition per element: equal to the bit
+    expect_close(down(d_out), out, kFp32, "out");
+    expect_close(down(d_rstd), rstd, kFp32, "rstd");
     expect_close(down(d_dwte), dwte, kFp32, "dwte");
     expect_close(down(d_dwpe), dwpe, kFp32, "dwpe");
   }
 }
 
+// The norm after a linear layer's bias and residual (rows of several means), and its
+// backward: the input's gradient alone and added to a gradient there, the parameters'.
 TEST_F(Gpu, LayerNorm) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T, C = s.C;
     const int64_t n = int64_t(s.M) * N * C;
-    auto inp = random_vector<float>(n, 11, 3.0);
-    for (int64_t i = 0; i < n; ++i) inp[i] += static_cast<float>(i / C % 5);
+    auto x = random_vector<float>(n, 11, 3.0);
+    for (int64_t i = 0; i < n; ++i) x[i] += static_cast<float>(i / C % 5);
+    const auto residual = random_vector<float>(n, 16), inp_bias = random_vector<float>(size_t(s.M) * C, 17);
     const auto w = random_vector<float>(size_t(s.M) * C, 12), b = random_vector<float>(size_t(s.M) * C, 13);
     const auto dout = random_vector<float>(n, 14);
-    std::vector<float> out(n), mean(size_t(s.M) * N), rstd(mean.size());
+    std::vector<float> inp(n), out(n), mean(size_t(s.M) * N), rstd(mean.size());
+    for (int64_t i = 0; i < n; ++i) {
+      inp[i] = x[i] + inp_bias[i / (int64_t(N) * C) * C + i % C];
+      inp[i] += residual[i];
+    }
     auto dinp = random_vector<float>(n, 15);  // the input's gradient adds to it, the parameters' are written
     std::vector<float> dw(w.size()), db(b.size());
-    auto d_inp = up(inp), d_w = up(w), d_b = up(b), d_dout = up(dout), d_dinp = up(dinp);
+    auto d_x = up(x), d_res = up(residual), d_inp_bias = up(inp_bias), d_w = up(w), d_b = up(b), d_dout = up(dout),
+         d_dinp = up(dinp);
     auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size());
     auto d_dw = poisoned(dw.size()), d_db = poisoned(db.size());
-    cuda::layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_inp.data(), d_w.data(), d_b.data(), s.M, N, C,
-                            stream->get());
+    cuda::add_layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_x.data(), d_inp_bias.data(),
+                                d_res.data(), d_w.data(), d_b.data(), s.M, N, C, stream->get());
     auto d_scratch = poisoned(static_cast<size_t>(2 * cuda::column_sum_partials(s.M, N, C)));
     cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
-    cuda::layernorm_backward_input(d_dinp.data(), d_dinp.data(), d_dout.data(), d_inp.data(), d_w.data(),
+    cuda::layernorm_backward_input(d_dinp.data(), d_dinp.data(), d_dout.data(), d_x.data(), d_w.data(),
                                    d_mean.data(), d_rstd.data(), s.M, N, C, stream->get());
-    cuda::layernorm_backward_params(d_dw.data(), d_db.data(), sums, d_dout.data(), d_inp.data(), d_mean.data(),
+    cuda::layernorm_backward_params(d_dw.data(), d_db.data(), sums, d_dout.data(), d_x.data(), d_mean.data(),
                                     d_rstd.data(), s.M, N, C, stream->get());
     sums.finish(stream->get());
+    auto d_dinp_alone = poisoned(n);  // with nothing to add to
+    cuda::layernorm_backward_input(d_dinp_alone.data(), nullptr, d_dout.data(), d_x.data(), d_w.data(), d_mean.data(),
+                                   d_rstd.data(), s.M, N, C, stream->get());
     cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), s.M, N, C);
+    std::vector<float> dinp_alone(n, 0.0f), dw_again(w.size()), db_again(b.size());
+    cpu::layernorm_backward(dinp_alone.data(), dw_again.data(), db_again.data(), dout.data(), inp.data(), w.data(),
+                            mean.data(), rstd.data(), s.M, N, C);
     cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), mean.data(),
                             rstd.data(), s.M, N, C);
+    EXPECT_EQ(down(d_x), inp);  // the same two additions per element: equal to the bit
+    expect_close(down(d_dinp_alone), dinp_alone, kFp32, "dinp alone");
     expect_close(down(d_out), out, kFp32, "out");
     expect_close(down(d_rstd), rstd, kFp32, "rstd");
     expect_close(down(d_dinp), dinp, kFp32, "dinp");
@@ -124,44 +154,26 @@ TEST_F(Gpu, LayerNorm) {
   }
 }
 
-// The fused form: the bias and then the residual of the linear layer before, added and
-// written back, then the norm; backward, the input's gradient with nothing to add to.
-TEST_F(Gpu, LayerNormAfterBiasAndResidual) {
-  for (const Shape& s : kShapes) {
-    const int N = s.B * s.T, C = s.C;
-    const int64_t n = int64_t(s.M) * N * C;
-    const auto x = random_vector<float>(n, 81, 3.0), residual = random_vector<float>(n, 82);
-    const auto inp_bias = random_vector<float>(size_t(s.M) * C, 83);
-    const auto w = random_vector<float>(size_t(s.M) * C, 84), b = random_vector<float>(size_t(s.M) * C, 85);
-    const auto dout = random_vector<float>(n, 86);
-    std::vector<float> sum(n), out(n), mean(size_t(s.M) * N), rstd(mean.size()), dinp(n, 0.0f), dw(w.size()),
-        db(b.size());
-    for (int64_t i = 0; i < n; ++i) {
-      sum[i] = x[i] + inp_bias[i / (int64_t(N) * C) * C + i % C];
-      sum[i] += residual[i];
-    }
-    auto d_x = up(x), d_res = up(residual), d_inp_bias = up(inp_bias), d_w = up(w), d_b = up(b), d_dout = up(dout);
-    auto d_out = poisoned(n), d_mean = poisoned(mean.size()), d_rstd = poisoned(rstd.size()), d_dinp = poisoned(n);
-    cuda::add_layernorm_forward(d_out.data(), d_mean.data(), d_rstd.data(), d_x.data(), d_inp_bias.data(),
-                                d_res.data(), d_w.data(), d_b.data(), s.M, N, C, stream->get());
-    cuda::layernorm_backward_input(d_dinp.data(), nullptr, d_dout.data(), d_x.data(), d_w.data(), d_mean.data(),
-                                   d_rstd.data(), s.M, N, C, stream->get());
-    cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), sum.data(), w.data(), b.data(), s.M, N, C);
-    cpu::layernorm_backward(dinp.data(), dw.data(), db.data(), dout.data(), sum.data(), w.data(), mean.data(),
-                            rstd.data(), s.M, N, C);
-    EXPECT_EQ(down(d_x), sum);  // the same two additions per element: equal to the bit
-    expect_close(down(d_out), out, kFp32, "out");
-    expect_close(down(d_mean), mean, kFp32, "mean");
-    expect_close(down(d_dinp), dinp, kFp32, "dinp");
-  }
+// The kernel shapes plus three whose products cuBLAS takes in part (too many outputs
+// one way or the other; a long reduction).
+std::vector<Shape> matmul_shapes() {
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({1, 40, 100, 48, 1, 1, 300});
+  shapes.push_back({1, 40, 100, 300, 1, 1, 48});
+  shapes.push_back({2, 3, 5, 600, 1, 1, 9});
+  return shapes;
 }
 
 TEST_F(Gpu, MatmulInBothPrecisions) {
+  int own = 0, library = 0;
   for (const bool tf32 : {false, true}) {
     cuda::CublasHandle handle(stream->get(), tf32);
-    const double tol = tf32 ? 3e-3 : kFp32;
-    for (const Shape& s : kShapes) {
+    for (const Shape& s : matmul_shapes()) {
       const int N = s.B * s.T, C = s.C, OC = s.D;
+      const bool own_kernel = cuda::matmul_runs_own_kernel(s.M, N, C, OC);
+      (own_kernel ? own : library) += 1;
+      const double tf32_tol = 3e-3;
+      const double tol = tf32 && !own_kernel ? tf32_tol : kFp32;  // the own kernel computes in float32 always
       const auto inp = random_vector<float>(size_t(s.M) * N * C, 21), w = random_vector<float>(size_t(s.M) * OC * C, 22);
       const auto dout = random_vector<float>(size_t(s.M) * N * OC, 23);
       std::vector<float> out(dout.size()), dinp(inp.size()), dw(w.size());
@@ -176,9 +188,44 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
       cpu::matmul_forward(out.data(), inp.data(), w.data(), static_cast<const float*>(nullptr), s.M, N, C, OC);
       cpu::matmul_backward(dinp.data(), dw.data(), static_cast<float*>(nullptr), dout.data(), inp.data(), w.data(),
                            s.M, N, C, OC);
-      expect_close(down(d_out), out, tol, tf32 ? "tf32 out" : "out");
-      expect_close(down(d_dinp), dinp, tol, "dinp");
-      expect_close(down(d_dw), dw, tol, "dweight");
+      const std::string what = std::string(tf32 ? "tf32 " : "") + (own_kernel ? "own kernel " : "cuBLAS ");
+      expect_close(down(d_out), out, tol, what + "out");
+      expect_close(down(d_dinp), dinp, tol, what + "dinp");
+      expect_close(down(d_dw), dw, tf32 ? tf32_tol : kFp32, what + "dweight");  // always cuBLAS
+    }
+  }
+  EXPECT_GT(own, 0);
+  EXPECT_GT(library, 0);
+}
+
+// The MLP's products with the activation fused: pre = inp W1^T + b1 and post =
+// act(pre) forward; dpre = (dout W2) act'(pre) backward, in both implementations.
+TEST_F(Gpu, MatmulActivationEpilogues) {
+  cuda::CublasHandle handle(stream->get(), false);
+  for (const Shape& s : matmul_shapes()) {
+    const int N = s.B * s.T, C = s.C, D = s.D;
+    const int64_t n = int64_t(s.M) * N * D;
+    const auto inp = random_vector<float>(size_t(s.M) * N * C, 71), w1 = random_vector<float>(size_t(s.M) * D * C, 72);
+    const auto b1 = random_vector<float>(size_t(s.M) * D, 73), w2 = random_vector<float>(size_t(s.M) * C * D, 74);
+    const auto dout = random_vector<float>(size_t(s.M) * N * C, 75);
+    auto d_inp = up(inp), d_w1 = up(w1), d_b1 = up(b1), d_w2 = up(w2), d_dout = up(dout);
+    for (cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
+      const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
+      auto d_pre = poisoned(n), d_post = poisoned(n), d_dpre = poisoned(n);
+      cuda::matmul_forward_activation(handle.get(), d_pre.data(), d_post.data(), d_inp.data(), d_w1.data(),
+                                      d_b1.data(), s.M, N, C, D, act);
+      cuda::matmul_backward_input_activation(handle.get(), d_dpre.data(), d_dout.data(), d_w2.data(), d_pre.data(),
+                                             s.M, N, D, C, act);
+      std::vector<float> pre(n), post(n), dpost(n), dpre(n);
+      cpu::matmul_forward(pre.data(), inp.data(), w1.data(), b1.data(), s.M, N, C, D);
+      cpu::activation_forward(post.data(), pre.data(), n, cpu_act);
+      std::vector<float> dw2(w2.size());  // computed beside dpost, unused
+      cpu::matmul_backward(dpost.data(), dw2.data(), static_cast<float*>(nullptr), dout.data(), post.data(), w2.data(),
+                           s.M, N, D, C);
+      cpu::activation_backward(dpre.data(), dpost.data(), pre.data(), n, cpu_act);
+      expect_close(down(d_pre), pre, kFp32, "pre");
+      expect_close(down(d_post), post, kFp32, "post");
+      expect_close(down(d_dpre), dpre, kFp32, "dpre");
     }
   }
 }
@@ -294,8 +341,9 @@ TEST_F(Gpu, CrossEntropy) {
       auto d_logits = up(logits);
       auto d_targets = up(targets);
       auto d_losses = poisoned(s.M), d_rows = poisoned(size_t(s.M) * N);
-      cuda::crossentropy_forward_backward(d_losses.data(), d_rows.data(), d_logits.data(), d_targets.data(), s.M, N,
-                                          s.V, backward, stream->get());
+      cuda::crossentropy_forward_backward(d_rows.data(), d_logits.data(), d_targets.data(), s.M, N, s.V, backward,
+                                          stream->get());
+      cuda::mean_loss_per_model(d_losses.data(), d_rows.data(), s.M, N, stream->get());
       expect_close(down(d_losses), losses, kFp32, "losses");
       if (backward) expect_close(down(d_logits), dlogits, kFp32, "dlogits");
       else EXPECT_EQ(down(d_logits), logits);  // forward only: the logits stay
@@ -321,18 +369,20 @@ TEST_F(Gpu, NormsClippingAndAdamW) {
                                 clip};
     const std::vector<float> losses(M, 1.5f);
     auto d_params = up(params), d_grads = up(grads), d_m = up(m1), d_v = up(v1), d_losses = up(losses);
-    auto d_segments = up(segments);
     const auto pieces = cuda::norm_pieces(segments);
     auto d_pieces = up(pieces);
     auto d_step = up(std::vector<cuda::OptimizerStep>{h});
     cuda::DeviceBuffer<double> partials(pieces.size());
     auto norms = poisoned(M), scales = poisoned(M);
     cuda::DeviceBuffer<int> finite(1);
-    cuda::grad_norms(partials.data(), norms.data(), scales.data(), finite.data(), d_grads.data(), d_pieces.data(),
-                     int(pieces.size()), d_losses.data(), M, d_step.data(), stream->get());
-    cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_segments.data(),
-                       int(segments.size()), scales.data(), finite.data(), d_step.data(), stream->get());
+    auto blocks_done = up(std::vector<unsigned>{0});
+    for (int repeat = 0; repeat < 2; ++repeat)  // the second launch finds the counter zero again
+      cuda::grad_norms(partials.data(), blocks_done.data(), norms.data(), scales.data(), finite.data(), d_grads.data(),
+                       d_pieces.data(), int(pieces.size()), d_losses.data(), M, d_step.data(), stream->get());
+    cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_pieces.data(), int(pieces.size()),
+                       scales.data(), finite.data(), d_step.data(), stream->get());
     EXPECT_EQ(down(finite)[0], 1);
+    EXPECT_EQ(down(blocks_done)[0], 0u);
     const auto gpu_norms = down(norms);
     for (int m = 0; m < M; ++m) {
       double sq = 0;
@@ -379,6 +429,16 @@ TEST(CudaHost, ColumnSumsHandOutAlignedRoomAndRefuseMore) {
   EXPECT_EQ(sums.add(&out, nullptr, 2, 3, 5), scratch.data());
   EXPECT_EQ(sums.add(&out, nullptr, 2, 3, 5), scratch.data() + room);
   EXPECT_THROW(sums.add(&out, nullptr, 1, 1, 1), std::logic_error);
+}
+
+TEST(CudaHost, PositionsSortedByTokenAreStableAndComplete) {
+  const std::vector<int32_t> tokens = {2, 0, 2, 1, 2, /* model 1 */ 3, 3, 0, 3, 3};
+  std::vector<int32_t> rows(10, -1), starts(2 * 5, -1);
+  cuda::sort_positions_by_token(rows.data(), starts.data(), tokens.data(), 2, 5, 4);
+  EXPECT_EQ(rows, (std::vector<int32_t>{1, 3, 0, 2, 4, /* model 1 */ 2, 0, 1, 3, 4}));
+  EXPECT_EQ(starts, (std::vector<int32_t>{0, 1, 2, 5, 5, /* model 1 */ 0, 1, 1, 1, 5}));
+  const std::vector<int32_t> outside = {0, 4};
+  EXPECT_THROW(cuda::sort_positions_by_token(rows.data(), starts.data(), outside.data(), 1, 2, 4), std::out_of_range);
 }
 
 RunConfig small_run(int models) {

@@ -108,7 +108,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   auto w = random_device(size_t(M) * std::max(3 * C, std::max(D, V)) * std::max(C, D), s, 0.05f);
   auto bias = random_device(size_t(M) * std::max({3 * C, D, V}), s), dbias = random_device(size_t(M) * std::max({3 * C, D, V}), s);
   auto att = random_device(size_t(M) * B * H * T * T, s), stats = random_device(size_t(rows) * 2, s);
-  auto pos = random_device(size_t(M) * T * C, s);
+  auto pos = random_device(size_t(M) * T * C, s), post = random_device(size_t(rows) * D, s);
   std::vector<int32_t> tok(static_cast<size_t>(rows));
   for (size_t i = 0; i < tok.size(); ++i) tok[i] = static_cast<int32_t>(i * 7 % V);
   DeviceBuffer<int32_t> tokens(tok.size());
@@ -123,12 +123,18 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   auto add = [&](const std::string& name, double bytes, double flops, const std::function<void()>& work) {
     out.push_back({name, b.time_ms(work), bytes, flops});
   };
-  add("embedding_forward", rows * C * f * 3, 0,
-      [&] { k::embedding_forward(y.data(), tokens.data(), w.data(), pos.data(), int64_t(T) * C, M, B, T, C, V, s); });
-  add("embedding_backward", rows * C * f + double(M) * V * C * f * 2, rows * C,
-      [&] { k::embedding_backward(w.data(), pos.data(), x.data(), tokens.data(), M, B, T, C, V, s); });
-  add("layernorm_forward", rows * C * f * 2, rows * C * 8,
-      [&] { k::layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), w.data(), bias.data(), M, N, C, s); });
+  std::vector<int32_t> host_token_rows(tok.size()), host_token_starts(size_t(M) * (V + 1));
+  k::sort_positions_by_token(host_token_rows.data(), host_token_starts.data(), tok.data(), M, N, V);
+  DeviceBuffer<int32_t> token_rows(host_token_rows.size()), token_starts(host_token_starts.size());
+  token_rows.upload(host_token_rows.data(), host_token_rows.size(), s);
+  token_starts.upload(host_token_starts.data(), host_token_starts.size(), s);
+  add("embedding_backward", rows * C * f + double(M) * V * C * f * 2, rows * C, [&] {
+    k::embedding_backward(w.data(), pos.data(), x.data(), token_rows.data(), token_starts.data(), M, B, T, C, V, s);
+  });
+  add("embedding_layernorm_forward", rows * C * f * 4, rows * C * 9, [&] {
+    k::embedding_layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), tokens.data(),
+                                   w.data(), pos.data(), int64_t(T) * C, w.data(), bias.data(), M, B, T, C, V, s);
+  });
   add("add_layernorm_forward", rows * C * f * 4, rows * C * 10,
       [&] { k::add_layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), bias.data(), y.data() + size_t(rows) * C, w.data(), bias.data(), M, N, C, s); });
   add("layernorm_backward", rows * C * f * 5, rows * C * 14, [&] {
@@ -144,6 +150,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
         k::matmul_backward_weight(h, w.data(), sums, x.data(), x.data(), M, N, C, D);
         sums.finish(s);
       });
+  add("matmul_forward_activation fc", (rows * C + 2 * rows * D + double(M) * D * C) * f, 2 * rows * C * D,
+      [&] { k::matmul_forward_activation(h, y.data(), post.data(), x.data(), w.data(), bias.data(), M, N, C, D, k::Act::gelu); });
+  add("matmul_backward_input_activation fc2", (rows * C + 2 * rows * D + double(M) * D * C) * f, 2 * rows * C * D,
+      [&] { k::matmul_backward_input_activation(h, y.data(), x.data(), w.data(), x.data(), M, N, D, C, k::Act::gelu); });
   add("bias_activation_forward", rows * D * f * 3, rows * D * 4,
       [&] { k::bias_activation_forward(x.data(), y.data(), bias.data(), M, N, D, k::Act::gelu, s); });
   add("bias_activation_backward", rows * D * f * 3, rows * D * 8,
@@ -157,7 +167,8 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   add("attention_backward", (rows * 7 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
       [&] { k::attention_backward(y.data(), x.data(), x.data(), att.data(), M, B, T, C, H, s); });
   add("crossentropy_forward_backward", rows * V * f * 2, rows * V * 6, [&] {
-    k::crossentropy_forward_backward(losses.data(), row_loss.data(), y.data(), tokens.data(), M, N, V, true, s);
+    k::crossentropy_forward_backward(row_loss.data(), y.data(), tokens.data(), M, N, V, true, s);
+    k::mean_loss_per_model(losses.data(), row_loss.data(), M, N, s);
   });
   return out;
 }

@@ -111,15 +111,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     cuda::prepare_attention_kernels();
     allocate();
     if (training) {
+      std::vector<cuda::ParamSegment> segments;
       for (const auto& t : layout_.tensors())
-        for (int m = 0; m < config.models; ++m)
-          host_segments_.push_back({layout_.offset(t, m), t.numel, m, t.decay ? 1 : 0});
-      segments_ = DeviceBuffer<cuda::ParamSegment>(host_segments_.size());
-      segments_.upload(host_segments_.data(), host_segments_.size(), stream_.get());
-      const auto pieces = cuda::norm_pieces(host_segments_);
-      norm_pieces_ = DeviceBuffer<cuda::ParamSegment>(pieces.size());
-      norm_pieces_.upload(pieces.data(), pieces.size(), stream_.get());
+        for (int m = 0; m < config.models; ++m) segments.push_back({layout_.offset(t, m), t.numel, m, t.decay ? 1 : 0});
+      const auto pieces = cuda::norm_pieces(segments);
+      pieces_ = DeviceBuffer<cuda::ParamSegment>(pieces.size());
+      pieces_.upload(pieces.data(), pieces.size(), stream_.get());
       norm_partials_ = DeviceBuffer<double>(pieces.size());
+      norm_blocks_done_ = DeviceBuffer<unsigned>(1);
+      norm_blocks_done_.fill_bytes(0, stream_.get());
     }
     if (c.pos == PosEncoding::sinusoidal) {
       std::vector<float> table(size_t(c.seq_len) * c.d_model);
@@ -190,6 +190,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const size_t tokens = size_t(M) * config_.batch * config_.model.seq_len;
     std::copy_n(inputs, tokens, host_inputs_);
     std::copy_n(targets, tokens, host_targets_);
+    cuda::sort_positions_by_token(host_token_rows_, host_token_starts_, host_inputs_, M,
+                                  config_.batch * config_.model.seq_len, config_.model.vocab);
     *host_step_ = optimizer_step(lr, step_ + 1);
     batch_.upload(stream_.get());
     if (!graph_) {
@@ -267,7 +269,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     r.reserve(lnf_, rows * C), r.reserve(lnf_mean_, rows), r.reserve(lnf_rstd_, rows), r.reserve(logits_, rows * V);
     r.reserve(row_loss_, rows);
     if (training_) {
-      r.reserve(dlnf_, rows * C), r.reserve(dresid_top_, rows * C), r.reserve(dpost_, rows * D);
+      r.reserve(dlnf_, rows * C), r.reserve(dresid_top_, rows * C);
       r.reserve(datty_, rows * C);
       layer_grads_.resize(c.layers);
       for (auto& l : layer_grads_) {
@@ -295,6 +297,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     batch_.reserve(step_params_, host_step_, 1);
     batch_.reserve(inputs_, host_inputs_, rows);
     batch_.reserve(targets_, host_targets_, rows);
+    if (training_) {
+      batch_.reserve(token_rows_, host_token_rows_, rows);
+      batch_.reserve(token_starts_, host_token_starts_, M * (V + 1));
+    }
     batch_.allocate();
     report_.reserve(losses_, host_losses_, M);
     report_.reserve(norms_, host_norms_, M);
@@ -324,13 +330,14 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const cublasHandle_t h = cublas_.get();
     const auto p = param_pointers(layout_, c, params_.data());
     const bool learned = c.pos == PosEncoding::learned;
-    cuda::embedding_forward(encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
-                            learned ? int64_t(T) * C : 0, M, B, T, C, V, s);
-    // ln = layer norm of the residual stream, after the last layer's MLP bias and
-    // residual (resid_out = product + out_b + resid_mid) where there is one.
+    // ln = layer norm of the residual stream: after the embedding (written to encoded_)
+    // at the first layer, else after the last layer's MLP bias and residual
+    // (resid_out = product + out_b + resid_mid).
     auto norm_residual = [&](float* ln, float* mean, float* rstd, const float* w, const float* b, int l) {
       if (l == 0) {
-        cuda::layernorm_forward(ln, mean, rstd, encoded_, w, b, M, N, C, s);
+        cuda::embedding_layernorm_forward(ln, mean, rstd, encoded_, inputs_, p.wte,
+                                          learned ? p.wpe : positions_.data(), learned ? int64_t(T) * C : 0, w, b, M,
+                                          B, T, C, V, s);
       } else {
         const LayerActs& prev = layers_[l - 1];
         cuda::add_layernorm_forward(ln, mean, rstd, prev.resid_out, p.blocks[l - 1].out_b, prev.resid_mid, w, b, M,
@@ -347,13 +354,18 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::matmul_forward(h, a.resid_mid, a.atty, w.proj_w, M, N, C, C);
       cuda::add_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.proj_b, residual, w.ln2_w, w.ln2_b,
                                   M, N, C, s);  // resid_mid = product + proj_b + residual
-      cuda::matmul_forward(h, a.pre, a.ln2, w.fc_w, M, N, C, D);
-      cuda::bias_activation_forward(a.pre, a.post, w.fc_b, M, N, D, to_act(c.activation), s);
+      cuda::matmul_forward_activation(h, a.pre, a.post, a.ln2, w.fc_w, w.fc_b, M, N, C, D, to_act(c.activation));
       cuda::matmul_forward(h, a.resid_out, a.post, w.out_w, M, N, D, C);
     }
     norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
     cuda::matmul_forward(h, logits_, lnf_, p.lm_head, M, N, C, V);
-    cuda::crossentropy_forward_backward(losses_, row_loss_, logits_, targets_, M, N, V, for_backward, s);
+    cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
+    if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
+      fork();
+      cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->sums.get());
+    } else {
+      cuda::mean_loss_per_model(losses_, row_loss_, M, N, s);
+    }
   }
 
   // What the side streams enqueue next waits for everything on the main stream so far.
@@ -395,9 +407,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       fork();
       cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
       cuda::matmul_backward_weight(hs, gw.out_w, sums, dresid, a.post, M, N, D, C);
-      cuda::matmul_backward_input(h, dpost_, dresid, w.out_w, M, N, D, C);
-      cuda::bias_activation_backward(d.dpre, gw.fc_b, sums, dpost_, a.pre, M, N, D, to_act(c.activation), s);
+      cuda::matmul_backward_input_activation(h, d.dpre, dresid, w.out_w, a.pre, M, N, D, C, to_act(c.activation));
       fork();
+      cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side);
       cuda::matmul_backward_weight(hs, gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
       cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
       cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M, N,
@@ -421,7 +433,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                                       side);
       dresid = d.dresid_in;
     }
-    cuda::embedding_backward(g.wte, g.wpe, dresid, inputs_, M, B, T, C, V, s);
+    cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
     side_->weights_done.record(side_->weights.get());  // split products are partials too
     side_->weights_done.make_wait(side);
     sums.finish(side);
@@ -432,12 +444,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // Norms, clipping, AdamW (skipped on device when anything is not finite), and the
   // report (losses, norms, verdict) copied to pinned host memory.
   void optimize() {
-    const int M = config_.models, S = static_cast<int>(host_segments_.size());
+    const int M = config_.models, P = static_cast<int>(pieces_.size());
     const cudaStream_t s = stream_.get();
-    cuda::grad_norms(norm_partials_.data(), norms_, scales_.data(), finite_, grads_.data(),
-                     norm_pieces_.data(), static_cast<int>(norm_pieces_.size()), losses_, M,
-                     step_params_, s);
-    cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), segments_.data(), S,
+    cuda::grad_norms(norm_partials_.data(), norm_blocks_done_.data(), norms_, scales_.data(), finite_, grads_.data(),
+                     pieces_.data(), P, losses_, M, step_params_, s);
+    cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), pieces_.data(), P,
                        scales_.data(), finite_, step_params_, s);
     report_.download(s);
   }
@@ -462,16 +473,18 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   std::vector<LayerActs> layers_;
   std::vector<LayerGrads> layer_grads_;
   float *lnf_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
-  float *dlnf_ = nullptr, *dresid_top_ = nullptr, *dpost_ = nullptr, *datty_ = nullptr, *partials_ = nullptr;
+  float *dlnf_ = nullptr, *dresid_top_ = nullptr, *datty_ = nullptr, *partials_ = nullptr;
   std::unique_ptr<cuda::ColumnSums> column_sums_;
-  std::vector<cuda::ParamSegment> host_segments_;
-  DeviceBuffer<cuda::ParamSegment> segments_, norm_pieces_;
+  DeviceBuffer<cuda::ParamSegment> pieces_;  // of the (tensor, model) segments, for the norms and AdamW
   DeviceBuffer<double> norm_partials_;
+  DeviceBuffer<unsigned> norm_blocks_done_;
   DeviceBuffer<float> scales_;
   Mirrored batch_;   // up before each step or forward pass: its constants, inputs and targets
   Mirrored report_;  // down after it: losses, norms and whether the step was finite
   cuda::OptimizerStep *step_params_ = nullptr, *host_step_ = nullptr;
   int32_t *inputs_ = nullptr, *host_inputs_ = nullptr, *targets_ = nullptr, *host_targets_ = nullptr;
+  int32_t *token_rows_ = nullptr, *host_token_rows_ = nullptr;  // the inputs' positions sorted by token, for
+  int32_t *token_starts_ = nullptr, *host_token_starts_ = nullptr;  // the embedding's backward (training only)
   float *losses_ = nullptr, *host_losses_ = nullptr, *norms_ = nullptr, *host_norms_ = nullptr;
   int *finite_ = nullptr, *host_finite_ = nullptr;
   std::unique_ptr<cuda::Graph> graph_;

@@ -6,6 +6,7 @@
 // It checks logic, indexing and ordering, not performance or the GPU's memory model.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cfloat>
 #include <cmath>
@@ -19,7 +20,7 @@
 #define __device__
 #define __host__
 #define __forceinline__
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __grid_constant__
 #define __restrict__
 
@@ -156,6 +157,8 @@ inline unsigned graph_order_seed = 0;
 }  // namespace emu
 
 inline void __syncthreads() { emu::block().sync->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* address, unsigned value) { return std::atomic_ref(*address).fetch_add(value); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::block().warp_sync[emu::thread_rank() / 32]->arrive_and_wait(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) {

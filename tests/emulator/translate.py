@@ -22,8 +22,8 @@ def shared_arrays(src):
         slot[0] += 1
         return f'auto& {name} = *reinterpret_cast<{type_}(*){dims}>(emu::block().static_shared.data() + {offset});'
 
-    def declaration(m):  # "__shared__ T a[..][..], b[..];"
-        return ' '.join(view(m.group(1), name, dims) for name, dims in re.findall(r'(\w+)((?:\[[^\]]+\])+)', m.group(2)))
+    def declaration(m):  # "__shared__ T a[..][..], b[..], c;"
+        return ' '.join(view(m.group(1), name, dims) for name, dims in re.findall(r'(\w+)((?:\[[^\]]+\])*)', m.group(2)))
 
     return re.sub(r'__shared__ (\w+) ([^;]+);', declaration, src)
 

@@ -50,25 +50,30 @@ class ColumnSums {
 // The room of the partials of column sums over N rows of `columns` columns per model.
 int64_t column_sum_partials(int M, int N, int64_t columns);
 
-// embedding.cu ----------------------------------------------------------------------
-// out[M,B,T,C] = wte[m, tokens[m,b,t]] + pos[m, t]; pos [M,T,C] (stride T*C) or one
-// shared sinusoidal table [T,C] (pos_model_stride 0).
-void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos, int64_t pos_model_stride,
-                       int M, int B, int T, int C, int V, cudaStream_t stream);
-// dwte[M,V,C] = ..., dwpe[M,T,C] = ... (null: fixed positions); each token's rows are
-// summed in position order, without atomics.
-void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int M, int B, int T,
-                        int C, int V, cudaStream_t stream);
+// embedding.cu: the backward (the forward is fused into the first layer norm) -------
+// Host: each model's positions n in [0, N) grouped by token (a stable counting sort of
+// tokens [M,N]): token_rows [M,N], model m's rows of token v at token_rows[m,
+// token_starts[m,v] .. token_starts[m,v+1]); token_starts [M,V+1]. Throws on a token
+// outside [0, V).
+void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const int32_t* tokens, int M, int N, int V);
+// dwte[M,V,C] = ..., dwpe[M,T,C] = ... (null: fixed positions), from the sorted
+// positions of the batch's tokens; without atomics, in an order fixed by the batch.
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* token_rows,
+                        const int32_t* token_starts, int M, int B, int T, int C, int V, cudaStream_t stream);
 
-// layernorm.cu ----------------------------------------------------------------------
-// out[M,N,C] = (inp - mean) * rstd * weight[m] + bias[m]; mean, rstd [M,N].
-void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias,
-                       int M, int N, int C, cudaStream_t stream);
-// The same of inp = inp + inp_bias[M,C] + residual[M,N,C], written back first: the bias
-// and residual that close a linear layer, fused with the layer norm that follows it.
+// layernorm.cu: each forward fused with what writes its input -----------------------
+// inp[M,N,C] = inp + inp_bias[M,C] + residual[M,N,C], written back (the bias and
+// residual that close a linear layer); then out = (inp - mean) * rstd * weight[m] +
+// bias[m]; mean, rstd [M,N].
 void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, const float* inp_bias,
                            const float* residual, const float* weight, const float* bias, int M, int N, int C,
                            cudaStream_t stream);
+// The same norm of encoded[M,B,T,C] = wte[m, tokens[m,b,t]] + pos[m, t], written first
+// (the first layer's norm of the embedding); pos [M,T,C] (stride T*C) or one shared
+// sinusoidal table [T,C] (pos_model_stride 0).
+void embedding_layernorm_forward(float* out, float* mean, float* rstd, float* encoded, const int32_t* tokens,
+                                 const float* wte, const float* pos, int64_t pos_model_stride, const float* weight,
+                                 const float* bias, int M, int B, int T, int C, int V, cudaStream_t stream);
 // dinp = dinp_in + the gradient through the norm (dinp_in null: nothing to add; it may
 // be dinp itself).
 void layernorm_backward_input(float* dinp, const float* dinp_in, const float* dout, const float* inp,
@@ -78,13 +83,24 @@ void layernorm_backward_input(float* dinp, const float* dinp_in, const float* do
 void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
                                const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream);
 
-// matmul.cu (cuBLAS strided-batched over models) ------------------------------------
+// matmul.cu: small products in an own kernel, the others cuBLAS strided-batched ------
+// Both run on the handle's stream; the own kernel computes in float32 whatever the
+// handle's math mode.
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
+// pre = inp weight^T + bias[M,OC]; post = act(pre) (exact GELU, as PyTorch).
+void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
+                               const float* bias, int M, int N, int C, int OC, Act act);
 // dinp[M,N,C] = dout[M,N,OC] weight (overwritten).
 void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
                            int C, int OC);
+// dpre[M,N,C] = (dout weight) * act'(pre[M,N,C]): the input gradient of a product
+// whose input was act(pre).
+void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
+                                      const float* pre, int M, int N, int C, int OC, Act act);
+// Whether both products above run in the own kernel for these shapes (else cuBLAS).
+bool matmul_runs_own_kernel(int M, int N, int C, int OC);
 // dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
 // in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
 int64_t matmul_backward_partials(int M, int N, int C, int OC);
@@ -95,6 +111,8 @@ void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& s
 // pre[M,N,D] += bias[M,D]; post = act(pre) (exact GELU, as PyTorch).
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
+// dpre[n] *= act'(pre[n]).
+void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cudaStream_t stream);
 // dpre = dpost * act'(pre) (act none: dpost itself, dpre and pre unused);
 // dbias[M,D] = sum over the rows of dpre through `sums` (column_sum_partials(M, N, D)).
 void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
@@ -116,10 +134,12 @@ int attention_max_seq_len(int head_dim);
 void prepare_attention_kernels();
 
 // crossentropy.cu ---------------------------------------------------------------------
-// losses[M] = mean over rows of -log softmax(logits)[target]; with backward, logits
-// [M,N,V] are overwritten by dlogits = (softmax - onehot) / N. row_loss [M,N] scratch.
-void crossentropy_forward_backward(float* losses, float* row_loss, float* logits, const int32_t* targets, int M, int N,
-                                   int V, bool backward, cudaStream_t stream);
+// row_loss[M,N] = -log softmax(logits)[target]; with backward, logits [M,N,V] are
+// overwritten by dlogits = (softmax - onehot) / N.
+void crossentropy_forward_backward(float* row_loss, float* logits, const int32_t* targets, int M, int N, int V,
+                                   bool backward, cudaStream_t stream);
+// losses[M] = the mean of each model's N row losses.
+void mean_loss_per_model(float* losses, const float* row_loss, int M, int N, cudaStream_t stream);
 
 // adamw.cu: global-norm clipping and AdamW over the flat parameter buffer ------------
 // One model's block of one parameter tensor.
@@ -137,17 +157,19 @@ struct OptimizerStep {
   float beta1, beta2, eps;
   double clip;          // <= 0: no clipping
 };
-// The segments cut into the pieces grad_norms sums one block each, in order.
+// The segments cut into the pieces that grad_norms and adamw_update take one block
+// each, in order.
 std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments);
-// norms[M] = global gradient norm per model over the norm_pieces of its segments;
+// norms[M] = global gradient norm per model over the pieces of its segments;
 // scales[M] = min(1, clip / (norm + 1e-6)); finite[0] = 1 when every loss and norm is
-// finite. partials [num_pieces] scratch.
-void grad_norms(double* partials, float* norms, float* scales, int* finite, const float* grads,
+// finite. partials [num_pieces] scratch; blocks_done, a counter of the launch's
+// finished blocks, must be zero before the first launch and is zero after each.
+void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* scales, int* finite, const float* grads,
                 const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
                 cudaStream_t stream);
-// AdamW on every segment, gradients times the model's scale; nothing when !finite[0].
-void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* segments,
-                  int num_segments, const float* scales, const int* finite, const OptimizerStep* step,
+// AdamW on every piece, gradients times the model's scale; nothing when !finite[0].
+void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* pieces,
+                  int num_pieces, const float* scales, const int* finite, const OptimizerStep* step,
                   cudaStream_t stream);
 
 // comoment.cu: correlation statistics of token-major activation chunks ---------------
