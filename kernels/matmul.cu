@@ -1,8 +1,10 @@
 // Linear layers, PyTorch's [out, in] weights in row-major memory (llm.c's operand
-// order), batched over the model axis. Small products (a tiny model's few thousand
-// rows, a short reduction) run in this file's own kernel, which fuses the MLP's
-// activation into its epilogue, forward and backward; the others are cuBLAS
-// strided-batched GEMMs, the activation a kernel of bias.cu.
+// order), batched over the model axis: cuBLAS strided-batched GEMMs, except that the
+// MLP's products with its activation (forward: bias + activation after the first
+// product; backward: times the activation's derivative after the second's input
+// gradient) run in this file's own kernel with the activation in its epilogue where
+// they are small (a tiny model's few thousand rows, a short reduction); where they
+// are not, cuBLAS and an epilogue kernel of bias.cu.
 // The weight gradient, a long reduction over N rows into a small output, is split
 // over row blocks as extra batches and the partial products added in order
 // (ColumnSums' stage 2): a deterministic split-K.
@@ -35,10 +37,11 @@ int weight_grad_splits(int M, int N, int C, int OC) {
 // tile and adds its products in k order. Tiles of kTileK come through shared memory,
 // the next one loaded into registers while the current one is used; each k takes two
 // 16-byte shared loads per 16 multiply-adds (one float per multiply-add, as in a
-// plain loop, would leave the kernel waiting on shared memory). Epilogues: store;
-// bias_activation (out = pre = product + bias[m, col], post = act(pre));
-// activation_grad (out = product * act'(pre)).
-enum class Epilogue { store, bias_activation, activation_grad };
+// plain loop, would leave the kernel waiting on shared memory). On an H100 it takes
+// about 10 us where cuBLAS takes 9.3 for the product alone, so it runs only where it
+// saves the epilogue kernel. Epilogues: bias_activation (out = pre = product +
+// bias[m, col], post = act(pre)); activation_grad (out = product * act'(pre)).
+enum class Epilogue { bias_activation, activation_grad };
 constexpr int kTileK = 32, kTileRows = 32, kTileCols = 64;
 constexpr int kThreadsX = kTileCols / 4, kThreadsY = kTileRows / 4, kThreads = kThreadsX * kThreadsY;
 // The own kernel up to this many outputs (all models) and this long a reduction; more
@@ -129,9 +132,7 @@ __global__ void __launch_bounds__(kThreads, 4) small_matmul_kernel(const SmallPr
       const int c = col0 + 4 * threadIdx.x + j;
       if (r >= p.R || c >= p.P) continue;
       const int64_t at = (m * p.R + r) * p.P + c;
-      if (kEpilogue == Epilogue::store) {
-        p.out[at] = acc[i][j];
-      } else if (kEpilogue == Epilogue::bias_activation) {
+      if (kEpilogue == Epilogue::bias_activation) {
         const float pre = acc[i][j] + p.bias[m * p.P + c];
         p.out[at] = pre;
         p.post[at] = activate(pre, p.act);
@@ -157,39 +158,21 @@ cudaStream_t stream_of(cublasHandle_t handle) {
   return stream;
 }
 
-// cuBLAS, column-major view: out^T [OC, N] = weight [OC, C] (stored as its transpose) x inp^T [C, N].
-void cublas_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
+}  // namespace
+
+void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC) {
+  // Column-major view: out^T [OC, N] = weight [OC, C] (stored as its transpose) x inp^T [C, N].
   const float one = 1.0f, zero = 0.0f;
   UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, weight, C,
                                               int64_t(OC) * C, inp, C, int64_t(N) * C, &zero, out, OC,
                                               int64_t(N) * OC, M));
 }
 
-// cuBLAS: dinp^T [C, N] = weight^T [C, OC] x dout^T [OC, N].
-void cublas_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
-                           int C, int OC) {
-  const float one = 1.0f, zero = 0.0f;
-  UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, weight, C,
-                                              int64_t(OC) * C, dout, OC, int64_t(N) * OC, &zero, dinp, C,
-                                              int64_t(N) * C, M));
-}
-
-}  // namespace
-
-bool matmul_runs_own_kernel(int M, int N, int C, int OC) { return is_small(M, N, OC, C) && is_small(M, N, C, OC); }
-
-void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
-                    int OC) {
-  if (!is_small(M, N, OC, C)) return cublas_forward(handle, out, inp, weight, M, N, C, OC);
-  launch_small<true, Epilogue::store>({out, nullptr, inp, weight, nullptr, nullptr, N, OC, C, Act::none}, M,
-                                      stream_of(handle));
-}
-
 void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
                                const float* bias, int M, int N, int C, int OC, Act act) {
   if (!is_small(M, N, OC, C)) {
-    cublas_forward(handle, pre, inp, weight, M, N, C, OC);
+    matmul_forward(handle, pre, inp, weight, M, N, C, OC);
     return bias_activation_forward(pre, post, bias, M, N, OC, act, stream_of(handle));
   }
   launch_small<true, Epilogue::bias_activation>({pre, post, inp, weight, bias, nullptr, N, OC, C, act}, M,
@@ -198,15 +181,17 @@ void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, c
 
 void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
                            int C, int OC) {
-  if (!is_small(M, N, C, OC)) return cublas_backward_input(handle, dinp, dout, weight, M, N, C, OC);
-  launch_small<false, Epilogue::store>({dinp, nullptr, dout, weight, nullptr, nullptr, N, C, OC, Act::none}, M,
-                                       stream_of(handle));
+  // dinp^T [C, N] = weight^T [C, OC] x dout^T [OC, N]
+  const float one = 1.0f, zero = 0.0f;
+  UNIV_CUBLAS_CHECK(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, weight, C,
+                                              int64_t(OC) * C, dout, OC, int64_t(N) * OC, &zero, dinp, C,
+                                              int64_t(N) * C, M));
 }
 
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
                                       const float* pre, int M, int N, int C, int OC, Act act) {
   if (!is_small(M, N, C, OC)) {
-    cublas_backward_input(handle, dpre, dout, weight, M, N, C, OC);
+    matmul_backward_input(handle, dpre, dout, weight, M, N, C, OC);
     return activation_backward(dpre, pre, int64_t(M) * N * C, act, stream_of(handle));
   }
   launch_small<false, Epilogue::activation_grad>({dpre, nullptr, dout, weight, nullptr, pre, N, C, OC, act}, M,

@@ -83,9 +83,8 @@ void layernorm_backward_input(float* dinp, const float* dinp_in, const float* do
 void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
                                const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream);
 
-// matmul.cu: small products in an own kernel, the others cuBLAS strided-batched ------
-// Both run on the handle's stream; the own kernel computes in float32 whatever the
-// handle's math mode.
+// matmul.cu: cuBLAS strided-batched, the small MLP products with their activation in
+// an own kernel (on the handle's stream, in float32 whatever the handle's math mode) -
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
@@ -99,8 +98,6 @@ void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout
 // whose input was act(pre).
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
                                       const float* pre, int M, int N, int C, int OC, Act act);
-// Whether both products above run in the own kernel for these shapes (else cuBLAS).
-bool matmul_runs_own_kernel(int M, int N, int C, int OC);
 // dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
 // in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
 int64_t matmul_backward_partials(int M, int N, int C, int OC);
