@@ -54,7 +54,7 @@ __global__ void add_layernorm_forward_kernel(float* __restrict__ out, float* __r
   normalize_row(out, mean, rstd, x, sum, weight, bias, row, m, C);
 }
 
-// encoded = wte[m, token] + pos[m, t] first, as embedding_forward computes it.
+// encoded = wte[m, token] + pos[m, t] first, as the CPU op embedding_forward adds them.
 __global__ void embedding_layernorm_forward_kernel(float* __restrict__ out, float* __restrict__ mean,
                                                    float* __restrict__ rstd, float* __restrict__ encoded,
                                                    const int32_t* __restrict__ tokens, const float* __restrict__ wte,
