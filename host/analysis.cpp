@@ -288,27 +288,42 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
   return out;
 }
 
-// On the host: the matched correlations of model i's neurons under each of the draws
-// [0, draws) of model j's rotations; drawn(n) is told of every n draws done. Each
-// draw's rotations are a pure function of (seed, model, draw), drawn where used,
-// several draws at once on threads as far as memory allows (each holds one layer's
-// columns of the rotated correlations; one-to-one matching across layers the whole
-// [N_i, N_j] matrix). The GPU's counterpart is rotated_matches_cuda.
-std::vector<std::vector<double>> rotated_matches(const CorrelationStats& stats, int i, int j, int draws,
-                                                 const AnalysisOptions& o, const std::function<void(int)>& drawn) {
-  const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
-  const int64_t Ni = si.neurons(), Nj = sj.neurons();
-  auto match = [&](const std::vector<double>& r) { return match_rows(r, Ni, Nj, si.width, sj.width, o).value; };
+// On the host: for each partner i of model j, the matched correlations of model i's
+// neurons under each of the draws [0, draws) of model j's rotations ([i][d], empty for
+// i = j); drawn(1) is told of every (partner, draw) done. Each draw's rotations are a
+// pure function of (seed, model, draw), drawn once and used for every partner, several
+// draws at once on threads as far as memory allows (each holds one layer's columns of
+// the rotated correlations; one-to-one matching across layers the whole [N_i, N_j]
+// matrix). The GPU's counterpart is rotated_matches_cuda.
+std::vector<std::vector<std::vector<double>>> rotated_matches(const CorrelationStats& stats, int j, int draws,
+                                                              const AnalysisOptions& o,
+                                                              const std::function<void(int)>& drawn) {
+  const int K = stats.models();
+  const NeuronShape sj = stats.shapes()[j];
+  const int64_t Nj = sj.neurons();
   const bool whole = o.match == MatchMode::one_to_one && o.scope == MatchScope::all;
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
-  std::vector<std::vector<double>> matched(draws);
-  const int parallel = concurrent_draws(within_layers ? si.width : Ni, whole ? Nj : sj.width);
+  int parallel = omp_get_max_threads();
+  for (int i = 0; i < K; ++i) {
+    const NeuronShape si = stats.shapes()[i];
+    if (i != j)
+      parallel = std::min(parallel, concurrent_draws(within_layers ? si.width : si.neurons(), whole ? Nj : sj.width));
+  }
+  std::vector<std::vector<std::vector<double>>> matched(K, std::vector<std::vector<double>>(draws));
+  matched[j].clear();
 #pragma omp parallel for schedule(dynamic) num_threads(parallel)
   for (int d = 0; d < draws; ++d) {
     const auto q = rotation_matrices(sj, j, d, o.seed);
-    matched[d] = whole ? match(correlation_matrix(stats, i, j, q)) : rotated_layer_matches(stats, i, j, q, o);
+    for (int i = 0; i < K; ++i) {
+      if (i == j) continue;
+      const NeuronShape si = stats.shapes()[i];
+      if (whole)
+        matched[i][d] = match_rows(correlation_matrix(stats, i, j, q), si.neurons(), Nj, si.width, sj.width, o).value;
+      else
+        matched[i][d] = rotated_layer_matches(stats, i, j, q, o);
 #pragma omp critical(univ_rotation_progress)
-    drawn(1);
+      drawn(1);
+    }
   }
   return matched;
 }
@@ -327,9 +342,9 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
     draws_done += n;
     if (progress) progress(draws_done, total);
   };
-  // Each ordered pair's rotated matches [i * K + j], one [N_i] vector per draw: on the
-  // GPU all at once (each model's rotations serve all its partners), on the host one
-  // pair at a time below.
+  // Each ordered pair's rotated matches [i * K + j], one [N_i] vector per draw, each
+  // model's rotations serving all its partners: on the GPU all at once, on the host
+  // model by model.
   std::vector<std::vector<std::vector<double>>> pair_matches(size_t(K) * K);
   bool on_gpu = false;
 #ifdef UNIV_HAVE_CUDA
@@ -341,6 +356,12 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
     pair_matches = rotated_matches_cuda(stats, draws, options, match_on_host, drawn, prepared);
   }
 #endif
+  if (!on_gpu)
+    for (int j = 0; j < K; ++j) {
+      auto matched = rotated_matches(stats, j, draws, options, drawn);
+      for (int i = 0; i < K; ++i)
+        if (i != j) pair_matches[size_t(i) * K + j] = std::move(matched[i]);
+    }
 
   Analysis out;
   out.options = options;
@@ -367,8 +388,7 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       const std::vector<double> r = correlation_matrix(stats, i, j);
       const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
-      const std::vector<std::vector<double>> matched =
-          on_gpu ? std::move(pair_matches[size_t(i) * K + j]) : rotated_matches(stats, i, j, draws, options, drawn);
+      const std::vector<std::vector<double>> matched = std::move(pair_matches[size_t(i) * K + j]);
       // Added in draw order: the sums do not depend on how the draws were spread.
       for (int d = 0; d < draws; ++d)
         for (int64_t n = 0; n < Ni; ++n) {

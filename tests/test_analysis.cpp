@@ -168,16 +168,17 @@ TEST(Rotation, AlgebraicRotationEqualsRotatingTheActivations) {
 TEST(Rotation, BaselinesFromLayerBlocksEqualMatchingTheWholeRotatedMatrix) {
   // The baseline is computed layer by layer of the rotated model (within layers only
   // the layer's own rows, for index matching only the diagonal; max across layers as
-  // the max of the layers' maxima); here against matching the whole rotated
-  // correlation matrix, in both directions.
-  const std::vector<NeuronShape> shapes{{3, 7}, {3, 7}};
+  // the max of the layers' maxima), each model's rotations drawn once for all its
+  // partners; here against matching the whole rotated correlation matrix, for every
+  // ordered pair of three models.
+  const std::vector<NeuronShape> shapes{{3, 7}, {3, 7}, {3, 7}};
   const int64_t n = 2000;
   std::mt19937_64 rng(17);
   std::normal_distribution<double> normal;
-  std::vector<std::vector<float>> acts(2, std::vector<float>(n * 21));
+  std::vector<std::vector<float>> acts(3, std::vector<float>(n * 21));
   for (int64_t t = 0; t < n; ++t) {
     const double shared = normal(rng);
-    for (int m = 0; m < 2; ++m)
+    for (int m = 0; m < 3; ++m)
       for (int k = 0; k < 21; ++k)
         acts[m][t * 21 + k] = static_cast<float>(1.0 + 0.2 * k + shared * ((k + m) % 4) + normal(rng));
   }
@@ -195,37 +196,42 @@ TEST(Rotation, BaselinesFromLayerBlocksEqualMatchingTheWholeRotatedMatrix) {
     o.null_draws = 0;
     o.seed = 4;
     const Analysis a = analyze(stats, o);
-    for (int i = 0; i < 2; ++i) {
-      const int j = 1 - i;
-      std::vector<double> expected(21, 0.0);
-      for (int d = 0; d < o.baseline_draws; ++d) {
-        const std::vector<double> r = correlation_matrix(stats, i, j, rotation_matrices(shapes[j], j, d, o.seed));
-        if (scope == MatchScope::all) {
-          for (int k = 0; k < 21; ++k)
-            expected[k] += *std::max_element(r.begin() + k * 21, r.begin() + k * 21 + 21) / o.baseline_draws;
-          continue;
-        }
-        for (int l = 0; l < 3; ++l) {
-          std::vector<double> block(49);
-          for (int k = 0; k < 7; ++k)
-            for (int c = 0; c < 7; ++c) block[k * 7 + c] = r[(l * 7 + k) * 21 + l * 7 + c];
-          std::vector<int> column(7);
-          if (mode == MatchMode::index) std::iota(column.begin(), column.end(), 0);
-          else if (mode == MatchMode::max)
-            for (int k = 0; k < 7; ++k)
-              column[k] = static_cast<int>(std::max_element(block.begin() + k * 7, block.begin() + k * 7 + 7) -
-                                           (block.begin() + k * 7));
-          else {
-            std::vector<double> cost(49);
-            for (int e = 0; e < 49; ++e) cost[e] = -block[e];
-            column = min_cost_assignment(cost, 7, 7);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        if (j == i) continue;
+        const int partner = j < i ? j : j - 1;  // partners in model order
+        std::vector<double> expected(21, 0.0);
+        for (int d = 0; d < o.baseline_draws; ++d) {
+          const std::vector<double> r = correlation_matrix(stats, i, j, rotation_matrices(shapes[j], j, d, o.seed));
+          if (scope == MatchScope::all) {
+            for (int k = 0; k < 21; ++k)
+              expected[k] += *std::max_element(r.begin() + k * 21, r.begin() + k * 21 + 21) / o.baseline_draws;
+            continue;
           }
-          for (int k = 0; k < 7; ++k) expected[l * 7 + k] += block[k * 7 + column[k]] / o.baseline_draws;
+          for (int l = 0; l < 3; ++l) {
+            std::vector<double> block(49);
+            for (int k = 0; k < 7; ++k)
+              for (int c = 0; c < 7; ++c) block[k * 7 + c] = r[(l * 7 + k) * 21 + l * 7 + c];
+            std::vector<int> column(7);
+            if (mode == MatchMode::index) std::iota(column.begin(), column.end(), 0);
+            else if (mode == MatchMode::max)
+              for (int k = 0; k < 7; ++k)
+                column[k] = static_cast<int>(std::max_element(block.begin() + k * 7, block.begin() + k * 7 + 7) -
+                                             (block.begin() + k * 7));
+            else {
+              std::vector<double> cost(49);
+              for (int e = 0; e < 49; ++e) cost[e] = -block[e];
+              column = min_cost_assignment(cost, 7, 7);
+            }
+            for (int k = 0; k < 7; ++k) expected[l * 7 + k] += block[k * 7 + column[k]] / o.baseline_draws;
+          }
+        }
+        for (int k = 0; k < 21; ++k) {
+          ASSERT_EQ(a.neurons[i * 21 + k].partners[partner].partner, j);
+          EXPECT_NEAR(a.neurons[i * 21 + k].partners[partner].baseline, expected[k], 1e-12)
+              << "model " << i << " partner " << j << " neuron " << k;
         }
       }
-      for (int k = 0; k < 21; ++k)
-        EXPECT_NEAR(a.neurons[i * 21 + k].partners[0].baseline, expected[k], 1e-12) << "model " << i << " neuron " << k;
-    }
   }
 }
 
