@@ -304,13 +304,13 @@ std::vector<std::vector<std::vector<double>>> rotated_matches(const CorrelationS
   const bool whole = o.match == MatchMode::one_to_one && o.scope == MatchScope::all;
   const bool within_layers = o.match == MatchMode::index || o.scope == MatchScope::layer;
   int parallel = omp_get_max_threads();
+  std::vector<std::vector<std::vector<double>>> matched(K);
   for (int i = 0; i < K; ++i) {
+    if (i == j) continue;
     const NeuronShape si = stats.shapes()[i];
-    if (i != j)
-      parallel = std::min(parallel, concurrent_draws(within_layers ? si.width : si.neurons(), whole ? Nj : sj.width));
+    parallel = std::min(parallel, concurrent_draws(within_layers ? si.width : si.neurons(), whole ? Nj : sj.width));
+    matched[i].resize(draws);
   }
-  std::vector<std::vector<std::vector<double>>> matched(K, std::vector<std::vector<double>>(draws));
-  matched[j].clear();
 #pragma omp parallel for schedule(dynamic) num_threads(parallel)
   for (int d = 0; d < draws; ++d) {
     const auto q = rotation_matrices(sj, j, d, o.seed);

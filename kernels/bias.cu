@@ -70,14 +70,13 @@ constexpr int kChunksPerGroup = 8;  // ... in chunk groups of about this many ch
 struct ColumnSumLaunch {
   ColumnSumJob job[kJobsPerLaunch];
   int first_block[kJobsPerLaunch + 1];  // job j owns blocks [first_block[j], first_block[j + 1])
-  int groups[kJobsPerLaunch];           // chunk groups of job j: a power of two up to 32
   int count;
 };
 
 // A job's chunk groups, of about kChunksPerGroup chunks each (a split weight
 // gradient's 16 chunks take 2 groups, a bias's 256 take 32): a thread's loads stay
 // few, and the rest of the block's threads take distinct columns.
-int chunk_groups(const ColumnSumJob& j) {
+__host__ __device__ int chunk_groups(const ColumnSumJob& j) {
   int groups = 1;
   while (groups < kWarpSize && groups * kChunksPerGroup < j.chunks) groups *= 2;
   return groups;
@@ -85,8 +84,8 @@ int chunk_groups(const ColumnSumJob& j) {
 
 // A job's blocks: (column tile of kSumThreads / groups columns, model, output), the
 // tile fastest.
-int job_blocks(const ColumnSumJob& j, int groups) {
-  return static_cast<int>(ceil_div<int64_t>(j.columns, kSumThreads / groups)) * j.models * (j.out1 ? 2 : 1);
+int job_blocks(const ColumnSumJob& j) {
+  return static_cast<int>(ceil_div<int64_t>(j.columns, kSumThreads / chunk_groups(j))) * j.models * (j.out1 ? 2 : 1);
 }
 
 // Stage 2. A block adds one (column tile, model, output) of its job: thread (x, g)
@@ -99,7 +98,7 @@ __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaun
     if (launch.first_block[mid] <= static_cast<int>(blockIdx.x)) lo = mid; else hi = mid - 1;
   }
   const ColumnSumJob& job = launch.job[lo];
-  const int groups = launch.groups[lo], width = kSumThreads / groups;
+  const int groups = chunk_groups(job), width = kSumThreads / groups;
   const int x = threadIdx.x % width, g = threadIdx.x / width;
   const int tiles = static_cast<int>(ceil_div<int64_t>(job.columns, width));
   const int local = static_cast<int>(blockIdx.x) - launch.first_block[lo];
@@ -165,8 +164,7 @@ void ColumnSums::finish(cudaStream_t stream) {
     launch.count = static_cast<int>(std::min<size_t>(kJobsPerLaunch, jobs_.size() - first));
     for (int j = 0; j < launch.count; ++j) {
       launch.job[j] = jobs_[first + j];
-      launch.groups[j] = chunk_groups(launch.job[j]);
-      launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j], launch.groups[j]);
+      launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j]);
     }
     if (launch.first_block[launch.count] == 0) continue;  // no columns at all
     add_column_partials_kernel<<<launch.first_block[launch.count], kSumThreads, 0, stream>>>(launch);

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
@@ -72,8 +71,10 @@ void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const i
       ++starts[tok[n] + 1];
     }
     for (int v = 0; v < V; ++v) starts[v + 1] += starts[v];
-    std::vector<int32_t> next(starts, starts + V);
-    for (int n = 0; n < N; ++n) token_rows[int64_t(m) * N + next[tok[n]]++] = n;
+    // starts[v] is token v's cursor and ends where token v + 1 starts: shifted back after.
+    for (int n = 0; n < N; ++n) token_rows[int64_t(m) * N + starts[tok[n]]++] = n;
+    for (int v = V; v > 0; --v) starts[v] = starts[v - 1];
+    starts[0] = 0;
   }
 }
 
