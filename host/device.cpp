@@ -12,7 +12,7 @@ namespace univ {
 
 std::unique_ptr<TrainBackend> make_cpu_backend(const RunConfig& config);
 #ifdef UNIV_HAVE_CUDA
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks);
 #endif
 
 std::string to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
@@ -80,12 +80,13 @@ Precision parse_precision(const std::string& name) {
   throw UserError("unknown --precision '" + name + "' (expected fp32 or tf32)");
 }
 
-std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config, Precision precision) {
+std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config, Precision precision,
+                                           CudaBlocks blocks) {
   if (device == Device::cpu) return make_cpu_backend(config);
 #ifdef UNIV_HAVE_CUDA
-  return make_cuda_backend(config, precision);
+  return make_cuda_backend(config, precision, blocks);
 #else
-  (void)precision;
+  (void)precision, (void)blocks;
   throw UserError("this build has no CUDA support");
 #endif
 }

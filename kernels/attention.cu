@@ -17,50 +17,14 @@ namespace {
 constexpr int kMaxThreads = 1024;
 int threads_for(int T) { return T >= 64 ? kMaxThreads : 256; }
 
-// Shared-memory layouts: rows read four at a time padded to multiples of 4 (hdp
-// channels; transposed k and v rows of T positions padded to pad4(T) + 4 floats, so
-// that a warp storing 4 positions x 8 channels into them hits 32 banks); the [T, T]
-// matrices padded by one (T + 1), so that threads reading different rows at one
+// Shared-memory layouts: rows padded as common.cuh's pad4 and transposed_ld say; the
+// [T, T] matrices padded by one (T + 1), so that threads reading different rows at one
 // column hit different banks.
-__host__ __device__ constexpr int pad4(int n) { return (n + 3) / 4 * 4; }
-__host__ __device__ constexpr int transposed_ld(int T) { return pad4(T) + 4; }
 size_t forward_shared_floats(int T, int hd) {  // kT, v, q, s
   return size_t(hd) * transposed_ld(T) + size_t(T) * pad4(hd) + size_t(T) * (hd + 1) + size_t(T) * (T + 1);
 }
 size_t backward_shared_floats(int T, int hd) {  // q, k, dy, vT, a, d
   return 3 * size_t(T) * pad4(hd) + size_t(hd) * transposed_ld(T) + 2 * size_t(T) * (T + 1);
-}
-
-// out(r, c) for r < rows, c < cols: the sum over k in range(r0, c0) of a(r, k) b[k, c],
-// each thread a tile of kRows x 4 (rows r0.., columns c0..), its b values read four at
-// a time (b row-major, ld a multiple of 4, padded columns readable). Every element
-// adds its terms in k order; store(r, c, value) takes each. The tiles' column groups
-// run fastest across threads. The products of attention are all of this form.
-template <int kRows, class A, class Range, class Store>
-__device__ void tile_product(int rows, int cols, const A& a, const float* b, int ldb, const Range& range,
-                             const Store& store) {
-  const int col_groups = (cols + 3) / 4, tiles = (rows + kRows - 1) / kRows * col_groups;
-  for (int tile = threadIdx.x; tile < tiles; tile += blockDim.x) {
-    const int r0 = tile / col_groups * kRows, c0 = tile % col_groups * 4;
-    const int2 k_range = range(r0, c0);
-    float acc[kRows][4] = {};
-    for (int k = k_range.x; k < k_range.y; ++k) {
-      const float4 bk = *reinterpret_cast<const float4*>(b + k * ldb + c0);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float ar = a(min(r0 + r, rows - 1), k);
-        acc[r][0] += ar * bk.x;
-        acc[r][1] += ar * bk.y;
-        acc[r][2] += ar * bk.z;
-        acc[r][3] += ar * bk.w;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        if (r0 + r < rows && c0 + c < cols) store(r0 + r, c0 + c, acc[r][c]);
-  }
 }
 
 // Tiles of four rows where a block has 1024 threads for T x T products, of one
@@ -104,9 +68,9 @@ __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* _
   __syncthreads();
   // scores: tiles wholly above the diagonal are skipped (their zeros are overwritten below)
   tile_product<kRows>(
-      T, T, [&](int t, int i) { return q[t * lq + i]; }, kT, ldT,
-      [&](int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
-      [&](int t, int t2, float dot) { s[t * Ts + t2] = dot * scale; });
+      1, T, T, [&](int, int t, int i) { return q[t * lq + i]; }, [&](int) { return kT; }, ldT,
+      [&](int, int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int, int t, int t2, float dot) { s[t * Ts + t2] = dot * scale; });
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // softmax, a warp per row
@@ -127,9 +91,9 @@ __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* _
   for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx] = s[idx / T * Ts + idx % T];
   // out[t] = sum over t2 of p[t, t2] v[t2]: up to the tile's last row (zeros past each row's own)
   tile_product<kRows>(
-      T, hd, [&](int t, int t2) { return s[t * Ts + t2]; }, v, hdp,
-      [&](int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int t, int i, float acc) { out[(seq * T + t) * C + h * hd + i] = acc; });
+      1, T, hd, [&](int, int t, int t2) { return s[t * Ts + t2]; }, [&](int) { return v; }, hdp,
+      [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
+      [&](int, int t, int i, float acc) { out[(seq * T + t) * C + h * hd + i] = acc; });
 }
 
 template <int kRows>
@@ -169,13 +133,14 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
   float* out = dqkv + seq * T * 3 * C + h * hd;
   // d(prob)[t, t2] = dy[t] . v[t2] on and below the diagonal, 0 above
   tile_product<kRows>(
-      T, T, [&](int t, int i) { return dy[t * hdp + i]; }, vT, ldT,
-      [&](int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
-      [&](int t, int t2, float dot) { d[t * Ts + t2] = t2 <= t ? dot : 0.0f; });
+      1, T, T, [&](int, int t, int i) { return dy[t * hdp + i]; }, [&](int) { return vT; }, ldT,
+      [&](int, int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int, int t, int t2, float dot) { d[t * Ts + t2] = t2 <= t ? dot : 0.0f; });
   // dv[t2] = sum over t >= t2 of a[t, t2] dy[t]: from the tile's first row (zeros before each row's own)
   tile_product<kRows>(
-      T, hd, [&](int t2, int t) { return a[t * Ts + t2]; }, dy, hdp, [&](int r0, int) { return make_int2(r0, T); },
-      [&](int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; });
+      1, T, hd, [&](int, int t2, int t) { return a[t * Ts + t2]; }, [&](int) { return dy; }, hdp,
+      [&](int, int r0, int) { return make_int2(r0, T); },
+      [&](int, int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; });
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // softmax backward, a warp per row
@@ -187,28 +152,21 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
   __syncthreads();
   // dq[t] = sum over t2 <= t of d[t, t2] k[t2]; dk[t] = sum over t1 >= t of d[t1, t] q[t1]
   tile_product<kRows>(
-      T, hd, [&](int t, int t2) { return d[t * Ts + t2]; }, k, hdp,
-      [&](int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int t, int i, float acc) { out[int64_t(t) * 3 * C + i] = acc; });
+      1, T, hd, [&](int, int t, int t2) { return d[t * Ts + t2]; }, [&](int) { return k; }, hdp,
+      [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
+      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + i] = acc; });
   tile_product<kRows>(
-      T, hd, [&](int t, int t1) { return d[t1 * Ts + t]; }, q, hdp, [&](int r0, int) { return make_int2(r0, T); },
-      [&](int t, int i, float acc) { out[int64_t(t) * 3 * C + C + i] = acc; });
+      1, T, hd, [&](int, int t, int t1) { return d[t1 * Ts + t]; }, [&](int) { return q; }, hdp,
+      [&](int, int r0, int) { return make_int2(r0, T); },
+      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + C + i] = acc; });
 }
-
-// The shared memory one block may opt in to on this device (227 KiB on sm_90).
-size_t shared_limit() {
-  int device = 0, bytes = 0;
-  UNIV_CUDA_CHECK(cudaGetDevice(&device));
-  UNIV_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
-}
-
-float attention_scale(int hd) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))); }
 
 }  // namespace
 
+float attention_scale(int hd) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))); }
+
 void prepare_attention_kernels() {
-  const int bytes = static_cast<int>(shared_limit());
+  const int bytes = static_cast<int>(shared_memory_optin_limit());
   for (const void* kernel : {reinterpret_cast<const void*>(attention_forward_kernel<1>),
                              reinterpret_cast<const void*>(attention_forward_kernel<4>),
                              reinterpret_cast<const void*>(attention_backward_kernel<1>),
@@ -217,7 +175,7 @@ void prepare_attention_kernels() {
 }
 
 int attention_max_seq_len(int head_dim) {
-  const size_t limit = shared_limit();
+  const size_t limit = shared_memory_optin_limit();
   int T = 1;
   while (backward_shared_floats(T + 1, head_dim) * sizeof(float) <= limit) ++T;
   return T;

@@ -1,8 +1,10 @@
-// Helpers shared by the kernels: warp reductions, sizes, the deterministic column sums.
+// Helpers shared by the kernels: warp reductions, sizes, the deterministic column sums,
+// the layer norm of one row and the shared-memory tile product of the fused kernels.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "univ/cuda/check.hpp"
@@ -42,9 +44,94 @@ __device__ inline float activation_derivative(float x, Act act) {
   return 1.0f;
 }
 
+// The layer norm of one row over C channels, a warp's lanes over channels lane, lane +
+// 32, ... of x (stride x_stride), sum the lanes' sum of them: out[c * out_stride] = (x -
+// mean) * rstd * w[c] + b[c]. Returns {mean, rstd}.
+constexpr float kLayerNormEps = 1e-5f;
+__device__ inline float2 normalize_lanes(float* __restrict__ out, int out_stride, const float* x, int x_stride,
+                                         float sum, const float* __restrict__ w, const float* __restrict__ b, int C) {
+  const int lane = threadIdx.x % kWarpSize;
+  const float mu = warp_sum(sum) / C;
+  float sq = 0.0f;
+  for (int c = lane; c < C; c += kWarpSize) sq += (x[c * x_stride] - mu) * (x[c * x_stride] - mu);
+  const float rs = rsqrtf(warp_sum(sq) / C + kLayerNormEps);
+  for (int c = lane; c < C; c += kWarpSize) out[c * out_stride] = (x[c * x_stride] - mu) * rs * w[c] + b[c];
+  return make_float2(mu, rs);
+}
+
+// The input gradient of that norm, a warp's lanes over channels as above: dx[c *
+// dx_stride] = dx_in[c * dx_stride] (null: nothing to add; it may be dx) + the gradient
+// through the norm of dy (stride dy_stride), from its input x (stride 1), weight w and
+// the row's mean and rstd.
+__device__ inline void layernorm_backward_lanes(float* dx, const float* dx_in, int dx_stride, const float* dy,
+                                                int dy_stride, const float* __restrict__ x,
+                                                const float* __restrict__ w, float mu, float rs, int C) {
+  const int lane = threadIdx.x % kWarpSize;
+  float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+  for (int c = lane; c < C; c += kWarpSize) {
+    const float dnorm = w[c] * dy[c * dy_stride];
+    dnorm_mean += dnorm;
+    dnorm_norm_mean += dnorm * (x[c] - mu) * rs;
+  }
+  dnorm_mean = warp_sum(dnorm_mean) / C;
+  dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
+  for (int c = lane; c < C; c += kWarpSize) {
+    const float d = (w[c] * dy[c * dy_stride] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
+    dx[c * dx_stride] = dx_in ? dx_in[c * dx_stride] + d : d;
+  }
+}
+
+// Shared-memory rows read four floats at a time: padded to multiples of 4, and rows of
+// T positions to pad4(T) + 4 floats, so that a warp storing 4 positions x 8 channels
+// into a transposed matrix hits 32 banks.
+__host__ __device__ constexpr int pad4(int n) { return (n + 3) / 4 * 4; }
+__host__ __device__ constexpr int transposed_ld(int T) { return pad4(T) + 4; }
+
+// For each of `batch` products e: out_e(r, c) for r < rows, c < cols, the sum over k in
+// range(e, r0, c0) of a(e, r, k) b_e[k, c] (b(e) row-major, ld a multiple of 4, padded
+// columns readable), each thread a tile of kRows x 4 (rows r0.., columns c0..) whose b
+// values it reads four at a time. Every element adds its terms in k order; store(e, r,
+// c, value) takes each. The tiles' column groups run fastest across threads, so a warp
+// reads few rows of a (broadcasts). The fused kernels' products are all of this form.
+template <int kRows, class A, class B, class Range, class Store>
+__device__ void tile_product(int batch, int rows, int cols, const A& a, const B& b, int ldb, const Range& range,
+                             const Store& store) {
+  const int col_groups = (cols + 3) / 4, tiles_per = (rows + kRows - 1) / kRows * col_groups;
+  for (int tile = threadIdx.x; tile < batch * tiles_per; tile += blockDim.x) {
+    const int e = tile / tiles_per, r0 = tile % tiles_per / col_groups * kRows, c0 = tile % col_groups * 4;
+    const int2 k_range = range(e, r0, c0);
+    const float* be = b(e);
+    float acc[kRows][4] = {};
+    for (int k = k_range.x; k < k_range.y; ++k) {
+      const float4 bk = *reinterpret_cast<const float4*>(be + k * ldb + c0);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float ar = a(e, min(r0 + r, rows - 1), k);
+        acc[r][0] += ar * bk.x;
+        acc[r][1] += ar * bk.y;
+        acc[r][2] += ar * bk.z;
+        acc[r][3] += ar * bk.w;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (r0 + r < rows && c0 + c < cols) store(e, r0 + r, c0 + c, acc[r][c]);
+  }
+}
+
 template <class T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
+}
+
+// The shared memory one block may opt in to on the current device (227 KiB on sm_90).
+inline size_t shared_memory_optin_limit() {
+  int device = 0, bytes = 0;
+  UNIV_CUDA_CHECK(cudaGetDevice(&device));
+  UNIV_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
 }
 
 // Blocks for a grid-stride loop over n elements.

@@ -10,7 +10,6 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 
 // Row `row` of model m: out = (x - mean) * rstd * weight[m] + bias[m], x the row this
@@ -18,18 +17,10 @@ constexpr int kRowsPerBlock = 8;  // warps per block, one row each
 __device__ inline void normalize_row(float* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
                                      const float* x, float sum, const float* __restrict__ weight,
                                      const float* __restrict__ bias, int64_t row, int64_t m, int C) {
-  const int lane = threadIdx.x;
-  const float mu = warp_sum(sum) / C;
-  float sq = 0.0f;
-  for (int c = lane; c < C; c += kWarpSize) sq += (x[c] - mu) * (x[c] - mu);
-  const float rs = rsqrtf(warp_sum(sq) / C + kEps);
-  const float* w = weight + m * C;
-  const float* b = bias + m * C;
-  float* o = out + row * C;
-  for (int c = lane; c < C; c += kWarpSize) o[c] = (x[c] - mu) * rs * w[c] + b[c];
-  if (lane == 0) {
-    mean[row] = mu;
-    rstd[row] = rs;
+  const float2 stats = normalize_lanes(out + row * C, 1, x, 1, sum, weight + m * C, bias + m * C, C);
+  if (threadIdx.x == 0) {
+    mean[row] = stats.x;
+    rstd[row] = stats.y;
   }
 }
 
@@ -83,25 +74,8 @@ __global__ void layernorm_backward_input_kernel(float* dinp, const float* dinp_i
                                                 int64_t rows, int N, int C) {
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
-  const int lane = threadIdx.x;
-  const float* x = inp + row * C;
-  const float* dy = dout + row * C;
-  const float* w = weight + row / N * C;
-  const float mu = mean[row], rs = rstd[row];
-  float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
-  for (int c = lane; c < C; c += kWarpSize) {
-    const float dnorm = w[c] * dy[c];
-    dnorm_mean += dnorm;
-    dnorm_norm_mean += dnorm * (x[c] - mu) * rs;
-  }
-  dnorm_mean = warp_sum(dnorm_mean) / C;
-  dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
-  float* dx = dinp + row * C;
-  const float* dx_in = dinp_in ? dinp_in + row * C : nullptr;
-  for (int c = lane; c < C; c += kWarpSize) {
-    const float d = (w[c] * dy[c] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
-    dx[c] = dx_in ? dx_in[c] + d : d;
-  }
+  layernorm_backward_lanes(dinp + row * C, dinp_in ? dinp_in + row * C : nullptr, 1, dout + row * C, 1, inp + row * C,
+                           weight + row / N * C, mean[row], rstd[row], C);
 }
 
 // Stage 1 of the parameter gradients. Block (column tile, row chunk, model): thread

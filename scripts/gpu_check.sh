@@ -92,7 +92,7 @@ step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
 step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
-  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.ColumnSums*:Gpu.Attention:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws'
+  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.ColumnSums*:Gpu.Attention:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws'
 wait
 rm -rf "$logs"
 head -20 "$out/machine.txt"

@@ -323,6 +323,173 @@ TEST_F(Gpu, Attention) {
   }
 }
 
+// Random weights of one block for M models, and the CPU ops' forward through it: the
+// embedding (first) or a random residual stream in, and the final norm after.
+struct BlockCase {
+  BlockCase(const Shape& s, bool first, Activation activation) : act(activation) {
+    const int M = s.M, N = s.B * s.T, C = s.C, D = s.D;
+    const int64_t rows = int64_t(M) * N;
+    uint32_t seed = first ? 60 : 90;
+    auto weights = [&](size_t n, double scale) { return random_vector<float>(size_t(M) * n, ++seed, scale); };
+    tokens = random_tokens(rows, s.V, ++seed);
+    wte = weights(size_t(s.V) * C, 1.0), wpe = weights(size_t(s.T) * C, 1.0);
+    ln1_w = weights(C, 1.0), ln1_b = weights(C, 1.0), qkv_w = weights(3 * C * C, 0.3), qkv_b = weights(3 * C, 1.0);
+    proj_w = weights(C * C, 0.3), proj_b = weights(C, 1.0), ln2_w = weights(C, 1.0), ln2_b = weights(C, 1.0);
+    fc_w = weights(D * C, 0.3), fc_b = weights(D, 1.0), out_w = weights(C * D, 0.1), out_b = weights(C, 1.0);
+    lnf_w = weights(C, 1.0), lnf_b = weights(C, 1.0);
+    const size_t nc = rows * C, nd = rows * D;
+    ln1.resize(nc), ln1_mean.resize(rows), ln1_rstd.resize(rows), qkv.resize(3 * nc);
+    att.resize(size_t(M) * s.B * s.H * s.T * s.T), atty.resize(nc), resid_mid.resize(nc), ln2.resize(nc);
+    ln2_mean.resize(rows), ln2_rstd.resize(rows), pre.resize(nd), post.resize(nd), resid_out.resize(nc);
+    lnf.resize(nc), lnf_mean.resize(rows), lnf_rstd.resize(rows);
+    if (first) {
+      x.resize(nc);
+      cpu::embedding_forward(x.data(), tokens.data(), wte.data(), wpe.data(), int64_t(s.T) * C, M, s.B, s.T, C, s.V);
+    } else {
+      x = random_vector<float>(nc, ++seed, 2.0);
+    }
+    std::vector<float> proj(nc), mlp(nc);
+    cpu::layernorm_forward(ln1.data(), ln1_mean.data(), ln1_rstd.data(), x.data(), ln1_w.data(), ln1_b.data(), M, N, C);
+    cpu::matmul_forward(qkv.data(), ln1.data(), qkv_w.data(), qkv_b.data(), M, N, C, 3 * C);
+    cpu::attention_forward(atty.data(), att.data(), qkv.data(), M, s.B, s.T, C, s.H);
+    cpu::matmul_forward(proj.data(), atty.data(), proj_w.data(), proj_b.data(), M, N, C, C);
+    cpu::residual_forward(resid_mid.data(), x.data(), proj.data(), int64_t(nc));
+    cpu::layernorm_forward(ln2.data(), ln2_mean.data(), ln2_rstd.data(), resid_mid.data(), ln2_w.data(), ln2_b.data(),
+                           M, N, C);
+    cpu::matmul_forward(pre.data(), ln2.data(), fc_w.data(), fc_b.data(), M, N, C, D);
+    cpu::activation_forward(post.data(), pre.data(), int64_t(nd), act);
+    cpu::matmul_forward(mlp.data(), post.data(), out_w.data(), out_b.data(), M, N, D, C);
+    cpu::residual_forward(resid_out.data(), resid_mid.data(), mlp.data(), int64_t(nc));
+    cpu::layernorm_forward(lnf.data(), lnf_mean.data(), lnf_rstd.data(), resid_out.data(), lnf_w.data(),
+                           lnf_b.data(), M, N, C);
+  }
+  cuda::Act cuda_act() const { return act == Activation::relu ? cuda::Act::relu : cuda::Act::gelu; }
+
+  Activation act;
+  std::vector<int32_t> tokens;
+  std::vector<float> wte, wpe, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b,
+      lnf_w, lnf_b;
+  std::vector<float> x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, resid_mid, ln2, ln2_mean, ln2_rstd, pre, post,
+      resid_out, lnf, lnf_mean, lnf_rstd;
+};
+
+// The fused forward kernel against the CPU ops composed: the first layer (embedding
+// in) and a last one (residual in, final norm out), every buffer it writes. The seed
+// experiment's shape must fit; the others run where they fit.
+TEST_F(Gpu, FusedBlockForward) {
+  ASSERT_TRUE(cuda::block_forward_fits(32, 64, 4, 256)) << "the seed experiment's block does not fit";
+  cuda::prepare_block_kernels();
+  for (const Shape& s : kShapes) for (const bool first : {true, false}) {
+    if (!cuda::block_forward_fits(s.T, s.C, s.H, s.D)) continue;
+    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + (first ? ", first" : ", last"));
+    const BlockCase k(s, first, first ? Activation::gelu : Activation::relu);
+    const int64_t rows = int64_t(s.M) * s.B * s.T, nc = rows * s.C, nd = rows * s.D;
+    auto d_tokens = up(k.tokens);
+    auto d_wte = up(k.wte), d_wpe = up(k.wpe), d_x = up(k.x), d_ln1_w = up(k.ln1_w), d_ln1_b = up(k.ln1_b),
+         d_qkv_w = up(k.qkv_w), d_qkv_b = up(k.qkv_b), d_proj_w = up(k.proj_w), d_proj_b = up(k.proj_b),
+         d_ln2_w = up(k.ln2_w), d_ln2_b = up(k.ln2_b), d_fc_w = up(k.fc_w), d_fc_b = up(k.fc_b),
+         d_out_w = up(k.out_w), d_out_b = up(k.out_b), d_lnf_w = up(k.lnf_w), d_lnf_b = up(k.lnf_b);
+    auto d_encoded = poisoned(nc), d_ln1 = poisoned(nc), d_ln1_mean = poisoned(rows), d_ln1_rstd = poisoned(rows),
+         d_qkv = poisoned(3 * nc), d_att = poisoned(k.att.size()), d_atty = poisoned(nc),
+         d_resid_mid = poisoned(nc), d_ln2 = poisoned(nc), d_ln2_mean = poisoned(rows), d_ln2_rstd = poisoned(rows),
+         d_pre = poisoned(nd), d_post = poisoned(nd), d_resid_out = poisoned(nc), d_lnf = poisoned(nc),
+         d_lnf_mean = poisoned(rows), d_lnf_rstd = poisoned(rows);
+    cuda::BlockForward f{};
+    f.resid_in = first ? nullptr : d_x.data();
+    f.encoded = d_encoded.data(), f.tokens = d_tokens.data(), f.wte = d_wte.data(), f.pos = d_wpe.data();
+    f.pos_model_stride = int64_t(s.T) * s.C;
+    f.ln1_w = d_ln1_w.data(), f.ln1_b = d_ln1_b.data(), f.qkv_w = d_qkv_w.data(), f.qkv_b = d_qkv_b.data();
+    f.proj_w = d_proj_w.data(), f.proj_b = d_proj_b.data(), f.ln2_w = d_ln2_w.data(), f.ln2_b = d_ln2_b.data();
+    f.fc_w = d_fc_w.data(), f.fc_b = d_fc_b.data(), f.out_w = d_out_w.data(), f.out_b = d_out_b.data();
+    f.ln1 = d_ln1.data(), f.ln1_mean = d_ln1_mean.data(), f.ln1_rstd = d_ln1_rstd.data(), f.qkv = d_qkv.data();
+    f.att = d_att.data(), f.atty = d_atty.data(), f.resid_mid = d_resid_mid.data(), f.ln2 = d_ln2.data();
+    f.ln2_mean = d_ln2_mean.data(), f.ln2_rstd = d_ln2_rstd.data(), f.pre = d_pre.data(), f.post = d_post.data();
+    f.resid_out = d_resid_out.data();
+    if (!first) {
+      f.lnf_w = d_lnf_w.data(), f.lnf_b = d_lnf_b.data(), f.lnf = d_lnf.data(), f.lnf_mean = d_lnf_mean.data();
+      f.lnf_rstd = d_lnf_rstd.data();
+    }
+    f.B = s.B, f.T = s.T, f.C = s.C, f.H = s.H, f.D = s.D, f.V = s.V;
+    f.scale = cuda::attention_scale(s.C / s.H);
+    f.act = k.cuda_act();
+    cuda::block_forward(f, s.M, stream->get());
+    if (first) {
+      EXPECT_EQ(down(d_encoded), k.x);  // one addition per element: equal to the bit
+    }
+    expect_close(down(d_ln1), k.ln1, kFp32, "ln1");
+    expect_close(down(d_ln1_rstd), k.ln1_rstd, kFp32, "ln1 rstd");
+    expect_close(down(d_qkv), k.qkv, kFp32, "qkv");
+    expect_close(down(d_att), k.att, kFp32, "att");
+    expect_close(down(d_atty), k.atty, kFp32, "atty");
+    expect_close(down(d_resid_mid), k.resid_mid, kFp32, "resid_mid");
+    expect_close(down(d_ln2), k.ln2, kFp32, "ln2");
+    expect_close(down(d_ln2_mean), k.ln2_mean, kFp32, "ln2 mean");
+    expect_close(down(d_pre), k.pre, kFp32, "pre");
+    expect_close(down(d_post), k.post, kFp32, "post");
+    expect_close(down(d_resid_out), k.resid_out, kFp32, "resid_out");
+    if (!first) {
+      expect_close(down(d_lnf), k.lnf, kFp32, "lnf");
+      expect_close(down(d_lnf_rstd), k.lnf_rstd, kFp32, "lnf rstd");
+    }
+  }
+}
+
+// The fused backward kernel against the CPU ops' backward through the same block from
+// the CPU forward's activations: every gradient it writes.
+TEST_F(Gpu, FusedBlockBackward) {
+  ASSERT_TRUE(cuda::block_backward_fits(32, 64, 4, 256)) << "the seed experiment's block does not fit";
+  cuda::prepare_block_kernels();
+  for (const Shape& s : kShapes) for (const Activation act : {Activation::gelu, Activation::relu}) {
+    if (!cuda::block_backward_fits(s.T, s.C, s.H, s.D)) continue;
+    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C));
+    const BlockCase k(s, false, act);
+    const int M = s.M, N = s.B * s.T, C = s.C, D = s.D;
+    const int64_t rows = int64_t(M) * N, nc = rows * C, nd = rows * D;
+    const auto dresid_out = random_vector<float>(nc, 120);
+    // CPU: the chain of input gradients (the weight gradients go to scratch)
+    std::vector<float> dpost(nd), dpre(nd), dln2(nc), dresid_mid = dresid_out, datty(nc), dqkv(3 * nc), dln1(nc);
+    std::vector<float> scratch(size_t(M) * std::max(3 * C * C, D * C)), dw(size_t(M) * C), db(size_t(M) * C);
+    cpu::matmul_backward<float>(dpost.data(), scratch.data(), nullptr, dresid_out.data(), k.post.data(),
+                                k.out_w.data(), M, N, D, C);
+    cpu::activation_backward(dpre.data(), dpost.data(), k.pre.data(), nd, act);
+    cpu::matmul_backward<float>(dln2.data(), scratch.data(), nullptr, dpre.data(), k.ln2.data(), k.fc_w.data(), M, N,
+                                C, D);
+    cpu::layernorm_backward(dresid_mid.data(), dw.data(), db.data(), dln2.data(), k.resid_mid.data(),
+                            k.ln2_w.data(), k.ln2_mean.data(), k.ln2_rstd.data(), M, N, C);
+    cpu::matmul_backward<float>(datty.data(), scratch.data(), nullptr, dresid_mid.data(), k.atty.data(),
+                                k.proj_w.data(), M, N, C, C);
+    cpu::attention_backward(dqkv.data(), datty.data(), k.qkv.data(), k.att.data(), M, s.B, s.T, C, s.H);
+    cpu::matmul_backward<float>(dln1.data(), scratch.data(), nullptr, dqkv.data(), k.ln1.data(), k.qkv_w.data(), M,
+                                N, C, 3 * C);
+    std::vector<float> dresid_in = dresid_mid;
+    cpu::layernorm_backward(dresid_in.data(), dw.data(), db.data(), dln1.data(), k.x.data(), k.ln1_w.data(),
+                            k.ln1_mean.data(), k.ln1_rstd.data(), M, N, C);
+    // GPU, from the CPU forward's activations
+    auto d_dresid_out = up(dresid_out), d_x = up(k.x), d_ln1_mean = up(k.ln1_mean), d_ln1_rstd = up(k.ln1_rstd),
+         d_qkv = up(k.qkv), d_att = up(k.att), d_resid_mid = up(k.resid_mid), d_ln2_mean = up(k.ln2_mean),
+         d_ln2_rstd = up(k.ln2_rstd), d_pre = up(k.pre), d_ln1_w = up(k.ln1_w), d_qkv_w = up(k.qkv_w),
+         d_proj_w = up(k.proj_w), d_ln2_w = up(k.ln2_w), d_fc_w = up(k.fc_w), d_out_w = up(k.out_w);
+    auto d_dpre = poisoned(nd), d_dln2 = poisoned(nc), d_dresid_mid = poisoned(nc), d_dqkv = poisoned(3 * nc),
+         d_dln1 = poisoned(nc), d_dresid_in = poisoned(nc);
+    cuda::BlockBackward b{};
+    b.dresid_out = d_dresid_out.data(), b.resid_in = d_x.data(), b.ln1_mean = d_ln1_mean.data();
+    b.ln1_rstd = d_ln1_rstd.data(), b.qkv = d_qkv.data(), b.att = d_att.data(), b.resid_mid = d_resid_mid.data();
+    b.ln2_mean = d_ln2_mean.data(), b.ln2_rstd = d_ln2_rstd.data(), b.pre = d_pre.data(), b.ln1_w = d_ln1_w.data();
+    b.qkv_w = d_qkv_w.data(), b.proj_w = d_proj_w.data(), b.ln2_w = d_ln2_w.data(), b.fc_w = d_fc_w.data();
+    b.out_w = d_out_w.data();
+    b.dpre = d_dpre.data(), b.dln2 = d_dln2.data(), b.dresid_mid = d_dresid_mid.data(), b.dqkv = d_dqkv.data();
+    b.dln1 = d_dln1.data(), b.dresid_in = d_dresid_in.data();
+    b.B = s.B, b.T = s.T, b.C = C, b.H = s.H, b.D = D, b.scale = cuda::attention_scale(C / s.H), b.act = k.cuda_act();
+    cuda::block_backward(b, M, stream->get());
+    expect_close(down(d_dpre), dpre, kFp32, "dpre");
+    expect_close(down(d_dln2), dln2, kFp32, "dln2");
+    expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
+    expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
+    expect_close(down(d_dln1), dln1, kFp32, "dln1");
+    expect_close(down(d_dresid_in), dresid_in, kFp32, "dresid_in");
+  }
+}
+
 TEST_F(Gpu, CrossEntropy) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T;
@@ -448,14 +615,17 @@ RunConfig small_run(int models) {
   return c;
 }
 
+// Both ways of running the blocks: fused (the default; this shape fits) and a kernel per op.
 TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
-  for (const int models : {1, 3}) {
+  for (const auto& [models, blocks] : {std::pair{1, CudaBlocks::fused}, std::pair{3, CudaBlocks::fused},
+                                       std::pair{3, CudaBlocks::per_op}}) {
+    SCOPED_TRACE(blocks == CudaBlocks::per_op ? "a kernel per op" : "fused blocks");
     RunConfig c = small_run(models);
     const DataSource source = open_data(c.data);
     c.model.vocab = c.data.vocab = source.vocab();
     const DataSplits splits = make_splits(source, c);
     BatchSampler sampler(c, splits);
-    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c);
+    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c, Precision::fp32, blocks);
     const ParamLayout layout(c.model, models);
     TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                     std::vector<float>(layout.total()), 0};

@@ -166,6 +166,30 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       [&] { k::attention_forward(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
   add("attention_backward", (rows * 7 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
       [&] { k::attention_backward(y.data(), x.data(), x.data(), att.data(), M, B, T, C, H, s); });
+  if (k::block_forward_fits(T, C, H, D)) {  // outputs share buffers: timing only
+    k::BlockForward fb{};
+    fb.resid_in = x.data(), fb.tokens = tokens.data(), fb.wte = w.data(), fb.pos = pos.data();
+    fb.ln1_w = fb.ln1_b = fb.ln2_w = fb.ln2_b = fb.qkv_b = fb.proj_b = fb.fc_b = fb.out_b = bias.data();
+    fb.qkv_w = fb.proj_w = fb.fc_w = fb.out_w = w.data();
+    fb.ln1 = fb.qkv = fb.atty = fb.resid_mid = fb.ln2 = fb.resid_out = y.data();
+    fb.ln1_mean = fb.ln2_mean = stats.data(), fb.ln1_rstd = fb.ln2_rstd = stats.data() + size_t(rows);
+    fb.att = att.data(), fb.pre = fb.post = post.data();
+    fb.B = B, fb.T = T, fb.C = C, fb.H = H, fb.D = D, fb.V = V, fb.scale = k::attention_scale(C / H), fb.act = k::Act::gelu;
+    const double weights = double(M) * (4.0 * C * C + 2.0 * C * D);
+    add("block_forward (fused layer)", (rows * (8 * C + 2 * D) + weights + double(M) * B * H * T * T) * f,
+        2 * rows * (4.0 * C * C + 2.0 * C * D) + att_flops, [&] { k::block_forward(fb, M, s); });
+    if (k::block_backward_fits(T, C, H, D)) {
+      k::BlockBackward bb{};
+      bb.dresid_out = bb.resid_in = bb.resid_mid = x.data(), bb.qkv = x.data(), bb.pre = post.data();
+      bb.ln1_mean = bb.ln2_mean = stats.data(), bb.ln1_rstd = bb.ln2_rstd = stats.data() + size_t(rows);
+      bb.att = att.data(), bb.ln1_w = bb.ln2_w = bias.data(), bb.qkv_w = bb.proj_w = bb.fc_w = bb.out_w = w.data();
+      bb.dpre = bb.dln2 = bb.dresid_mid = bb.dqkv = bb.dln1 = bb.dresid_in = y.data();
+      bb.B = B, bb.T = T, bb.C = C, bb.H = H, bb.D = D, bb.scale = fb.scale, bb.act = k::Act::gelu;
+      add("block_backward (fused layer, input gradients)",
+          (rows * (10 * C + 2 * D) + weights + double(M) * B * H * T * T) * f,
+          2 * rows * (4.0 * C * C + 2.0 * C * D) + 2 * att_flops, [&] { k::block_backward(bb, M, s); });
+    }
+  }
   add("crossentropy_forward_backward", rows * V * f * 2, rows * V * 6, [&] {
     k::crossentropy_forward_backward(row_loss.data(), y.data(), tokens.data(), M, N, V, true, s);
     k::mean_loss_per_model(losses.data(), row_loss.data(), M, N, s);
@@ -174,8 +198,9 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
 }
 
 // Milliseconds per training step of the whole backend (graph replay, batch upload, sync).
-double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps) {
-  auto backend = univ::make_backend(univ::Device::cuda, rc, precision);
+double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps,
+               univ::CudaBlocks blocks = univ::CudaBlocks::fused) {
+  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, blocks);
   const univ::ParamLayout layout(rc.model, rc.models);
   univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                      std::vector<float>(layout.total()), 0};
@@ -461,6 +486,7 @@ int main(int argc, char** argv) {
   try {
     if (univ::cuda_device_count() == 0) throw univ::UserError("no CUDA device is available");
     univ::cuda::prepare_attention_kernels();
+    univ::cuda::prepare_block_kernels();
     Bench b;
     b.repeats = repeats;
     univ::cuda::CublasHandle fp32(b.stream.get(), false), tf32(b.stream.get(), true);
@@ -472,7 +498,9 @@ int main(int argc, char** argv) {
       report["configs"].push_back({{"config", name},
                                    {"kernels", kernels},
                                    {"step_ms_fp32", step_ms(rc, univ::Precision::fp32, steps)},
-                                   {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)}});
+                                   {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)},
+                                   {"step_ms_fp32_per_op", step_ms(rc, univ::Precision::fp32, steps,
+                                                                   univ::CudaBlocks::per_op)}});
     }
     report["correlation"] = correlation(b, fp32.get(), tf32.get());
     report["correlation_step"] = correlation_step(b);
@@ -486,8 +514,9 @@ int main(int argc, char** argv) {
                 report["device"].get<std::string>().c_str(), cl["copy_GBps"].get<double>(),
                 cl["sgemm_fp32_TFLOPs"].get<double>(), cl["sgemm_tf32_TFLOPs"].get<double>());
     for (const auto& cfg : report["configs"]) {
-      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32\n", cfg["config"].get<std::string>().c_str(),
-                  cfg["step_ms_fp32"].get<double>(), cfg["step_ms_tf32"].get<double>());
+      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32 (fp32 with a kernel per op: %.3f ms)\n",
+                  cfg["config"].get<std::string>().c_str(), cfg["step_ms_fp32"].get<double>(),
+                  cfg["step_ms_tf32"].get<double>(), cfg["step_ms_fp32_per_op"].get<double>());
       std::printf("  %-30s %10s %10s %10s\n", "kernel", "us", "GB/s", "GFLOP/s");
       for (const auto& k : cfg["kernels"])
         std::printf("  %-30s %10.1f %10.1f %10.1f\n", k["kernel"].get<std::string>().c_str(),

@@ -93,11 +93,17 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
  public:
   // training false: a forward-only network (no gradients, optimizer state or
   // backward buffers), for DeviceForward; its parameters come from load_params().
-  CudaBackend(const RunConfig& config, Precision precision, bool training = true)
+  CudaBackend(const RunConfig& config, Precision precision, CudaBlocks blocks, bool training = true)
       : config_(config),
         layout_(config.model, config.models),
         training_(training),
         tf32_(precision == Precision::tf32),
+        fused_(blocks == CudaBlocks::fused && config.model.layers > 0 &&
+               cuda::block_forward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
+                                        config.model.d_mlp)),
+        fused_backward_(training && fused_ &&
+                        cuda::block_backward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
+                                                  config.model.d_mlp)),
         cublas_(stream_.get(), tf32_),
         params_(layout_.total()),
         grads_(training ? layout_.total() : 0),
@@ -109,6 +115,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       throw UserError("--seq-len " + std::to_string(c.seq_len) + " is beyond what the CUDA attention kernel holds for " +
                       "head width " + std::to_string(c.head_dim()) + " (" + std::to_string(max_T) + ")");
     cuda::prepare_attention_kernels();
+    if (fused_) cuda::prepare_block_kernels();
     allocate();
     if (training) {
       std::vector<cuda::ParamSegment> segments;
@@ -320,15 +327,35 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
             o.clip};
   }
 
+  // The layers and the final norm into lnf_: one fused kernel per layer where the shape
+  // fits (block.cu), else one kernel per op.
+  void forward(int B, bool for_backward) {
+    const ModelConfig& c = config_.model;
+    const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
+    const cudaStream_t s = stream_.get();
+    const auto p = param_pointers(layout_, c, params_.data());
+    if (fused_)
+      forward_fused_blocks(B, p);
+    else
+      forward_per_op(B, p);
+    cuda::matmul_forward(cublas_.get(), logits_, lnf_, p.lm_head, M, N, C, V);
+    cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
+    if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
+      fork();
+      cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->sums.get());
+    } else {
+      cuda::mean_loss_per_model(losses_, row_loss_, M, N, s);
+    }
+  }
+
   // Linear layers' biases are added by the kernel that reads their output next: the
   // attention adds the QKV bias, and the layer norms the bias and residual of the
   // products written straight into the residual stream's buffers.
-  void forward(int B, bool for_backward) {
+  void forward_per_op(int B, const ParamPointers<float>& p) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads, N = B * T;
     const cudaStream_t s = stream_.get();
     const cublasHandle_t h = cublas_.get();
-    const auto p = param_pointers(layout_, c, params_.data());
     const bool learned = c.pos == PosEncoding::learned;
     // ln = layer norm of the residual stream: after the embedding (written to encoded_)
     // at the first layer, else after the last layer's MLP bias and residual
@@ -358,13 +385,34 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::matmul_forward(h, a.resid_out, a.post, w.out_w, M, N, D, C);
     }
     norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
-    cuda::matmul_forward(h, logits_, lnf_, p.lm_head, M, N, C, V);
-    cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
-    if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
-      fork();
-      cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->sums.get());
-    } else {
-      cuda::mean_loss_per_model(losses_, row_loss_, M, N, s);
+  }
+
+  // One launch per layer; the last layer's ends with the final norm.
+  void forward_fused_blocks(int B, const ParamPointers<float>& p) {
+    const ModelConfig& c = config_.model;
+    const bool learned = c.pos == PosEncoding::learned;
+    for (int l = 0; l < c.layers; ++l) {
+      const LayerActs& a = layers_[l];
+      const auto& w = p.blocks[l];
+      const bool last = l + 1 == c.layers;
+      cuda::BlockForward f{};
+      f.resid_in = l == 0 ? nullptr : layers_[l - 1].resid_out;
+      f.encoded = encoded_, f.tokens = inputs_, f.wte = p.wte;
+      f.pos = learned ? p.wpe : positions_.data(), f.pos_model_stride = learned ? int64_t(c.seq_len) * c.d_model : 0;
+      f.ln1_w = w.ln1_w, f.ln1_b = w.ln1_b, f.qkv_w = w.qkv_w, f.qkv_b = w.qkv_b, f.proj_w = w.proj_w;
+      f.proj_b = w.proj_b, f.ln2_w = w.ln2_w, f.ln2_b = w.ln2_b, f.fc_w = w.fc_w, f.fc_b = w.fc_b;
+      f.out_w = w.out_w, f.out_b = w.out_b;
+      f.ln1 = a.ln1, f.ln1_mean = a.ln1_mean, f.ln1_rstd = a.ln1_rstd, f.qkv = a.qkv, f.att = a.att, f.atty = a.atty;
+      f.resid_mid = a.resid_mid, f.ln2 = a.ln2, f.ln2_mean = a.ln2_mean, f.ln2_rstd = a.ln2_rstd, f.pre = a.pre;
+      f.post = a.post, f.resid_out = a.resid_out;
+      if (last) {
+        f.lnf_w = p.lnf_w, f.lnf_b = p.lnf_b;
+        f.lnf = lnf_, f.lnf_mean = lnf_mean_, f.lnf_rstd = lnf_rstd_;
+      }
+      f.B = B, f.T = c.seq_len, f.C = c.d_model, f.H = c.heads, f.D = c.d_mlp, f.V = c.vocab;
+      f.scale = cuda::attention_scale(c.head_dim());
+      f.act = to_act(c.activation);
+      cuda::block_forward(f, config_.models, stream_.get());
     }
   }
 
@@ -403,34 +451,72 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const auto& w = p.blocks[l];
       const auto& gw = g.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
+      // The parameter gradients on the side streams, each once what it reads exists.
       // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
-      fork();
-      cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
-      cuda::matmul_backward_weight(hs, gw.out_w, sums, dresid, a.post, M, N, D, C);
-      cuda::matmul_backward_input_activation(h, d.dpre, dresid, w.out_w, a.pre, M, N, D, C, to_act(c.activation));
-      fork();
-      cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side);
-      cuda::matmul_backward_weight(hs, gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
-      cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
-      cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M, N,
-                                     C, s);
-      fork();
-      cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N, C,
-                                      side);
+      auto mlp_out_grads = [&] {
+        cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
+        cuda::matmul_backward_weight(hs, gw.out_w, sums, dresid, a.post, M, N, D, C);
+      };
+      auto mlp_in_grads = [&] {
+        cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side);
+        cuda::matmul_backward_weight(hs, gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
+      };
+      auto ln2_grads = [&] {
+        cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
+                                        C, side);
+      };
       // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
-      cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side);
-      cuda::matmul_backward_weight(hs, gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
-      cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
-      cuda::attention_backward(d.dqkv, datty_, a.qkv, a.att, M, B, T, C, H, s);
+      auto attention_out_grads = [&] {
+        cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side);
+        cuda::matmul_backward_weight(hs, gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
+      };
+      auto attention_in_grads = [&] {
+        cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side);
+        cuda::matmul_backward_weight(hs, gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
+      };
+      auto ln1_grads = [&] {
+        cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
+                                        side);
+      };
       fork();
-      cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side);
-      cuda::matmul_backward_weight(hs, gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
-      cuda::matmul_backward_input(h, d.dln1, d.dqkv, w.qkv_w, M, N, C, 3 * C);
-      cuda::layernorm_backward_input(d.dresid_in, d.dresid_mid, d.dln1, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd, M,
-                                     N, C, s);
-      fork();
-      cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
-                                      side);
+      mlp_out_grads();
+      if (fused_backward_) {
+        cuda::BlockBackward b{};
+        b.dresid_out = dresid, b.resid_in = residual, b.ln1_mean = a.ln1_mean, b.ln1_rstd = a.ln1_rstd;
+        b.qkv = a.qkv, b.att = a.att, b.resid_mid = a.resid_mid, b.ln2_mean = a.ln2_mean, b.ln2_rstd = a.ln2_rstd;
+        b.pre = a.pre, b.ln1_w = w.ln1_w, b.qkv_w = w.qkv_w, b.proj_w = w.proj_w, b.ln2_w = w.ln2_w;
+        b.fc_w = w.fc_w, b.out_w = w.out_w;
+        b.dpre = d.dpre, b.dln2 = d.dln2, b.dresid_mid = d.dresid_mid, b.dqkv = d.dqkv, b.dln1 = d.dln1;
+        b.dresid_in = d.dresid_in;
+        b.B = B, b.T = T, b.C = C, b.H = H, b.D = D, b.scale = cuda::attention_scale(c.head_dim());
+        b.act = to_act(c.activation);
+        cuda::block_backward(b, M, s);
+        fork();
+        mlp_in_grads();
+        ln2_grads();
+        attention_out_grads();
+        attention_in_grads();
+        ln1_grads();
+      } else {
+        cuda::matmul_backward_input_activation(h, d.dpre, dresid, w.out_w, a.pre, M, N, D, C, to_act(c.activation));
+        fork();
+        mlp_in_grads();
+        cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
+        cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M,
+                                       N, C, s);
+        fork();
+        ln2_grads();
+        attention_out_grads();
+        cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
+        cuda::attention_backward(d.dqkv, datty_, a.qkv, a.att, M, B, T, C, H, s);
+        fork();
+        attention_in_grads();
+        cuda::matmul_backward_input(h, d.dln1, d.dqkv, w.qkv_w, M, N, C, 3 * C);
+        cuda::layernorm_backward_input(d.dresid_in, d.dresid_mid, d.dln1, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd,
+                                       M, N, C, s);
+        fork();
+        ln1_grads();
+      }
       dresid = d.dresid_in;
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
@@ -464,6 +550,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   ParamLayout layout_;
   bool training_;
   bool tf32_;
+  bool fused_;           // forward_fused_blocks, else forward_per_op
+  bool fused_backward_;  // block_backward per layer, else a kernel per op
   cuda::Stream stream_;
   cuda::CublasHandle cublas_;
   std::unique_ptr<SideStreams> side_;  // made with the step's graph
@@ -493,13 +581,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
 }  // namespace
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision) {
-  return std::make_unique<CudaBackend>(config, precision);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks) {
+  return std::make_unique<CudaBackend>(config, precision, blocks);
 }
 
 std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params) {
   if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
-  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, /*training=*/false);
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, CudaBlocks::fused, /*training=*/false);
   net->load_params(params);
   return net;
 }

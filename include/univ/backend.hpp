@@ -24,6 +24,12 @@ enum class Precision { fp32, tf32 };
 std::string to_string(Precision p);
 Precision parse_precision(const std::string& name);  // UserError for unknown names
 
+// How the CUDA backend runs the transformer blocks: one kernel per block for the
+// forward and one for its input gradients where the shape fits in shared memory (else
+// as per_op), or one kernel per op. Both compute the same to float32 rounding;
+// benchmarks compare them.
+enum class CudaBlocks { fused, per_op };
+
 // Number of CUDA devices usable by this process; 0 without CUDA support.
 int cuda_device_count();
 // Makes GPU `index` modulo the device count this process's GPU (one per MPI rank).
@@ -59,7 +65,8 @@ class TrainBackend {
 };
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config,
-                                           Precision precision = Precision::fp32);
+                                           Precision precision = Precision::fp32,
+                                           CudaBlocks blocks = CudaBlocks::fused);
 
 // One model's forward pass on the GPU whose MLP activations stay on the device:
 // correlate's GPU path feeds them straight into the statistics.

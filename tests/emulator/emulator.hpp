@@ -31,6 +31,10 @@ struct dim3 {
 struct float4 {
   float x, y, z, w;
 };
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct int2 {
   int x, y;
 };

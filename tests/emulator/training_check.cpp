@@ -1,7 +1,7 @@
 // The CUDA training backend (host/cuda/backend.cpp and the training kernels, run on the
 // host emulator) against the CPU backend, for machines without a GPU: losses, norms
-// and every gradient of whole steps, the parameters after them, evaluation, and the
-// forward-only network's activations, to 1e-5. The step graph replays in random orders
+// and every gradient tensor of whole steps, the parameters after them, evaluation,
+// and the forward-only network's activations, to 1e-5. The step graph replays in random orders
 // its edges allow, so a missing edge between its streams shows as a wrong gradient.
 #include <cmath>
 #include <cstdio>
@@ -15,7 +15,7 @@
 #include "univ/train.hpp"
 
 namespace univ {
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks);
 }
 
 namespace {
@@ -24,9 +24,9 @@ using namespace univ;
 
 constexpr double kTolerance = 1e-5;
 
-double relative_error(const std::vector<float>& got, const std::vector<float>& expect) {
+double relative_error(const float* got, const float* expect, int64_t n) {
   double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(got[i])) return INFINITY;
     num += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
     den += double(expect[i]) * expect[i];
@@ -34,9 +34,26 @@ double relative_error(const std::vector<float>& got, const std::vector<float>& e
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+double relative_error(const std::vector<float>& got, const std::vector<float>& expect) {
+  return relative_error(got.data(), expect.data(), static_cast<int64_t>(got.size()));
+}
+
+// The largest relative error of one model's tensor: a small error in one tensor shows,
+// which the norm over all parameters would hide.
+double worst_tensor_error(const ParamLayout& layout, int models, const std::vector<float>& got,
+                          const std::vector<float>& expect) {
+  double worst = 0;
+  for (const auto& t : layout.tensors())
+    for (int m = 0; m < models; ++m) {
+      const int64_t at = layout.offset(t, m);
+      worst = std::max(worst, relative_error(got.data() + at, expect.data() + at, t.numel));
+    }
+  return worst;
+}
+
 bool report(const char* what, double error) {
   const bool ok = error < kTolerance;
-  std::printf("  %-28s %.2e %s\n", what, error, ok ? "ok" : "FAILED");
+  std::printf("  %-30s %.2e %s\n", what, error, ok ? "ok" : "FAILED");
   return ok;
 }
 
@@ -45,6 +62,7 @@ struct Case {
   int models, seq_len, d_model, heads, d_mlp, layers, batch, steps;
   Activation activation;
   PosEncoding pos;
+  CudaBlocks blocks;
   unsigned order_seed;  // 0: the graph in capture order
 };
 
@@ -66,7 +84,7 @@ bool whole_steps(const Case& k) {
   const DataSplits splits = make_splits(source, c);
   BatchSampler sampler(c, splits);
   auto cpu = make_backend(Device::cpu, c);
-  auto gpu = make_cuda_backend(c, Precision::fp32);
+  auto gpu = make_cuda_backend(c, Precision::fp32, k.blocks);
   const ParamLayout layout(c.model, k.models);
   TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                   std::vector<float>(layout.total()), 0};
@@ -88,7 +106,7 @@ bool whole_steps(const Case& k) {
     std::printf(" step %ld\n", static_cast<long>(step));
     ok &= report("losses", loss);
     ok &= report("gradient norms", norm);
-    ok &= report("gradients", relative_error(gpu->gradients(), cpu->gradients()));
+    ok &= report("gradients, worst tensor", worst_tensor_error(layout, k.models, gpu->gradients(), cpu->gradients()));
   }
   ok &= report("parameters after the steps", relative_error(gpu->state().params, cpu->state().params));
   const auto expect = cpu->evaluate(splits.test.tokens.data(), splits.test.count());
@@ -138,12 +156,14 @@ bool forward_only() {
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   const Case cases[] = {
-      {"1 model, T 16, d 32, 4 heads, d_mlp 48, 2 layers, GELU, learned positions", 1, 16, 32, 4, 48, 2, 3, 3,
-       Activation::gelu, PosEncoding::learned, 0},
-      {"3 models, T 16, d 32, 4 heads, d_mlp 48, 2 layers, ReLU, sinusoidal positions", 3, 16, 32, 4, 48, 2, 2, 2,
-       Activation::relu, PosEncoding::sinusoidal, 1},
-      {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles)", 2, 66, 30, 2, 20, 1,
-       1, 2, Activation::gelu, PosEncoding::learned, 2},
+      {"1 model, T 16, d 32, 4 heads, d_mlp 48, 2 layers, GELU, learned positions, fused blocks", 1, 16, 32, 4, 48,
+       2, 3, 3, Activation::gelu, PosEncoding::learned, CudaBlocks::fused, 0},
+      {"3 models, T 16, d 32, 4 heads, d_mlp 48, 2 layers, ReLU, sinusoidal positions, fused blocks", 3, 16, 32, 4,
+       48, 2, 2, 2, Activation::relu, PosEncoding::sinusoidal, CudaBlocks::fused, 1},
+      {"2 models, T 13, d 30, 3 heads (width 10), d_mlp 22, 2 layers, GELU, fused blocks", 2, 13, 30, 3, 22, 2, 2, 2,
+       Activation::gelu, PosEncoding::learned, CudaBlocks::fused, 3},
+      {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles), per op", 2, 66, 30, 2,
+       20, 1, 1, 2, Activation::gelu, PosEncoding::learned, CudaBlocks::per_op, 2},
   };
   bool ok = true;
   for (const Case& k : cases) ok &= whole_steps(k);

@@ -126,9 +126,53 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         int H, cudaStream_t stream);
 // The longest sequence the fused kernels hold in shared memory for a head width.
 int attention_max_seq_len(int head_dim);
+// The scale of the scores, 1 / sqrt(head_dim) rounded from float64.
+float attention_scale(int head_dim);
 // Lets the attention kernels use all the shared memory a block may opt in to; call
 // once per device before the first launch (not during graph capture).
 void prepare_attention_kernels();
+
+// block.cu: a transformer block's forward and backward passes, each in one kernel ----
+// Where block_forward_fits(), one launch per layer writes what the per-op forward
+// writes (layer norms, qkv with its bias, attention probabilities and output,
+// resid_mid, pre and post activations), with the residual sums complete: resid_mid =
+// resid_in + attention, resid_out = resid_mid + MLP. Weights and biases of model 0,
+// each model's following at its tensor's size.
+struct BlockForward {
+  const float* resid_in;  // [M,N,C]; null at the first layer: the embedding, written to encoded
+  float* encoded;
+  const int32_t* tokens;  // [M,N]
+  const float *wte, *pos;  // pos as embedding_layernorm_forward takes it
+  int64_t pos_model_stride;
+  const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *out_w, *out_b;
+  const float *lnf_w, *lnf_b;  // the last layer's final norm, with lnf not null
+  float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
+      *resid_out, *lnf, *lnf_mean, *lnf_rstd;
+  int B, T, C, H, D, V;
+  float scale;  // 1 / sqrt(C / H), as attention_scale()
+  Act act;
+};
+// Where block_backward_fits(), one launch per layer takes the gradient at the layer's
+// output back to its input: dresid_in = dresid_mid + the first norm's input gradient,
+// and writes the gradients the parameters' products and column sums read: dpre (of
+// the MLP's pre-activations), dln2, dresid_mid, dqkv, dln1 [M,N,...], as the per-op
+// backward does. It reads what block_forward (or the per-op forward) wrote.
+struct BlockBackward {
+  const float* dresid_out;  // [M,N,C]
+  const float *resid_in, *ln1_mean, *ln1_rstd, *qkv, *att, *resid_mid, *ln2_mean, *ln2_rstd, *pre;
+  const float *ln1_w, *qkv_w, *proj_w, *ln2_w, *fc_w, *out_w;
+  float *dpre, *dln2, *dresid_mid, *dqkv, *dln1, *dresid_in;
+  int B, T, C, H, D;
+  float scale;
+  Act act;
+};
+// Whether the kernels hold this shape in the current device's shared memory.
+bool block_forward_fits(int T, int C, int H, int D);
+bool block_backward_fits(int T, int C, int H, int D);
+// Once per device before the first launch (not during graph capture).
+void prepare_block_kernels();
+void block_forward(const BlockForward& params, int M, cudaStream_t stream);
+void block_backward(const BlockBackward& params, int M, cudaStream_t stream);
 
 // crossentropy.cu ---------------------------------------------------------------------
 // row_loss[M,N] = -log softmax(logits)[target]; with backward, logits [M,N,V] are

@@ -1,0 +1,410 @@
+// A transformer block's forward and backward passes, each in one kernel: one block of
+// threads per (model, sequence) holds the sequence's residual stream (or its gradient)
+// and the layer's activations in shared memory, transposed (features x positions), and
+// each weight matrix in turn. The forward runs norm, QKV, causal attention,
+// projection, norm and MLP with their biases, residuals and activation, the first
+// layer's embedding before and the last layer's final norm after; the backward runs
+// the chain of input gradients back through them. Short sequences of narrow models
+// (the seed experiment's) fit; there each replaces a chain of seven kernels per layer.
+// Both write what the per-op kernels write: the forward every activation the backward
+// reads, the backward every gradient the parameter gradients (run apart, per op) read.
+#include <cfloat>
+
+#include "common.cuh"
+#include "univ/cuda/kernels.hpp"
+
+namespace univ::cuda {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kRows = 4;       // weight products: output features per thread tile
+constexpr int kMaxSplits = 8;  // weight products: k ranges summed apart, at most
+constexpr int kMinSplitDepth = 16;
+
+// A weight product's k ranges: products with fewer 4 x 4 output tiles than threads
+// split k, so that every thread works, down to kMinSplitDepth terms per range.
+__host__ __device__ int product_splits(int OC, int T, int K) {
+  const int tiles = ceil_div(OC, kRows) * ceil_div(T, 4);
+  const int by_threads = max(1, kThreads / tiles), by_depth = max(1, K / kMinSplitDepth);
+  return min(kMaxSplits, min(by_threads, by_depth));
+}
+
+// store(i, load(i)) for i < n across the block, kLoadsInFlight loads issued before
+// their stores, so that global memory's latency is paid once per batch.
+constexpr int kLoadsInFlight = 8;
+template <class Load, class Store>
+__device__ void copy_batched(int n, const Load& load, const Store& store) {
+  for (int base = threadIdx.x; base < n; base += blockDim.x * kLoadsInFlight) {
+    float v[kLoadsInFlight];
+#pragma unroll
+    for (int j = 0; j < kLoadsInFlight; ++j) {
+      const int i = base + j * blockDim.x;
+      v[j] = i < n ? load(i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLoadsInFlight; ++j) {
+      const int i = base + j * blockDim.x;
+      if (i < n) store(i, v[j]);
+    }
+  }
+}
+
+// w [rows, ld] = src [rows, cols].
+__device__ void stage_weights(float* w, const float* __restrict__ src, int rows, int cols, int ld) {
+  copy_batched(rows * cols, [&](int i) { return src[i]; }, [&](int i, float v) { w[i / cols * ld + i % cols] = v; });
+}
+
+// dst [cols, ldt] = src [T, cols] (global, row-major) transposed.
+__device__ void load_transposed(float* dst, const float* __restrict__ src, int T, int cols, int ldt) {
+  copy_batched(T * cols, [&](int i) { return src[i]; }, [&](int i, float v) { dst[i % cols * ldt + i / cols] = v; });
+}
+
+// dst [T, cols] (global, row-major) = src [cols, ldt] transposed.
+__device__ void store_rows(float* __restrict__ dst, const float* src, int T, int cols, int ldt) {
+  for (int idx = threadIdx.x; idx < T * cols; idx += blockDim.x) dst[idx] = src[idx % cols * ldt + idx / cols];
+}
+
+// out[c, t] = the layer norm of x[., t] over C channels, a warp per position; mean,
+// rstd [T] to global memory.
+__device__ void norm_positions(float* out, const float* x, int ldt, const float* __restrict__ weight,
+                               const float* __restrict__ bias, float* __restrict__ mean, float* __restrict__ rstd,
+                               int T, int C) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize) {
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += kWarpSize) sum += x[c * ldt + t];
+    const float2 stats = normalize_lanes(out + t, ldt, x + t, ldt, sum, weight, bias, C);
+    if (lane == 0) {
+      mean[t] = stats.x;
+      rstd[t] = stats.y;
+    }
+  }
+}
+
+// out(o, t) = sum over k < K of a(o, k) act[k, t] for o < OC, t < T (act row stride
+// ldt), each (o, t) passed once to epilogue(o, t, sum): a reads a staged weight matrix
+// as it is (forward) or transposed (backward). Split products' ranges add up in order
+// through `scratch`. All threads call it; it syncs only when split.
+template <class A, class Epilogue>
+__device__ void weight_product(int OC, int T, int K, const A& a, const float* act, int ldt, float* scratch,
+                               const Epilogue& epilogue) {
+  const int splits = product_splits(OC, T, K), depth = ceil_div(K, splits);
+  auto weight = [&](int, int o, int k) { return a(o, k); };
+  auto input = [&](int) { return act; };
+  auto range = [&](int e, int, int) { return make_int2(e * depth, min(K, (e + 1) * depth)); };
+  if (splits == 1) {
+    tile_product<kRows>(1, OC, T, weight, input, ldt, range, [&](int, int o, int t, float v) { epilogue(o, t, v); });
+    return;
+  }
+  tile_product<kRows>(splits, OC, T, weight, input, ldt, range,
+                      [&](int e, int o, int t, float v) { scratch[(int64_t(e) * OC + o) * ldt + t] = v; });
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < OC * T; idx += blockDim.x) {
+    const int o = idx / T, t = idx % T;
+    float sum = scratch[o * ldt + t];
+    for (int e = 1; e < splits; ++e) sum += scratch[(int64_t(e) * OC + o) * ldt + t];
+    epilogue(o, t, sum);
+  }
+}
+
+// The forward's products: out = w x with w [OC, K] staged with rows of K + 1.
+template <class Epilogue>
+__device__ void forward_product(int OC, int T, int K, const float* w, const float* act, int ldt, float* scratch,
+                                const Epilogue& epilogue) {
+  weight_product(OC, T, K, [&](int o, int k) { return w[o * (K + 1) + k]; }, act, ldt, scratch, epilogue);
+}
+
+// The backward's products: dx = w^T dy, w [K, OC] staged as it is (w[k, o]: a warp's
+// tiles read consecutive o, distinct banks).
+template <class Epilogue>
+__device__ void backward_product(int OC, int T, int K, const float* w, const float* dy, int ldt, float* scratch,
+                                 const Epilogue& epilogue) {
+  weight_product(OC, T, K, [&](int o, int k) { return w[k * OC + o]; }, dy, ldt, scratch, epilogue);
+}
+
+// The partial sums of the split products among (OC, K).
+__host__ __device__ int64_t split_scratch(int T, int ldt, const int (&products)[4][2]) {
+  int64_t floats = 0;
+  for (const auto& p : products) floats = max(floats, int64_t(product_splits(p[0], T, p[1])) * p[0] * ldt);
+  return floats;
+}
+
+// The forward's shared memory, in floats from its start: w, one weight matrix [OC, K +
+// 1] (odd rows, so that a warp's tiles read distinct banks); x, the residual stream
+// [C, ldt]; ln, a norm's output, then the attention's [C, ldt]; wide, qkv [3C, ldt],
+// then the MLP's activations [D, ldt]; spare, the scores [H, T, ldt] and the split
+// products' partial sums [splits, OC, ldt].
+struct ForwardLayout {
+  int ldt;
+  int64_t x, ln, wide, spare, total;
+};
+__host__ __device__ ForwardLayout forward_layout(int T, int C, int H, int D) {
+  ForwardLayout s;
+  s.ldt = transposed_ld(T);
+  const int64_t w = max(max(int64_t(3) * C * (C + 1), int64_t(D) * (C + 1)), int64_t(C) * (D + 1));
+  const int products[4][2] = {{3 * C, C}, {C, C}, {D, C}, {C, D}};  // (OC, K): qkv, proj, fc, out
+  s.x = pad4(static_cast<int>(w));
+  s.ln = s.x + int64_t(C) * s.ldt;
+  s.wide = s.ln + int64_t(C) * s.ldt;
+  s.spare = s.wide + int64_t(max(3 * C, D)) * s.ldt;
+  s.total = s.spare + max(int64_t(H) * T * s.ldt, split_scratch(T, s.ldt, products));
+  return s;
+}
+
+// The backward's: w, one weight matrix as it is [OC, K]; g, the gradient of the
+// residual stream [C, ldt]; dln, a norm's output gradient, then the attention output's
+// [C, ldt]; wide, the pre-activations, then their gradient [D, ldt], then qkv's
+// gradient [3C, ldt]; qkv [3C, ldt]; spare, the probabilities and their gradients
+// [2, H, T, ldt] and the split products' partial sums.
+struct BackwardLayout {
+  int ldt;
+  int64_t g, dln, wide, qkv, spare, total;
+};
+__host__ __device__ BackwardLayout backward_layout(int T, int C, int H, int D) {
+  BackwardLayout s;
+  s.ldt = transposed_ld(T);
+  const int64_t w = max(int64_t(3) * C * C, int64_t(D) * C);
+  const int products[4][2] = {{D, C}, {C, D}, {C, C}, {C, 3 * C}};  // (OC, K): dpost, dln2, datty, dln1
+  s.g = pad4(static_cast<int>(w));
+  s.dln = s.g + int64_t(C) * s.ldt;
+  s.wide = s.dln + int64_t(C) * s.ldt;
+  s.qkv = s.wide + int64_t(max(3 * C, D)) * s.ldt;
+  s.spare = s.qkv + int64_t(3 * C) * s.ldt;
+  s.total = s.spare + max(int64_t(2) * H * T * s.ldt, split_scratch(T, s.ldt, products));
+  return s;
+}
+
+__global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_constant__ BlockForward p) {
+  extern __shared__ float4 shared4[];
+  const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
+  const ForwardLayout layout = forward_layout(T, C, H, D);
+  const int ldt = layout.ldt;
+  float* smem = reinterpret_cast<float*>(shared4);
+  float *w = smem, *x = smem + layout.x, *ln = smem + layout.ln, *wide = smem + layout.wide,
+        *spare = smem + layout.spare;
+  const int64_t seq = blockIdx.x, m = seq / p.B, row0 = seq * T;  // rows [row0, row0 + T) of [M, N]
+  const float* __restrict__ qkv_b = p.qkv_b + m * 3 * C;
+  const float* __restrict__ proj_b = p.proj_b + m * C;
+  const float* __restrict__ fc_b = p.fc_b + m * D;
+  const float* __restrict__ out_b = p.out_b + m * C;
+
+  // x[c, t]: the residual stream entering the layer, or the embedding (written out)
+  if (p.resid_in) {
+    load_transposed(x, p.resid_in + row0 * C, T, C, ldt);
+  } else {
+    copy_batched(
+        T * C,
+        [&](int i) {
+          const int t = i / C, c = i % C;
+          return p.wte[(m * p.V + p.tokens[row0 + t]) * C + c] + p.pos[m * p.pos_model_stride + int64_t(t) * C + c];
+        },
+        [&](int i, float v) {
+          p.encoded[row0 * C + i] = v;
+          x[i % C * ldt + i / C] = v;
+        });
+  }
+  stage_weights(w, p.qkv_w + m * 3 * C * C, 3 * C, C, C + 1);
+  __syncthreads();
+  norm_positions(ln, x, ldt, p.ln1_w + m * C, p.ln1_b + m * C, p.ln1_mean + row0, p.ln1_rstd + row0, T, C);
+  __syncthreads();
+  store_rows(p.ln1 + row0 * C, ln, T, C, ldt);
+  forward_product(3 * C, T, C, w, ln, ldt, spare, [&](int o, int t, float v) { wide[o * ldt + t] = v + qkv_b[o]; });
+  __syncthreads();
+
+  // attention: rows [0, C) of wide are q, [C, 2C) k, [2C, 3C) v; head h on hd of each
+  store_rows(p.qkv + row0 * 3 * C, wide, T, 3 * C, ldt);
+  stage_weights(w, p.proj_w + m * C * C, C, C, C + 1);
+  float* scores = spare;  // [H, T (key t2), ldt (query t)]
+  tile_product<2>(
+      H, T, T, [&](int h, int t2, int i) { return wide[(C + h * hd + i) * ldt + t2]; },
+      [&](int h) { return wide + h * hd * ldt; }, ldt,
+      [&](int, int r0, int c0) { return c0 + 3 < r0 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int h, int t2, int t, float dot) { scores[(h * T + t2) * ldt + t] = dot * p.scale; });
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int col = threadIdx.x / kWarpSize; col < H * T; col += warps) {  // softmax, a warp per (head, query)
+    const int h = col / T, t = col % T;
+    float* s = scores + h * T * ldt + t;  // key t2 at s[t2 * ldt]
+    float max_score = -FLT_MAX;
+    for (int t2 = lane; t2 <= t; t2 += kWarpSize) max_score = fmaxf(max_score, s[t2 * ldt]);
+    max_score = warp_max(max_score);
+    float sum = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += kWarpSize) {
+      s[t2 * ldt] = expf(s[t2 * ldt] - max_score);
+      sum += s[t2 * ldt];
+    }
+    const float inv = 1.0f / warp_sum(sum);
+    float* a = p.att + ((seq * H + h) * T + t) * T;  // [M, B, H, T, T]
+    for (int t2 = lane; t2 < T; t2 += kWarpSize) {
+      const float prob = t2 <= t ? s[t2 * ldt] * inv : 0.0f;
+      s[t2 * ldt] = prob;
+      a[t2] = prob;
+    }
+  }
+  __syncthreads();
+  // y[h hd + i, t] = sum over t2 <= t of v[i, t2] p[t2, t], into ln (free since the QKV product)
+  tile_product<2>(
+      H, hd, T, [&](int h, int i, int t2) { return wide[(2 * C + h * hd + i) * ldt + t2]; },
+      [&](int h) { return scores + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(0, min(T, c0 + 4)); },
+      [&](int h, int i, int t, float acc) { ln[(h * hd + i) * ldt + t] = acc; });
+  __syncthreads();
+  store_rows(p.atty + row0 * C, ln, T, C, ldt);
+  forward_product(C, T, C, w, ln, ldt, spare, [&](int o, int t, float v) { x[o * ldt + t] += v + proj_b[o]; });
+  __syncthreads();
+
+  // MLP: x = resid_mid + act(ln2 W1^T + b1) W2^T + b2
+  store_rows(p.resid_mid + row0 * C, x, T, C, ldt);
+  norm_positions(ln, x, ldt, p.ln2_w + m * C, p.ln2_b + m * C, p.ln2_mean + row0, p.ln2_rstd + row0, T, C);
+  stage_weights(w, p.fc_w + m * D * C, D, C, C + 1);
+  __syncthreads();
+  store_rows(p.ln2 + row0 * C, ln, T, C, ldt);
+  forward_product(D, T, C, w, ln, ldt, spare, [&](int o, int t, float v) {
+    const float pre = v + fc_b[o];
+    p.pre[(row0 + t) * D + o] = pre;
+    wide[o * ldt + t] = activate(pre, p.act);
+  });
+  __syncthreads();
+  store_rows(p.post + row0 * D, wide, T, D, ldt);
+  stage_weights(w, p.out_w + m * C * D, C, D, D + 1);
+  __syncthreads();
+  forward_product(C, T, D, w, wide, ldt, spare, [&](int o, int t, float v) { x[o * ldt + t] += v + out_b[o]; });
+  __syncthreads();
+  store_rows(p.resid_out + row0 * C, x, T, C, ldt);
+  if (p.lnf) {  // the last layer: the final norm
+    norm_positions(ln, x, ldt, p.lnf_w + m * C, p.lnf_b + m * C, p.lnf_mean + row0, p.lnf_rstd + row0, T, C);
+    __syncthreads();
+    store_rows(p.lnf + row0 * C, ln, T, C, ldt);
+  }
+}
+
+// g[c, t] += the input gradient of the layer norm of x [T, C] (global) from dln[., t],
+// a warp per position.
+__device__ void norm_backward_positions(float* g, const float* dln, int ldt, const float* __restrict__ x,
+                                        const float* __restrict__ weight, const float* __restrict__ mean,
+                                        const float* __restrict__ rstd, int T, int C) {
+  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)
+    layernorm_backward_lanes(g + t, g + t, ldt, dln + t, ldt, x + int64_t(t) * C, weight, mean[t], rstd[t], C);
+}
+
+__global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_constant__ BlockBackward p) {
+  extern __shared__ float4 shared4[];
+  const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
+  const BackwardLayout layout = backward_layout(T, C, H, D);
+  const int ldt = layout.ldt;
+  float* smem = reinterpret_cast<float*>(shared4);
+  float *w = smem, *g = smem + layout.g, *dln = smem + layout.dln, *wide = smem + layout.wide,
+        *qkv = smem + layout.qkv, *spare = smem + layout.spare;
+  const int64_t seq = blockIdx.x, m = seq / p.B, row0 = seq * T;  // rows [row0, row0 + T) of [M, N]
+
+  // MLP: dpre = (dresid W2) * act'(pre); dln2 = dpre W1; dresid_mid = dresid + norm'(dln2)
+  load_transposed(g, p.dresid_out + row0 * C, T, C, ldt);
+  load_transposed(wide, p.pre + row0 * D, T, D, ldt);
+  load_transposed(qkv, p.qkv + row0 * 3 * C, T, 3 * C, ldt);
+  stage_weights(w, p.out_w + m * C * D, C, D, D);
+  __syncthreads();
+  backward_product(D, T, C, w, g, ldt, spare, [&](int i, int t, float v) {
+    wide[i * ldt + t] = v * activation_derivative(wide[i * ldt + t], p.act);
+  });
+  __syncthreads();
+  store_rows(p.dpre + row0 * D, wide, T, D, ldt);
+  stage_weights(w, p.fc_w + m * D * C, D, C, C);
+  __syncthreads();
+  backward_product(C, T, D, w, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  __syncthreads();
+  store_rows(p.dln2 + row0 * C, dln, T, C, ldt);
+  norm_backward_positions(g, dln, ldt, p.resid_mid + row0 * C, p.ln2_w + m * C, p.ln2_mean + row0,
+                          p.ln2_rstd + row0, T, C);
+  stage_weights(w, p.proj_w + m * C * C, C, C, C);
+  __syncthreads();
+
+  // attention: datty = dresid_mid Wproj, through the attention into dqkv (in wide)
+  store_rows(p.dresid_mid + row0 * C, g, T, C, ldt);
+  backward_product(C, T, C, w, g, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  __syncthreads();
+  float* dprobs = spare;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
+  float* probs = spare + int64_t(H) * T * ldt;  // [H, T (query t), ldt (key t2)]: probabilities, then d(scores)
+  copy_batched(H * T * T, [&](int i) { return p.att[seq * H * T * T + i]; },
+               [&](int i, float v) { probs[i / T * ldt + i % T] = v; });
+  stage_weights(w, p.qkv_w + m * 3 * C * C, 3 * C, C, C);
+  // dprob^T(t2, t) = v(t2) . dy(t), for t2 <= t
+  tile_product<2>(
+      H, T, T, [&](int h, int t2, int i) { return qkv[(2 * C + h * hd + i) * ldt + t2]; },
+      [&](int h) { return dln + h * hd * ldt; }, ldt,
+      [&](int, int r0, int c0) { return c0 + 3 < r0 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int h, int t2, int t, float dot) { dprobs[(h * T + t2) * ldt + t] = dot; });
+  __syncthreads();
+  // dv[i, t2] = sum over t >= t2 of dy[i, t] p(t, t2)
+  tile_product<2>(
+      H, hd, T, [&](int h, int i, int t) { return dln[(h * hd + i) * ldt + t]; },
+      [&](int h) { return probs + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(c0, T); },
+      [&](int h, int i, int t2, float acc) { wide[(2 * C + h * hd + i) * ldt + t2] = acc; });
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int row = threadIdx.x / kWarpSize; row < H * T; row += warps) {  // softmax backward, a warp per (head, query)
+    const int h = row / T, t = row % T;
+    float* a = probs + (h * T + t) * ldt;     // key t2 at a[t2]
+    float* d = dprobs + h * T * ldt + t;      // key t2 at d[t2 * ldt]
+    float weighted = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += kWarpSize) weighted += a[t2] * d[t2 * ldt];
+    weighted = warp_sum(weighted);
+    for (int t2 = lane; t2 < T; t2 += kWarpSize) {
+      const float ds = t2 <= t ? a[t2] * (d[t2 * ldt] - weighted) * p.scale : 0.0f;
+      a[t2] = ds;
+      d[t2 * ldt] = ds;
+    }
+  }
+  __syncthreads();
+  // dq[i, t] = sum over t2 <= t of k[i, t2] ds(t, t2); dk[i, t2] = sum over t >= t2 of q[i, t] ds(t, t2)
+  tile_product<2>(
+      H, hd, T, [&](int h, int i, int t2) { return qkv[(C + h * hd + i) * ldt + t2]; },
+      [&](int h) { return dprobs + h * T * ldt; }, ldt,
+      [&](int, int, int c0) { return make_int2(0, min(T, c0 + 4)); },
+      [&](int h, int i, int t, float acc) { wide[(h * hd + i) * ldt + t] = acc; });
+  tile_product<2>(
+      H, hd, T, [&](int h, int i, int t) { return qkv[(h * hd + i) * ldt + t]; },
+      [&](int h) { return probs + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(c0, T); },
+      [&](int h, int i, int t2, float acc) { wide[(C + h * hd + i) * ldt + t2] = acc; });
+  __syncthreads();
+
+  // dln1 = dqkv Wqkv; dresid_in = dresid_mid + norm'(dln1)
+  store_rows(p.dqkv + row0 * 3 * C, wide, T, 3 * C, ldt);
+  backward_product(C, T, 3 * C, w, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  __syncthreads();
+  store_rows(p.dln1 + row0 * C, dln, T, C, ldt);
+  norm_backward_positions(g, dln, ldt, p.resid_in + row0 * C, p.ln1_w + m * C, p.ln1_mean + row0,
+                          p.ln1_rstd + row0, T, C);
+  __syncthreads();
+  store_rows(p.dresid_in + row0 * C, g, T, C, ldt);
+}
+
+size_t forward_bytes(int T, int C, int H, int D) { return size_t(forward_layout(T, C, H, D).total) * sizeof(float); }
+size_t backward_bytes(int T, int C, int H, int D) { return size_t(backward_layout(T, C, H, D).total) * sizeof(float); }
+
+}  // namespace
+
+bool block_forward_fits(int T, int C, int H, int D) {
+  return T >= 1 && C % H == 0 && forward_bytes(T, C, H, D) <= shared_memory_optin_limit();
+}
+
+bool block_backward_fits(int T, int C, int H, int D) {
+  return T >= 1 && C % H == 0 && backward_bytes(T, C, H, D) <= shared_memory_optin_limit();
+}
+
+void prepare_block_kernels() {
+  const int bytes = static_cast<int>(shared_memory_optin_limit());
+  UNIV_CUDA_CHECK(cudaFuncSetAttribute(block_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  UNIV_CUDA_CHECK(cudaFuncSetAttribute(block_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+void block_forward(const BlockForward& p, int M, cudaStream_t stream) {
+  block_forward_kernel<<<M * p.B, kThreads, forward_bytes(p.T, p.C, p.H, p.D), stream>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void block_backward(const BlockBackward& p, int M, cudaStream_t stream) {
+  block_backward_kernel<<<M * p.B, kThreads, backward_bytes(p.T, p.C, p.H, p.D), stream>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace univ::cuda
