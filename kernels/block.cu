@@ -3,8 +3,9 @@
 // and the layer's activations in shared memory, transposed (features x positions), and
 // each weight matrix in turn. The forward runs norm, QKV, causal attention,
 // projection, norm and MLP with their biases, residuals and activation, the first
-// layer's embedding before and the last layer's final norm after; the backward runs
-// the chain of input gradients back through them. Short sequences of narrow models
+// layer's embedding before and the last layer's final norm and head after (logits,
+// cross-entropy, and for training the gradient back through both); the backward runs
+// the chain of input gradients back through a block. Short sequences of narrow models
 // (the seed experiment's) fit; there each replaces a chain of seven kernels per layer.
 // Both write what the per-op kernels write: the forward every activation the backward
 // reads, the backward every gradient the parameter gradients (run apart, per op) read.
@@ -25,7 +26,7 @@ constexpr int kMinSplitDepth = 16;
 // A weight product's k ranges: products with fewer 4 x 4 output tiles than threads
 // split k, so that every thread works, down to kMinSplitDepth terms per range.
 __host__ __device__ int product_splits(int OC, int T, int K) {
-  const int tiles = ceil_div(OC, kRows) * ceil_div(T, 4);
+  const int tiles = max(1, ceil_div(OC, kRows) * ceil_div(T, 4));
   const int by_threads = max(1, kThreads / tiles), by_depth = max(1, K / kMinSplitDepth);
   return min(kMaxSplits, min(by_threads, by_depth));
 }
@@ -115,16 +116,17 @@ __device__ void forward_product(int OC, int T, int K, const float* w, const floa
   weight_product(OC, T, K, [&](int o, int k) { return w[o * (K + 1) + k]; }, act, ldt, scratch, epilogue);
 }
 
-// The backward's products: dx = w^T dy, w [K, OC] staged as it is (w[k, o]: a warp's
-// tiles read consecutive o, distinct banks).
+// The backward's products: dx = w^T dy, w [K, OC] staged with rows of ldw (w[k, o]: a
+// warp's tiles read consecutive o, distinct banks).
 template <class Epilogue>
-__device__ void backward_product(int OC, int T, int K, const float* w, const float* dy, int ldt, float* scratch,
-                                 const Epilogue& epilogue) {
-  weight_product(OC, T, K, [&](int o, int k) { return w[k * OC + o]; }, dy, ldt, scratch, epilogue);
+__device__ void backward_product(int OC, int T, int K, const float* w, int ldw, const float* dy, int ldt,
+                                 float* scratch, const Epilogue& epilogue) {
+  weight_product(OC, T, K, [&](int o, int k) { return w[k * ldw + o]; }, dy, ldt, scratch, epilogue);
 }
 
 // The partial sums of the split products among (OC, K).
-__host__ __device__ int64_t split_scratch(int T, int ldt, const int (&products)[4][2]) {
+template <int kProducts>
+__host__ __device__ int64_t split_scratch(int T, int ldt, const int (&products)[kProducts][2]) {
   int64_t floats = 0;
   for (const auto& p : products) floats = max(floats, int64_t(product_splits(p[0], T, p[1])) * p[0] * ldt);
   return floats;
@@ -139,15 +141,18 @@ struct ForwardLayout {
   int ldt;
   int64_t x, ln, wide, spare, total;
 };
-__host__ __device__ ForwardLayout forward_layout(int T, int C, int H, int D) {
+// V: the vocabulary of the head that ends the last layer, 0 without one (its weights
+// in w, its logits in wide).
+__host__ __device__ ForwardLayout forward_layout(int T, int C, int H, int D, int V) {
   ForwardLayout s;
   s.ldt = transposed_ld(T);
-  const int64_t w = max(max(int64_t(3) * C * (C + 1), int64_t(D) * (C + 1)), int64_t(C) * (D + 1));
-  const int products[4][2] = {{3 * C, C}, {C, C}, {D, C}, {C, D}};  // (OC, K): qkv, proj, fc, out
+  const int64_t w = max(max(max(int64_t(3) * C, int64_t(D)), int64_t(V)) * (C + 1), int64_t(C) * (D + 1));
+  // (OC, K): qkv, proj, fc, out, logits, the final norm's gradient
+  const int products[6][2] = {{3 * C, C}, {C, C}, {D, C}, {C, D}, {V, C}, {C, V}};
   s.x = pad4(static_cast<int>(w));
   s.ln = s.x + int64_t(C) * s.ldt;
   s.wide = s.ln + int64_t(C) * s.ldt;
-  s.spare = s.wide + int64_t(max(3 * C, D)) * s.ldt;
+  s.spare = s.wide + int64_t(max(max(3 * C, D), V)) * s.ldt;
   s.total = s.spare + max(int64_t(H) * T * s.ldt, split_scratch(T, s.ldt, products));
   return s;
 }
@@ -178,7 +183,8 @@ __host__ __device__ BackwardLayout backward_layout(int T, int C, int H, int D) {
 __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_constant__ BlockForward p) {
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
-  const ForwardLayout layout = forward_layout(T, C, H, D);
+  const int V = p.lm_head ? p.V : 0;
+  const ForwardLayout layout = forward_layout(T, C, H, D, V);
   const int ldt = layout.ldt;
   float* smem = reinterpret_cast<float*>(shared4);
   float *w = smem, *x = smem + layout.x, *ln = smem + layout.ln, *wide = smem + layout.wide,
@@ -271,11 +277,32 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   forward_product(C, T, D, w, wide, ldt, spare, [&](int o, int t, float v) { x[o * ldt + t] += v + out_b[o]; });
   __syncthreads();
   store_rows(p.resid_out + row0 * C, x, T, C, ldt);
-  if (p.lnf) {  // the last layer: the final norm
-    norm_positions(ln, x, ldt, p.lnf_w + m * C, p.lnf_b + m * C, p.lnf_mean + row0, p.lnf_rstd + row0, T, C);
-    __syncthreads();
-    store_rows(p.lnf + row0 * C, ln, T, C, ldt);
+  if (!p.lnf) return;
+  // the last layer: the final norm, then the head
+  norm_positions(ln, x, ldt, p.lnf_w + m * C, p.lnf_b + m * C, p.lnf_mean + row0, p.lnf_rstd + row0, T, C);
+  if (V) stage_weights(w, p.lm_head + m * V * C, V, C, C + 1);
+  __syncthreads();
+  store_rows(p.lnf + row0 * C, ln, T, C, ldt);
+  if (!V) return;
+  float* logits = wide;  // [V, ldt]
+  forward_product(V, T, C, w, ln, ldt, spare, [&](int v, int t, float acc) { logits[v * ldt + t] = acc; });
+  __syncthreads();
+  for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // a warp per position
+    const float loss = crossentropy_lanes(logits + t, ldt, p.targets[row0 + t], V, p.B * T, p.backward);
+    if (lane == 0) p.row_loss[row0 + t] = loss;
   }
+  __syncthreads();
+  store_rows(p.logits + row0 * V, logits, T, V, ldt);  // with backward, their gradient
+  if (!p.backward) return;
+  // dlnf = dlogits lm_head, into ln; dresid_top = the final norm's input gradient, over x
+  backward_product(C, T, V, w, C + 1, logits, ldt, spare, [&](int c, int t, float v) { ln[c * ldt + t] = v; });
+  __syncthreads();
+  store_rows(p.dlnf + row0 * C, ln, T, C, ldt);
+  for (int t = threadIdx.x / kWarpSize; t < T; t += warps)
+    layernorm_backward_lanes(x + t, nullptr, ldt, ln + t, ldt, x + t, ldt, p.lnf_w + m * C, p.lnf_mean[row0 + t],
+                             p.lnf_rstd[row0 + t], C);
+  __syncthreads();
+  store_rows(p.dresid_top + row0 * C, x, T, C, ldt);
 }
 
 // g[c, t] += the input gradient of the layer norm of x [T, C] (global) from dln[., t],
@@ -284,7 +311,7 @@ __device__ void norm_backward_positions(float* g, const float* dln, int ldt, con
                                         const float* __restrict__ weight, const float* __restrict__ mean,
                                         const float* __restrict__ rstd, int T, int C) {
   for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)
-    layernorm_backward_lanes(g + t, g + t, ldt, dln + t, ldt, x + int64_t(t) * C, weight, mean[t], rstd[t], C);
+    layernorm_backward_lanes(g + t, g + t, ldt, dln + t, ldt, x + int64_t(t) * C, 1, weight, mean[t], rstd[t], C);
 }
 
 __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_constant__ BlockBackward p) {
@@ -303,14 +330,14 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
   load_transposed(qkv, p.qkv + row0 * 3 * C, T, 3 * C, ldt);
   stage_weights(w, p.out_w + m * C * D, C, D, D);
   __syncthreads();
-  backward_product(D, T, C, w, g, ldt, spare, [&](int i, int t, float v) {
+  backward_product(D, T, C, w, D, g, ldt, spare, [&](int i, int t, float v) {
     wide[i * ldt + t] = v * activation_derivative(wide[i * ldt + t], p.act);
   });
   __syncthreads();
   store_rows(p.dpre + row0 * D, wide, T, D, ldt);
   stage_weights(w, p.fc_w + m * D * C, D, C, C);
   __syncthreads();
-  backward_product(C, T, D, w, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, D, w, C, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln2 + row0 * C, dln, T, C, ldt);
   norm_backward_positions(g, dln, ldt, p.resid_mid + row0 * C, p.ln2_w + m * C, p.ln2_mean + row0,
@@ -320,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
 
   // attention: datty = dresid_mid Wproj, through the attention into dqkv (in wide)
   store_rows(p.dresid_mid + row0 * C, g, T, C, ldt);
-  backward_product(C, T, C, w, g, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, C, w, C, g, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   float* dprobs = spare;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
   float* probs = spare + int64_t(H) * T * ldt;  // [H, T (query t), ldt (key t2)]: probabilities, then d(scores)
@@ -369,7 +396,7 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
 
   // dln1 = dqkv Wqkv; dresid_in = dresid_mid + norm'(dln1)
   store_rows(p.dqkv + row0 * 3 * C, wide, T, 3 * C, ldt);
-  backward_product(C, T, 3 * C, w, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, 3 * C, w, C, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln1 + row0 * C, dln, T, C, ldt);
   norm_backward_positions(g, dln, ldt, p.resid_in + row0 * C, p.ln1_w + m * C, p.ln1_mean + row0,
@@ -378,13 +405,15 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
   store_rows(p.dresid_in + row0 * C, g, T, C, ldt);
 }
 
-size_t forward_bytes(int T, int C, int H, int D) { return size_t(forward_layout(T, C, H, D).total) * sizeof(float); }
+size_t forward_bytes(int T, int C, int H, int D, int V) {
+  return size_t(forward_layout(T, C, H, D, V).total) * sizeof(float);
+}
 size_t backward_bytes(int T, int C, int H, int D) { return size_t(backward_layout(T, C, H, D).total) * sizeof(float); }
 
 }  // namespace
 
-bool block_forward_fits(int T, int C, int H, int D) {
-  return T >= 1 && C % H == 0 && forward_bytes(T, C, H, D) <= shared_memory_optin_limit();
+bool block_forward_fits(int T, int C, int H, int D, int head_vocab) {
+  return T >= 1 && C % H == 0 && forward_bytes(T, C, H, D, head_vocab) <= shared_memory_optin_limit();
 }
 
 bool block_backward_fits(int T, int C, int H, int D) {
@@ -398,7 +427,7 @@ void prepare_block_kernels() {
 }
 
 void block_forward(const BlockForward& p, int M, cudaStream_t stream) {
-  block_forward_kernel<<<M * p.B, kThreads, forward_bytes(p.T, p.C, p.H, p.D), stream>>>(p);
+  block_forward_kernel<<<M * p.B, kThreads, forward_bytes(p.T, p.C, p.H, p.D, p.lm_head ? p.V : 0), stream>>>(p);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstddef>
 #include <cstdint>
 
@@ -61,24 +62,46 @@ __device__ inline float2 normalize_lanes(float* __restrict__ out, int out_stride
 
 // The input gradient of that norm, a warp's lanes over channels as above: dx[c *
 // dx_stride] = dx_in[c * dx_stride] (null: nothing to add; it may be dx) + the gradient
-// through the norm of dy (stride dy_stride), from its input x (stride 1), weight w and
-// the row's mean and rstd.
+// through the norm of dy (stride dy_stride), from its input x (stride x_stride; it may
+// be dx, each element read before the lane writes it), weight w and the row's mean
+// and rstd.
 __device__ inline void layernorm_backward_lanes(float* dx, const float* dx_in, int dx_stride, const float* dy,
-                                                int dy_stride, const float* __restrict__ x,
+                                                int dy_stride, const float* x, int x_stride,
                                                 const float* __restrict__ w, float mu, float rs, int C) {
   const int lane = threadIdx.x % kWarpSize;
   float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
   for (int c = lane; c < C; c += kWarpSize) {
     const float dnorm = w[c] * dy[c * dy_stride];
     dnorm_mean += dnorm;
-    dnorm_norm_mean += dnorm * (x[c] - mu) * rs;
+    dnorm_norm_mean += dnorm * (x[c * x_stride] - mu) * rs;
   }
   dnorm_mean = warp_sum(dnorm_mean) / C;
   dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
   for (int c = lane; c < C; c += kWarpSize) {
-    const float d = (w[c] * dy[c * dy_stride] - dnorm_mean - (x[c] - mu) * rs * dnorm_norm_mean) * rs;
+    const float d = (w[c] * dy[c * dy_stride] - dnorm_mean - (x[c * x_stride] - mu) * rs * dnorm_norm_mean) * rs;
     dx[c * dx_stride] = dx_in ? dx_in[c * dx_stride] + d : d;
   }
+}
+
+// Softmax cross-entropy of one row of V logits x (stride `stride`), a warp's lanes over
+// the vocabulary: returns -log softmax(x)[target]; with backward, x becomes the
+// gradient of the mean over N rows, (softmax - onehot(target)) / N.
+__device__ inline float crossentropy_lanes(float* x, int stride, int target, int V, int N, bool backward) {
+  const int lane = threadIdx.x % kWarpSize;
+  float max_logit = -FLT_MAX;
+  for (int v = lane; v < V; v += kWarpSize) max_logit = fmaxf(max_logit, x[v * stride]);
+  max_logit = warp_max(max_logit);
+  float sum = 0.0f;
+  for (int v = lane; v < V; v += kWarpSize) sum += expf(x[v * stride] - max_logit);
+  sum = warp_sum(sum);
+  const float target_logit = x[target * stride];
+  __syncwarp();  // every lane has read the target's logit before it is overwritten
+  if (backward) {
+    const float inv = 1.0f / (sum * N);
+    for (int v = lane; v < V; v += kWarpSize)
+      x[v * stride] = expf(x[v * stride] - max_logit) * inv - (v == target ? 1.0f / N : 0.0f);
+  }
+  return logf(sum) - (target_logit - max_logit);
 }
 
 // Shared-memory rows read four floats at a time: padded to multiples of 4, and rows of

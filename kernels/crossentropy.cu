@@ -2,8 +2,6 @@
 // row; the gradient overwrites the logits, so probabilities are never stored apart.
 // The mean over rows, per model in a fixed tree order, is a launch of its own, so that
 // a training step can take it off the backward pass's path.
-#include <cfloat>
-
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -19,23 +17,8 @@ __global__ void crossentropy_rows_kernel(float* __restrict__ row_loss, float* __
                                          bool backward) {
   const int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize;
   if (row >= rows) return;
-  const int lane = threadIdx.x % kWarpSize;
-  float* x = logits + row * V;
-  float max_logit = -FLT_MAX;
-  for (int v = lane; v < V; v += kWarpSize) max_logit = fmaxf(max_logit, x[v]);
-  max_logit = warp_max(max_logit);
-  float sum = 0.0f;
-  for (int v = lane; v < V; v += kWarpSize) sum += expf(x[v] - max_logit);
-  sum = warp_sum(sum);
-  const int target = targets[row];
-  const float target_logit = x[target];
-  __syncwarp();  // every lane has read the target's logit before it is overwritten
-  if (lane == 0) row_loss[row] = logf(sum) - (target_logit - max_logit);
-  if (backward) {
-    const float inv = 1.0f / (sum * N);
-    for (int v = lane; v < V; v += kWarpSize)
-      x[v] = expf(x[v] - max_logit) * inv - (v == target ? 1.0f / N : 0.0f);
-  }
+  const float loss = crossentropy_lanes(logits + row * V, 1, targets[row], V, N, backward);
+  if (threadIdx.x % kWarpSize == 0) row_loss[row] = loss;
 }
 
 // One block per model: the mean of its N row losses, summed in float64 in a fixed tree.

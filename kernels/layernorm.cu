@@ -75,7 +75,7 @@ __global__ void layernorm_backward_input_kernel(float* dinp, const float* dinp_i
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
   layernorm_backward_lanes(dinp + row * C, dinp_in ? dinp_in + row * C : nullptr, 1, dout + row * C, 1, inp + row * C,
-                           weight + row / N * C, mean[row], rstd[row], C);
+                           1, weight + row / N * C, mean[row], rstd[row], C);
 }
 
 // Stage 1 of the parameter gradients. Block (column tile, row chunk, model): thread

@@ -336,7 +336,8 @@ struct BlockCase {
     ln1_w = weights(C, 1.0), ln1_b = weights(C, 1.0), qkv_w = weights(3 * C * C, 0.3), qkv_b = weights(3 * C, 1.0);
     proj_w = weights(C * C, 0.3), proj_b = weights(C, 1.0), ln2_w = weights(C, 1.0), ln2_b = weights(C, 1.0);
     fc_w = weights(D * C, 0.3), fc_b = weights(D, 1.0), out_w = weights(C * D, 0.1), out_b = weights(C, 1.0);
-    lnf_w = weights(C, 1.0), lnf_b = weights(C, 1.0);
+    lnf_w = weights(C, 1.0), lnf_b = weights(C, 1.0), lm_head = weights(size_t(s.V) * C, 0.3);
+    targets = random_tokens(rows, s.V, ++seed);
     const size_t nc = rows * C, nd = rows * D;
     ln1.resize(nc), ln1_mean.resize(rows), ln1_rstd.resize(rows), qkv.resize(3 * nc);
     att.resize(size_t(M) * s.B * s.H * s.T * s.T), atty.resize(nc), resid_mid.resize(nc), ln2.resize(nc);
@@ -362,33 +363,49 @@ struct BlockCase {
     cpu::residual_forward(resid_out.data(), resid_mid.data(), mlp.data(), int64_t(nc));
     cpu::layernorm_forward(lnf.data(), lnf_mean.data(), lnf_rstd.data(), resid_out.data(), lnf_w.data(),
                            lnf_b.data(), M, N, C);
+    // the head: logits, the mean losses and the gradients back to the last layer's output
+    logits.resize(rows * s.V), dlogits.resize(logits.size()), losses.resize(M), dlnf.resize(nc);
+    dresid_top.assign(nc, 0.0f);
+    cpu::matmul_forward<float>(logits.data(), lnf.data(), lm_head.data(), nullptr, M, N, C, s.V);
+    cpu::crossentropy_forward_backward(losses.data(), dlogits.data(), logits.data(), targets.data(), M, N, s.V);
+    std::vector<float> scratch(lm_head.size()), dw(lnf_w.size()), db(lnf_b.size());
+    cpu::matmul_backward<float>(dlnf.data(), scratch.data(), nullptr, dlogits.data(), lnf.data(), lm_head.data(), M,
+                                N, C, s.V);
+    cpu::layernorm_backward(dresid_top.data(), dw.data(), db.data(), dlnf.data(), resid_out.data(), lnf_w.data(),
+                            lnf_mean.data(), lnf_rstd.data(), M, N, C);
   }
   cuda::Act cuda_act() const { return act == Activation::relu ? cuda::Act::relu : cuda::Act::gelu; }
 
   Activation act;
-  std::vector<int32_t> tokens;
+  std::vector<int32_t> tokens, targets;
   std::vector<float> wte, wpe, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b,
-      lnf_w, lnf_b;
+      lnf_w, lnf_b, lm_head;
   std::vector<float> x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, resid_mid, ln2, ln2_mean, ln2_rstd, pre, post,
-      resid_out, lnf, lnf_mean, lnf_rstd;
+      resid_out, lnf, lnf_mean, lnf_rstd, logits, dlogits, losses, dlnf, dresid_top;
 };
 
 // The fused forward kernel against the CPU ops composed: the first layer (embedding
-// in) and a last one (residual in, final norm out), every buffer it writes. The seed
-// experiment's shape must fit; the others run where they fit.
+// in) and a last one (residual in, final norm and head out, with the head's backward
+// or without), every buffer it writes. The seed experiment's shape must fit, with its
+// head; the others run where they fit.
 TEST_F(Gpu, FusedBlockForward) {
-  ASSERT_TRUE(cuda::block_forward_fits(32, 64, 4, 256)) << "the seed experiment's block does not fit";
+  ASSERT_TRUE(cuda::block_forward_fits(32, 64, 4, 256, 64)) << "the seed experiment's block does not fit";
   cuda::prepare_block_kernels();
-  for (const Shape& s : kShapes) for (const bool first : {true, false}) {
-    if (!cuda::block_forward_fits(s.T, s.C, s.H, s.D)) continue;
-    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + (first ? ", first" : ", last"));
+  for (const Shape& s : kShapes) for (const int layer : {0, 1, 2}) {
+    const bool first = layer == 0, head_backward = layer == 2;  // layer 1: the head without backward
+    if (!cuda::block_forward_fits(s.T, s.C, s.H, s.D, first ? 0 : s.V)) continue;
+    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", layer " + std::to_string(layer));
     const BlockCase k(s, first, first ? Activation::gelu : Activation::relu);
     const int64_t rows = int64_t(s.M) * s.B * s.T, nc = rows * s.C, nd = rows * s.D;
     auto d_tokens = up(k.tokens);
     auto d_wte = up(k.wte), d_wpe = up(k.wpe), d_x = up(k.x), d_ln1_w = up(k.ln1_w), d_ln1_b = up(k.ln1_b),
          d_qkv_w = up(k.qkv_w), d_qkv_b = up(k.qkv_b), d_proj_w = up(k.proj_w), d_proj_b = up(k.proj_b),
          d_ln2_w = up(k.ln2_w), d_ln2_b = up(k.ln2_b), d_fc_w = up(k.fc_w), d_fc_b = up(k.fc_b),
-         d_out_w = up(k.out_w), d_out_b = up(k.out_b), d_lnf_w = up(k.lnf_w), d_lnf_b = up(k.lnf_b);
+         d_out_w = up(k.out_w), d_out_b = up(k.out_b), d_lnf_w = up(k.lnf_w), d_lnf_b = up(k.lnf_b),
+         d_lm_head = up(k.lm_head);
+    auto d_targets = up(k.targets);
+    auto d_logits = poisoned(k.logits.size()), d_row_loss = poisoned(rows), d_dlnf = poisoned(nc),
+         d_dresid_top = poisoned(nc);
     auto d_encoded = poisoned(nc), d_ln1 = poisoned(nc), d_ln1_mean = poisoned(rows), d_ln1_rstd = poisoned(rows),
          d_qkv = poisoned(3 * nc), d_att = poisoned(k.att.size()), d_atty = poisoned(nc),
          d_resid_mid = poisoned(nc), d_ln2 = poisoned(nc), d_ln2_mean = poisoned(rows), d_ln2_rstd = poisoned(rows),
@@ -408,6 +425,9 @@ TEST_F(Gpu, FusedBlockForward) {
     if (!first) {
       f.lnf_w = d_lnf_w.data(), f.lnf_b = d_lnf_b.data(), f.lnf = d_lnf.data(), f.lnf_mean = d_lnf_mean.data();
       f.lnf_rstd = d_lnf_rstd.data();
+      f.lm_head = d_lm_head.data(), f.targets = d_targets.data(), f.logits = d_logits.data();
+      f.row_loss = d_row_loss.data(), f.backward = head_backward;
+      if (head_backward) f.dlnf = d_dlnf.data(), f.dresid_top = d_dresid_top.data();
     }
     f.B = s.B, f.T = s.T, f.C = s.C, f.H = s.H, f.D = s.D, f.V = s.V;
     f.scale = cuda::attention_scale(s.C / s.H);
@@ -427,10 +447,22 @@ TEST_F(Gpu, FusedBlockForward) {
     expect_close(down(d_pre), k.pre, kFp32, "pre");
     expect_close(down(d_post), k.post, kFp32, "post");
     expect_close(down(d_resid_out), k.resid_out, kFp32, "resid_out");
-    if (!first) {
-      expect_close(down(d_lnf), k.lnf, kFp32, "lnf");
-      expect_close(down(d_lnf_rstd), k.lnf_rstd, kFp32, "lnf rstd");
+    if (first) continue;
+    expect_close(down(d_lnf), k.lnf, kFp32, "lnf");
+    expect_close(down(d_lnf_rstd), k.lnf_rstd, kFp32, "lnf rstd");
+    const auto row_loss = down(d_row_loss);
+    for (int m = 0; m < s.M; ++m) {
+      double sum = 0;
+      for (int n = 0; n < s.B * s.T; ++n) sum += row_loss[size_t(m) * s.B * s.T + n];
+      EXPECT_NEAR(sum / (s.B * s.T), k.losses[m], kFp32 * k.losses[m]) << "mean loss of model " << m;
     }
+    if (!head_backward) {
+      expect_close(down(d_logits), k.logits, kFp32, "logits");
+      continue;
+    }
+    expect_close(down(d_logits), k.dlogits, kFp32, "dlogits");
+    expect_close(down(d_dlnf), k.dlnf, kFp32, "dlnf");
+    expect_close(down(d_dresid_top), k.dresid_top, kFp32, "dresid_top");
   }
 }
 

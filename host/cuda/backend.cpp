@@ -101,6 +101,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         fused_(blocks == CudaBlocks::fused && config.model.layers > 0 &&
                cuda::block_forward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
                                         config.model.d_mlp)),
+        fused_head_(fused_ && cuda::block_forward_fits(config.model.seq_len, config.model.d_model,
+                                                       config.model.heads, config.model.d_mlp, config.model.vocab)),
         fused_backward_(training && fused_ &&
                         cuda::block_backward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
                                                   config.model.d_mlp)),
@@ -335,11 +337,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const cudaStream_t s = stream_.get();
     const auto p = param_pointers(layout_, c, params_.data());
     if (fused_)
-      forward_fused_blocks(B, p);
+      forward_fused_blocks(B, p, for_backward);
     else
       forward_per_op(B, p);
-    cuda::matmul_forward(cublas_.get(), logits_, lnf_, p.lm_head, M, N, C, V);
-    cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
+    if (!fused_head_) {
+      cuda::matmul_forward(cublas_.get(), logits_, lnf_, p.lm_head, M, N, C, V);
+      cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
+    }
     if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
       fork();
       cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->sums.get());
@@ -387,8 +391,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
   }
 
-  // One launch per layer; the last layer's ends with the final norm.
-  void forward_fused_blocks(int B, const ParamPointers<float>& p) {
+  // One launch per layer; the last layer's ends with the final norm and, where it fits,
+  // the head (with for_backward, back to the gradient at the last layer's output).
+  void forward_fused_blocks(int B, const ParamPointers<float>& p, bool for_backward) {
     const ModelConfig& c = config_.model;
     const bool learned = c.pos == PosEncoding::learned;
     for (int l = 0; l < c.layers; ++l) {
@@ -408,6 +413,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       if (last) {
         f.lnf_w = p.lnf_w, f.lnf_b = p.lnf_b;
         f.lnf = lnf_, f.lnf_mean = lnf_mean_, f.lnf_rstd = lnf_rstd_;
+      }
+      if (last && fused_head_) {
+        f.lm_head = p.lm_head, f.targets = targets_, f.logits = logits_, f.row_loss = row_loss_;
+        f.backward = for_backward;
+        if (for_backward) f.dlnf = dlnf_, f.dresid_top = dresid_top_;
       }
       f.B = B, f.T = c.seq_len, f.C = c.d_model, f.H = c.heads, f.D = c.d_mlp, f.V = c.vocab;
       f.scale = cuda::attention_scale(c.head_dim());
@@ -439,11 +449,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const auto p = param_pointers(layout_, c, params_.data());
     const auto g = param_pointers(layout_, c, grads_.data());
     const float* last = c.layers > 0 ? layers_.back().resid_out : encoded_;
-    cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);  // logits hold dlogits
+    // logits hold dlogits; the fused head has written dlnf and dresid_top already
+    if (!fused_head_) cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);
     fork();
     cuda::matmul_backward_weight(hs, g.lm_head, sums, logits_, lnf_, M, N, C, V);
     cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side);
-    cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
+    if (!fused_head_)
+      cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
     const float* dresid = dresid_top_;  // the gradient at the current layer's output
     for (int l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = layers_[l];
@@ -551,6 +563,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   bool training_;
   bool tf32_;
   bool fused_;           // forward_fused_blocks, else forward_per_op
+  bool fused_head_;      // the last block kernel runs the head (logits, loss, their backward)
   bool fused_backward_;  // block_backward per layer, else a kernel per op
   cuda::Stream stream_;
   cuda::CublasHandle cublas_;

@@ -148,6 +148,14 @@ struct BlockForward {
   const float *lnf_w, *lnf_b;  // the last layer's final norm, with lnf not null
   float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
       *resid_out, *lnf, *lnf_mean, *lnf_rstd;
+  // The head after the final norm, with lm_head [M,V,C] not null: logits [M,N,V] =
+  // lnf lm_head^T, row_loss [M,N] as crossentropy_forward_backward; with backward, the
+  // logits become their gradient, and dlnf and dresid_top [M,N,C] (the gradients at
+  // the final norm's output and input) are written.
+  const float* lm_head;
+  const int32_t* targets;  // [M,N]
+  float *logits, *row_loss, *dlnf, *dresid_top;
+  bool backward;
   int B, T, C, H, D, V;
   float scale;  // 1 / sqrt(C / H), as attention_scale()
   Act act;
@@ -166,8 +174,9 @@ struct BlockBackward {
   float scale;
   Act act;
 };
-// Whether the kernels hold this shape in the current device's shared memory.
-bool block_forward_fits(int T, int C, int H, int D);
+// Whether the kernels hold this shape in the current device's shared memory (the
+// forward with a head of head_vocab tokens, or none).
+bool block_forward_fits(int T, int C, int H, int D, int head_vocab = 0);
 bool block_backward_fits(int T, int C, int H, int D);
 // Once per device before the first launch (not during graph capture).
 void prepare_block_kernels();
