@@ -3,7 +3,7 @@
 // AdamW, the copy of losses and norms to the host) captured once as a CUDA graph.
 // Per step only the batch and the step's constants go up before the graph launch.
 // Backward, the parameter gradients (weight products, bias and layer-norm column sums)
-// run on two more streams beside the chain of input gradients, which is all the next
+// run on more streams beside the chain of input gradients, which is all the next
 // layer waits for; their column sums' second stages end the pass as one launch.
 #include <algorithm>
 #include <cmath>
@@ -12,6 +12,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "univ/backend.hpp"
 #include "univ/cpu/ops.hpp"
@@ -79,14 +80,28 @@ class Mirrored {
   std::optional<PinnedBuffer<char>> host_;
 };
 
-// The backward pass's streams beside the main one: one for the weight gradients'
-// products (with its own cuBLAS handle), one for the column sums, and the events that
-// order them against the main stream (edges of the captured graph).
+// A stream of weight-gradient products with its own cuBLAS handle (and workspace).
+struct WeightLane {
+  explicit WeightLane(bool tf32) : cublas(stream.get(), tf32) {}
+  cuda::Stream stream;
+  cuda::CublasHandle cublas;
+  cuda::Event done{cudaEventDisableTiming};
+};
+
+// The backward pass's streams beside the main one: lanes for the weight gradients'
+// products, taken in turn so that a layer's products run side by side (each is a
+// small GEMM that leaves most of the GPU idle), one stream for the column sums, and
+// the events that order them against the main stream (edges of the captured graph).
 struct SideStreams {
-  explicit SideStreams(bool tf32) : cublas(weights.get(), tf32) {}
-  cuda::Stream weights, sums;
-  cuda::CublasHandle cublas;  // on `weights`
-  cuda::Event fork{cudaEventDisableTiming}, weights_done{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+  static constexpr int kWeightLanes = 4;
+  explicit SideStreams(bool tf32) {
+    for (int i = 0; i < kWeightLanes; ++i) lanes.push_back(std::make_unique<WeightLane>(tf32));
+  }
+  cublasHandle_t next_weights() { return lanes[next_lane++ % lanes.size()]->cublas.get(); }
+  std::vector<std::unique_ptr<WeightLane>> lanes;
+  size_t next_lane = 0;
+  cuda::Stream sums;
+  cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
 };
 
 class CudaBackend final : public TrainBackend, public DeviceForward {
@@ -429,21 +444,22 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // What the side streams enqueue next waits for everything on the main stream so far.
   void fork() {
     side_->fork.record(stream_.get());
-    side_->fork.make_wait(side_->weights.get());
+    for (const auto& lane : side_->lanes) side_->fork.make_wait(lane->stream.get());
     side_->fork.make_wait(side_->sums.get());
   }
 
   // After forward(batch, true): gradients of every model's loss into grads_ (each
   // written once). The main stream runs the chain of input gradients; each parameter
-  // gradient runs on a side stream once its inputs exist (products on hs, column sums
-  // on `side`), every buffer they read written once per pass; the main stream waits
-  // for both at the end.
+  // gradient runs on a side stream once its inputs exist (products on the weight
+  // lanes, column sums on `side`), every buffer they read written once per pass; the
+  // main stream waits for all at the end.
   void backward() {
     const ModelConfig& c = config_.model;
     const int M = config_.models, B = config_.batch, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab,
               H = c.heads, N = B * T;
     const cudaStream_t s = stream_.get(), side = side_->sums.get();
-    const cublasHandle_t h = cublas_.get(), hs = side_->cublas.get();
+    const cublasHandle_t h = cublas_.get();
+    auto hs = [&] { return side_->next_weights(); };
     const cuda::Act none = cuda::Act::none;
     cuda::ColumnSums& sums = *column_sums_;
     const auto p = param_pointers(layout_, c, params_.data());
@@ -452,7 +468,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     // logits hold dlogits; the fused head has written dlnf and dresid_top already
     if (!fused_head_) cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);
     fork();
-    cuda::matmul_backward_weight(hs, g.lm_head, sums, logits_, lnf_, M, N, C, V);
+    cuda::matmul_backward_weight(hs(), g.lm_head, sums, logits_, lnf_, M, N, C, V);
     cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side);
     if (!fused_head_)
       cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
@@ -467,11 +483,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
       auto mlp_out_grads = [&] {
         cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
-        cuda::matmul_backward_weight(hs, gw.out_w, sums, dresid, a.post, M, N, D, C);
+        cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C);
       };
       auto mlp_in_grads = [&] {
         cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side);
-        cuda::matmul_backward_weight(hs, gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
+        cuda::matmul_backward_weight(hs(), gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
       };
       auto ln2_grads = [&] {
         cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
@@ -480,11 +496,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
       auto attention_out_grads = [&] {
         cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side);
-        cuda::matmul_backward_weight(hs, gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
+        cuda::matmul_backward_weight(hs(), gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
       };
       auto attention_in_grads = [&] {
         cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side);
-        cuda::matmul_backward_weight(hs, gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
+        cuda::matmul_backward_weight(hs(), gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
       };
       auto ln1_grads = [&] {
         cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
@@ -532,8 +548,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       dresid = d.dresid_in;
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
-    side_->weights_done.record(side_->weights.get());  // split products are partials too
-    side_->weights_done.make_wait(side);
+    for (const auto& lane : side_->lanes) {  // split products are partials too
+      lane->done.record(lane->stream.get());
+      lane->done.make_wait(side);
+    }
     sums.finish(side);
     side_->join.record(side);
     side_->join.make_wait(s);
