@@ -80,27 +80,28 @@ class Mirrored {
   std::optional<PinnedBuffer<char>> host_;
 };
 
-// A stream of weight-gradient products with its own cuBLAS handle (and workspace).
-struct WeightLane {
-  explicit WeightLane(bool tf32) : cublas(stream.get(), tf32) {}
+// A stream for parameter gradients with its own cuBLAS handle (and workspace).
+struct Lane {
+  explicit Lane(bool tf32) : cublas(stream.get(), tf32) {}
   cuda::Stream stream;
   cuda::CublasHandle cublas;
   cuda::Event done{cudaEventDisableTiming};
 };
 
-// The backward pass's streams beside the main one: lanes for the weight gradients'
-// products, taken in turn so that a layer's products run side by side (each is a
-// small GEMM that leaves most of the GPU idle), one stream for the column sums, and
-// the events that order them against the main stream (edges of the captured graph).
+// The backward pass's streams beside the main one: lanes for the parameter gradients
+// (weight products and column sums), taken in turn so that a layer's run side by side
+// (each is a small launch that leaves most of the GPU idle), one stream that ends the
+// pass (the loss means, the column sums' second stage), and the events that order
+// them against the main stream (edges of the captured graph).
 struct SideStreams {
-  static constexpr int kWeightLanes = 4;
+  static constexpr int kLanes = 4;
   explicit SideStreams(bool tf32) {
-    for (int i = 0; i < kWeightLanes; ++i) lanes.push_back(std::make_unique<WeightLane>(tf32));
+    for (int i = 0; i < kLanes; ++i) lanes.push_back(std::make_unique<Lane>(tf32));
   }
-  cublasHandle_t next_weights() { return lanes[next_lane++ % lanes.size()]->cublas.get(); }
-  std::vector<std::unique_ptr<WeightLane>> lanes;
+  Lane& next() { return *lanes[next_lane++ % lanes.size()]; }
+  std::vector<std::unique_ptr<Lane>> lanes;
   size_t next_lane = 0;
-  cuda::Stream sums;
+  cuda::Stream end;
   cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
 };
 
@@ -361,7 +362,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
     if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
       fork();
-      cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->sums.get());
+      cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->end.get());
     } else {
       cuda::mean_loss_per_model(losses_, row_loss_, M, N, s);
     }
@@ -445,21 +446,22 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   void fork() {
     side_->fork.record(stream_.get());
     for (const auto& lane : side_->lanes) side_->fork.make_wait(lane->stream.get());
-    side_->fork.make_wait(side_->sums.get());
+    side_->fork.make_wait(side_->end.get());
   }
 
   // After forward(batch, true): gradients of every model's loss into grads_ (each
   // written once). The main stream runs the chain of input gradients; each parameter
-  // gradient runs on a side stream once its inputs exist (products on the weight
-  // lanes, column sums on `side`), every buffer they read written once per pass; the
-  // main stream waits for all at the end.
+  // gradient runs on a side lane once its inputs exist, every buffer they read
+  // written once per pass; the column sums' second stage waits for all lanes, and the
+  // main stream for it.
   void backward() {
     const ModelConfig& c = config_.model;
     const int M = config_.models, B = config_.batch, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab,
               H = c.heads, N = B * T;
-    const cudaStream_t s = stream_.get(), side = side_->sums.get();
+    const cudaStream_t s = stream_.get(), end = side_->end.get();
     const cublasHandle_t h = cublas_.get();
-    auto hs = [&] { return side_->next_weights(); };
+    auto hs = [&] { return side_->next().cublas.get(); };   // the next lane's handle ...
+    auto side = [&] { return side_->next().stream.get(); };  // ... or stream
     const cuda::Act none = cuda::Act::none;
     cuda::ColumnSums& sums = *column_sums_;
     const auto p = param_pointers(layout_, c, params_.data());
@@ -469,7 +471,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     if (!fused_head_) cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);
     fork();
     cuda::matmul_backward_weight(hs(), g.lm_head, sums, logits_, lnf_, M, N, C, V);
-    cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side);
+    cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side());
     if (!fused_head_)
       cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
     const float* dresid = dresid_top_;  // the gradient at the current layer's output
@@ -482,29 +484,29 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       // The parameter gradients on the side streams, each once what it reads exists.
       // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
       auto mlp_out_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side);
+        cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side());
         cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C);
       };
       auto mlp_in_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side);
+        cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side());
         cuda::matmul_backward_weight(hs(), gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
       };
       auto ln2_grads = [&] {
         cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
-                                        C, side);
+                                        C, side());
       };
       // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
       auto attention_out_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side);
+        cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side());
         cuda::matmul_backward_weight(hs(), gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
       };
       auto attention_in_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side);
+        cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side());
         cuda::matmul_backward_weight(hs(), gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
       };
       auto ln1_grads = [&] {
         cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
-                                        side);
+                                        side());
       };
       fork();
       mlp_out_grads();
@@ -550,10 +552,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
     for (const auto& lane : side_->lanes) {  // split products are partials too
       lane->done.record(lane->stream.get());
-      lane->done.make_wait(side);
+      lane->done.make_wait(end);
     }
-    sums.finish(side);
-    side_->join.record(side);
+    sums.finish(end);
+    side_->join.record(end);
     side_->join.make_wait(s);
   }
 
