@@ -345,8 +345,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
             o.clip};
   }
 
-  // The layers and the final norm into lnf_: one fused kernel per layer where the shape
-  // fits (block.cu), else one kernel per op.
+  // The layers (one fused kernel per layer where the shape fits, block.cu, else one
+  // kernel per op), the final norm, the logits and row losses (for_backward: logits_
+  // then holds their gradient) and each model's mean loss.
   void forward(int B, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
