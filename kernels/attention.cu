@@ -2,7 +2,6 @@
 // head's q, k, v and its T x T scores in shared memory. The forward first adds the
 // QKV bias to its head's slices of qkv (written back for the backward) and writes the
 // softmax probabilities for the backward, which owns its head's slices of dqkv.
-#include <cfloat>
 #include <cmath>
 
 #include "common.cuh"
@@ -72,20 +71,8 @@ __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* _
       [&](int, int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
       [&](int, int t, int t2, float dot) { s[t * Ts + t2] = dot * scale; });
   __syncthreads();
-  const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
-  for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // softmax, a warp per row
-    float* row = s + t * Ts;
-    float max_score = -FLT_MAX;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) max_score = fmaxf(max_score, row[t2]);
-    max_score = warp_max(max_score);
-    float sum = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) {
-      row[t2] = expf(row[t2] - max_score);
-      sum += row[t2];
-    }
-    const float inv = 1.0f / warp_sum(sum);
-    for (int t2 = lane; t2 < T; t2 += kWarpSize) row[t2] = t2 <= t ? row[t2] * inv : 0.0f;
-  }
+  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)  // a warp per row
+    causal_softmax_lanes(s + t * Ts, 1, t, T);
   __syncthreads();
   float* a = att + int64_t(blockIdx.x) * T * T;  // [M,B,H,T,T]: block = seq * H + h
   for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx] = s[idx / T * Ts + idx % T];
@@ -142,13 +129,8 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
       [&](int, int r0, int) { return make_int2(r0, T); },
       [&](int, int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; });
   __syncthreads();
-  const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
-  for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // softmax backward, a warp per row
-    float weighted = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) weighted += a[t * Ts + t2] * d[t * Ts + t2];
-    weighted = warp_sum(weighted);
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) d[t * Ts + t2] = a[t * Ts + t2] * (d[t * Ts + t2] - weighted) * scale;
-  }
+  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)  // a warp per row
+    causal_softmax_backward_lanes(a + t * Ts, 1, d + t * Ts, 1, t, T, scale);
   __syncthreads();
   // dq[t] = sum over t2 <= t of d[t, t2] k[t2]; dk[t] = sum over t1 >= t of d[t1, t] q[t1]
   tile_product<kRows>(

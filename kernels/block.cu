@@ -232,21 +232,9 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   for (int col = threadIdx.x / kWarpSize; col < H * T; col += warps) {  // softmax, a warp per (head, query)
     const int h = col / T, t = col % T;
     float* s = scores + h * T * ldt + t;  // key t2 at s[t2 * ldt]
-    float max_score = -FLT_MAX;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) max_score = fmaxf(max_score, s[t2 * ldt]);
-    max_score = warp_max(max_score);
-    float sum = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) {
-      s[t2 * ldt] = expf(s[t2 * ldt] - max_score);
-      sum += s[t2 * ldt];
-    }
-    const float inv = 1.0f / warp_sum(sum);
+    causal_softmax_lanes(s, ldt, t, T);
     float* a = p.att + ((seq * H + h) * T + t) * T;  // [M, B, H, T, T]
-    for (int t2 = lane; t2 < T; t2 += kWarpSize) {
-      const float prob = t2 <= t ? s[t2 * ldt] * inv : 0.0f;
-      s[t2 * ldt] = prob;
-      a[t2] = prob;
-    }
+    for (int t2 = lane; t2 < T; t2 += kWarpSize) a[t2] = s[t2 * ldt];  // each lane its own keys
   }
   __syncthreads();
   // y[h hd + i, t] = sum over t2 <= t of v[i, t2] p[t2, t], into ln (free since the QKV product)
@@ -370,16 +358,10 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
   const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int row = threadIdx.x / kWarpSize; row < H * T; row += warps) {  // softmax backward, a warp per (head, query)
     const int h = row / T, t = row % T;
-    float* a = probs + (h * T + t) * ldt;     // key t2 at a[t2]
-    float* d = dprobs + h * T * ldt + t;      // key t2 at d[t2 * ldt]
-    float weighted = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += kWarpSize) weighted += a[t2] * d[t2 * ldt];
-    weighted = warp_sum(weighted);
-    for (int t2 = lane; t2 < T; t2 += kWarpSize) {
-      const float ds = t2 <= t ? a[t2] * (d[t2 * ldt] - weighted) * p.scale : 0.0f;
-      a[t2] = ds;
-      d[t2 * ldt] = ds;
-    }
+    float* a = probs + (h * T + t) * ldt;  // key t2 at a[t2]
+    float* d = dprobs + h * T * ldt + t;   // key t2 at d[t2 * ldt]
+    causal_softmax_backward_lanes(a, 1, d, ldt, t, T, p.scale);
+    for (int t2 = lane; t2 < T; t2 += kWarpSize) a[t2] = d[t2 * ldt];  // d(scores) in both layouts
   }
   __syncthreads();
   // dq[i, t] = sum over t2 <= t of k[i, t2] ds(t, t2); dk[i, t2] = sum over t >= t2 of q[i, t] ds(t, t2)

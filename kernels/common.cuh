@@ -104,6 +104,35 @@ __device__ inline float crossentropy_lanes(float* x, int stride, int target, int
   return logf(sum) - (target_logit - max_logit);
 }
 
+// The causal softmax of query t's scores (key t2 at s[t2 * stride], t2 < T), a warp's
+// lanes over keys, in place: probabilities for t2 <= t, zeros after.
+__device__ inline void causal_softmax_lanes(float* s, int stride, int t, int T) {
+  const int lane = threadIdx.x % kWarpSize;
+  float max_score = -FLT_MAX;
+  for (int t2 = lane; t2 <= t; t2 += kWarpSize) max_score = fmaxf(max_score, s[t2 * stride]);
+  max_score = warp_max(max_score);
+  float sum = 0.0f;
+  for (int t2 = lane; t2 <= t; t2 += kWarpSize) {
+    s[t2 * stride] = expf(s[t2 * stride] - max_score);
+    sum += s[t2 * stride];
+  }
+  const float inv = 1.0f / warp_sum(sum);
+  for (int t2 = lane; t2 < T; t2 += kWarpSize) s[t2 * stride] = t2 <= t ? s[t2 * stride] * inv : 0.0f;
+}
+
+// Its backward for query t: d[t2 * d_stride] = p (d - sum over keys of p d) * scale
+// from the probabilities p (stride p_stride) and their gradient d, in place, for t2 <=
+// t; zeros after.
+__device__ inline void causal_softmax_backward_lanes(const float* p, int p_stride, float* d, int d_stride, int t,
+                                                     int T, float scale) {
+  const int lane = threadIdx.x % kWarpSize;
+  float weighted = 0.0f;
+  for (int t2 = lane; t2 <= t; t2 += kWarpSize) weighted += p[t2 * p_stride] * d[t2 * d_stride];
+  weighted = warp_sum(weighted);
+  for (int t2 = lane; t2 < T; t2 += kWarpSize)
+    d[t2 * d_stride] = t2 <= t ? p[t2 * p_stride] * (d[t2 * d_stride] - weighted) * scale : 0.0f;
+}
+
 // Shared-memory rows read four floats at a time: padded to multiples of 4, and rows of
 // T positions to pad4(T) + 4 floats, so that a warp storing 4 positions x 8 channels
 // into a transposed matrix hits 32 banks.

@@ -295,7 +295,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     r.reserve(row_loss_, rows);
     if (training_) {
       r.reserve(dlnf_, rows * C), r.reserve(dresid_top_, rows * C);
-      r.reserve(datty_, rows * C);
+      if (!fused_backward_) r.reserve(datty_, rows * C);  // the block kernel keeps it in shared memory
       layer_grads_.resize(c.layers);
       for (auto& l : layer_grads_) {
         r.reserve(l.dresid_in, rows * C), r.reserve(l.dresid_mid, rows * C), r.reserve(l.dln1, rows * C);
