@@ -30,6 +30,13 @@ size_t backward_shared_floats(int T, int hd) {  // q, k, dy, vT, a, d
 // row below that (more tiles than threads, and short k loops).
 int tile_rows_for(int T) { return T >= 64 ? 4 : 1; }
 
+// Lanes per tile of the T x head-width products (sums over up to T keys or queries):
+// they have few tiles for the block's threads.
+template <int kRows>
+__device__ int head_product_lanes(int T, int hd) {
+  return lanes_per_tile(ceil_div(T, kRows) * ceil_div(hd, 4), blockDim.x, T);
+}
+
 template <int kRows>
 __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* __restrict__ out, float* __restrict__ att,
                                          float* __restrict__ qkv, const float* __restrict__ qkv_bias, int B, int T,
@@ -75,12 +82,13 @@ __global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* _
     causal_softmax_lanes(s + t * Ts, 1, t, T);
   __syncthreads();
   float* a = att + int64_t(blockIdx.x) * T * T;  // [M,B,H,T,T]: block = seq * H + h
+  const int lanes = head_product_lanes<kRows>(T, hd);
   for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx] = s[idx / T * Ts + idx % T];
   // out[t] = sum over t2 of p[t, t2] v[t2]: up to the tile's last row (zeros past each row's own)
   tile_product<kRows>(
       1, T, hd, [&](int, int t, int t2) { return s[t * Ts + t2]; }, [&](int) { return v; }, hdp,
       [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int, int t, int i, float acc) { out[(seq * T + t) * C + h * hd + i] = acc; });
+      [&](int, int t, int i, float acc) { out[(seq * T + t) * C + h * hd + i] = acc; }, lanes);
 }
 
 template <int kRows>
@@ -118,6 +126,7 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
   for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx / T * Ts + idx % T] = probs[idx];
   __syncthreads();
   float* out = dqkv + seq * T * 3 * C + h * hd;
+  const int lanes = head_product_lanes<kRows>(T, hd);
   // d(prob)[t, t2] = dy[t] . v[t2] on and below the diagonal, 0 above
   tile_product<kRows>(
       1, T, T, [&](int, int t, int i) { return dy[t * hdp + i]; }, [&](int) { return vT; }, ldT,
@@ -127,7 +136,7 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
   tile_product<kRows>(
       1, T, hd, [&](int, int t2, int t) { return a[t * Ts + t2]; }, [&](int) { return dy; }, hdp,
       [&](int, int r0, int) { return make_int2(r0, T); },
-      [&](int, int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; });
+      [&](int, int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; }, lanes);
   __syncthreads();
   for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)  // a warp per row
     causal_softmax_backward_lanes(a + t * Ts, 1, d + t * Ts, 1, t, T, scale);
@@ -136,11 +145,11 @@ __global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* 
   tile_product<kRows>(
       1, T, hd, [&](int, int t, int t2) { return d[t * Ts + t2]; }, [&](int) { return k; }, hdp,
       [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + i] = acc; });
+      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + i] = acc; }, lanes);
   tile_product<kRows>(
       1, T, hd, [&](int, int t, int t1) { return d[t1 * Ts + t]; }, [&](int) { return q; }, hdp,
       [&](int, int r0, int) { return make_int2(r0, T); },
-      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + C + i] = acc; });
+      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + C + i] = acc; }, lanes);
 }
 
 }  // namespace

@@ -18,18 +18,8 @@ namespace univ::cuda {
 
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kRows = 4;       // weight products: output features per thread tile
-constexpr int kMaxSplits = 8;  // weight products: k ranges summed apart, at most
-constexpr int kMinSplitDepth = 16;
-
-// A weight product's k ranges: products with fewer 4 x 4 output tiles than threads
-// split k, so that every thread works, down to kMinSplitDepth terms per range.
-__host__ __device__ int product_splits(int OC, int T, int K) {
-  const int tiles = max(1, ceil_div(OC, kRows) * ceil_div(T, 4));
-  const int by_threads = max(1, kThreads / tiles), by_depth = max(1, K / kMinSplitDepth);
-  return min(kMaxSplits, min(by_threads, by_depth));
-}
+constexpr int kThreads = 512;  // one block per SM (its shared memory holds no second)
+constexpr int kRows = 4;  // weight products: output features per thread tile
 
 // store(i, load(i)) for i < n across the block, kLoadsInFlight loads issued before
 // their stores, so that global memory's latency is paid once per batch.
@@ -85,61 +75,42 @@ __device__ void norm_positions(float* out, const float* x, int ldt, const float*
 
 // out(o, t) = sum over k < K of a(o, k) act[k, t] for o < OC, t < T (act row stride
 // ldt), each (o, t) passed once to epilogue(o, t, sum): a reads a staged weight matrix
-// as it is (forward) or transposed (backward). Split products' ranges add up in order
-// through `scratch`. All threads call it; it syncs only when split.
+// as it is (forward) or transposed (backward). All threads call it.
 template <class A, class Epilogue>
-__device__ void weight_product(int OC, int T, int K, const A& a, const float* act, int ldt, float* scratch,
-                               const Epilogue& epilogue) {
-  const int splits = product_splits(OC, T, K), depth = ceil_div(K, splits);
-  auto weight = [&](int, int o, int k) { return a(o, k); };
-  auto input = [&](int) { return act; };
-  auto range = [&](int e, int, int) { return make_int2(e * depth, min(K, (e + 1) * depth)); };
-  if (splits == 1) {
-    tile_product<kRows>(1, OC, T, weight, input, ldt, range, [&](int, int o, int t, float v) { epilogue(o, t, v); });
-    return;
-  }
-  tile_product<kRows>(splits, OC, T, weight, input, ldt, range,
-                      [&](int e, int o, int t, float v) { scratch[(int64_t(e) * OC + o) * ldt + t] = v; });
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < OC * T; idx += blockDim.x) {
-    const int o = idx / T, t = idx % T;
-    float sum = scratch[o * ldt + t];
-    for (int e = 1; e < splits; ++e) sum += scratch[(int64_t(e) * OC + o) * ldt + t];
-    epilogue(o, t, sum);
-  }
+__device__ void weight_product(int OC, int T, int K, const A& a, const float* act, int ldt, const Epilogue& epilogue) {
+  tile_product<kRows>(
+      1, OC, T, [&](int, int o, int k) { return a(o, k); }, [&](int) { return act; }, ldt,
+      [&](int, int, int) { return make_int2(0, K); }, [&](int, int o, int t, float v) { epilogue(o, t, v); },
+      lanes_per_tile(ceil_div(OC, kRows) * ceil_div(T, 4), kThreads, K));
+}
+
+// Lanes per tile of the heads' head-width x T products (sums over up to T positions).
+__device__ int head_product_lanes(int H, int hd, int T) {
+  return lanes_per_tile(H * ceil_div(hd, 2) * ceil_div(T, 4), kThreads, T);
 }
 
 // The forward's products: out = w x with w [OC, K] staged with rows of K + 1.
 template <class Epilogue>
-__device__ void forward_product(int OC, int T, int K, const float* w, const float* act, int ldt, float* scratch,
+__device__ void forward_product(int OC, int T, int K, const float* w, const float* act, int ldt,
                                 const Epilogue& epilogue) {
-  weight_product(OC, T, K, [&](int o, int k) { return w[o * (K + 1) + k]; }, act, ldt, scratch, epilogue);
+  weight_product(OC, T, K, [&](int o, int k) { return w[o * (K + 1) + k]; }, act, ldt, epilogue);
 }
 
 // The backward's products: dx = w^T dy, w [K, OC] staged with rows of ldw (w[k, o]: a
 // warp's tiles read consecutive o, distinct banks).
 template <class Epilogue>
 __device__ void backward_product(int OC, int T, int K, const float* w, int ldw, const float* dy, int ldt,
-                                 float* scratch, const Epilogue& epilogue) {
-  weight_product(OC, T, K, [&](int o, int k) { return w[k * ldw + o]; }, dy, ldt, scratch, epilogue);
-}
-
-// The partial sums of the split products among (OC, K).
-template <int kProducts>
-__host__ __device__ int64_t split_scratch(int T, int ldt, const int (&products)[kProducts][2]) {
-  int64_t floats = 0;
-  for (const auto& p : products) floats = max(floats, int64_t(product_splits(p[0], T, p[1])) * p[0] * ldt);
-  return floats;
+                                 const Epilogue& epilogue) {
+  weight_product(OC, T, K, [&](int o, int k) { return w[k * ldw + o]; }, dy, ldt, epilogue);
 }
 
 // The forward's shared memory, in floats from its start: w, one weight matrix [OC, K +
 // 1] (odd rows, so that a warp's tiles read distinct banks); x, the residual stream
 // [C, ldt]; ln, a norm's output, then the attention's [C, ldt]; wide, qkv [3C, ldt],
-// then the MLP's activations [D, ldt]; spare, the scores [H, T, ldt] and the split
-// products' partial sums [splits, OC, ldt].
+// then the MLP's activations [D, ldt]; scores, the attention's [H, T, ldt].
 struct ForwardLayout {
   int ldt;
-  int64_t x, ln, wide, spare, total;
+  int64_t x, ln, wide, scores, total;
 };
 // V: the vocabulary of the head that ends the last layer, 0 without one (its weights
 // in w, its logits in wide).
@@ -147,40 +118,37 @@ __host__ __device__ ForwardLayout forward_layout(int T, int C, int H, int D, int
   ForwardLayout s;
   s.ldt = transposed_ld(T);
   const int64_t w = max(max(max(int64_t(3) * C, int64_t(D)), int64_t(V)) * (C + 1), int64_t(C) * (D + 1));
-  // (OC, K): qkv, proj, fc, out, logits, the final norm's gradient
-  const int products[6][2] = {{3 * C, C}, {C, C}, {D, C}, {C, D}, {V, C}, {C, V}};
   s.x = pad4(static_cast<int>(w));
   s.ln = s.x + int64_t(C) * s.ldt;
   s.wide = s.ln + int64_t(C) * s.ldt;
-  s.spare = s.wide + int64_t(max(max(3 * C, D), V)) * s.ldt;
-  s.total = s.spare + max(int64_t(H) * T * s.ldt, split_scratch(T, s.ldt, products));
+  s.scores = s.wide + int64_t(max(max(3 * C, D), V)) * s.ldt;
+  s.total = s.scores + int64_t(H) * T * s.ldt;
   return s;
 }
 
 // The backward's: w, one weight matrix as it is [OC, K]; g, the gradient of the
 // residual stream [C, ldt]; dln, a norm's output gradient, then the attention output's
 // [C, ldt]; wide, the pre-activations, then their gradient [D, ldt], then qkv's
-// gradient [3C, ldt]; qkv [3C, ldt]; spare, the probabilities and their gradients
-// [2, H, T, ldt] and the split products' partial sums.
+// gradient [3C, ldt]; qkv [3C, ldt]; probs, the probabilities and their gradients
+// [2, H, T, ldt].
 struct BackwardLayout {
   int ldt;
-  int64_t g, dln, wide, qkv, spare, total;
+  int64_t g, dln, wide, qkv, probs, total;
 };
 __host__ __device__ BackwardLayout backward_layout(int T, int C, int H, int D) {
   BackwardLayout s;
   s.ldt = transposed_ld(T);
   const int64_t w = max(int64_t(3) * C * C, int64_t(D) * C);
-  const int products[4][2] = {{D, C}, {C, D}, {C, C}, {C, 3 * C}};  // (OC, K): dpost, dln2, datty, dln1
   s.g = pad4(static_cast<int>(w));
   s.dln = s.g + int64_t(C) * s.ldt;
   s.wide = s.dln + int64_t(C) * s.ldt;
   s.qkv = s.wide + int64_t(max(3 * C, D)) * s.ldt;
-  s.spare = s.qkv + int64_t(3 * C) * s.ldt;
-  s.total = s.spare + max(int64_t(2) * H * T * s.ldt, split_scratch(T, s.ldt, products));
+  s.probs = s.qkv + int64_t(3 * C) * s.ldt;
+  s.total = s.probs + int64_t(2) * H * T * s.ldt;
   return s;
 }
 
-__global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_constant__ BlockForward p) {
+__global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const __grid_constant__ BlockForward p) {
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
   const int V = p.lm_head ? p.V : 0;
@@ -188,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   const int ldt = layout.ldt;
   float* smem = reinterpret_cast<float*>(shared4);
   float *w = smem, *x = smem + layout.x, *ln = smem + layout.ln, *wide = smem + layout.wide,
-        *spare = smem + layout.spare;
+        *scores = smem + layout.scores;
   const int64_t seq = blockIdx.x, m = seq / p.B, row0 = seq * T;  // rows [row0, row0 + T) of [M, N]
   const float* __restrict__ qkv_b = p.qkv_b + m * 3 * C;
   const float* __restrict__ proj_b = p.proj_b + m * C;
@@ -215,13 +183,12 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   norm_positions(ln, x, ldt, p.ln1_w + m * C, p.ln1_b + m * C, p.ln1_mean + row0, p.ln1_rstd + row0, T, C);
   __syncthreads();
   store_rows(p.ln1 + row0 * C, ln, T, C, ldt);
-  forward_product(3 * C, T, C, w, ln, ldt, spare, [&](int o, int t, float v) { wide[o * ldt + t] = v + qkv_b[o]; });
+  forward_product(3 * C, T, C, w, ln, ldt, [&](int o, int t, float v) { wide[o * ldt + t] = v + qkv_b[o]; });
   __syncthreads();
 
   // attention: rows [0, C) of wide are q, [C, 2C) k, [2C, 3C) v; head h on hd of each
   store_rows(p.qkv + row0 * 3 * C, wide, T, 3 * C, ldt);
   stage_weights(w, p.proj_w + m * C * C, C, C, C + 1);
-  float* scores = spare;  // [H, T (key t2), ldt (query t)]
   tile_product<2>(
       H, T, T, [&](int h, int t2, int i) { return wide[(C + h * hd + i) * ldt + t2]; },
       [&](int h) { return wide + h * hd * ldt; }, ldt,
@@ -237,14 +204,16 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
     for (int t2 = lane; t2 < T; t2 += kWarpSize) a[t2] = s[t2 * ldt];  // each lane its own keys
   }
   __syncthreads();
+  const int head_lanes = head_product_lanes(H, hd, T);
   // y[h hd + i, t] = sum over t2 <= t of v[i, t2] p[t2, t], into ln (free since the QKV product)
   tile_product<2>(
       H, hd, T, [&](int h, int i, int t2) { return wide[(2 * C + h * hd + i) * ldt + t2]; },
       [&](int h) { return scores + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(0, min(T, c0 + 4)); },
-      [&](int h, int i, int t, float acc) { ln[(h * hd + i) * ldt + t] = acc; });
+      [&](int h, int i, int t, float acc) { ln[(h * hd + i) * ldt + t] = acc; },
+      head_lanes);
   __syncthreads();
   store_rows(p.atty + row0 * C, ln, T, C, ldt);
-  forward_product(C, T, C, w, ln, ldt, spare, [&](int o, int t, float v) { x[o * ldt + t] += v + proj_b[o]; });
+  forward_product(C, T, C, w, ln, ldt, [&](int o, int t, float v) { x[o * ldt + t] += v + proj_b[o]; });
   __syncthreads();
 
   // MLP: x = resid_mid + act(ln2 W1^T + b1) W2^T + b2
@@ -253,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   stage_weights(w, p.fc_w + m * D * C, D, C, C + 1);
   __syncthreads();
   store_rows(p.ln2 + row0 * C, ln, T, C, ldt);
-  forward_product(D, T, C, w, ln, ldt, spare, [&](int o, int t, float v) {
+  forward_product(D, T, C, w, ln, ldt, [&](int o, int t, float v) {
     const float pre = v + fc_b[o];
     p.pre[(row0 + t) * D + o] = pre;
     wide[o * ldt + t] = activate(pre, p.act);
@@ -262,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   store_rows(p.post + row0 * D, wide, T, D, ldt);
   stage_weights(w, p.out_w + m * C * D, C, D, D + 1);
   __syncthreads();
-  forward_product(C, T, D, w, wide, ldt, spare, [&](int o, int t, float v) { x[o * ldt + t] += v + out_b[o]; });
+  forward_product(C, T, D, w, wide, ldt, [&](int o, int t, float v) { x[o * ldt + t] += v + out_b[o]; });
   __syncthreads();
   store_rows(p.resid_out + row0 * C, x, T, C, ldt);
   if (!p.lnf) return;
@@ -273,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   store_rows(p.lnf + row0 * C, ln, T, C, ldt);
   if (!V) return;
   float* logits = wide;  // [V, ldt]
-  forward_product(V, T, C, w, ln, ldt, spare, [&](int v, int t, float acc) { logits[v * ldt + t] = acc; });
+  forward_product(V, T, C, w, ln, ldt, [&](int v, int t, float acc) { logits[v * ldt + t] = acc; });
   __syncthreads();
   for (int t = threadIdx.x / kWarpSize; t < T; t += warps) {  // a warp per position
     const float loss = crossentropy_lanes(logits + t, ldt, p.targets[row0 + t], V, p.B * T, p.backward);
@@ -283,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) block_forward_kernel(const __grid_co
   store_rows(p.logits + row0 * V, logits, T, V, ldt);  // with backward, their gradient
   if (!p.backward) return;
   // dlnf = dlogits lm_head, into ln; dresid_top = the final norm's input gradient, over x
-  backward_product(C, T, V, w, C + 1, logits, ldt, spare, [&](int c, int t, float v) { ln[c * ldt + t] = v; });
+  backward_product(C, T, V, w, C + 1, logits, ldt, [&](int c, int t, float v) { ln[c * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dlnf + row0 * C, ln, T, C, ldt);
   for (int t = threadIdx.x / kWarpSize; t < T; t += warps)
@@ -302,14 +271,14 @@ __device__ void norm_backward_positions(float* g, const float* dln, int ldt, con
     layernorm_backward_lanes(g + t, g + t, ldt, dln + t, ldt, x + int64_t(t) * C, 1, weight, mean[t], rstd[t], C);
 }
 
-__global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_constant__ BlockBackward p) {
+__global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __grid_constant__ BlockBackward p) {
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
   const BackwardLayout layout = backward_layout(T, C, H, D);
   const int ldt = layout.ldt;
   float* smem = reinterpret_cast<float*>(shared4);
   float *w = smem, *g = smem + layout.g, *dln = smem + layout.dln, *wide = smem + layout.wide,
-        *qkv = smem + layout.qkv, *spare = smem + layout.spare;
+        *qkv = smem + layout.qkv, *attention = smem + layout.probs;
   const int64_t seq = blockIdx.x, m = seq / p.B, row0 = seq * T;  // rows [row0, row0 + T) of [M, N]
 
   // MLP: dpre = (dresid W2) * act'(pre); dln2 = dpre W1; dresid_mid = dresid + norm'(dln2)
@@ -318,14 +287,14 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
   load_transposed(qkv, p.qkv + row0 * 3 * C, T, 3 * C, ldt);
   stage_weights(w, p.out_w + m * C * D, C, D, D);
   __syncthreads();
-  backward_product(D, T, C, w, D, g, ldt, spare, [&](int i, int t, float v) {
+  backward_product(D, T, C, w, D, g, ldt, [&](int i, int t, float v) {
     wide[i * ldt + t] = v * activation_derivative(wide[i * ldt + t], p.act);
   });
   __syncthreads();
   store_rows(p.dpre + row0 * D, wide, T, D, ldt);
   stage_weights(w, p.fc_w + m * D * C, D, C, C);
   __syncthreads();
-  backward_product(C, T, D, w, C, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, D, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln2 + row0 * C, dln, T, C, ldt);
   norm_backward_positions(g, dln, ldt, p.resid_mid + row0 * C, p.ln2_w + m * C, p.ln2_mean + row0,
@@ -335,10 +304,10 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
 
   // attention: datty = dresid_mid Wproj, through the attention into dqkv (in wide)
   store_rows(p.dresid_mid + row0 * C, g, T, C, ldt);
-  backward_product(C, T, C, w, C, g, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, C, w, C, g, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
-  float* dprobs = spare;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
-  float* probs = spare + int64_t(H) * T * ldt;  // [H, T (query t), ldt (key t2)]: probabilities, then d(scores)
+  float* dprobs = attention;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
+  float* probs = attention + int64_t(H) * T * ldt;  // [H, T (query t), ldt (key t2)]: probabilities, then d(scores)
   copy_batched(H * T * T, [&](int i) { return p.att[seq * H * T * T + i]; },
                [&](int i, float v) { probs[i / T * ldt + i % T] = v; });
   stage_weights(w, p.qkv_w + m * 3 * C * C, 3 * C, C, C);
@@ -349,11 +318,13 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
       [&](int, int r0, int c0) { return c0 + 3 < r0 ? make_int2(0, 0) : make_int2(0, hd); },
       [&](int h, int t2, int t, float dot) { dprobs[(h * T + t2) * ldt + t] = dot; });
   __syncthreads();
+  const int head_lanes = head_product_lanes(H, hd, T);
   // dv[i, t2] = sum over t >= t2 of dy[i, t] p(t, t2)
   tile_product<2>(
       H, hd, T, [&](int h, int i, int t) { return dln[(h * hd + i) * ldt + t]; },
       [&](int h) { return probs + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(c0, T); },
-      [&](int h, int i, int t2, float acc) { wide[(2 * C + h * hd + i) * ldt + t2] = acc; });
+      [&](int h, int i, int t2, float acc) { wide[(2 * C + h * hd + i) * ldt + t2] = acc; },
+      head_lanes);
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   for (int row = threadIdx.x / kWarpSize; row < H * T; row += warps) {  // softmax backward, a warp per (head, query)
@@ -369,16 +340,18 @@ __global__ void __launch_bounds__(kThreads) block_backward_kernel(const __grid_c
       H, hd, T, [&](int h, int i, int t2) { return qkv[(C + h * hd + i) * ldt + t2]; },
       [&](int h) { return dprobs + h * T * ldt; }, ldt,
       [&](int, int, int c0) { return make_int2(0, min(T, c0 + 4)); },
-      [&](int h, int i, int t, float acc) { wide[(h * hd + i) * ldt + t] = acc; });
+      [&](int h, int i, int t, float acc) { wide[(h * hd + i) * ldt + t] = acc; },
+      head_lanes);
   tile_product<2>(
       H, hd, T, [&](int h, int i, int t) { return qkv[(h * hd + i) * ldt + t]; },
       [&](int h) { return probs + h * T * ldt; }, ldt, [&](int, int, int c0) { return make_int2(c0, T); },
-      [&](int h, int i, int t2, float acc) { wide[(C + h * hd + i) * ldt + t2] = acc; });
+      [&](int h, int i, int t2, float acc) { wide[(C + h * hd + i) * ldt + t2] = acc; },
+      head_lanes);
   __syncthreads();
 
   // dln1 = dqkv Wqkv; dresid_in = dresid_mid + norm'(dln1)
   store_rows(p.dqkv + row0 * 3 * C, wide, T, 3 * C, ldt);
-  backward_product(C, T, 3 * C, w, C, wide, ldt, spare, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, 3 * C, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln1 + row0 * C, dln, T, C, ldt);
   norm_backward_positions(g, dln, ldt, p.resid_in + row0 * C, p.ln1_w + m * C, p.ln1_mean + row0,

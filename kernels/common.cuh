@@ -141,36 +141,61 @@ __host__ __device__ constexpr int transposed_ld(int T) { return pad4(T) + 4; }
 
 // For each of `batch` products e: out_e(r, c) for r < rows, c < cols, the sum over k in
 // range(e, r0, c0) of a(e, r, k) b_e[k, c] (b(e) row-major, ld a multiple of 4, padded
-// columns readable), each thread a tile of kRows x 4 (rows r0.., columns c0..) whose b
-// values it reads four at a time. Every element adds its terms in k order; store(e, r,
-// c, value) takes each. The tiles' column groups run fastest across threads, so a warp
-// reads few rows of a (broadcasts). The fused kernels' products are all of this form.
+// columns readable); store(e, r, c, value) takes each. A tile of kRows x 4 outputs (rows
+// r0.., columns c0..) belongs to `lanes` adjacent lanes of a warp (a power of two up to
+// 32, see lanes_per_tile): lane j of them adds the terms k0 + j, k0 + j + lanes, ... in
+// order, reading b four values at a time, and shuffles add the lanes' partial sums in a
+// fixed tree, so every element's sum is the same from run to run. The tiles' column
+// groups run fastest across lanes, so a warp reads few rows of a (broadcasts), and the
+// lanes of a tile read consecutive k (distinct banks). Every thread of the block calls
+// it (the shuffles need whole warps). The fused kernels' products are all of this form.
 template <int kRows, class A, class B, class Range, class Store>
 __device__ void tile_product(int batch, int rows, int cols, const A& a, const B& b, int ldb, const Range& range,
-                             const Store& store) {
+                             const Store& store, int lanes = 1) {
   const int col_groups = (cols + 3) / 4, tiles_per = (rows + kRows - 1) / kRows * col_groups;
-  for (int tile = threadIdx.x; tile < batch * tiles_per; tile += blockDim.x) {
+  const int items = batch * tiles_per * lanes, lane = threadIdx.x % kWarpSize;
+  for (int first = threadIdx.x - lane; first < items; first += blockDim.x) {  // the same trips for a whole warp
+    const int item = first + lane, tile = item / lanes, j = item % lanes;
     const int e = tile / tiles_per, r0 = tile % tiles_per / col_groups * kRows, c0 = tile % col_groups * 4;
-    const int2 k_range = range(e, r0, c0);
-    const float* be = b(e);
+    const bool active = item < items;
     float acc[kRows][4] = {};
-    for (int k = k_range.x; k < k_range.y; ++k) {
-      const float4 bk = *reinterpret_cast<const float4*>(be + k * ldb + c0);
+    if (active) {
+      const int2 k_range = range(e, r0, c0);
+      const float* be = b(e);
+      for (int k = k_range.x + j; k < k_range.y; k += lanes) {
+        const float4 bk = *reinterpret_cast<const float4*>(be + k * ldb + c0);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float ar = a(e, min(r0 + r, rows - 1), k);
-        acc[r][0] += ar * bk.x;
-        acc[r][1] += ar * bk.y;
-        acc[r][2] += ar * bk.z;
-        acc[r][3] += ar * bk.w;
+        for (int r = 0; r < kRows; ++r) {
+          const float ar = a(e, min(r0 + r, rows - 1), k);
+          acc[r][0] += ar * bk.x;
+          acc[r][1] += ar * bk.y;
+          acc[r][2] += ar * bk.z;
+          acc[r][3] += ar * bk.w;
+        }
       }
     }
+    for (int offset = 1; offset < lanes; offset <<= 1)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] += __shfl_xor_sync(kFullMask, acc[r][c], offset);
+    if (!active || j != 0) continue;
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         if (r0 + r < rows && c0 + c < cols) store(e, r0 + r, c0 + c, acc[r][c]);
   }
+}
+
+// Lanes per tile for tile_product: a power of two up to 8, as many as keep `tiles`
+// tiles within `threads` threads while each lane keeps at least 8 of `depth` terms.
+// Products with few tiles and long sums (a head's T x head-width products, narrow
+// layers' weight products) then put every thread to work, their longest sum shorter.
+__host__ __device__ constexpr int lanes_per_tile(int tiles, int threads, int depth) {
+  int lanes = 1;
+  while (lanes < 8 && tiles * lanes * 2 <= threads && depth >= lanes * 2 * 8) lanes *= 2;
+  return lanes;
 }
 
 template <class T>
