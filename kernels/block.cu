@@ -5,7 +5,8 @@
 // projection, norm and MLP with their biases, residuals and activation, the first
 // layer's embedding before and the last layer's final norm and head after (logits,
 // cross-entropy, and for training the gradient back through both); the backward runs
-// the chain of input gradients back through a block. Short sequences of narrow models
+// the chain of input gradients back through a block, and sums each sequence's share of
+// the bias and norm gradients on the way. Short sequences of narrow models
 // (the seed experiment's) fit; there each replaces a chain of seven kernels per layer.
 // Both write what the per-op kernels write: the forward every activation the backward
 // reads, the backward every gradient the parameter gradients (run apart, per op) read.
@@ -271,6 +272,34 @@ __device__ void norm_backward_positions(float* g, const float* dln, int ldt, con
     layernorm_backward_lanes(g + t, g + t, ldt, dln + t, ldt, x + int64_t(t) * C, 1, weight, mean[t], rstd[t], C);
 }
 
+// parts[c] = the sum over positions t < T of term(c, t) for c < cols: one sequence's
+// share of a column sum (ColumnSums adds the sequences' shares in order). Adjacent
+// lanes share a column, each every lanes-th position, their sums added by shuffles in
+// a fixed tree. All threads call it.
+template <class Term>
+__device__ void sum_positions(float* __restrict__ parts, int cols, int T, const Term& term) {
+  const int lanes = lanes_per_tile(cols, kThreads, T), lane = threadIdx.x % kWarpSize;
+  for (int first = threadIdx.x - lane; first < cols * lanes; first += blockDim.x) {  // whole warps
+    const int item = first + lane, c = item / lanes, j = item % lanes;
+    const bool active = item < cols * lanes;
+    float sum = 0.0f;
+    if (active)
+      for (int t = j; t < T; t += lanes) sum += term(c, t);
+    for (int offset = 1; offset < lanes; offset <<= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    if (active && j == 0) parts[c] = sum;
+  }
+}
+
+// One sequence's share of a layer norm's weight and bias gradients from the gradient
+// at its output dln [C, ldt] and its input x [T, C] (global).
+__device__ void norm_param_sums(float* weight_parts, float* bias_parts, const float* dln, int ldt,
+                                const float* __restrict__ x, const float* __restrict__ mean,
+                                const float* __restrict__ rstd, int T, int C) {
+  sum_positions(weight_parts, C, T,
+                [&](int c, int t) { return dln[c * ldt + t] * ((x[int64_t(t) * C + c] - mean[t]) * rstd[t]); });
+  sum_positions(bias_parts, C, T, [&](int c, int t) { return dln[c * ldt + t]; });
+}
+
 __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __grid_constant__ BlockBackward p) {
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
@@ -287,16 +316,21 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __gri
   load_transposed(qkv, p.qkv + row0 * 3 * C, T, 3 * C, ldt);
   stage_weights(w, p.out_w + m * C * D, C, D, D);
   __syncthreads();
+  const BlockParamSums& sums = p.sums;  // this sequence's shares from seq * columns on
+  sum_positions(sums.out_b + seq * C, C, T, [&](int c, int t) { return g[c * ldt + t]; });
   backward_product(D, T, C, w, D, g, ldt, [&](int i, int t, float v) {
     wide[i * ldt + t] = v * activation_derivative(wide[i * ldt + t], p.act);
   });
   __syncthreads();
   store_rows(p.dpre + row0 * D, wide, T, D, ldt);
+  sum_positions(sums.fc_b + seq * D, D, T, [&](int i, int t) { return wide[i * ldt + t]; });
   stage_weights(w, p.fc_w + m * D * C, D, C, C);
   __syncthreads();
   backward_product(C, T, D, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln2 + row0 * C, dln, T, C, ldt);
+  norm_param_sums(sums.ln2_w + seq * C, sums.ln2_b + seq * C, dln, ldt, p.resid_mid + row0 * C, p.ln2_mean + row0,
+                  p.ln2_rstd + row0, T, C);
   norm_backward_positions(g, dln, ldt, p.resid_mid + row0 * C, p.ln2_w + m * C, p.ln2_mean + row0,
                           p.ln2_rstd + row0, T, C);
   stage_weights(w, p.proj_w + m * C * C, C, C, C);
@@ -304,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __gri
 
   // attention: datty = dresid_mid Wproj, through the attention into dqkv (in wide)
   store_rows(p.dresid_mid + row0 * C, g, T, C, ldt);
+  sum_positions(sums.proj_b + seq * C, C, T, [&](int c, int t) { return g[c * ldt + t]; });
   backward_product(C, T, C, w, C, g, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   float* dprobs = attention;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
@@ -351,9 +386,12 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __gri
 
   // dln1 = dqkv Wqkv; dresid_in = dresid_mid + norm'(dln1)
   store_rows(p.dqkv + row0 * 3 * C, wide, T, 3 * C, ldt);
+  sum_positions(sums.qkv_b + seq * 3 * C, 3 * C, T, [&](int o, int t) { return wide[o * ldt + t]; });
   backward_product(C, T, 3 * C, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln1 + row0 * C, dln, T, C, ldt);
+  norm_param_sums(sums.ln1_w + seq * C, sums.ln1_b + seq * C, dln, ldt, p.resid_in + row0 * C, p.ln1_mean + row0,
+                  p.ln1_rstd + row0, T, C);
   norm_backward_positions(g, dln, ldt, p.resid_in + row0 * C, p.ln1_w + m * C, p.ln1_mean + row0,
                           p.ln1_rstd + row0, T, C);
   __syncthreads();

@@ -467,7 +467,8 @@ TEST_F(Gpu, FusedBlockForward) {
 }
 
 // The fused backward kernel against the CPU ops' backward through the same block from
-// the CPU forward's activations: every gradient it writes.
+// the CPU forward's activations: every gradient it writes, and each sequence's share
+// of the bias and norm gradients.
 TEST_F(Gpu, FusedBlockBackward) {
   ASSERT_TRUE(cuda::block_backward_fits(32, 64, 4, 256)) << "the seed experiment's block does not fit";
   cuda::prepare_block_kernels();
@@ -512,6 +513,13 @@ TEST_F(Gpu, FusedBlockBackward) {
     b.dpre = d_dpre.data(), b.dln2 = d_dln2.data(), b.dresid_mid = d_dresid_mid.data(), b.dqkv = d_dqkv.data();
     b.dln1 = d_dln1.data(), b.dresid_in = d_dresid_in.data();
     b.B = s.B, b.T = s.T, b.C = C, b.H = s.H, b.D = D, b.scale = cuda::attention_scale(C / s.H), b.act = k.cuda_act();
+    const int sequences = M * s.B;
+    auto d_out_b_shares = poisoned(size_t(sequences) * C), d_fc_b_shares = poisoned(size_t(sequences) * D),
+         d_proj_b_shares = poisoned(size_t(sequences) * C), d_qkv_b_shares = poisoned(size_t(sequences) * 3 * C),
+         d_ln2_w_shares = poisoned(size_t(sequences) * C), d_ln2_b_shares = poisoned(size_t(sequences) * C),
+         d_ln1_w_shares = poisoned(size_t(sequences) * C), d_ln1_b_shares = poisoned(size_t(sequences) * C);
+    b.sums = {d_out_b_shares.data(), d_fc_b_shares.data(), d_ln2_w_shares.data(), d_ln2_b_shares.data(),
+              d_proj_b_shares.data(), d_qkv_b_shares.data(), d_ln1_w_shares.data(), d_ln1_b_shares.data()};
     cuda::block_backward(b, M, stream->get());
     expect_close(down(d_dpre), dpre, kFp32, "dpre");
     expect_close(down(d_dln2), dln2, kFp32, "dln2");
@@ -519,6 +527,39 @@ TEST_F(Gpu, FusedBlockBackward) {
     expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
     expect_close(down(d_dln1), dln1, kFp32, "dln1");
     expect_close(down(d_dresid_in), dresid_in, kFp32, "dresid_in");
+    // each sequence's share of the bias and norm gradients
+    auto sequence_sums = [&](const std::vector<float>& v, int columns) {
+      std::vector<float> out(size_t(sequences) * columns);
+      for (int q = 0; q < sequences; ++q)
+        for (int c = 0; c < columns; ++c) {
+          double sum = 0;
+          for (int t = 0; t < s.T; ++t) sum += v[(int64_t(q) * s.T + t) * columns + c];
+          out[size_t(q) * columns + c] = static_cast<float>(sum);
+        }
+      return out;
+    };
+    auto norm_sequence_sums = [&](const std::vector<float>& dout, const std::vector<float>& inp,
+                                  const std::vector<float>& weight, const std::vector<float>& mean,
+                                  const std::vector<float>& rstd) {
+      std::vector<float> dweight(size_t(sequences) * C, 0.0f), dbias(dweight.size(), 0.0f), dinp(size_t(s.T) * C);
+      for (int q = 0; q < sequences; ++q) {
+        const int64_t row = int64_t(q) * s.T;
+        cpu::layernorm_backward(dinp.data(), dweight.data() + int64_t(q) * C, dbias.data() + int64_t(q) * C,
+                                dout.data() + row * C, inp.data() + row * C, weight.data() + int64_t(q / s.B) * C,
+                                mean.data() + row, rstd.data() + row, 1, s.T, C);
+      }
+      return std::make_pair(dweight, dbias);
+    };
+    expect_close(down(d_out_b_shares), sequence_sums(dresid_out, C), kFp32, "out_b shares");
+    expect_close(down(d_fc_b_shares), sequence_sums(dpre, D), kFp32, "fc_b shares");
+    expect_close(down(d_proj_b_shares), sequence_sums(dresid_mid, C), kFp32, "proj_b shares");
+    expect_close(down(d_qkv_b_shares), sequence_sums(dqkv, 3 * C), kFp32, "qkv_b shares");
+    const auto [ln2_w, ln2_b] = norm_sequence_sums(dln2, k.resid_mid, k.ln2_w, k.ln2_mean, k.ln2_rstd);
+    expect_close(down(d_ln2_w_shares), ln2_w, kFp32, "ln2_w shares");
+    expect_close(down(d_ln2_b_shares), ln2_b, kFp32, "ln2_b shares");
+    const auto [ln1_w, ln1_b] = norm_sequence_sums(dln1, k.x, k.ln1_w, k.ln1_mean, k.ln1_rstd);
+    expect_close(down(d_ln1_w_shares), ln1_w, kFp32, "ln1_w shares");
+    expect_close(down(d_ln1_b_shares), ln1_b, kFp32, "ln1_b shares");
   }
 }
 

@@ -184,8 +184,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       bb.ln1_mean = bb.ln2_mean = stats.data(), bb.ln1_rstd = bb.ln2_rstd = stats.data() + size_t(rows);
       bb.att = att.data(), bb.ln1_w = bb.ln2_w = bias.data(), bb.qkv_w = bb.proj_w = bb.fc_w = bb.out_w = w.data();
       bb.dpre = bb.dln2 = bb.dresid_mid = bb.dqkv = bb.dln1 = bb.dresid_in = y.data();
+      float* shares = y.data();  // [M, B, columns] each: room in y (rows x max(3C, D))
+      bb.sums = {shares, shares, shares, shares, shares, shares, shares, shares};
       bb.B = B, bb.T = T, bb.C = C, bb.H = H, bb.D = D, bb.scale = fb.scale, bb.act = k::Act::gelu;
-      add("block_backward (fused layer, input gradients)",
+      add("block_backward (fused layer, input gradients, bias and norm sums)",
           (rows * (10 * C + 2 * D) + weights + double(M) * B * H * T * T) * f,
           2 * rows * (4.0 * C * C + 2.0 * C * D) + 2 * att_flops, [&] { k::block_backward(bb, M, s); });
     }

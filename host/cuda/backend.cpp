@@ -12,6 +12,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "univ/backend.hpp"
@@ -302,13 +304,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         r.reserve(l.dqkv, rows * 3 * C), r.reserve(l.dln2, rows * C), r.reserve(l.dpre, rows * D);
       }
       // Every column sum's partials wait in the scratch until the pass's one stage-2
-      // launch: room for each bias and norm vector and each weight matrix whose rows
-      // split (the embeddings sum without partials).
+      // launch: room for each bias and norm vector (in row chunks, or a share per
+      // sequence from the block kernel) and each weight matrix whose rows split (the
+      // embeddings sum without partials).
       const int models = config_.models, n = config_.batch * c.seq_len;
       int64_t partials = 0;
       for (const auto& t : layout_.tensors()) {
         if (t.shape.size() == 1)
-          partials += cuda::column_sum_partials(models, n, t.numel);
+          partials += std::max(cuda::column_sum_partials(models, n, t.numel),
+                               cuda::ColumnSums::room(int64_t(models) * config_.batch * t.numel));
         else if (t.name != "wte" && t.name != "wpe")
           partials += cuda::matmul_backward_partials(models, n, static_cast<int>(t.shape[1]),
                                                      static_cast<int>(t.shape[0]));
@@ -482,35 +486,21 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const auto& w = p.blocks[l];
       const auto& gw = g.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
-      // The parameter gradients on the side streams, each once what it reads exists.
-      // MLP branch: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
-      auto mlp_out_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.out_b, sums, dresid, nullptr, M, N, C, none, side());
-        cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C);
-      };
-      auto mlp_in_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.fc_b, sums, d.dpre, nullptr, M, N, D, none, side());
-        cuda::matmul_backward_weight(hs(), gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D);
-      };
-      auto ln2_grads = [&] {
-        cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
-                                        C, side());
-      };
-      // attention branch: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
-      auto attention_out_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.proj_b, sums, d.dresid_mid, nullptr, M, N, C, none, side());
+      // The parameter gradients on the side lanes, each once what it reads exists: the
+      // weight products, and on the per-op path the bias and norm column sums (the
+      // block kernel sums each sequence's share of those itself).
+      // MLP: resid_out = resid_mid + act(ln2 W1^T + b1) W2^T + b2
+      // attention: resid_mid = residual + attention(ln1 Wqkv^T + bqkv) Wproj^T + bproj
+      auto fc_weight_grad = [&] { cuda::matmul_backward_weight(hs(), gw.fc_w, sums, d.dpre, a.ln2, M, N, C, D); };
+      auto proj_weight_grad = [&] {
         cuda::matmul_backward_weight(hs(), gw.proj_w, sums, d.dresid_mid, a.atty, M, N, C, C);
       };
-      auto attention_in_grads = [&] {
-        cuda::bias_activation_backward(nullptr, gw.qkv_b, sums, d.dqkv, nullptr, M, N, 3 * C, none, side());
-        cuda::matmul_backward_weight(hs(), gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C);
-      };
-      auto ln1_grads = [&] {
-        cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
-                                        side());
+      auto qkv_weight_grad = [&] { cuda::matmul_backward_weight(hs(), gw.qkv_w, sums, d.dqkv, a.ln1, M, N, C, 3 * C); };
+      auto bias_grad = [&](float* grad, const float* dout, int columns) {
+        cuda::bias_activation_backward(nullptr, grad, sums, dout, nullptr, M, N, columns, none, side());
       };
       fork();
-      mlp_out_grads();
+      cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C);
       if (fused_backward_) {
         cuda::BlockBackward b{};
         b.dresid_out = dresid, b.resid_in = residual, b.ln1_mean = a.ln1_mean, b.ln1_rstd = a.ln1_rstd;
@@ -521,32 +511,45 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         b.dresid_in = d.dresid_in;
         b.B = B, b.T = T, b.C = C, b.H = H, b.D = D, b.scale = cuda::attention_scale(c.head_dim());
         b.act = to_act(c.activation);
+        auto shares = [&](float* grad, int columns) { return sums.add(grad, nullptr, M, B, columns); };
+        auto norm_shares = [&](float* dweight, float* dbias) {  // the weight's shares, then the bias's
+          float* weight_shares = sums.add(dweight, dbias, M, B, C);
+          return std::make_pair(weight_shares, weight_shares + int64_t(M) * B * C);
+        };
+        b.sums.out_b = shares(gw.out_b, C), b.sums.fc_b = shares(gw.fc_b, D), b.sums.proj_b = shares(gw.proj_b, C);
+        b.sums.qkv_b = shares(gw.qkv_b, 3 * C);
+        std::tie(b.sums.ln2_w, b.sums.ln2_b) = norm_shares(gw.ln2_w, gw.ln2_b);
+        std::tie(b.sums.ln1_w, b.sums.ln1_b) = norm_shares(gw.ln1_w, gw.ln1_b);
         cuda::block_backward(b, M, s);
         fork();
-        mlp_in_grads();
-        ln2_grads();
-        attention_out_grads();
-        attention_in_grads();
-        ln1_grads();
+        fc_weight_grad();
+        proj_weight_grad();
+        qkv_weight_grad();
       } else {
+        bias_grad(gw.out_b, dresid, C);
         cuda::matmul_backward_input_activation(h, d.dpre, dresid, w.out_w, a.pre, M, N, D, C, to_act(c.activation));
         fork();
-        mlp_in_grads();
+        bias_grad(gw.fc_b, d.dpre, D);
+        fc_weight_grad();
         cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
         cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M,
                                        N, C, s);
         fork();
-        ln2_grads();
-        attention_out_grads();
+        cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
+                                        C, side());
+        bias_grad(gw.proj_b, d.dresid_mid, C);
+        proj_weight_grad();
         cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
         cuda::attention_backward(d.dqkv, datty_, a.qkv, a.att, M, B, T, C, H, s);
         fork();
-        attention_in_grads();
+        bias_grad(gw.qkv_b, d.dqkv, 3 * C);
+        qkv_weight_grad();
         cuda::matmul_backward_input(h, d.dln1, d.dqkv, w.qkv_w, M, N, C, 3 * C);
         cuda::layernorm_backward_input(d.dresid_in, d.dresid_mid, d.dln1, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd,
                                        M, N, C, s);
         fork();
-        ln1_grads();
+        cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
+                                        side());
       }
       dresid = d.dresid_in;
     }

@@ -164,12 +164,20 @@ struct BlockForward {
 // output back to its input: dresid_in = dresid_mid + the first norm's input gradient,
 // and writes the gradients the parameters' products and column sums read: dpre (of
 // the MLP's pre-activations), dln2, dresid_mid, dqkv, dln1 [M,N,...], as the per-op
-// backward does. It reads what block_forward (or the per-op forward) wrote.
+// backward does, and each sequence's share of the bias and norm gradients (`sums`),
+// which the per-op backward sums apart. It reads what block_forward (or the per-op
+// forward) wrote.
+// Each sequence's share of the layer's bias and norm gradients, [M, B, columns]: the
+// partials of ColumnSums::add(gradient, ..., M, B, columns), a chunk per sequence.
+struct BlockParamSums {
+  float *out_b, *fc_b, *ln2_w, *ln2_b, *proj_b, *qkv_b, *ln1_w, *ln1_b;
+};
 struct BlockBackward {
   const float* dresid_out;  // [M,N,C]
   const float *resid_in, *ln1_mean, *ln1_rstd, *qkv, *att, *resid_mid, *ln2_mean, *ln2_rstd, *pre;
   const float *ln1_w, *qkv_w, *proj_w, *ln2_w, *fc_w, *out_w;
   float *dpre, *dln2, *dresid_mid, *dqkv, *dln1, *dresid_in;
+  BlockParamSums sums;
   int B, T, C, H, D;
   float scale;
   Act act;
