@@ -118,12 +118,14 @@ void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const
 // attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
 // att [M,B,H,T,T] softmax probabilities (zero above the diagonal). qkv_bias [M,3C] not
-// null: qkv += qkv_bias first, written back (the QKV layer's bias, fused here).
+// null: qkv += qkv_bias first, written back (the QKV layer's bias, fused here). tf32:
+// the products on the tensor cores (operands rounded to TF32) where the padded head
+// fits in shared memory, else float32.
 void attention_forward(float* out, float* att, float* qkv, const float* qkv_bias, int M, int B, int T, int C, int H,
-                       cudaStream_t stream);
+                       bool tf32, cudaStream_t stream);
 // dqkv [M,B,T,3C] overwritten.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, int M, int B, int T, int C,
-                        int H, cudaStream_t stream);
+                        int H, bool tf32, cudaStream_t stream);
 // The longest sequence the fused kernels hold in shared memory for a head width.
 int attention_max_seq_len(int head_dim);
 // The scale of the scores, 1 / sqrt(head_dim) rounded from float64.
