@@ -239,12 +239,12 @@ __global__ void __launch_bounds__(kTf32MaxThreads) attention_forward_tf32_kernel
                                                                              float* __restrict__ att, float* qkv,
                                                                              const float* __restrict__ qkv_bias,
                                                                              int B, int T, int C, int H, float scale) {
-  extern __shared__ float4 shared4[];  // no static shared memory: its start is aligned as wmma needs
+  extern __shared__ __align__(128) float shared_tiles[];  // wmma tiles start 32-byte aligned
   const int hd = C / H;
   const Tf32Sizes z = tf32_sizes(T, hd);
   const int64_t seq = blockIdx.x / H;
   const int h = blockIdx.x % H;
-  float* q = reinterpret_cast<float*>(shared4);  // [Tp, ldh], then the output
+  float* q = shared_tiles;                        // [Tp, ldh], then the output
   float* k = q + z.Tp * z.ldh;                    // [Tp, ldh]
   float* v = k + z.Tp * z.ldh;                    // [Tp, ldh]
   float* s = v + z.Tp * z.ldh;                    // [Tp, ldt] scores, then probabilities
@@ -291,12 +291,12 @@ __global__ void __launch_bounds__(kTf32MaxThreads) attention_backward_tf32_kerne
                                                                               const float* qkv,
                                                                               const float* __restrict__ att, int T,
                                                                               int C, int H, float scale) {
-  extern __shared__ float4 shared4[];  // no static shared memory: its start is aligned as wmma needs
+  extern __shared__ __align__(128) float shared_tiles[];  // wmma tiles start 32-byte aligned
   const int hd = C / H;
   const Tf32Sizes z = tf32_sizes(T, hd);
   const int64_t seq = blockIdx.x / H;
   const int h = blockIdx.x % H;
-  float* q = reinterpret_cast<float*>(shared4);  // [Tp, ldh]
+  float* q = shared_tiles;                        // [Tp, ldh]
   float* k = q + z.Tp * z.ldh;                    // [Tp, ldh]
   float* v = k + z.Tp * z.ldh;                    // [Tp, ldh], then dv
   float* dy = v + z.Tp * z.ldh;                   // [Tp, ldh], then dq
