@@ -157,6 +157,13 @@ inline void enqueue(Stream* s, std::function<void()> work) {
 }
 // Graph replays pick among ready nodes at random from this seed (0: capture order).
 inline unsigned graph_order_seed = 0;
+// The last captured graph's nodes (kernels, copies, emulated cuBLAS calls) and its
+// longest chain of dependent nodes, which bounds a replay's time on a GPU from below.
+struct GraphShape {
+  size_t nodes = 0;
+  int longest_chain = 0;
+};
+inline GraphShape last_graph;
 
 }  // namespace emu
 

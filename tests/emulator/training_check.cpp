@@ -111,6 +111,9 @@ bool whole_steps(const Case& k) {
       norm = std::max(norm, std::abs(b.grad_norm[m] - a.grad_norm[m]) / a.grad_norm[m]);
     }
     std::printf(" step %ld\n", static_cast<long>(step));
+    if (step == 0)  // captured in the first step
+      std::printf("  step graph: %zu nodes, the longest chain %d\n", emu::last_graph.nodes,
+                  emu::last_graph.longest_chain);
     ok &= report("losses", loss, k.tolerance);
     ok &= report("gradient norms", norm, k.tolerance);
     // From the same parameters, every tensor's gradient; after updates, the gradients

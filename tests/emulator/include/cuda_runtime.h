@@ -106,6 +106,12 @@ inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
       std::fprintf(stderr, "emulator: captured node %zu is not joined into the origin stream\n", i);
       std::abort();
     }
+  std::vector<int> chain(nodes.size(), 1);  // nodes come in capture order, after what they wait for
+  emu::last_graph = {nodes.size(), 0};
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    for (int d : nodes[i].deps) chain[i] = std::max(chain[i], chain[d] + 1);
+    emu::last_graph.longest_chain = std::max(emu::last_graph.longest_chain, chain[i]);
+  }
   *graph = new EmuGraph{std::move(nodes)};
   delete emu::capture;
   emu::capture = nullptr;
