@@ -97,8 +97,9 @@ __device__ void forward_product(int OC, int T, int K, const float* w, const floa
   weight_product(OC, T, K, [&](int o, int k) { return w[o * (K + 1) + k]; }, act, ldt, epilogue);
 }
 
-// The backward's products: dx = w^T dy, w [K, OC] staged with rows of ldw (w[k, o]: a
-// warp's tiles read consecutive o, distinct banks).
+// The backward's products: dx = w^T dy, w [K, OC] staged with rows of ldw, odd (w[k,
+// o]: a warp's tiles read consecutive o, and a tile's lanes rows k apart: distinct
+// banks).
 template <class Epilogue>
 __device__ void backward_product(int OC, int T, int K, const float* w, int ldw, const float* dy, int ldt,
                                  const Epilogue& epilogue) {
@@ -127,11 +128,11 @@ __host__ __device__ ForwardLayout forward_layout(int T, int C, int H, int D, int
   return s;
 }
 
-// The backward's: w, one weight matrix as it is [OC, K]; g, the gradient of the
-// residual stream [C, ldt]; dln, a norm's output gradient, then the attention output's
-// [C, ldt]; wide, the pre-activations, then their gradient [D, ldt], then qkv's
-// gradient [3C, ldt]; qkv [3C, ldt]; probs, the probabilities and their gradients
-// [2, H, T, ldt].
+// The backward's: w, one weight matrix as it is [OC, K], rows of K + 1; g, the
+// gradient of the residual stream [C, ldt]; dln, a norm's output gradient, then the
+// attention output's [C, ldt]; wide, the pre-activations, then their gradient [D,
+// ldt], then qkv's gradient [3C, ldt]; qkv [3C, ldt]; probs, the probabilities and
+// their gradients [2, H, T, ldt].
 struct BackwardLayout {
   int ldt;
   int64_t g, dln, wide, qkv, probs, total;
@@ -139,7 +140,7 @@ struct BackwardLayout {
 __host__ __device__ BackwardLayout backward_layout(int T, int C, int H, int D) {
   BackwardLayout s;
   s.ldt = transposed_ld(T);
-  const int64_t w = max(int64_t(3) * C * C, int64_t(D) * C);
+  const int64_t w = max(max(int64_t(3) * C, int64_t(D)) * (C + 1), int64_t(C) * (D + 1));
   s.g = pad4(static_cast<int>(w));
   s.dln = s.g + int64_t(C) * s.ldt;
   s.wide = s.dln + int64_t(C) * s.ldt;
@@ -314,38 +315,38 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __gri
   load_transposed(g, p.dresid_out + row0 * C, T, C, ldt);
   load_transposed(wide, p.pre + row0 * D, T, D, ldt);
   load_transposed(qkv, p.qkv + row0 * 3 * C, T, 3 * C, ldt);
-  stage_weights(w, p.out_w + m * C * D, C, D, D);
+  stage_weights(w, p.out_w + m * C * D, C, D, D + 1);
   __syncthreads();
   const BlockParamSums& sums = p.sums;  // this sequence's shares from seq * columns on
   sum_positions(sums.out_b + seq * C, C, T, [&](int c, int t) { return g[c * ldt + t]; });
-  backward_product(D, T, C, w, D, g, ldt, [&](int i, int t, float v) {
+  backward_product(D, T, C, w, D + 1, g, ldt, [&](int i, int t, float v) {
     wide[i * ldt + t] = v * activation_derivative(wide[i * ldt + t], p.act);
   });
   __syncthreads();
   store_rows(p.dpre + row0 * D, wide, T, D, ldt);
   sum_positions(sums.fc_b + seq * D, D, T, [&](int i, int t) { return wide[i * ldt + t]; });
-  stage_weights(w, p.fc_w + m * D * C, D, C, C);
+  stage_weights(w, p.fc_w + m * D * C, D, C, C + 1);
   __syncthreads();
-  backward_product(C, T, D, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, D, w, C + 1, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln2 + row0 * C, dln, T, C, ldt);
   norm_param_sums(sums.ln2_w + seq * C, sums.ln2_b + seq * C, dln, ldt, p.resid_mid + row0 * C, p.ln2_mean + row0,
                   p.ln2_rstd + row0, T, C);
   norm_backward_positions(g, dln, ldt, p.resid_mid + row0 * C, p.ln2_w + m * C, p.ln2_mean + row0,
                           p.ln2_rstd + row0, T, C);
-  stage_weights(w, p.proj_w + m * C * C, C, C, C);
+  stage_weights(w, p.proj_w + m * C * C, C, C, C + 1);
   __syncthreads();
 
   // attention: datty = dresid_mid Wproj, through the attention into dqkv (in wide)
   store_rows(p.dresid_mid + row0 * C, g, T, C, ldt);
   sum_positions(sums.proj_b + seq * C, C, T, [&](int c, int t) { return g[c * ldt + t]; });
-  backward_product(C, T, C, w, C, g, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, C, w, C + 1, g, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   float* dprobs = attention;                      // [H, T (key t2), ldt (query t)]: d(probabilities), then d(scores)
   float* probs = attention + int64_t(H) * T * ldt;  // [H, T (query t), ldt (key t2)]: probabilities, then d(scores)
   copy_batched(H * T * T, [&](int i) { return p.att[seq * H * T * T + i]; },
                [&](int i, float v) { probs[i / T * ldt + i % T] = v; });
-  stage_weights(w, p.qkv_w + m * 3 * C * C, 3 * C, C, C);
+  stage_weights(w, p.qkv_w + m * 3 * C * C, 3 * C, C, C + 1);
   // dprob^T(t2, t) = v(t2) . dy(t), for t2 <= t
   tile_product<2>(
       H, T, T, [&](int h, int t2, int i) { return qkv[(2 * C + h * hd + i) * ldt + t2]; },
@@ -387,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __gri
   // dln1 = dqkv Wqkv; dresid_in = dresid_mid + norm'(dln1)
   store_rows(p.dqkv + row0 * 3 * C, wide, T, 3 * C, ldt);
   sum_positions(sums.qkv_b + seq * 3 * C, 3 * C, T, [&](int o, int t) { return wide[o * ldt + t]; });
-  backward_product(C, T, 3 * C, w, C, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
+  backward_product(C, T, 3 * C, w, C + 1, wide, ldt, [&](int i, int t, float v) { dln[i * ldt + t] = v; });
   __syncthreads();
   store_rows(p.dln1 + row0 * C, dln, T, C, ldt);
   norm_param_sums(sums.ln1_w + seq * C, sums.ln1_b + seq * C, dln, ldt, p.resid_in + row0 * C, p.ln1_mean + row0,

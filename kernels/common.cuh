@@ -142,22 +142,25 @@ __host__ __device__ constexpr int transposed_ld(int T) { return pad4(T) + 4; }
 // For each of `batch` products e: out_e(r, c) for r < rows, c < cols, the sum over k in
 // range(e, r0, c0) of a(e, r, k) b_e[k, c] (b(e) row-major, ld a multiple of 4, padded
 // columns readable); store(e, r, c, value) takes each. A tile of kRows x 4 outputs (rows
-// r0.., columns c0..) belongs to `lanes` adjacent lanes of a warp (a power of two up to
-// 32, see lanes_per_tile): lane j of them adds the terms k0 + j, k0 + j + lanes, ... in
-// order, reading b four values at a time, and shuffles add the lanes' partial sums in a
-// fixed tree, so every element's sum is the same from run to run. The tiles' column
-// groups run fastest across lanes, so a warp reads few rows of a (broadcasts), and the
-// lanes of a tile read consecutive k (distinct banks). Every thread of the block calls
-// it (the shuffles need whole warps). The fused kernels' products are all of this form.
+// r0.., columns c0..) belongs to `lanes` lanes of a warp (a power of two up to 32, see
+// lanes_per_tile), 32 / lanes apart: lane j of them adds the terms k0 + j, k0 + j +
+// lanes, ... in order, reading b four values at a time, and shuffles add the lanes'
+// partial sums in a fixed tree, so every element's sum is the same from run to run. The
+// tiles' column groups run fastest across a warp's 32 / lanes tiles, so a warp reads few
+// rows of a (broadcasts) and each quarter-warp's 16-byte reads of b are one k's
+// consecutive columns (distinct banks; the lanes of one tile side by side would read 2
+// to 8 rows at few columns, the same banks where rows are a multiple of 32 floats apart).
+// Every thread of the block calls it (the shuffles need whole warps). The fused
+// kernels' products are all of this form.
 template <int kRows, class A, class B, class Range, class Store>
 __device__ void tile_product(int batch, int rows, int cols, const A& a, const B& b, int ldb, const Range& range,
                              const Store& store, int lanes = 1) {
   const int col_groups = (cols + 3) / 4, tiles_per = (rows + kRows - 1) / kRows * col_groups;
-  const int items = batch * tiles_per * lanes, lane = threadIdx.x % kWarpSize;
-  for (int first = threadIdx.x - lane; first < items; first += blockDim.x) {  // the same trips for a whole warp
-    const int item = first + lane, tile = item / lanes, j = item % lanes;
+  const int tiles = batch * tiles_per, lane = threadIdx.x % kWarpSize, tiles_per_warp = kWarpSize / lanes;
+  for (int first = threadIdx.x - lane; first < tiles * lanes; first += blockDim.x) {  // the same trips for a whole warp
+    const int tile = first / lanes + lane % tiles_per_warp, j = lane / tiles_per_warp;
     const int e = tile / tiles_per, r0 = tile % tiles_per / col_groups * kRows, c0 = tile % col_groups * 4;
-    const bool active = item < items;
+    const bool active = tile < tiles;
     float acc[kRows][4] = {};
     if (active) {
       const int2 k_range = range(e, r0, c0);
@@ -174,7 +177,7 @@ __device__ void tile_product(int batch, int rows, int cols, const A& a, const B&
         }
       }
     }
-    for (int offset = 1; offset < lanes; offset <<= 1)
+    for (int offset = tiles_per_warp; offset < kWarpSize; offset <<= 1)  // j ^ 1, then j ^ 2, ...
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll

@@ -127,18 +127,6 @@ TEST_F(GpuStats, GroupsOfSpansPerFloat64PassKeepTheAccuracy) {
   }
 }
 
-TEST_F(GpuStats, SpansOf2048KeepTheAccuracy) {
-  // The FP16 split with float32 sums over spans of 2048 tokens, 8 per float64 pass:
-  // faster than the default spans of 1024, and the candidate default once it holds the
-  // accuracy here. Chunks of 16384 tokens (a group of 8 spans) and 3616 (a span of
-  // 2048 and one of 1568).
-  const std::vector<NeuronShape> shapes{{1, 64}, {2, 40}};
-  const int64_t n = 20000;
-  const auto acts = correlated_acts(shapes, n, 1e3, 11);
-  EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {16384, 3616}, 2048, SplitPrecision::f16, 8), n),
-            kGpuR);
-}
-
 TEST_F(GpuStats, Fp16SplitOverflowIsReported) {
   // Values a million times the first chunk's leave FP16's range even after scaling.
   const std::vector<NeuronShape> shapes{{1, 4}, {1, 4}};

@@ -205,22 +205,22 @@ CorrelationStats CudaStatsAccumulator::stats() const {
       for (int64_t c = 0; c < cols; ++c)
         block[r * cols + c] = block[r * cols + c] * scale_a[r] * scale_b[c] - n * mu_a[r] * mu_b[c];
   };
+  // The blocks come down straight into out's (no second host copy of megabytes).
+  for (size_t pair = 0; pair < out.cross_.size(); ++pair)
+    d.cross[pair].download(out.cross_[pair].data(), out.cross_[pair].size(), s);
+  for (int m = 0; m < K; ++m)
+    for (int l = 0; l < shapes_[m].layers; ++l)
+      d.within[m].download(out.within_[m][l].data(), out.within_[m][l].size(), s, l * out.within_[m][l].size());
+  synchronize();
   int pair = 0;
   for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j, ++pair) {
-      std::vector<double>& block = out.cross_[pair];
-      block = download(d.cross[pair]);
-      synchronize();
-      center(block, scale[i].data(), scale[j].data(), mu[i].data(), mu[j].data(), shapes_[i].neurons(),
+    for (int j = i + 1; j < K; ++j, ++pair)
+      center(out.cross_[pair], scale[i].data(), scale[j].data(), mu[i].data(), mu[j].data(), shapes_[i].neurons(),
              shapes_[j].neurons());
-    }
   for (int m = 0; m < K; ++m) {
     const int D = shapes_[m].width;
-    const std::vector<double> blocks = download(d.within[m]);
-    synchronize();
     for (int l = 0; l < shapes_[m].layers; ++l) {
       std::vector<double>& block = out.within_[m][l];
-      block.assign(blocks.begin() + int64_t(l) * D * D, blocks.begin() + int64_t(l + 1) * D * D);
       const double *mu_l = mu[m].data() + int64_t(l) * D, *scale_l = scale[m].data() + int64_t(l) * D;
       center(block, scale_l, scale_l, mu_l, mu_l, D, D);
       // The GEMM adds (a, b)'s and (b, a)'s terms in different orders: make the block

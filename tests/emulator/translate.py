@@ -13,7 +13,7 @@ STATIC_SLOT = 65536  # bytes of emulated static shared memory per array
 
 
 def shared_arrays(src):
-    src = re.sub(r'extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];',
+    src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];',
                  r'\1* \2 = reinterpret_cast<\1*>(emu::block().shared.data());', src)
     slot = [0]
 
