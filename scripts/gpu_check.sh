@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels, a
-# per-kernel profile of training steps, the default pair's training time, the
-# PyTorch comparison, the seed experiment's correlation step on GPU and CPU, the
-# whole CTest suite, and compute-sanitizer memcheck (GPU tests) and racecheck (the
-# training ops' and the Haar QR's tests). Each step has a time limit and a log;
-# ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output),
-# summary.txt (one line per step, also printed last), bench.json and profile.txt.
+# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels, the
+# default pair's training time, the PyTorch comparison, the seed experiment's
+# correlation step on GPU and CPU, then side by side the whole CTest suite,
+# compute-sanitizer memcheck (GPU tests) and racecheck (the training ops' and the Haar
+# QR's tests), and last a per-kernel profile of training steps. Each step has a time
+# limit and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's
+# output), summary.txt (one line per step, also printed last), bench.json and
+# profile.txt.
 #
 #   scripts/gpu_check.sh              build for sm_90 here, then check
 #   scripts/gpu_check.sh --prebuilt   use build-gpu-dist from scripts/pack_gpu_build.sh
@@ -29,8 +30,10 @@ step() {  # step NAME SECONDS COMMAND...: runs under a time limit, logs, records
   timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   rc=$?
   if [ $rc -eq 124 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAIL($rc)"; fi
-  { printf '\n===== %s: %s\n' "$name" "$verdict"; cat "$logs/$name.log"; } >>"$out/log.txt"
-  printf '%-10s %-12s %4ds\n' "$verdict" "$name" $((SECONDS - start)) | tee -a "$out/summary.txt"
+  # Steps may run side by side: each appends its log and line under a lock.
+  flock "$logs/lock" bash -c 'printf "\n===== %s: %s\n" "$1" "$2" >>"$3/log.txt"; cat "$4" >>"$3/log.txt"
+    printf "%-10s %-12s %4ds\n" "$2" "$1" "$5" | tee -a "$3/summary.txt"' \
+    _ "$name" "$verdict" "$out" "$logs/$name.log" $((SECONDS - start))
 }
 
 if [ "${1:-}" = "--prebuilt" ]; then
@@ -59,6 +62,24 @@ bin="$root/build-gpu"
   ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
 step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
+step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
+step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
+  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \
+  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' --device cuda --backend cuda"
+# The seed experiment's correlation step on the GPU (three runs) and on the CPU.
+step correlate 90 bash -c "for i in 1 2 3; do '$bin/correlate' '$logs/pair_cuda' --device cuda --out '$logs/corr_gpu' || exit 1; \
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"gpu timings\", s[\"timings_seconds\"])' '$logs/corr_gpu/summary.json'; done && \
+  '$bin/correlate' '$logs/pair_cuda' --device cpu --out '$logs/corr_cpu' && \
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"cpu timings\", s[\"timings_seconds\"])' '$logs/corr_cpu/summary.json' && \
+  python3 -c 'import json,sys; print([(f, json.load(open(f))[\"universal\"]) for f in sys.argv[1:]])' \
+    '$logs/corr_gpu/summary.json' '$logs/corr_cpu/summary.json'"
+# The whole suite and the sanitizers side by side (their results, not their times, count).
+step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
+  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.ColumnSums*:Gpu.Attention:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws' &
+step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
+  --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
+wait
 # Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
 # locked): three steps of the default pair and two of the large configuration; then
 # the seed correlation step (forward, statistics, rotation baseline) on the first run.
@@ -76,24 +97,6 @@ step profile 200 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$o
     --seq-len 128 --d-model 256 --heads 8 --d-mlp 1024 --layers 4 --models 1 && \
   profile correlate '$bin/correlate' '$logs/profile_seed' --device cuda --out '$logs/profile_correlate' && \
   cat '$out/profile.txt'"
-step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
-step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
-  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \
-  python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' --device cuda --backend cuda"
-# The seed experiment's correlation step on the GPU (three runs) and on the CPU.
-step correlate 90 bash -c "for i in 1 2 3; do '$bin/correlate' '$logs/pair_cuda' --device cuda --out '$logs/corr_gpu' || exit 1; \
-  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"gpu timings\", s[\"timings_seconds\"])' '$logs/corr_gpu/summary.json'; done && \
-  '$bin/correlate' '$logs/pair_cuda' --device cpu --out '$logs/corr_cpu' && \
-  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(\"cpu timings\", s[\"timings_seconds\"])' '$logs/corr_cpu/summary.json' && \
-  python3 -c 'import json,sys; print([(f, json.load(open(f))[\"universal\"]) for f in sys.argv[1:]])' \
-    '$logs/corr_gpu/summary.json' '$logs/corr_cpu/summary.json'"
-# The whole suite runs beside the sanitizers (CPU-bound tests; its GPU tests ran above too).
-step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
-step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
-  --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
-step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
-  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.ColumnSums*:Gpu.Attention:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws'
-wait
 rm -rf "$logs"
 head -20 "$out/machine.txt"
 cat "$out/summary.txt"
