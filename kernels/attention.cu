@@ -1,7 +1,14 @@
-// Causal multi-head attention, fused: one block per (model, sequence, head) keeps the
-// head's q, k, v and its T x T scores in shared memory. The forward first adds the
-// QKV bias to its head's slices of qkv (written back for the backward) and writes the
-// softmax probabilities for the backward, which owns its head's slices of dqkv.
+// Causal multi-head attention, fused, scores in shared memory, in blocks per chunk of
+// 32 queries or keys, so that several blocks share an SM at long sequences. The
+// forward's block (model, sequence, head, chunk of queries) holds the keys and values up
+// to its chunk's last query and the chunk's scores, adds the QKV bias as it loads (qkv
+// stays as it is) and writes the softmax probabilities for the backward. The backward
+// takes each query's sum over keys of p d(p) as dy . out (flash-attention's identity),
+// so a block can form d(scores) from its own chunk's probabilities: a block per chunk
+// of keys adds their dk and dv over the later queries, and a block per chunk of
+// queries their dq over the earlier keys, each from its own d(scores) (the dy . v
+// product twice, but no sums across blocks). A head of one chunk (T <= 32) is one
+// block that does both.
 #include <cmath>
 
 #include "common.cuh"
@@ -11,145 +18,270 @@ namespace univ::cuda {
 
 namespace {
 
-// One block fills an SM once T reaches 64 (its shared memory holds no second block),
-// so long sequences take the most threads a block may have.
-constexpr int kMaxThreads = 1024;
-int threads_for(int T) { return T >= 64 ? kMaxThreads : 256; }
+// Four blocks per SM where their shared memory allows it (53 KiB each at T = 128 and
+// head width 32), so at most 64 registers per thread.
+constexpr int kChunk = 32;  // queries or keys per block
+constexpr int kThreads = 256, kBlocksPerSM = 4;
 
-// Shared-memory layouts: rows padded as common.cuh's pad4 and transposed_ld say; the
-// [T, T] matrices padded by one (T + 1), so that threads reading different rows at one
-// column hit different banks.
-size_t forward_shared_floats(int T, int hd) {  // kT, v, q, s
-  return size_t(hd) * transposed_ld(T) + size_t(T) * pad4(hd) + size_t(T) * (hd + 1) + size_t(T) * (T + 1);
+__host__ __device__ constexpr int chunks_of(int T) { return (T + kChunk - 1) / kChunk; }
+
+// Shared-memory layouts: rows padded as common.cuh's pad4 and transposed_ld say; score
+// rows of n keys padded by one (n + 1), so that threads reading different rows at one
+// column hit different banks. The largest a launch's blocks need:
+size_t forward_shared_floats(int T, int hd) {  // kT, v up to T keys; q, s of a chunk
+  const size_t rows = std::min(T, kChunk);
+  return size_t(hd) * transposed_ld(T) + size_t(T) * pad4(hd) + rows * (hd + 1) + rows * (T + 1);
 }
-size_t backward_shared_floats(int T, int hd) {  // q, k, dy, vT, a, d
-  return 3 * size_t(T) * pad4(hd) + size_t(hd) * transposed_ld(T) + 2 * size_t(T) * (T + 1);
+size_t key_block_floats(int n, int keys, int hd, bool whole) {  // q, dy, vT, s, pd (, k)
+  return 2 * size_t(n) * pad4(hd) + size_t(hd) * transposed_ld(keys) + size_t(n) * (keys + 1) + n +
+         (whole ? size_t(keys) * pad4(hd) : 0);
+}
+size_t query_block_floats(int rows, int keys, int hd) {  // dy, vT, k, s, pd
+  return size_t(rows) * pad4(hd) + size_t(hd) * transposed_ld(keys) + size_t(keys) * pad4(hd) +
+         size_t(rows) * (keys + 1) + rows;
+}
+size_t backward_shared_floats(int T, int hd) {  // the first key chunk's, the last query chunk's
+  if (chunks_of(T) == 1) return key_block_floats(T, T, hd, true);
+  return std::max(key_block_floats(T, kChunk, hd, false), query_block_floats(kChunk, T, hd));
 }
 
-// Tiles of four rows where a block has 1024 threads for T x T products, of one
-// row below that (more tiles than threads, and short k loops).
+// Tiles of four rows from T = 64 (blocks with many tiles per thread), of one row below
+// that (short k loops).
 int tile_rows_for(int T) { return T >= 64 ? 4 : 1; }
 
-// Lanes per tile of the T x head-width products (sums over up to T keys or queries):
-// they have few tiles for the block's threads.
+// Lanes per tile of the products of `rows` queries or keys and the head's channels, sums
+// over up to `depth` keys or queries: they have few tiles for the block's threads.
 template <int kRows>
-__device__ int head_product_lanes(int T, int hd) {
-  return lanes_per_tile(ceil_div(T, kRows) * ceil_div(hd, 4), blockDim.x, T);
+__device__ int head_product_lanes(int rows, int hd, int depth) {
+  return lanes_per_tile(ceil_div(rows, kRows) * ceil_div(hd, 4), blockDim.x, depth);
 }
 
 template <int kRows>
-__global__ void __launch_bounds__(kMaxThreads) attention_forward_kernel(float* __restrict__ out, float* __restrict__ att,
-                                         float* __restrict__ qkv, const float* __restrict__ qkv_bias, int B, int T,
-                                         int C, int H, float scale) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    attention_forward_kernel(float* __restrict__ out, float* __restrict__ att, const float* __restrict__ qkv,
+                             const float* __restrict__ qkv_bias, int B, int T, int C, int H, float scale) {
   extern __shared__ float4 shared4[];
-  const int hd = C / H, hdp = pad4(hd), ldT = transposed_ld(T), Ts = T + 1, lq = hd + 1;
-  const int64_t seq = blockIdx.x / H;
-  const int h = blockIdx.x % H;
+  // The chunks with the most keys first (blocks start about in index order, so the
+  // grid's tail has the short ones), each over all heads (head = seq * H + h).
+  const int64_t heads = gridDim.x / chunks_of(T), head = blockIdx.x % heads, seq = head / H;
+  const int h = static_cast<int>(head % H), chunk = chunks_of(T) - 1 - static_cast<int>(blockIdx.x / heads);
+  const int t0 = chunk * kChunk, rows = min(T - t0, kChunk), keys = t0 + rows;
+  const int hd = C / H, hdp = pad4(hd), ldT = transposed_ld(keys), Ts = keys + 1, lq = hd + 1;
   float* kT = reinterpret_cast<float*>(shared4);  // [hd, ldT]: k transposed
-  float* v = kT + hd * ldT;                       // [T, hdp]
-  float* q = v + T * hdp;                         // [T, hd + 1]
-  float* s = q + T * lq;                          // [T, Ts] scores, then probabilities
-  float* base = qkv + seq * T * 3 * C + h * hd;
+  float* v = kT + hd * ldT;                       // [keys, hdp]
+  float* q = v + keys * hdp;                      // [rows, hd + 1]: queries t0, t0 + 1, ...
+  float* s = q + rows * lq;                       // [rows, Ts] scores, then probabilities
+  const float* base = qkv + seq * T * 3 * C + h * hd;
   const float* bias = qkv_bias ? qkv_bias + seq / B * 3 * C + h * hd : nullptr;  // model seq / B
-  // Position t, channel i: 4 positions (fastest) x 8 channels per warp; positions past T
-  // are kT's zero padding.
-  for (int idx = threadIdx.x; idx < pad4(T) * hd; idx += blockDim.x) {
+  auto load = [&](const float* row, int i) { return bias ? row[i] + bias[i] : row[i]; };
+  // Position t, channel i: 4 positions (fastest) x 8 channels per warp; positions past
+  // the keys are kT's zero padding.
+  for (int idx = threadIdx.x; idx < pad4(keys) * hd; idx += blockDim.x) {
     const int t = idx / (4 * hd) * 4 + idx % 4, i = idx / 4 % hd;
-    if (t >= T) {
+    if (t >= keys) {
       kT[i * ldT + t] = 0.0f;
       continue;
     }
-    float* row = base + int64_t(t) * 3 * C;
-    float qv = row[i], kv = row[C + i], vv = row[2 * C + i];
-    if (bias) {
-      qv += bias[i], kv += bias[C + i], vv += bias[2 * C + i];
-      row[i] = qv, row[C + i] = kv, row[2 * C + i] = vv;
-    }
-    q[t * lq + i] = qv;
-    kT[i * ldT + t] = kv;
-    v[t * hdp + i] = vv;
+    const float* row = base + int64_t(t) * 3 * C;
+    kT[i * ldT + t] = load(row, C + i);
+    v[t * hdp + i] = load(row, 2 * C + i);
+    if (t >= t0) q[(t - t0) * lq + i] = load(row, i);
   }
-  for (int idx = threadIdx.x; idx < T * (hdp - hd); idx += blockDim.x)
+  for (int idx = threadIdx.x; idx < keys * (hdp - hd); idx += blockDim.x)
     v[idx / (hdp - hd) * hdp + hd + idx % (hdp - hd)] = 0.0f;
   __syncthreads();
-  // scores: tiles wholly above the diagonal are skipped (their zeros are overwritten below)
+  // scores of queries t0 + r: tiles wholly above the diagonal are skipped (the softmax
+  // writes their zeros)
   tile_product<kRows>(
-      1, T, T, [&](int, int t, int i) { return q[t * lq + i]; }, [&](int) { return kT; }, ldT,
-      [&](int, int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
-      [&](int, int t, int t2, float dot) { s[t * Ts + t2] = dot * scale; });
+      1, rows, keys, [&](int, int r, int i) { return q[r * lq + i]; }, [&](int) { return kT; }, ldT,
+      [&](int, int r0, int c0) { return c0 > t0 + r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int, int r, int t2, float dot) { s[r * Ts + t2] = dot * scale; });
   __syncthreads();
-  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)  // a warp per row
-    causal_softmax_lanes(s + t * Ts, 1, t, T);
+  for (int r = threadIdx.x / kWarpSize; r < rows; r += blockDim.x / kWarpSize)  // a warp per query
+    causal_softmax_lanes(s + r * Ts, 1, t0 + r, keys);
   __syncthreads();
-  float* a = att + int64_t(blockIdx.x) * T * T;  // [M,B,H,T,T]: block = seq * H + h
-  const int lanes = head_product_lanes<kRows>(T, hd);
-  for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx] = s[idx / T * Ts + idx % T];
-  // out[t] = sum over t2 of p[t, t2] v[t2]: up to the tile's last row (zeros past each row's own)
+  float* a = att + (head * T + t0) * T;  // [M,B,H,T,T]: the chunk's queries, zeros past its keys
+  for (int idx = threadIdx.x; idx < rows * T; idx += blockDim.x) {
+    const int r = idx / T, t2 = idx % T;
+    a[idx] = t2 < keys ? s[r * Ts + t2] : 0.0f;
+  }
+  // out[t0 + r] = sum over t2 of p[r, t2] v[t2]: up to the tile's last query (zeros past each row's own)
   tile_product<kRows>(
-      1, T, hd, [&](int, int t, int t2) { return s[t * Ts + t2]; }, [&](int) { return v; }, hdp,
-      [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int, int t, int i, float acc) { out[(seq * T + t) * C + h * hd + i] = acc; }, lanes);
+      1, rows, hd, [&](int, int r, int t2) { return s[r * Ts + t2]; }, [&](int) { return v; }, hdp,
+      [&](int, int r0, int) { return make_int2(0, min(keys, t0 + r0 + kRows)); },
+      [&](int, int r, int i, float acc) { out[(seq * T + t0 + r) * C + h * hd + i] = acc; },
+      head_product_lanes<kRows>(rows, hd, keys));
 }
 
-template <int kRows>
-__global__ void __launch_bounds__(kMaxThreads) attention_backward_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
-                                          const float* __restrict__ qkv, const float* __restrict__ att, int T, int C,
-                                          int H, float scale) {
-  extern __shared__ float4 shared4[];
-  const int hd = C / H, hdp = pad4(hd), ldT = transposed_ld(T), Ts = T + 1;
-  const int64_t seq = blockIdx.x / H;
-  const int h = blockIdx.x % H;
-  float* q = reinterpret_cast<float*>(shared4);  // [T, hdp]
-  float* k = q + T * hdp;                        // [T, hdp]
-  float* dy = k + T * hdp;                       // [T, hdp]
-  float* vT = dy + T * hdp;                      // [hd, ldT]: v transposed
-  float* a = vT + hd * ldT;                      // [T, Ts] probabilities
-  float* d = a + T * Ts;                         // [T, Ts] d(probabilities), then d(scores)
-  const float* base = qkv + seq * T * 3 * C + h * hd;
-  const float* dbase = dout + seq * T * C + h * hd;
-  // Position t, channel i as in the forward; channels past hd are q's, k's and dy's
-  // zero padding, positions past T vT's.
-  for (int idx = threadIdx.x; idx < pad4(T) * hdp; idx += blockDim.x) {
-    const int t = idx / (4 * hdp) * 4 + idx % 4, i = idx / 4 % hdp;
-    if (t >= T) {
-      if (i < hd) vT[i * ldT + t] = 0.0f;
-      continue;
-    }
-    const bool in = i < hd;
-    const float* row = base + int64_t(t) * 3 * C;
-    q[t * hdp + i] = in ? row[i] : 0.0f;
-    k[t * hdp + i] = in ? row[C + i] : 0.0f;
-    dy[t * hdp + i] = in ? dbase[int64_t(t) * C + i] : 0.0f;
-    if (in) vT[i * ldT + t] = row[2 * C + i];
+struct BackwardArgs {
+  float* dqkv;
+  const float *dout, *out, *qkv, *qkv_bias, *att;
+  int B, T, C, H;
+  float scale;
+};
+
+// The backward's view of head (seq, h) = head: row t of q, k or v (part 0, 1, 2) with
+// the QKV bias added, of dy and out, its probabilities, its slices of dqkv.
+struct Head {
+  const float *qkv, *bias, *dout, *out, *probs;
+  float* grad;
+  int T, C, hd;
+  __device__ Head(const BackwardArgs& p, int64_t head) : T(p.T), C(p.C), hd(p.C / p.H) {
+    const int64_t seq = head / p.H;
+    const int h = static_cast<int>(head % p.H);
+    qkv = p.qkv + seq * T * 3 * C + h * hd;
+    bias = p.qkv_bias ? p.qkv_bias + seq / p.B * 3 * C + h * hd : nullptr;  // model seq / B
+    dout = p.dout + seq * T * C + h * hd;
+    out = p.out + seq * T * C + h * hd;
+    probs = p.att + head * T * T;
+    grad = p.dqkv + seq * T * 3 * C + h * hd;
   }
-  const float* probs = att + int64_t(blockIdx.x) * T * T;
-  for (int idx = threadIdx.x; idx < T * T; idx += blockDim.x) a[idx / T * Ts + idx % T] = probs[idx];
+  __device__ float x(int part, int t, int i) const {
+    const float value = qkv[int64_t(t) * 3 * C + part * C + i];
+    return bias ? value + bias[part * C + i] : value;
+  }
+  __device__ float* dx(int part, int t) const { return grad + int64_t(t) * 3 * C + part * C; }
+};
+
+// Rows [t0, t0 + n) of q, k or v (part), or of dy (part -1), into dst [n, pad4(hd)],
+// channels past hd zero.
+__device__ void load_rows(float* dst, const Head& g, int part, int t0, int n) {
+  const int hdp = pad4(g.hd);
+  for (int idx = threadIdx.x; idx < n * hdp; idx += blockDim.x) {
+    const int u = idx / hdp, i = idx % hdp;
+    dst[idx] = i >= g.hd ? 0.0f : part < 0 ? g.dout[int64_t(t0 + u) * g.C + i] : g.x(part, t0 + u, i);
+  }
+}
+
+// v of keys [k0, k0 + n) transposed into vT [hd, transposed_ld(n)], keys past n zero: 4
+// keys (fastest) x 8 channels per warp.
+__device__ void load_v_transposed(float* vT, const Head& g, int k0, int n) {
+  const int ld = transposed_ld(n);
+  for (int idx = threadIdx.x; idx < pad4(n) * g.hd; idx += blockDim.x) {
+    const int j = idx / (4 * g.hd) * 4 + idx % 4, i = idx / 4 % g.hd;
+    vT[i * ld + j] = j < n ? g.x(2, k0 + j, i) : 0.0f;
+  }
+}
+
+// The probabilities of queries [t0, t0 + rows) and keys [k0, k0 + keys) into s [rows,
+// keys + 1], and pd[u] = dy . out of query t0 + u, its sum over keys of p d(p) (a warp
+// per query).
+__device__ void load_probabilities(float* s, float* pd, const Head& g, int t0, int rows, int k0, int keys) {
+  for (int idx = threadIdx.x; idx < rows * keys; idx += blockDim.x) {
+    const int u = idx / keys, j = idx % keys;
+    s[u * (keys + 1) + j] = g.probs[int64_t(t0 + u) * g.T + k0 + j];
+  }
+  const int lane = threadIdx.x % kWarpSize;
+  for (int u = threadIdx.x / kWarpSize; u < rows; u += blockDim.x / kWarpSize) {
+    const int64_t at = int64_t(t0 + u) * g.C;
+    float dot = 0.0f;
+    for (int i = lane; i < g.hd; i += kWarpSize) dot += g.dout[at + i] * g.out[at + i];
+    dot = warp_sum(dot);
+    if (lane == 0) pd[u] = dot;
+  }
+}
+
+// The score gradients of queries t0 + u (u < rows) and keys k0 + j (j < keys), over
+// the probabilities in s [rows, keys + 1]: p (dy . v - pd) scale for keys up to the
+// query, 0 after (tiles wholly after the diagonal are skipped: their probabilities are
+// the zeros). dy [rows, pad4(hd)], vT [hd, transposed_ld(keys)].
+template <int kRows>
+__device__ void score_gradients(float* s, const float* dy, const float* vT, const float* pd, int t0, int rows,
+                                int k0, int keys, int hd, float scale) {
+  const int hdp = pad4(hd), Ts = keys + 1;
+  tile_product<kRows>(
+      1, rows, keys, [&](int, int u, int i) { return dy[u * hdp + i]; }, [&](int) { return vT; },
+      transposed_ld(keys),
+      [&](int, int r0, int c0) { return k0 + c0 > t0 + r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
+      [&](int, int u, int j, float dot) {
+        s[u * Ts + j] = k0 + j <= t0 + u ? s[u * Ts + j] * (dot - pd[u]) * scale : 0.0f;
+      });
+}
+
+// dq of queries t0 + u (u < rows) = sum over keys t2 <= t0 + u of d[u, t2] k[t2], from
+// the score gradients s [rows, keys + 1] of keys [0, keys) and k [keys, pad4(hd)]: up
+// to the tile's last query (zeros past each row's own).
+template <int kRows>
+__device__ void query_gradients(const Head& g, const float* s, const float* k, int t0, int rows, int keys) {
+  const int Ts = keys + 1;
+  tile_product<kRows>(
+      1, rows, g.hd, [&](int, int u, int t2) { return s[u * Ts + t2]; }, [&](int) { return k; }, pad4(g.hd),
+      [&](int, int r0, int) { return make_int2(0, min(keys, t0 + r0 + kRows)); },
+      [&](int, int u, int i, float acc) { g.dx(0, t0 + u)[i] = acc; }, head_product_lanes<kRows>(rows, g.hd, keys));
+}
+
+// Keys [k0, k0 + keys): dv and dk over the queries t = k0 + u >= k0 (n = T - k0 of
+// them); whole (k0 = 0, keys = T), dq too.
+template <int kRows>
+__device__ void backward_keys(const Head& g, int k0, int keys, bool whole, float scale) {
+  extern __shared__ float4 shared4[];
+  const int n = g.T - k0, hd = g.hd, hdp = pad4(hd), Ts = keys + 1;
+  float* q = reinterpret_cast<float*>(shared4);  // [n, hdp]
+  float* dy = q + n * hdp;                       // [n, hdp]
+  float* vT = dy + n * hdp;                      // [hd, transposed_ld(keys)]
+  float* k = vT + hd * transposed_ld(keys);      // whole: [keys, hdp]
+  float* s = k + (whole ? keys * hdp : 0);       // [n, Ts] probabilities, then score gradients
+  float* pd = s + n * Ts;                        // [n]
+  load_rows(q, g, 0, k0, n);
+  load_rows(dy, g, -1, k0, n);
+  load_v_transposed(vT, g, k0, keys);
+  if (whole) load_rows(k, g, 1, 0, keys);
+  load_probabilities(s, pd, g, k0, n, k0, keys);
   __syncthreads();
-  float* out = dqkv + seq * T * 3 * C + h * hd;
-  const int lanes = head_product_lanes<kRows>(T, hd);
-  // d(prob)[t, t2] = dy[t] . v[t2] on and below the diagonal, 0 above
+  const int lanes = head_product_lanes<kRows>(keys, hd, n);
+  // dv[k0 + j] = sum over u >= j of p[u, j] dy[u]: from the tile's first row (zeros before each row's own)
   tile_product<kRows>(
-      1, T, T, [&](int, int t, int i) { return dy[t * hdp + i]; }, [&](int) { return vT; }, ldT,
-      [&](int, int r0, int c0) { return c0 > r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
-      [&](int, int t, int t2, float dot) { d[t * Ts + t2] = t2 <= t ? dot : 0.0f; });
-  // dv[t2] = sum over t >= t2 of a[t, t2] dy[t]: from the tile's first row (zeros before each row's own)
-  tile_product<kRows>(
-      1, T, hd, [&](int, int t2, int t) { return a[t * Ts + t2]; }, [&](int) { return dy; }, hdp,
-      [&](int, int r0, int) { return make_int2(r0, T); },
-      [&](int, int t2, int i, float acc) { out[int64_t(t2) * 3 * C + 2 * C + i] = acc; }, lanes);
+      1, keys, hd, [&](int, int j, int u) { return s[u * Ts + j]; }, [&](int) { return dy; }, hdp,
+      [&](int, int r0, int) { return make_int2(r0, n); },
+      [&](int, int j, int i, float acc) { g.dx(2, k0 + j)[i] = acc; }, lanes);
+  __syncthreads();  // every probability read before it becomes its score's gradient
+  score_gradients<kRows>(s, dy, vT, pd, k0, n, k0, keys, hd, scale);
   __syncthreads();
-  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize)  // a warp per row
-    causal_softmax_backward_lanes(a + t * Ts, 1, d + t * Ts, 1, t, T, scale);
+  // dk[k0 + j] = sum over u >= j of d[u, j] q[u]
+  tile_product<kRows>(
+      1, keys, hd, [&](int, int j, int u) { return s[u * Ts + j]; }, [&](int) { return q; }, hdp,
+      [&](int, int r0, int) { return make_int2(r0, n); },
+      [&](int, int j, int i, float acc) { g.dx(1, k0 + j)[i] = acc; }, lanes);
+  if (whole) query_gradients<kRows>(g, s, k, 0, n, keys);
+}
+
+// Queries [t0, t0 + rows): dq over the keys up to the last of them.
+template <int kRows>
+__device__ void backward_queries(const Head& g, int t0, int rows, float scale) {
+  extern __shared__ float4 shared4[];
+  const int keys = t0 + rows, hdp = pad4(g.hd);
+  float* dy = reinterpret_cast<float*>(shared4);  // [rows, hdp]
+  float* vT = dy + rows * hdp;                    // [hd, transposed_ld(keys)]
+  float* k = vT + g.hd * transposed_ld(keys);     // [keys, hdp]
+  float* s = k + keys * hdp;                      // [rows, keys + 1] probabilities, then score gradients
+  float* pd = s + rows * (keys + 1);              // [rows]
+  load_rows(dy, g, -1, t0, rows);
+  load_v_transposed(vT, g, 0, keys);
+  load_rows(k, g, 1, 0, keys);
+  load_probabilities(s, pd, g, t0, rows, 0, keys);
   __syncthreads();
-  // dq[t] = sum over t2 <= t of d[t, t2] k[t2]; dk[t] = sum over t1 >= t of d[t1, t] q[t1]
-  tile_product<kRows>(
-      1, T, hd, [&](int, int t, int t2) { return d[t * Ts + t2]; }, [&](int) { return k; }, hdp,
-      [&](int, int r0, int) { return make_int2(0, min(T, r0 + kRows)); },
-      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + i] = acc; }, lanes);
-  tile_product<kRows>(
-      1, T, hd, [&](int, int t, int t1) { return d[t1 * Ts + t]; }, [&](int) { return q; }, hdp,
-      [&](int, int r0, int) { return make_int2(r0, T); },
-      [&](int, int t, int i, float acc) { out[int64_t(t) * 3 * C + C + i] = acc; }, lanes);
+  score_gradients<kRows>(s, dy, vT, pd, t0, rows, 0, keys, g.hd, scale);
+  __syncthreads();
+  query_gradients<kRows>(g, s, k, t0, rows, keys);
+}
+
+// Blocks: jobs x heads (head = seq * H + h, fastest). A head of one chunk is one job;
+// else 2 x chunks jobs, the ones with the most work first: key chunk 0 (every query
+// after it), the last query chunk (every key before it), key chunk 1, and so on.
+template <int kRows>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_backward_kernel(const __grid_constant__ BackwardArgs p) {
+  const int chunks = chunks_of(p.T);
+  const int64_t heads = gridDim.x / (chunks == 1 ? 1 : 2 * chunks), head = blockIdx.x % heads;
+  const int job = static_cast<int>(blockIdx.x / heads), c = job / 2;
+  const Head g(p, head);
+  if (chunks == 1) {
+    backward_keys<kRows>(g, 0, p.T, true, p.scale);
+  } else if (job % 2 == 0) {
+    backward_keys<kRows>(g, c * kChunk, min(kChunk, p.T - c * kChunk), false, p.scale);
+  } else {
+    const int t0 = (chunks - 1 - c) * kChunk;
+    backward_queries<kRows>(g, t0, min(kChunk, p.T - t0), p.scale);
+  }
 }
 
 }  // namespace
@@ -166,27 +298,29 @@ void prepare_attention_kernels() {
 }
 
 int attention_max_seq_len(int head_dim) {
-  const size_t limit = shared_memory_optin_limit();
+  const size_t limit = shared_memory_optin_limit() / sizeof(float);
   int T = 1;
-  while (backward_shared_floats(T + 1, head_dim) * sizeof(float) <= limit) ++T;
+  while (std::max(forward_shared_floats(T + 1, head_dim), backward_shared_floats(T + 1, head_dim)) <= limit) ++T;
   return T;
 }
 
-void attention_forward(float* out, float* att, float* qkv, const float* qkv_bias, int M, int B, int T, int C, int H,
-                       cudaStream_t stream) {
+void attention_forward(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T, int C,
+                       int H, cudaStream_t stream) {
   const int hd = C / H;
   const size_t shared = forward_shared_floats(T, hd) * sizeof(float);
   auto kernel = tile_rows_for(T) == 4 ? attention_forward_kernel<4> : attention_forward_kernel<1>;
-  kernel<<<M * B * H, threads_for(T), shared, stream>>>(out, att, qkv, qkv_bias, B, T, C, H, attention_scale(hd));
+  kernel<<<M * B * H * chunks_of(T), kThreads, shared, stream>>>(out, att, qkv, qkv_bias, B, T, C, H,
+                                                                            attention_scale(hd));
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, int M, int B, int T, int C,
-                        int H, cudaStream_t stream) {
-  const int hd = C / H;
+void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
+                        const float* att, int M, int B, int T, int C, int H, cudaStream_t stream) {
+  const int hd = C / H, chunks = chunks_of(T);
   const size_t shared = backward_shared_floats(T, hd) * sizeof(float);
   auto kernel = tile_rows_for(T) == 4 ? attention_backward_kernel<4> : attention_backward_kernel<1>;
-  kernel<<<M * B * H, threads_for(T), shared, stream>>>(dqkv, dout, qkv, att, T, C, H, attention_scale(hd));
+  const BackwardArgs args{dqkv, dout, out, qkv, qkv_bias, att, B, T, C, H, attention_scale(hd)};
+  kernel<<<M * B * H * (chunks == 1 ? 1 : 2 * chunks), kThreads, shared, stream>>>(args);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

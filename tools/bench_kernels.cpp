@@ -164,8 +164,8 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   const double att_flops = double(M) * B * H * T * T * (C / H) * 2;  // causal: half of 2 products
   add("attention_forward", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
       [&] { k::attention_forward(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
-  add("attention_backward", (rows * 7 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
-      [&] { k::attention_backward(y.data(), x.data(), x.data(), att.data(), M, B, T, C, H, s); });
+  add("attention_backward", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
+      [&] { k::attention_backward(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s); });
   if (k::block_forward_fits(T, C, H, D)) {  // outputs share buffers: timing only
     k::BlockForward fb{};
     fb.resid_in = x.data(), fb.tokens = tokens.data(), fb.wte = w.data(), fb.pos = pos.data();

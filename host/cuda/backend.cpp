@@ -265,6 +265,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   }
 
  private:
+  // qkv holds the QKV bias where the block forward wrote it, not where the attention
+  // kernel added it as it loaded.
   struct LayerActs {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
         *resid_out;
@@ -402,7 +404,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       norm_residual(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b, l);
       cuda::matmul_forward(h, a.qkv, a.ln1, w.qkv_w, M, N, C, 3 * C);
-      cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b to qkv first
+      cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b as it loads
       cuda::matmul_forward(h, a.resid_mid, a.atty, w.proj_w, M, N, C, C);
       cuda::add_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.proj_b, residual, w.ln2_w, w.ln2_b,
                                   M, N, C, s);  // resid_mid = product + proj_b + residual
@@ -540,7 +542,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         bias_grad(gw.proj_b, d.dresid_mid, C);
         proj_weight_grad();
         cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
-        cuda::attention_backward(d.dqkv, datty_, a.qkv, a.att, M, B, T, C, H, s);
+        cuda::attention_backward(d.dqkv, datty_, a.atty, a.qkv, fused_ ? nullptr : w.qkv_b, a.att, M, B, T, C, H, s);
         fork();
         bias_grad(gw.qkv_b, d.dqkv, 3 * C);
         qkv_weight_grad();

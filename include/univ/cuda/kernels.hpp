@@ -115,15 +115,18 @@ void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cuda
 void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
                               int M, int N, int D, Act act, cudaStream_t stream);
 
-// attention.cu: one block per (model, sequence, head), T x T scores in shared memory --
+// attention.cu: scores in shared memory, blocks per (model, sequence, head, chunk of 32
+// queries or keys) --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
 // att [M,B,H,T,T] softmax probabilities (zero above the diagonal). qkv_bias [M,3C] not
-// null: qkv += qkv_bias first, written back (the QKV layer's bias, fused here).
-void attention_forward(float* out, float* att, float* qkv, const float* qkv_bias, int M, int B, int T, int C, int H,
-                       cudaStream_t stream);
-// dqkv [M,B,T,3C] overwritten.
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* att, int M, int B, int T, int C,
-                        int H, cudaStream_t stream);
+// null: q, k and v are qkv + qkv_bias (the QKV layer's bias, fused here; qkv is left
+// as it is, and the backward takes the same bias).
+void attention_forward(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T, int C,
+                       int H, cudaStream_t stream);
+// dqkv [M,B,T,3C] overwritten, from dout [M,B,T,C], the forward's out and att, qkv and
+// qkv_bias.
+void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
+                        const float* att, int M, int B, int T, int C, int H, cudaStream_t stream);
 // The longest sequence the fused kernels hold in shared memory for a head width.
 int attention_max_seq_len(int head_dim);
 // The scale of the scores, 1 / sqrt(head_dim) rounded from float64.
