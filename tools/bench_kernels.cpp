@@ -403,43 +403,46 @@ nlohmann::json correlation_step(Bench& b) {
     total_ms.push_back(ms_since(t0));
   }
   // Forward and statistics phase by phase, as stream_statistics runs them: making the
-  // two forward networks and the accumulator, the forward passes, the accumulator's
-  // adds (waited for), stats(), and releasing it all.
+  // two forward networks and the accumulator, the forward passes (side by side), the
+  // accumulator's adds (waited for), stats(), and releasing it all; with the per-op
+  // networks (correlate's) and, phases suffixed _fused, with the block kernels.
   std::map<std::string, std::vector<double>> phase_ms;
-  for (int i = 0; i < 5; ++i) {
-    std::map<std::string, double> ms;
-    auto t = std::chrono::steady_clock::now();
-    auto lap = [&](const std::string& phase) {
-      ms[phase] += ms_since(t);
-      t = std::chrono::steady_clock::now();
-    };
-    auto nets = std::make_unique<std::vector<std::unique_ptr<univ::DeviceForward>>>();
-    std::vector<DeviceBuffer<float>> acts;
-    for (const auto& m : models) {
-      univ::RunConfig config = m.checkpoint.run;
-      config.batch = batch;
-      nets->push_back(univ::make_device_forward(config, m.checkpoint.params));
-      acts.emplace_back(size_t(batch) * config.model.seq_len * m.shape().neurons());
+  for (const auto blocks : {univ::CudaBlocks::per_op, univ::CudaBlocks::fused})
+    for (int i = 0; i < 5; ++i) {
+      std::map<std::string, double> ms;
+      auto t = std::chrono::steady_clock::now();
+      auto lap = [&](const std::string& phase) {
+        ms[phase + (blocks == univ::CudaBlocks::fused ? "_fused" : "")] += ms_since(t);
+        t = std::chrono::steady_clock::now();
+      };
+      auto nets = std::make_unique<std::vector<std::unique_ptr<univ::DeviceForward>>>();
+      std::vector<DeviceBuffer<float>> acts;
+      for (const auto& m : models) {
+        univ::RunConfig config = m.checkpoint.run;
+        config.batch = batch;
+        nets->push_back(univ::make_device_forward(config, m.checkpoint.params, blocks));
+        acts.emplace_back(size_t(batch) * config.model.seq_len * m.shape().neurons());
+      }
+      auto acc = std::make_unique<univ::CudaStatsAccumulator>(std::vector{models[0].shape(), models[1].shape()});
+      acc->synchronize();
+      lap("setup");
+      univ::for_each_batch(tokens, batch, models[0].checkpoint.run.model.seq_len,
+                           [&](const int32_t* inputs, const int32_t* targets, int rows, int64_t n) {
+                             for (int m = 0; m < 2; ++m) (*nets)[m]->start(inputs, targets, rows, false, acts[m].data(), n);
+                             for (int m = 0; m < 2; ++m) (*nets)[m]->finish();
+                             lap("forward");
+                             acc->add({acts[0].data(), acts[1].data()}, n);
+                             acc->synchronize();
+                             lap("statistics");
+                           });
+      acc->stats();
+      lap("stats_download");
+      acts.clear();
+      acc.reset();
+      nets.reset();
+      lap("teardown");
+      for (const auto& [phase, value] : ms) phase_ms[phase].push_back(value);
     }
-    auto acc = std::make_unique<univ::CudaStatsAccumulator>(std::vector{models[0].shape(), models[1].shape()});
-    acc->synchronize();
-    lap("setup");
-    univ::for_each_batch(tokens, batch, models[0].checkpoint.run.model.seq_len,
-                         [&](const int32_t* inputs, const int32_t* targets, int rows, int64_t n) {
-                           for (int m = 0; m < 2; ++m) (*nets)[m]->run(inputs, targets, rows, false, acts[m].data(), n);
-                           lap("forward");
-                           acc->add({acts[0].data(), acts[1].data()}, n);
-                           acc->synchronize();
-                           lap("statistics");
-                         });
-    acc->stats();
-    lap("stats_download");
-    acts.clear();
-    acc.reset();
-    nets.reset();
-    lap("teardown");
-    for (const auto& [phase, value] : ms) phase_ms[phase].push_back(value);
-  }
   nlohmann::json phases;
   for (const auto& [phase, values] : phase_ms) phases[phase] = median(values);
   o.device = univ::Device::cpu;

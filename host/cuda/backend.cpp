@@ -192,10 +192,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     return download(grads_);
   }
 
-  double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) override {
+  void start(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) override {
     const ModelConfig& c = config_.model;
     if (config_.models != 1 || b < 1 || b > config_.batch || n > int64_t(b) * c.seq_len)
-      throw std::invalid_argument("CudaBackend::run: one model, at most batch sequences, at most b * seq_len tokens");
+      throw std::invalid_argument("CudaBackend::start: one model, at most batch sequences, at most b * seq_len tokens");
+    if (started_) throw std::logic_error("CudaBackend::start: the last run is not finished");
     const cudaStream_t s = stream_.get();
     std::copy_n(inputs, size_t(b) * c.seq_len, host_inputs_);
     std::copy_n(targets, size_t(b) * c.seq_len, host_targets_);
@@ -207,7 +208,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                                         post ? layers_[l].post : layers_[l].pre, width, width, n,
                                         cudaMemcpyDeviceToDevice, s));
     report_.download(s);
+    started_ = true;
+  }
+
+  double finish() override {
+    if (!started_) throw std::logic_error("CudaBackend::finish: no run started");
     stream_.synchronize();
+    started_ = false;
     return host_losses_[0];
   }
 
@@ -616,6 +623,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   int *finite_ = nullptr, *host_finite_ = nullptr;
   std::unique_ptr<cuda::Graph> graph_;
   int64_t step_ = 0;
+  bool started_ = false;  // a forward-only run is on the stream
 };
 
 }  // namespace
@@ -624,9 +632,10 @@ std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precisi
   return std::make_unique<CudaBackend>(config, precision, blocks);
 }
 
-std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params) {
+std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params,
+                                                   CudaBlocks blocks) {
   if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
-  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, CudaBlocks::fused, /*training=*/false);
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, blocks, /*training=*/false);
   net->load_params(params);
   return net;
 }

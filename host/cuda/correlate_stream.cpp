@@ -56,8 +56,8 @@ StreamResult stream_forward_statistics(const std::vector<LoadedModel>& models, c
   int64_t done = 0;
   for_each_batch(tokens, batch, T, [&](const int32_t* inputs, const int32_t* targets, int b, int64_t n) {
     acc.synchronize();  // the previous chunk is reduced: its buffers are free
-    for (int m = 0; m < K; ++m)
-      result.loss[m] += nets[m]->run(inputs, targets, b, site == Site::post, chunk[m].data(), n) * double(b);
+    for (int m = 0; m < K; ++m) nets[m]->start(inputs, targets, b, site == Site::post, chunk[m].data(), n);
+    for (int m = 0; m < K; ++m) result.loss[m] += nets[m]->finish() * double(b);  // the K ran side by side
     acc.add(ptrs, n);  // on the accumulator's stream, while the host prepares the next batch
     done += n;
     if (progress) progress({done, tokens.tokens, seconds_since(start)});

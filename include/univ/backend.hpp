@@ -74,14 +74,23 @@ std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& confi
 class DeviceForward {
  public:
   virtual ~DeviceForward() = default;
-  // Runs b sequences (inputs and targets [b, seq_len], b at most the batch it was made
-  // for) and writes the MLP activations at the site (pre: W1 x + b1, post: act(pre)) of
-  // the first n tokens, all layers side by side, to device memory out [n, layers * d_mlp].
-  // Returns the mean next-token loss; the work is complete on return.
-  virtual double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) = 0;
+  // Starts b sequences (inputs and targets [b, seq_len], b at most the batch it was made
+  // for; copied before it returns) on the network's own stream, so that several
+  // networks run side by side; the MLP activations at the site (pre: W1 x + b1, post:
+  // act(pre)) of the first n tokens, all layers side by side, go to device memory out
+  // [n, layers * d_mlp]. One run at a time: finish() before the next start().
+  virtual void start(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) = 0;
+  // Waits for the run started last and returns its mean next-token loss; out is complete.
+  virtual double finish() = 0;
+  double run(const int32_t* inputs, const int32_t* targets, int b, bool post, float* out, int64_t n) {
+    start(inputs, targets, b, post, out, n);
+    return finish();
+  }
 };
 
-// config.models must be 1; params in that layout. CUDA builds only.
-std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params);
+// config.models must be 1; params in that layout. CUDA builds only. The per-op kernels
+// by default, as in training; CudaBlocks::fused runs a block kernel per layer.
+std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params,
+                                                   CudaBlocks blocks = CudaBlocks::per_op);
 
 }  // namespace univ

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <stdexcept>
 #include <string>
 
 #include "emulator.hpp"
@@ -136,8 +137,9 @@ bool whole_steps(const Case& k) {
   return ok;
 }
 
-bool forward_only() {
-  std::printf("forward-only network, T 16, d 32, 4 heads, d_mlp 48, 2 layers\n");
+bool forward_only(CudaBlocks blocks) {
+  std::printf("forward-only network, T 16, d 32, 4 heads, d_mlp 48, 2 layers, %s\n",
+              blocks == CudaBlocks::fused ? "fused blocks" : "per op");
   RunConfig c;
   c.model = {37, 16, 32, 4, 48, 2, Activation::gelu, PosEncoding::learned};
   c.models = 1;
@@ -153,9 +155,18 @@ bool forward_only() {
   model.params() = params;
   float expect_loss = 0;
   model.forward(in.data(), tg.data(), b, &expect_loss, false);
-  auto net = make_device_forward(c, params);
+  auto net = make_device_forward(c, params, blocks);
   const int64_t n = int64_t(b) * T - 3;  // not every token
-  bool ok = true;
+  std::vector<float> scratch(size_t(n) * layers * D);
+  net->start(in.data(), tg.data(), b, false, scratch.data(), n);
+  bool refused = false;
+  try {
+    net->start(in.data(), tg.data(), b, false, scratch.data(), n);
+  } catch (const std::logic_error&) {
+    refused = true;
+  }
+  net->finish();
+  bool ok = report("a second start before finish() refused", refused ? 0.0 : INFINITY);
   for (const bool post : {false, true}) {
     std::vector<float> got(size_t(n) * layers * D, NAN), expect(got.size());
     const double loss = net->run(in.data(), tg.data(), b, post, got.data(), n);
@@ -169,8 +180,6 @@ bool forward_only() {
   }
   return ok;
 }
-
-}  // namespace
 
 std::vector<float> random_floats(size_t n, unsigned seed) {
   std::mt19937 rng(seed);
@@ -218,6 +227,8 @@ bool attention_ops() {
   return ok;
 }
 
+}  // namespace
+
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   const Case cases[] = {
@@ -234,7 +245,7 @@ int main() {
   };
   bool ok = attention_ops();
   for (const Case& k : cases) ok &= whole_steps(k);
-  ok &= forward_only();
+  for (const CudaBlocks blocks : {CudaBlocks::per_op, CudaBlocks::fused}) ok &= forward_only(blocks);
   std::printf("%s\n", ok ? "the emulated CUDA backend follows the CPU backend" : "FAILED");
   return ok ? 0 : 1;
 }
