@@ -133,7 +133,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const int max_T = cuda::attention_max_seq_len(c.head_dim());
     if (c.seq_len > max_T)
       throw UserError("--seq-len " + std::to_string(c.seq_len) + " is beyond what the CUDA attention kernel holds for " +
-                      "head width " + std::to_string(c.head_dim()) + " (" + std::to_string(max_T) + ")");
+                      "head width " + std::to_string(c.head_dim()) + " (at most " + std::to_string(max_T) + ")");
     cuda::prepare_attention_kernels();
     if (fused_) cuda::prepare_block_kernels();
     allocate();

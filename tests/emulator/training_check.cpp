@@ -2,9 +2,9 @@
 // host emulator) against the CPU backend, for machines without a GPU: losses, norms
 // and gradients of whole steps (every tensor's in the first), the parameters after
 // them, evaluation, and the forward-only network's activations, to 1e-5; first the
-// attention kernels alone against the CPU's attention. The step graph
-// replays in random orders its edges allow, so a missing edge between its streams shows
-// as a wrong gradient.
+// attention kernels alone against the CPU's attention, and the refusal of a sequence
+// longer than they hold. The step graph replays in random orders its edges allow, so a
+// missing edge between its streams shows as a wrong gradient.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -17,6 +17,7 @@
 #include "univ/cpu/ops.hpp"
 #include "univ/cuda/kernels.hpp"
 #include "univ/data.hpp"
+#include "univ/error.hpp"
 #include "univ/init.hpp"
 #include "univ/param_layout.hpp"
 #include "univ/train.hpp"
@@ -227,6 +228,26 @@ bool attention_ops() {
   return ok;
 }
 
+// One position past the longest sequence the attention's shared memory holds is
+// refused with a clear error.
+bool longest_sequence() {
+  RunConfig c;
+  const int longest = cuda::attention_max_seq_len(32);
+  c.model = {37, longest + 1, 32, 1, 8, 1, Activation::relu, PosEncoding::learned};
+  c.models = 1;
+  c.seeds = {1};
+  c.batch = 1;
+  std::printf("a sequence of %d positions at head width 32\n", longest + 1);
+  bool refused = false;
+  try {
+    make_cuda_backend(c, Precision::fp32, CudaBlocks::per_op);
+  } catch (const UserError& e) {
+    std::printf("  %s\n", e.what());
+    refused = true;
+  }
+  return report("refused", refused ? 0.0 : INFINITY);
+}
+
 }  // namespace
 
 int main() {
@@ -244,6 +265,7 @@ int main() {
        "not fit)", 1, 100, 8, 4, 8, 1, 2, 2, Activation::relu, PosEncoding::learned, CudaBlocks::fused, 4},
   };
   bool ok = attention_ops();
+  ok &= longest_sequence();
   for (const Case& k : cases) ok &= whole_steps(k);
   for (const CudaBlocks blocks : {CudaBlocks::per_op, CudaBlocks::fused}) ok &= forward_only(blocks);
   std::printf("%s\n", ok ? "the emulated CUDA backend follows the CPU backend" : "FAILED");
