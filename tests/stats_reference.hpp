@@ -1,6 +1,7 @@
 // Test data and float64 references for correlation statistics, shared by the CPU
 // and GPU accumulator tests.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -62,6 +63,26 @@ inline double stat_r(const CorrelationStats& s, int i, int64_t a, int j, int64_t
   const auto vi = s.variance_sums(i), vj = s.variance_sums(j);
   const double c = i < j ? s.cross(i, j)[a * s.shapes()[j].neurons() + b] : s.cross(j, i)[b * s.shapes()[i].neurons() + a];
   return c / std::sqrt(vi[a] * vj[b]);
+}
+
+// The largest |r - r_float64| over every element of every cross block of s (an
+// unwritten one would be off by far more), from statistics of acts' first n tokens;
+// infinite where s counts other than n tokens or an r is not finite.
+inline double worst_cross_error(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
+                                const CorrelationStats& s, int64_t n) {
+  if (s.count() != n) return INFINITY;
+  double worst = 0;
+  const int K = static_cast<int>(shapes.size());
+  for (int i = 0; i < K; ++i)
+    for (int j = i + 1; j < K; ++j)
+      for (int64_t a = 0; a < shapes[i].neurons(); ++a)
+        for (int64_t b = 0; b < shapes[j].neurons(); ++b) {
+          const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
+          const double r = stat_r(s, i, a, j, b);
+          if (!std::isfinite(r)) return INFINITY;
+          worst = std::max(worst, std::abs(r - ref));
+        }
+  return worst;
 }
 
 }  // namespace univ::testing

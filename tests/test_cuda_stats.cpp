@@ -8,6 +8,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "gpu_stats.hpp"
 #include "stats_reference.hpp"
 #include "test_util.hpp"
 #include "univ/activations.hpp"
@@ -23,8 +24,10 @@ namespace univ {
 namespace {
 
 using testing::correlated_acts;
+using testing::gpu_stats;
 using testing::reference_r;
 using testing::stat_r;
+using testing::worst_cross_error;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -36,48 +39,6 @@ class GpuStats : public ::testing::Test {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
   }
 };
-
-// Statistics of acts[m] rows [0, n) added `chunk` rows at a time from device memory,
-// float32 sums over spans of `span` tokens (0: the default) of products of `split`
-// parts, `spans_per_pass` of them per float64 pass (0: the default).
-CorrelationStats gpu_stats(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
-                           const std::vector<int64_t>& chunks, int64_t span = 0,
-                           SplitPrecision split = SplitPrecision::f16, int spans_per_pass = 0) {
-  std::vector<cuda::DeviceBuffer<float>> device;
-  for (const auto& a : acts) {
-    device.emplace_back(a.size());
-    device.back().upload(a.data(), a.size(), nullptr);
-  }
-  UNIV_CUDA_CHECK(cudaDeviceSynchronize());
-  CudaStatsAccumulator acc(shapes, span, split, spans_per_pass);
-  int64_t at = 0;
-  for (int64_t n : chunks) {
-    std::vector<const float*> ptrs;
-    for (size_t m = 0; m < shapes.size(); ++m) ptrs.push_back(device[m].data() + at * shapes[m].neurons());
-    acc.add(ptrs, n);
-    at += n;
-  }
-  return acc.stats();
-}
-
-// The largest |r - r_float64| over every element of every cross block (an unwritten
-// one would be off by far more).
-double worst_cross_error(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
-                         const CorrelationStats& s, int64_t n) {
-  EXPECT_EQ(s.count(), n);
-  double worst = 0;
-  const int K = static_cast<int>(shapes.size());
-  for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j)
-      for (int64_t a = 0; a < shapes[i].neurons(); ++a)
-        for (int64_t b = 0; b < shapes[j].neurons(); ++b) {
-          const double ref = reference_r(acts[i], shapes[i].neurons(), a, acts[j], shapes[j].neurons(), b, n);
-          const double r = stat_r(s, i, a, j, b);
-          if (!std::isfinite(r)) return INFINITY;
-          worst = std::max(worst, std::abs(r - ref));
-        }
-  return worst;
-}
 
 TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   // Widths that are not multiples of 16, chunks of 1 and of token counts off the

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -45,6 +46,8 @@ using std::min;
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 

@@ -1,6 +1,7 @@
-// The cuBLAS calls of the training backend, emulated on the host: a plain
-// column-major GEMM per batch, enqueued on the handle's stream.
+// The cuBLAS calls of the training backend and the statistics, emulated on the host: a
+// plain column-major GEMM per batch, enqueued on the handle's stream.
 #pragma once
+#include "cuda_fp16.h"
 #include "cuda_runtime.h"
 
 typedef int cublasStatus_t;
@@ -47,6 +48,39 @@ inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperatio
             acc += a * x;
           }
           float& c = C[b * stride_c + i + (long long)j * ldc];
+          c = be == 0.0f ? al * acc : al * acc + be * c;
+        }
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+// The same with operands of FP16 or float32 (TF32 operands arrive rounded) and a
+// float32 result.
+enum cudaDataType_t { CUDA_R_16F, CUDA_R_32F };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT };
+inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
+                                                 int m, int n, int k, const void* alpha, const void* A,
+                                                 cudaDataType_t type_a, int lda, long long stride_a, const void* B,
+                                                 cudaDataType_t type_b, int ldb, long long stride_b, const void* beta,
+                                                 void* C, cudaDataType_t, int ldc, long long stride_c, int batch,
+                                                 cublasComputeType_t, cublasGemmAlgo_t) {
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  auto element = [](const void* p, cudaDataType_t type, long long i) {
+    return type == CUDA_R_16F ? static_cast<float>(static_cast<const __half*>(p)[i]) : static_cast<const float*>(p)[i];
+  };
+  emu::enqueue(h->stream, [=] {
+    float* c_out = static_cast<float*>(C);
+    for (int b = 0; b < batch; ++b)
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+          float acc = 0.0f;
+          for (int p = 0; p < k; ++p) {
+            const long long a_at = op_a == CUBLAS_OP_N ? i + (long long)p * lda : p + (long long)i * lda;
+            const long long b_at = op_b == CUBLAS_OP_N ? p + (long long)j * ldb : j + (long long)p * ldb;
+            acc += element(A, type_a, b * stride_a + a_at) * element(B, type_b, b * stride_b + b_at);
+          }
+          float& c = c_out[b * stride_c + i + (long long)j * ldc];
           c = be == 0.0f ? al * acc : al * acc + be * c;
         }
   });
