@@ -56,6 +56,45 @@ __device__ int head_product_lanes(int rows, int hd, int depth) {
   return lanes_per_tile(ceil_div(rows, kRows) * ceil_div(hd, 4), blockDim.x, depth);
 }
 
+// Head (seq, h) = head of qkv [M,B,T,3C]: part(p)(t, i) is channel i of row t of q, k
+// or v (p = 0, 1, 2) with the QKV bias added.
+struct HeadQkv {
+  const float *qkv, *bias;
+  int C;
+  __device__ HeadQkv(const float* all, const float* qkv_bias, int B, int T, int C_, int H, int64_t head) : C(C_) {
+    const int64_t seq = head / H;
+    const int offset = static_cast<int>(head % H) * (C / H);
+    qkv = all + seq * T * 3 * C + offset;
+    bias = qkv_bias ? qkv_bias + seq / B * 3 * C + offset : nullptr;  // model seq / B
+  }
+  __device__ auto part(int p) const {
+    return [this, p](int t, int i) {
+      const float value = qkv[int64_t(t) * 3 * C + p * C + i];
+      return bias ? value + bias[p * C + i] : value;
+    };
+  }
+};
+
+// Rows [t0, t0 + n) of value(t, i) into dst [n, ld], channels from hd on zero.
+template <class Value>
+__device__ void load_rows(float* dst, int ld, int hd, int t0, int n, const Value& value) {
+  for (int idx = threadIdx.x; idx < n * ld; idx += blockDim.x) {
+    const int u = idx / ld, i = idx % ld;
+    dst[idx] = i < hd ? value(t0 + u, i) : 0.0f;
+  }
+}
+
+// Rows [t0, t0 + n) of value(t, i) transposed into dst [hd, transposed_ld(n)], rows
+// past n zero: 4 rows (fastest) x 8 channels per warp.
+template <class Value>
+__device__ void load_transposed(float* dst, int hd, int t0, int n, const Value& value) {
+  const int ld = transposed_ld(n);
+  for (int idx = threadIdx.x; idx < pad4(n) * hd; idx += blockDim.x) {
+    const int j = idx / (4 * hd) * 4 + idx % 4, i = idx / 4 % hd;
+    dst[i * ld + j] = j < n ? value(t0 + j, i) : 0.0f;
+  }
+}
+
 template <int kRows>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     attention_forward_kernel(float* __restrict__ out, float* __restrict__ att, const float* __restrict__ qkv,
@@ -71,24 +110,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   float* v = kT + hd * ldT;                       // [keys, hdp]
   float* q = v + keys * hdp;                      // [rows, hd + 1]: queries t0, t0 + 1, ...
   float* s = q + rows * lq;                       // [rows, Ts] scores, then probabilities
-  const float* base = qkv + seq * T * 3 * C + h * hd;
-  const float* bias = qkv_bias ? qkv_bias + seq / B * 3 * C + h * hd : nullptr;  // model seq / B
-  auto load = [&](const float* row, int i) { return bias ? row[i] + bias[i] : row[i]; };
-  // Position t, channel i: 4 positions (fastest) x 8 channels per warp; positions past
-  // the keys are kT's zero padding.
-  for (int idx = threadIdx.x; idx < pad4(keys) * hd; idx += blockDim.x) {
-    const int t = idx / (4 * hd) * 4 + idx % 4, i = idx / 4 % hd;
-    if (t >= keys) {
-      kT[i * ldT + t] = 0.0f;
-      continue;
-    }
-    const float* row = base + int64_t(t) * 3 * C;
-    kT[i * ldT + t] = load(row, C + i);
-    v[t * hdp + i] = load(row, 2 * C + i);
-    if (t >= t0) q[(t - t0) * lq + i] = load(row, i);
-  }
-  for (int idx = threadIdx.x; idx < keys * (hdp - hd); idx += blockDim.x)
-    v[idx / (hdp - hd) * hdp + hd + idx % (hdp - hd)] = 0.0f;
+  const HeadQkv g(qkv, qkv_bias, B, T, C, H, head);
+  load_transposed(kT, hd, 0, keys, g.part(1));
+  load_rows(v, hdp, hd, 0, keys, g.part(2));
+  load_rows(q, lq, hd, t0, rows, g.part(0));
   __syncthreads();
   // scores of queries t0 + r: tiles wholly above the diagonal are skipped (the softmax
   // writes their zeros)
@@ -120,48 +145,26 @@ struct BackwardArgs {
   float scale;
 };
 
-// The backward's view of head (seq, h) = head: row t of q, k or v (part 0, 1, 2) with
-// the QKV bias added, of dy and out, its probabilities, its slices of dqkv.
+// The backward's view of head (seq, h) = head: its q, k and v, rows of dy (dout) and
+// out, its probabilities, its slices of dqkv.
 struct Head {
-  const float *qkv, *bias, *dout, *out, *probs;
+  HeadQkv x;
+  const float *dout, *out, *probs;
   float* grad;
   int T, C, hd;
-  __device__ Head(const BackwardArgs& p, int64_t head) : T(p.T), C(p.C), hd(p.C / p.H) {
-    const int64_t seq = head / p.H;
-    const int h = static_cast<int>(head % p.H);
-    qkv = p.qkv + seq * T * 3 * C + h * hd;
-    bias = p.qkv_bias ? p.qkv_bias + seq / p.B * 3 * C + h * hd : nullptr;  // model seq / B
-    dout = p.dout + seq * T * C + h * hd;
-    out = p.out + seq * T * C + h * hd;
+  __device__ Head(const BackwardArgs& p, int64_t head)
+      : x(p.qkv, p.qkv_bias, p.B, p.T, p.C, p.H, head), T(p.T), C(p.C), hd(p.C / p.H) {
+    const int64_t seq = head / p.H, channel = head % p.H * hd;  // the head's first channel
+    dout = p.dout + seq * T * C + channel;
+    out = p.out + seq * T * C + channel;
     probs = p.att + head * T * T;
-    grad = p.dqkv + seq * T * 3 * C + h * hd;
+    grad = p.dqkv + seq * T * 3 * C + channel;
   }
-  __device__ float x(int part, int t, int i) const {
-    const float value = qkv[int64_t(t) * 3 * C + part * C + i];
-    return bias ? value + bias[part * C + i] : value;
+  __device__ auto dy() const {
+    return [this](int t, int i) { return dout[int64_t(t) * C + i]; };
   }
   __device__ float* dx(int part, int t) const { return grad + int64_t(t) * 3 * C + part * C; }
 };
-
-// Rows [t0, t0 + n) of q, k or v (part), or of dy (part -1), into dst [n, pad4(hd)],
-// channels past hd zero.
-__device__ void load_rows(float* dst, const Head& g, int part, int t0, int n) {
-  const int hdp = pad4(g.hd);
-  for (int idx = threadIdx.x; idx < n * hdp; idx += blockDim.x) {
-    const int u = idx / hdp, i = idx % hdp;
-    dst[idx] = i >= g.hd ? 0.0f : part < 0 ? g.dout[int64_t(t0 + u) * g.C + i] : g.x(part, t0 + u, i);
-  }
-}
-
-// v of keys [k0, k0 + n) transposed into vT [hd, transposed_ld(n)], keys past n zero: 4
-// keys (fastest) x 8 channels per warp.
-__device__ void load_v_transposed(float* vT, const Head& g, int k0, int n) {
-  const int ld = transposed_ld(n);
-  for (int idx = threadIdx.x; idx < pad4(n) * g.hd; idx += blockDim.x) {
-    const int j = idx / (4 * g.hd) * 4 + idx % 4, i = idx / 4 % g.hd;
-    vT[i * ld + j] = j < n ? g.x(2, k0 + j, i) : 0.0f;
-  }
-}
 
 // The probabilities of queries [t0, t0 + rows) and keys [k0, k0 + keys) into s [rows,
 // keys + 1], and pd[u] = dy . out of query t0 + u, its sum over keys of p d(p) (a warp
@@ -222,10 +225,10 @@ __device__ void backward_keys(const Head& g, int k0, int keys, bool whole, float
   float* k = vT + hd * transposed_ld(keys);      // whole: [keys, hdp]
   float* s = k + (whole ? keys * hdp : 0);       // [n, Ts] probabilities, then score gradients
   float* pd = s + n * Ts;                        // [n]
-  load_rows(q, g, 0, k0, n);
-  load_rows(dy, g, -1, k0, n);
-  load_v_transposed(vT, g, k0, keys);
-  if (whole) load_rows(k, g, 1, 0, keys);
+  load_rows(q, hdp, hd, k0, n, g.x.part(0));
+  load_rows(dy, hdp, hd, k0, n, g.dy());
+  load_transposed(vT, hd, k0, keys, g.x.part(2));
+  if (whole) load_rows(k, hdp, hd, 0, keys, g.x.part(1));
   load_probabilities(s, pd, g, k0, n, k0, keys);
   __syncthreads();
   const int lanes = head_product_lanes<kRows>(keys, hd, n);
@@ -255,9 +258,9 @@ __device__ void backward_queries(const Head& g, int t0, int rows, float scale) {
   float* k = vT + g.hd * transposed_ld(keys);     // [keys, hdp]
   float* s = k + keys * hdp;                      // [rows, keys + 1] probabilities, then score gradients
   float* pd = s + rows * (keys + 1);              // [rows]
-  load_rows(dy, g, -1, t0, rows);
-  load_v_transposed(vT, g, 0, keys);
-  load_rows(k, g, 1, 0, keys);
+  load_rows(dy, hdp, g.hd, t0, rows, g.dy());
+  load_transposed(vT, g.hd, 0, keys, g.x.part(2));
+  load_rows(k, hdp, g.hd, 0, keys, g.x.part(1));
   load_probabilities(s, pd, g, t0, rows, 0, keys);
   __syncthreads();
   score_gradients<kRows>(s, dy, vT, pd, t0, rows, 0, keys, g.hd, scale);

@@ -85,4 +85,35 @@ inline double worst_cross_error(const std::vector<std::vector<float>>& acts, con
   return worst;
 }
 
+// The largest |r - r_float64| over the within-layer block of model m's layer l (acts
+// its activations), infinite where the block is not exactly symmetric.
+inline double worst_within_error(const std::vector<float>& acts, const NeuronShape& shape, const CorrelationStats& s,
+                                 int m, int l, int64_t n) {
+  const int D = shape.width;
+  const auto& w = s.within(m, l);
+  double worst = 0;
+  for (int a = 0; a < D; ++a)
+    for (int b = 0; b < D; ++b) {
+      if (w[a * D + b] != w[b * D + a]) return INFINITY;
+      const double r = w[a * D + b] / std::sqrt(w[a * (D + 1)] * w[b * (D + 1)]);
+      worst = std::max(worst, std::abs(r - reference_r(acts, shape.neurons(), int64_t(l) * D + a, acts,
+                                                        shape.neurons(), int64_t(l) * D + b, n)));
+    }
+  return worst;
+}
+
+// The largest relative error of the means against long-double means of acts' first n tokens.
+inline double worst_mean_error(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
+                               const CorrelationStats& s, int64_t n) {
+  double worst = 0;
+  for (size_t m = 0; m < shapes.size(); ++m)
+    for (int64_t k = 0; k < shapes[m].neurons(); ++k) {
+      long double mean = 0;
+      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * shapes[m].neurons() + k];
+      mean /= n;
+      worst = std::max(worst, std::abs(s.mean(static_cast<int>(m))[k] - double(mean)) / std::abs(double(mean)));
+    }
+  return worst;
+}
+
 }  // namespace univ::testing

@@ -25,9 +25,10 @@ namespace {
 
 using testing::correlated_acts;
 using testing::gpu_stats;
-using testing::reference_r;
 using testing::stat_r;
 using testing::worst_cross_error;
+using testing::worst_mean_error;
+using testing::worst_within_error;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -53,18 +54,8 @@ TEST_F(GpuStats, MatchTwoPassFloat64WhenMeansAreAThousandDeviations) {
   }
   const CorrelationStats s = gpu_stats(acts, shapes, chunks);
   // Within-layer blocks (the rotation baseline's), and the means.
-  const auto& w = s.within(2, 1);
-  for (int a = 0; a < 21; ++a)
-    for (int b = 0; b < 21; ++b) {
-      const double r = w[a * 21 + b] / std::sqrt(w[a * 22] * w[b * 22]);
-      ASSERT_NEAR(r, reference_r(acts[2], 63, 21 + a, acts[2], 63, 21 + b, n), kGpuR) << a << ' ' << b;
-    }
-  for (int m = 0; m < 3; ++m)
-    for (int64_t k = 0; k < shapes[m].neurons(); ++k) {
-      long double mean = 0;
-      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * shapes[m].neurons() + k];
-      ASSERT_NEAR(s.mean(m)[k], static_cast<double>(mean / n), 1e-9 * std::abs(static_cast<double>(mean / n)));
-    }
+  EXPECT_LT(worst_within_error(acts[2], shapes[2], s, 2, 1, n), kGpuR);
+  EXPECT_LT(worst_mean_error(acts, shapes, s, n), 1e-9);
 }
 
 TEST_F(GpuStats, GroupsOfSpansPerFloat64PassKeepTheAccuracy) {
@@ -78,13 +69,7 @@ TEST_F(GpuStats, GroupsOfSpansPerFloat64PassKeepTheAccuracy) {
     EXPECT_LT(worst_cross_error(acts, shapes, gpu_stats(acts, shapes, {9000, 517}, 1024, split, 3), n), kGpuR);
     const CorrelationStats s = gpu_stats(acts, shapes, {9000, 517}, 512, split, 5);
     EXPECT_LT(worst_cross_error(acts, shapes, s, n), kGpuR);
-    const auto& w = s.within(1, 1);
-    for (int a = 0; a < 24; ++a)
-      for (int b = 0; b < 24; ++b) {
-        ASSERT_EQ(w[a * 24 + b], w[b * 24 + a]);
-        ASSERT_NEAR(w[a * 24 + b] / std::sqrt(w[a * 25] * w[b * 25]),
-                    reference_r(acts[1], 48, 24 + a, acts[1], 48, 24 + b, n), kGpuR);
-      }
+    EXPECT_LT(worst_within_error(acts[1], shapes[1], s, 1, 1, n), kGpuR);  // infinite unless exactly symmetric
   }
 }
 

@@ -6,61 +6,24 @@
 // overflow. The emulated GEMM adds in order in float32, as tensor cores need not: it
 // checks the layouts, strides and bookkeeping, not the GPU's own rounding, which the
 // GPU tests (tests/test_cuda_stats.cpp) judge.
-#include <cmath>
 #include <cstdio>
 #include <vector>
 
 #include "emulator.hpp"
 #include "gpu_stats.hpp"
+#include "report.hpp"
 #include "stats_reference.hpp"
 #include "univ/stats.hpp"
 
 namespace {
 
 using namespace univ;
+using emu::report;
 using testing::correlated_acts;
 using testing::gpu_stats;
-using testing::reference_r;
 using testing::worst_cross_error;
-
-constexpr double kTolerance = 1e-5;  // |r - r_float64|, as on the GPU
-
-bool report(const char* what, double error) {
-  const bool ok = error < kTolerance;
-  std::printf("  %-44s %.2e %s\n", what, error, ok ? "ok" : "FAILED");
-  return ok;
-}
-
-// The largest |r - r_float64| over model m's layer l's within-layer block, infinite
-// where it is not exactly symmetric.
-double worst_within_error(const std::vector<float>& acts, const NeuronShape& shape, const CorrelationStats& s, int m,
-                          int l, int64_t n) {
-  const int D = shape.width;
-  const auto& w = s.within(m, l);
-  double worst = 0;
-  for (int a = 0; a < D; ++a)
-    for (int b = 0; b < D; ++b) {
-      if (w[a * D + b] != w[b * D + a]) return INFINITY;
-      const double r = w[a * D + b] / std::sqrt(w[a * (D + 1)] * w[b * (D + 1)]);
-      worst = std::max(worst, std::abs(r - reference_r(acts, shape.neurons(), int64_t(l) * D + a, acts,
-                                                        shape.neurons(), int64_t(l) * D + b, n)));
-    }
-  return worst;
-}
-
-// The largest relative error of the means.
-double worst_mean_error(const std::vector<std::vector<float>>& acts, const std::vector<NeuronShape>& shapes,
-                        const CorrelationStats& s, int64_t n) {
-  double worst = 0;
-  for (size_t m = 0; m < shapes.size(); ++m)
-    for (int64_t k = 0; k < shapes[m].neurons(); ++k) {
-      long double mean = 0;
-      for (int64_t t = 0; t < n; ++t) mean += acts[m][t * shapes[m].neurons() + k];
-      mean /= n;
-      worst = std::max(worst, std::abs(s.mean(int(m))[k] - double(mean)) / std::abs(double(mean)));
-    }
-  return worst;
-}
+using testing::worst_mean_error;
+using testing::worst_within_error;
 
 bool thousand_deviations() {
   // Chunks of 1999, 1, 1200 and 517 tokens in spans of 256, groups of 3 per float64
@@ -79,7 +42,7 @@ bool thousand_deviations() {
       std::printf(" %s\n", span > 0 ? "spans of 256, 3 per float64 pass" : "default spans and groups");
       ok &= report("cross blocks, worst |dr|", worst_cross_error(acts, shapes, s, n));
       ok &= report("within-layer block (model 2, layer 1), worst |dr|", worst_within_error(acts[2], shapes[2], s, 2, 1, n));
-      ok &= report("means, worst relative error", worst_mean_error(acts, shapes, s, n));
+      ok &= report("means, worst relative error", worst_mean_error(acts, shapes, s, n), 1e-9);
     }
   }
   return ok;

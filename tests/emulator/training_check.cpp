@@ -12,6 +12,7 @@
 #include <string>
 
 #include "emulator.hpp"
+#include "report.hpp"
 #include "univ/backend.hpp"
 #include "univ/cpu/model.hpp"
 #include "univ/cpu/ops.hpp"
@@ -29,8 +30,7 @@ std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precisi
 namespace {
 
 using namespace univ;
-
-constexpr double kTolerance = 1e-5;
+using emu::report;
 
 double relative_error(const float* got, const float* expect, int64_t n) {
   double num = 0, den = 0;
@@ -60,12 +60,6 @@ double worst_tensor_error(const ParamLayout& layout, int models, const std::vect
     }
   std::printf("  worst tensor: %s\n", which.c_str());
   return worst;
-}
-
-bool report(const char* what, double error) {
-  const bool ok = error < kTolerance;
-  std::printf("  %-30s %.2e %s\n", what, error, ok ? "ok" : "FAILED");
-  return ok;
 }
 
 struct Case {
