@@ -223,6 +223,80 @@ TEST_F(Gpu, MatmulActivationEpilogues) {
   }
 }
 
+// The products that close a layer with the row op after them in their epilogue (the
+// own kernel where a row has at most 64 outputs) and, on the last two shapes, cuBLAS and
+// the op's kernel apart (rows of 80 and 90 outputs; a reduction of 300): a sublayer's
+// product + bias + residual and the norm after it, the logits and their cross-entropy,
+// and an input gradient through the norm whose output it reaches.
+TEST_F(Gpu, MatmulRowEpilogues) {
+  cuda::CublasHandle handle(stream->get(), false);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({1, 2, 5, 80, 1, 90, 300});
+  shapes.push_back({2, 3, 7, 40, 1, 20, 300});
+  for (const Shape& s : shapes) {
+    const int N = s.B * s.T, C = s.C;
+    const int64_t n = int64_t(s.M) * N * C;
+    for (const int K : {C, s.D}) {  // as the attention's projection, as the MLP's second product
+      SCOPED_TRACE("C " + std::to_string(C) + ", K " + std::to_string(K));
+      const auto inp = random_vector<float>(size_t(s.M) * N * K, 81), w = random_vector<float>(size_t(s.M) * C * K, 82);
+      const auto bias = random_vector<float>(size_t(s.M) * C, 83), residual = random_vector<float>(n, 84, 3.0);
+      const auto norm_w = random_vector<float>(size_t(s.M) * C, 85), norm_b = random_vector<float>(size_t(s.M) * C, 86);
+      auto d_inp = up(inp), d_w = up(w), d_bias = up(bias), d_residual = up(residual), d_norm_w = up(norm_w),
+           d_norm_b = up(norm_b);
+      auto d_resid = poisoned(n), d_out = poisoned(n), d_mean = poisoned(size_t(s.M) * N),
+           d_rstd = poisoned(size_t(s.M) * N);
+      cuda::matmul_add_layernorm_forward(handle.get(), d_out.data(), d_mean.data(), d_rstd.data(), d_resid.data(),
+                                         d_inp.data(), d_w.data(), d_bias.data(), d_residual.data(), d_norm_w.data(),
+                                         d_norm_b.data(), s.M, N, K, C);
+      std::vector<float> resid(n), out(n), mean(size_t(s.M) * N), rstd(mean.size());
+      cpu::matmul_forward(resid.data(), inp.data(), w.data(), bias.data(), s.M, N, K, C);
+      for (int64_t i = 0; i < n; ++i) resid[i] += residual[i];
+      cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), resid.data(), norm_w.data(), norm_b.data(), s.M, N,
+                             C);
+      expect_close(down(d_resid), resid, kFp32, "resid");
+      expect_close(down(d_out), out, kFp32, "norm");
+      expect_close(down(d_mean), mean, kFp32, "mean");
+      expect_close(down(d_rstd), rstd, kFp32, "rstd");
+
+      // Backward: dnorm = dout W (dout [N, K] as the QKV's or the MLP's input gradient
+      // reaching the norm), dinp = dinp_in + the norm's input gradient, or alone.
+      const auto dout = random_vector<float>(size_t(s.M) * N * K, 87), dinp_in = random_vector<float>(n, 88);
+      auto d_dout = up(dout), d_dinp_in = up(dinp_in);
+      std::vector<float> dnorm(n), dw_unused(w.size()), dnw_unused(norm_w.size()), dnb_unused(norm_w.size());
+      cpu::matmul_backward(dnorm.data(), dw_unused.data(), static_cast<float*>(nullptr), dout.data(),
+                           std::vector<float>(n).data(), w.data(), s.M, N, C, K);
+      for (const bool add : {true, false}) {
+        auto d_dnorm = poisoned(n), d_dinp = poisoned(n);
+        cuda::matmul_backward_input_layernorm(handle.get(), d_dnorm.data(), d_dinp.data(),
+                                              add ? d_dinp_in.data() : nullptr, d_dout.data(), d_w.data(),
+                                              d_resid.data(), d_norm_w.data(), d_mean.data(), d_rstd.data(), s.M, N,
+                                              C, K);
+        std::vector<float> dinp = add ? dinp_in : std::vector<float>(n, 0.0f);
+        cpu::layernorm_backward(dinp.data(), dnw_unused.data(), dnb_unused.data(), dnorm.data(), resid.data(),
+                                norm_w.data(), mean.data(), rstd.data(), s.M, N, C);
+        expect_close(down(d_dnorm), dnorm, kFp32, "dnorm");
+        expect_close(down(d_dinp), dinp, kFp32, add ? "dinp added" : "dinp alone");
+      }
+    }
+    // The head: logits [N, V] from a final norm's [N, C], and their cross-entropy.
+    const auto lnf = random_vector<float>(n, 89), head = random_vector<float>(size_t(s.M) * s.V * C, 90);
+    const auto targets = random_tokens(size_t(s.M) * N, s.V, 91);
+    std::vector<float> logits(size_t(s.M) * N * s.V), losses(s.M), dlogits(logits.size());
+    cpu::matmul_forward(logits.data(), lnf.data(), head.data(), static_cast<const float*>(nullptr), s.M, N, C, s.V);
+    cpu::crossentropy_forward_backward(losses.data(), dlogits.data(), logits.data(), targets.data(), s.M, N, s.V);
+    auto d_lnf = up(lnf), d_head = up(head);
+    auto d_targets = up(targets);
+    for (const bool backward : {false, true}) {
+      auto d_logits = poisoned(logits.size()), d_rows = poisoned(size_t(s.M) * N), d_losses = poisoned(s.M);
+      cuda::matmul_crossentropy(handle.get(), d_rows.data(), d_logits.data(), d_lnf.data(), d_head.data(),
+                                d_targets.data(), s.M, N, C, s.V, backward);
+      cuda::mean_loss_per_model(d_losses.data(), d_rows.data(), s.M, N, stream->get());
+      expect_close(down(d_losses), losses, kFp32, "losses");
+      expect_close(down(d_logits), backward ? dlogits : logits, kFp32, backward ? "dlogits" : "logits");
+    }
+  }
+}
+
 TEST_F(Gpu, BiasActivationEpilogue) {
   for (const Shape& s : kShapes) {
     const int N = s.B * s.T, D = s.D;

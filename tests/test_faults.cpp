@@ -42,9 +42,12 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
   std::mt19937 rng(12345);
   std::uniform_int_distribution<int> delay_ms(40, 300), write_delay_us(0, 20000);
   int64_t last_step = 0;
-  int interrupted_writes = 0;
-  const int trials = 50;
-  for (int trial = 0; trial < trials; ++trial) {
+  // At least 50 kills, and more (up to 150) until 10 have landed inside a write: how
+  // many do varies with the machine's load (9 of 50 seen under the sanitizers).
+  const int min_trials = 50, max_trials = 150, wanted_interrupts = 10;
+  int interrupted_writes = 0, trials = 0;
+  for (int trial = 0; trial < max_trials && (trial < min_trials || interrupted_writes < wanted_interrupts);
+       ++trial, ++trials) {
     const bool resume = fs::exists(run) && has_checkpoint(run);
     testing::Process child(
         kTrainPair, resume ? std::vector<std::string>{"--resume", run.string(), "--save-every", "1", "--device", "cpu"} : fresh,
@@ -72,7 +75,7 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
     last_step = c.state.step;
   }
   EXPECT_GT(last_step, 0);
-  EXPECT_GE(interrupted_writes, 10) << "too few kills landed inside a checkpoint write to test anything";
+  EXPECT_GE(interrupted_writes, wanted_interrupts) << "too few kills landed inside a checkpoint write to test anything";
   std::cout << "[          ] " << interrupted_writes << " of " << trials
             << " kills interrupted a checkpoint write; every time a checkpoint loaded\n";
 }

@@ -14,6 +14,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -154,6 +155,43 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       [&] { k::matmul_forward_activation(h, y.data(), post.data(), x.data(), w.data(), bias.data(), M, N, C, D, k::Act::gelu); });
   add("matmul_backward_input_activation fc2", (rows * C + 2 * rows * D + double(M) * D * C) * f, 2 * rows * C * D,
       [&] { k::matmul_backward_input_activation(h, y.data(), x.data(), w.data(), x.data(), M, N, D, C, k::Act::gelu); });
+  // The products that close a layer with the row op after them: one launch where a row
+  // fits the own kernel's tile (else the same two as apart), and apart (cuBLAS, then
+  // the op's kernel) to compare.
+  float *mean = stats.data(), *rstd = stats.data() + size_t(rows);
+  for (const auto& [name, K] : {std::pair<std::string, int>{"proj", C}, {"out", D}}) {
+    const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 10;
+    add("matmul_add_layernorm_forward " + name, bytes, flops, [&, K = K] {
+      k::matmul_add_layernorm_forward(h, post.data(), mean, rstd, y.data(), x.data(), w.data(), bias.data(), x.data(),
+                                      bias.data(), bias.data(), M, N, K, C);
+    });
+    add("apart: matmul_forward + add_layernorm_forward " + name, bytes, flops, [&, K = K] {
+      k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, K, C);
+      k::add_layernorm_forward(post.data(), mean, rstd, y.data(), bias.data(), x.data(), bias.data(), bias.data(), M,
+                               N, C, s);
+    });
+  }
+  for (const auto& [name, K] : {std::pair<std::string, int>{"fc", D}, {"qkv", 3 * C}, {"lm_head", V}}) {
+    const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 14;
+    add("matmul_backward_input_layernorm " + name, bytes, flops, [&, K = K] {
+      k::matmul_backward_input_layernorm(h, y.data(), post.data(), x.data(), x.data(), w.data(), x.data(),
+                                         bias.data(), mean, rstd, M, N, C, K);
+    });
+    add("apart: matmul_backward_input + layernorm_backward_input " + name, bytes, flops, [&, K = K] {
+      k::matmul_backward_input(h, y.data(), x.data(), w.data(), M, N, C, K);
+      k::layernorm_backward_input(post.data(), x.data(), y.data(), x.data(), bias.data(), mean, rstd, M, N, C, s);
+    });
+  }
+  {
+    const double bytes = (rows * C + 2 * rows * V + double(M) * V * C) * f, flops = 2 * rows * C * V + rows * V * 6;
+    add("matmul_crossentropy", bytes, flops, [&] {
+      k::matmul_crossentropy(h, row_loss.data(), y.data(), x.data(), w.data(), tokens.data(), M, N, C, V, true);
+    });
+    add("apart: matmul_forward + crossentropy_forward_backward", bytes, flops, [&] {
+      k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, C, V);
+      k::crossentropy_forward_backward(row_loss.data(), y.data(), tokens.data(), M, N, V, true, s);
+    });
+  }
   add("bias_activation_forward", rows * D * f * 3, rows * D * 4,
       [&] { k::bias_activation_forward(x.data(), y.data(), bias.data(), M, N, D, k::Act::gelu, s); });
   add("bias_activation_backward", rows * D * f * 3, rows * D * 8,

@@ -370,10 +370,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       forward_fused_blocks(B, p, for_backward);
     else
       forward_per_op(B, p);
-    if (!fused_head_) {
-      cuda::matmul_forward(cublas_.get(), logits_, lnf_, p.lm_head, M, N, C, V);
-      cuda::crossentropy_forward_backward(row_loss_, logits_, targets_, M, N, V, for_backward, s);
-    }
+    if (!fused_head_)
+      cuda::matmul_crossentropy(cublas_.get(), row_loss_, logits_, lnf_, p.lm_head, targets_, M, N, C, V, for_backward);
     if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
       fork();
       cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->end.get());
@@ -382,43 +380,38 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
   }
 
-  // Linear layers' biases are added by the kernel that reads their output next: the
-  // attention adds the QKV bias, and the layer norms the bias and residual of the
-  // products written straight into the residual stream's buffers.
+  // Linear layers' biases are added by what reads their output next: the attention
+  // adds the QKV bias, and the products that close a sublayer add theirs with the
+  // residual, written straight into the residual stream, and take the layer norm after
+  // it (the next layer's first, or the final norm).
   void forward_per_op(int B, const ParamPointers<float>& p) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads, N = B * T;
     const cudaStream_t s = stream_.get();
     const cublasHandle_t h = cublas_.get();
     const bool learned = c.pos == PosEncoding::learned;
-    // ln = layer norm of the residual stream: after the embedding (written to encoded_)
-    // at the first layer, else after the last layer's MLP bias and residual
-    // (resid_out = product + out_b + resid_mid).
-    auto norm_residual = [&](float* ln, float* mean, float* rstd, const float* w, const float* b, int l) {
-      if (l == 0) {
-        cuda::embedding_layernorm_forward(ln, mean, rstd, encoded_, inputs_, p.wte,
-                                          learned ? p.wpe : positions_.data(), learned ? int64_t(T) * C : 0, w, b, M,
-                                          B, T, C, V, s);
-      } else {
-        const LayerActs& prev = layers_[l - 1];
-        cuda::add_layernorm_forward(ln, mean, rstd, prev.resid_out, p.blocks[l - 1].out_b, prev.resid_mid, w, b, M,
-                                    N, C, s);
-      }
+    auto first_norm = [&](float* ln, float* mean, float* rstd, const float* w, const float* b) {
+      cuda::embedding_layernorm_forward(ln, mean, rstd, encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
+                                        learned ? int64_t(T) * C : 0, w, b, M, B, T, C, V, s);
     };
+    if (c.layers == 0) first_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
     for (int l = 0; l < c.layers; ++l) {
       const LayerActs& a = layers_[l];
       const auto& w = p.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
-      norm_residual(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b, l);
+      if (l == 0) first_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b);
       cuda::matmul_forward(h, a.qkv, a.ln1, w.qkv_w, M, N, C, 3 * C);
       cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b as it loads
-      cuda::matmul_forward(h, a.resid_mid, a.atty, w.proj_w, M, N, C, C);
-      cuda::add_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, w.proj_b, residual, w.ln2_w, w.ln2_b,
-                                  M, N, C, s);  // resid_mid = product + proj_b + residual
+      cuda::matmul_add_layernorm_forward(h, a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w, w.proj_b,
+                                         residual, w.ln2_w, w.ln2_b, M, N, C, C);
       cuda::matmul_forward_activation(h, a.pre, a.post, a.ln2, w.fc_w, w.fc_b, M, N, C, D, to_act(c.activation));
-      cuda::matmul_forward(h, a.resid_out, a.post, w.out_w, M, N, D, C);
+      const bool last = l + 1 == c.layers;  // the next norm: the next layer's first, or the final one
+      const LayerActs* next = last ? nullptr : &layers_[l + 1];
+      cuda::matmul_add_layernorm_forward(
+          h, last ? lnf_ : next->ln1, last ? lnf_mean_ : next->ln1_mean, last ? lnf_rstd_ : next->ln1_rstd,
+          a.resid_out, a.post, w.out_w, w.out_b, a.resid_mid, last ? p.lnf_w : p.blocks[l + 1].ln1_w,
+          last ? p.lnf_b : p.blocks[l + 1].ln1_b, M, N, D, C);
     }
-    norm_residual(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b, c.layers);
   }
 
   // One launch per layer; the last layer's ends with the final norm and, where it fits,
@@ -482,12 +475,12 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const auto g = param_pointers(layout_, c, grads_.data());
     const float* last = c.layers > 0 ? layers_.back().resid_out : encoded_;
     // logits hold dlogits; the fused head has written dlnf and dresid_top already
-    if (!fused_head_) cuda::matmul_backward_input(h, dlnf_, logits_, p.lm_head, M, N, C, V);
+    if (!fused_head_)
+      cuda::matmul_backward_input_layernorm(h, dlnf_, dresid_top_, nullptr, logits_, p.lm_head, last, p.lnf_w,
+                                            lnf_mean_, lnf_rstd_, M, N, C, V);
     fork();
     cuda::matmul_backward_weight(hs(), g.lm_head, sums, logits_, lnf_, M, N, C, V);
     cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side());
-    if (!fused_head_)
-      cuda::layernorm_backward_input(dresid_top_, nullptr, dlnf_, last, p.lnf_w, lnf_mean_, lnf_rstd_, M, N, C, s);
     const float* dresid = dresid_top_;  // the gradient at the current layer's output
     for (int l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = layers_[l];
@@ -540,9 +533,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         fork();
         bias_grad(gw.fc_b, d.dpre, D);
         fc_weight_grad();
-        cuda::matmul_backward_input(h, d.dln2, d.dpre, w.fc_w, M, N, C, D);
-        cuda::layernorm_backward_input(d.dresid_mid, dresid, d.dln2, a.resid_mid, w.ln2_w, a.ln2_mean, a.ln2_rstd, M,
-                                       N, C, s);
+        cuda::matmul_backward_input_layernorm(h, d.dln2, d.dresid_mid, dresid, d.dpre, w.fc_w, a.resid_mid, w.ln2_w,
+                                              a.ln2_mean, a.ln2_rstd, M, N, C, D);
         fork();
         cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
                                         C, side());
@@ -553,9 +545,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         fork();
         bias_grad(gw.qkv_b, d.dqkv, 3 * C);
         qkv_weight_grad();
-        cuda::matmul_backward_input(h, d.dln1, d.dqkv, w.qkv_w, M, N, C, 3 * C);
-        cuda::layernorm_backward_input(d.dresid_in, d.dresid_mid, d.dln1, residual, w.ln1_w, a.ln1_mean, a.ln1_rstd,
-                                       M, N, C, s);
+        cuda::matmul_backward_input_layernorm(h, d.dln1, d.dresid_in, d.dresid_mid, d.dqkv, w.qkv_w, residual,
+                                              w.ln1_w, a.ln1_mean, a.ln1_rstd, M, N, C, 3 * C);
         fork();
         cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
                                         side());

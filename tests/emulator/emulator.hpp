@@ -32,6 +32,7 @@ struct dim3 {
 struct float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct float2 {
   float x, y;
 };

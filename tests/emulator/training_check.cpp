@@ -255,6 +255,8 @@ int main() {
        Activation::gelu, PosEncoding::learned, CudaBlocks::fused, 3},
       {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles), per op", 2, 66, 30, 2,
        20, 1, 1, 2, Activation::gelu, PosEncoding::learned, CudaBlocks::per_op, 2},
+      {"2 models, T 32, d 64, 4 heads, d_mlp 256, 2 layers (the seed's widths), ReLU, per op", 2, 32, 64, 4, 256, 2,
+       2, 2, Activation::relu, PosEncoding::learned, CudaBlocks::per_op, 5},
       {"1 model, T 100, d 8, 4 heads (width 2), d_mlp 8, 1 layer, fused forward, per-op backward (its block does "
        "not fit)", 1, 100, 8, 4, 8, 1, 2, 2, Activation::relu, PosEncoding::learned, CudaBlocks::fused, 4},
   };

@@ -83,8 +83,8 @@ void layernorm_backward_input(float* dinp, const float* dinp_in, const float* do
 void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
                                const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream);
 
-// matmul.cu: cuBLAS strided-batched, the small MLP products with their activation in
-// an own kernel (on the handle's stream, in float32 whatever the handle's math mode) -
+// matmul.cu: cuBLAS strided-batched; small products with what reads their output next
+// in an own kernel (on the handle's stream, in float32 whatever the handle's math mode) -
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
@@ -98,6 +98,24 @@ void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout
 // whose input was act(pre).
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
                                       const float* pre, int M, int N, int C, int OC, Act act);
+// The products that close a layer, with the row op that reads their output next (one
+// kernel where a row has at most 64 outputs and the product is small, else cuBLAS and
+// that op's kernel):
+// resid[M,N,OC] = inp[M,N,C] weight^T + bias[M,OC] + residual[M,N,OC]; out, mean, rstd:
+// the layer norm of resid (add_layernorm_forward's, norm_w and norm_b [M,OC]).
+void matmul_add_layernorm_forward(cublasHandle_t handle, float* out, float* mean, float* rstd, float* resid,
+                                  const float* inp, const float* weight, const float* bias, const float* residual,
+                                  const float* norm_w, const float* norm_b, int M, int N, int C, int OC);
+// logits[M,N,V] = inp[M,N,C] weight[M,V,C]^T, then crossentropy_forward_backward's row
+// losses (with backward, the logits become their gradient).
+void matmul_crossentropy(cublasHandle_t handle, float* row_loss, float* logits, const float* inp, const float* weight,
+                         const int32_t* targets, int M, int N, int C, int V, bool backward);
+// dnorm[M,N,C] = dout[M,N,OC] weight, the gradient at a layer norm's output; then dinp =
+// dinp_in + the gradient at its input norm_in (layernorm_backward_input's).
+void matmul_backward_input_layernorm(cublasHandle_t handle, float* dnorm, float* dinp, const float* dinp_in,
+                                     const float* dout, const float* weight, const float* norm_in,
+                                     const float* norm_w, const float* mean, const float* rstd, int M, int N, int C,
+                                     int OC);
 // dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
 // in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
 int64_t matmul_backward_partials(int M, int N, int C, int OC);
