@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds, runs the whole suite, runs the
 # CPU suite again under AddressSanitizer and UndefinedBehaviorSanitizer, checks the CUDA
-# training backend and statistics on the host emulator, and fuzzes each file reader
-# briefly. GPU tests
-# skip with a message where no CUDA device is present.
+# training backend, the statistics and the GPU op tests on the host emulator, and fuzzes
+# each file reader briefly. GPU tests skip with a message where no CUDA device is
+# present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ BUILD_DIR=build-sanitize scripts/build.sh -DUNIV_SANITIZE=ON -DUNIV_ENABLE_CUDA=
   -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ctest --test-dir build-sanitize --output-on-failure -j "$(nproc)"
 
-echo "test: the CUDA training backend and statistics on the host emulator, against the CPU and float64"
+echo "test: the CUDA training backend, statistics and op tests on the host emulator, against the CPU and float64"
 scripts/emulate_cuda.sh
 
 echo "test: fuzzing the safetensors, .npy and statistics readers"

@@ -1,7 +1,8 @@
 // The CUDA backend against the CPU backend, its oracle: every kernel forward and
 // backward on random inputs of several shapes (sizes not multiples of 32, T = 1, one
 // head, M = 1 and 3), outputs poisoned with NaN first; then whole steps, a 100-step
-// loss trajectory, bitwise determinism and NaN handling. Skipped without a GPU.
+// loss trajectory, bitwise determinism and NaN handling. Skipped without a GPU; the
+// op tests also run on the host emulator (emulated.gpu_op_tests).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -31,7 +32,9 @@ constexpr double kFp32 = 1e-5;  // float32 kernels against float32 CPU ops, othe
 class Gpu : public ::testing::Test {
  protected:
   void SetUp() override {
+#ifndef UNIV_CUDA_EMULATED  // the host emulator (tests/emulator) stands in for a device
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
+#endif
     cuda::prepare_attention_kernels();
     stream = std::make_unique<cuda::Stream>();
   }
