@@ -5,7 +5,8 @@
 // activation (forward) and the activation's derivative (backward), and where a tile
 // holds whole rows (at most 64 columns) the layer norm after a layer's bias and
 // residual, the cross-entropy after the logits, and the layer norm's backward after
-// an input gradient. Where they do not fit, cuBLAS and the op's own kernel.
+// an input gradient; and a narrow MLP sublayer's two products, each way, in one
+// kernel. Where they do not fit, cuBLAS and the op's own kernel.
 // The weight gradient, a long reduction over N rows into a small output, is split
 // over row blocks as extra batches and the partial products added in order
 // (ColumnSums' stage 2): a deterministic split-K.
@@ -119,57 +120,47 @@ __device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row
   }
 }
 
-// One group: at most 128 registers (four blocks per SM), which the prefetched loads
-// come close to; kRowGroups groups: 64 (two blocks per SM).
-template <bool kBByRow, Epilogue kEpilogue, int kGroups>
-__global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) small_matmul_kernel(const SmallProduct p) {
-  static_assert(!per_row(kEpilogue) || kGroups > 1, "the row epilogues add the groups' sums in shared memory");
-  constexpr int kTileK = tile_k(kGroups);
-  constexpr int kAStride = kTileRows + 4, kBStride = kTileCols + 4;  // padded rows, 16-byte aligned
+constexpr int kAStride = kTileRows + 4, kBStride = kTileCols + 4;  // padded rows, 16-byte aligned
+constexpr int kRowLd = kTileCols + 4;                             // the row epilogues' summed tile
+__host__ __device__ constexpr int group_floats(int tile_k) { return tile_k * (kAStride + kBStride); }
+
+// acc += one group's 32 x 64 tile (rows row0.., columns col0..) of a [R, K] times b
+// ([P, K] by row, else [K, P]; both of one model) over the reduction's tiles k_first,
+// k_first + k_step, ... (`trips` of them, the same for every group, since the barriers
+// are the block's; a tile past K loads zeros), staged through the group's a_tile[k][row]
+// and b_tile[k][col], the next tile loaded into registers while the current one is
+// used. Thread tid of the group owns rows 4 ty .. 4 ty + 3 and columns 4 tx .. 4 tx + 3.
+template <bool kBByRow, int kTileK>
+__device__ void group_tile_product(float (&acc)[4][4], const float* a, const float* b, int R, int P, int K, int row0,
+                                   int col0, int k_first, int k_step, int trips, float* a_tile, float* b_tile,
+                                   int tid) {
   constexpr int kALoads = kTileRows * kTileK / kThreads, kBLoads = kTileCols * kTileK / kThreads;
-  constexpr int kGroupFloats = kTileK * (kAStride + kBStride);  // a group's a_tile[k][row], then b_tile[k][col]
-  constexpr int kRowLd = kTileCols + 4;
-  constexpr int kSumFloats = (kGroups - 1) * kTileRows * kRowLd;  // groups 1.. sums, after the tiles are used
-  constexpr int kStorage = (kGroups * kGroupFloats > kSumFloats ? kGroups * kGroupFloats : kSumFloats) / 4;
-  __shared__ float4 storage[kStorage];  // float4 for the alignment
-  const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   const int tx = tid % kThreadsX, ty = tid / kThreadsX;
-  float* a_tile = reinterpret_cast<float*>(storage) + group * kGroupFloats;
-  float* b_tile = a_tile + kTileK * kAStride;
-  const int64_t m = blockIdx.z;
-  const int row0 = blockIdx.y * kTileRows, col0 = blockIdx.x * kTileCols;
   // Thread tid loads rows (or columns) tid / width + i * step of its operand's tile at
   // the one offset tid % width: one pointer and one stride per operand.
   constexpr int kAStep = kThreads / kTileK, kBStep = kThreads / (kBByRow ? kTileK : kTileCols);
   const int a_k = tid % kTileK, a_r = row0 + tid / kTileK;
-  const float* a_at = p.a + m * p.R * p.K + int64_t(a_r) * p.K + a_k;
-  const int64_t a_stride = int64_t(kAStep) * p.K;
+  const float* a_at = a + int64_t(a_r) * K + a_k;
+  const int64_t a_stride = int64_t(kAStep) * K;
   const int b_in = kBByRow ? tid % kTileK : tid % kTileCols;          // k (by row) or column
   const int b_out = kBByRow ? col0 + tid / kTileK : tid / kTileCols;  // column (by row) or k
-  const float* b_at =
-      p.b + m * p.P * p.K + (kBByRow ? int64_t(b_out) * p.K + b_in : int64_t(b_out) * p.P + col0 + b_in);
-  const int64_t b_stride = int64_t(kBStep) * (kBByRow ? p.K : p.P);
+  const float* b_at = b + (kBByRow ? int64_t(b_out) * K + b_in : int64_t(b_out) * P + col0 + b_in);
+  const int64_t b_stride = int64_t(kBStep) * (kBByRow ? K : P);
   float a_next[kALoads], b_next[kBLoads];
   auto load = [&](int k0) {  // tile k0 into registers, zeros past the edges
-    const bool a_in = k0 + a_k < p.K;
+    const bool a_in = k0 + a_k < K;
 #pragma unroll
-    for (int i = 0; i < kALoads; ++i)
-      a_next[i] = a_in && a_r + i * kAStep < p.R ? a_at[i * a_stride + k0] : 0.0f;
+    for (int i = 0; i < kALoads; ++i) a_next[i] = a_in && a_r + i * kAStep < R ? a_at[i * a_stride + k0] : 0.0f;
 #pragma unroll
     for (int i = 0; i < kBLoads; ++i) {
       if (kBByRow)
-        b_next[i] = k0 + b_in < p.K && b_out + i * kBStep < p.P ? b_at[i * b_stride + k0] : 0.0f;
+        b_next[i] = k0 + b_in < K && b_out + i * kBStep < P ? b_at[i * b_stride + k0] : 0.0f;
       else
-        b_next[i] = col0 + b_in < p.P && k0 + b_out + i * kBStep < p.K ? b_at[i * b_stride + int64_t(k0) * p.P] : 0.0f;
+        b_next[i] = col0 + b_in < P && k0 + b_out + i * kBStep < K ? b_at[i * b_stride + int64_t(k0) * P] : 0.0f;
     }
   };
-  // Every group makes the same trips (the barriers are the block's); a tile past the
-  // reduction's end loads zeros.
-  constexpr int kTripK = kGroups * kTileK;
-  const int trips = ceil_div(p.K, kTripK);
-  float acc[4][4] = {};
-  load(group * kTileK);
-  for (int trip = 0, k0 = group * kTileK; trip < trips; ++trip, k0 += kTripK) {
+  load(k_first);
+  for (int trip = 0, k0 = k_first; trip < trips; ++trip, k0 += k_step) {
 #pragma unroll
     for (int i = 0; i < kALoads; ++i) {
       const int at = tid + i * kThreads;
@@ -182,7 +173,7 @@ __global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) smal
       else b_tile[at / kTileCols * kBStride + at % kTileCols] = b_next[i];
     }
     __syncthreads();
-    if (trip + 1 < trips) load(k0 + kTripK);
+    if (trip + 1 < trips) load(k0 + k_step);
 #pragma unroll 4
     for (int k = 0; k < kTileK; ++k) {
       const float4 av = *reinterpret_cast<const float4*>(a_tile + k * kAStride + 4 * ty);
@@ -195,31 +186,62 @@ __global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) smal
     }
     __syncthreads();  // the tiles are read before the next ones are stored
   }
-  if constexpr (per_row(kEpilogue)) {
-    // Groups 1.. leave their sums in the tiles' room; group 0 adds them in order into
-    // group 1's place, each element read and written by one thread.
-    float* sums = reinterpret_cast<float*>(storage);
-    auto sum_at = [&](int g, int i) {  // row 4 ty + i, columns 4 tx .. of group g + 1's sums
-      return reinterpret_cast<float4*>(sums + (g * kTileRows + 4 * ty + i) * kRowLd + 4 * tx);
-    };
-    if (group > 0)
+}
+
+// After the groups' products of one tile: groups 1.. leave their sums in `sums` (room
+// the tiles no longer need); group 0 adds them in order into group 1's place, each
+// element read and written by one thread; then a warp per row runs the row epilogue.
+template <Epilogue kEpilogue>
+__device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallProduct& p, int64_t m, int row0,
+                            int groups) {
+  const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
+  const int tx = tid % kThreadsX, ty = tid / kThreadsX;
+  auto sum_at = [&](int g, int i) {  // row 4 ty + i, columns 4 tx .. of group g + 1's sums
+    return reinterpret_cast<float4*>(sums + (g * kTileRows + 4 * ty + i) * kRowLd + 4 * tx);
+  };
+  if (group > 0)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) *sum_at(group - 1, i) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-    __syncthreads();
-    if (group == 0)
+    for (int i = 0; i < 4; ++i) *sum_at(group - 1, i) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+  __syncthreads();
+  if (group == 0)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        for (int g = 0; g < kGroups - 1; ++g) {
-          const float4 s = *sum_at(g, i);
-          acc[i][0] += s.x, acc[i][1] += s.y, acc[i][2] += s.z, acc[i][3] += s.w;
-        }
-        *sum_at(0, i) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    for (int i = 0; i < 4; ++i) {
+      float4 total = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      for (int g = 0; g < groups - 1; ++g) {
+        const float4 s = *sum_at(g, i);
+        total.x += s.x, total.y += s.y, total.z += s.z, total.w += s.w;
       }
-    __syncthreads();
-    // A warp per row; every lane of a warp takes the same rows.
-    for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize)
-      row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r);
+      *sum_at(0, i) = total;
+    }
+  __syncthreads();
+  // Every lane of a warp takes the same rows.
+  for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize)
+    row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r);
+}
+
+// One group: at most 128 registers (four blocks per SM), which the prefetched loads
+// come close to; kRowGroups groups: 64 (two blocks per SM).
+template <bool kBByRow, Epilogue kEpilogue, int kGroups>
+__global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) small_matmul_kernel(const SmallProduct p) {
+  static_assert(!per_row(kEpilogue) || kGroups > 1, "the row epilogues add the groups' sums in shared memory");
+  constexpr int kTileK = tile_k(kGroups);
+  constexpr int kSumFloats = (kGroups - 1) * kTileRows * kRowLd;  // groups 1.. sums, after the tiles are used
+  constexpr int kTileFloats = kGroups * group_floats(kTileK);
+  constexpr int kStorage = (kTileFloats > kSumFloats ? kTileFloats : kSumFloats) / 4;
+  __shared__ float4 storage[kStorage];  // float4 for the alignment
+  const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
+  float* a_tile = reinterpret_cast<float*>(storage) + group * group_floats(kTileK);
+  const int64_t m = blockIdx.z;
+  const int row0 = blockIdx.y * kTileRows, col0 = blockIdx.x * kTileCols;
+  float acc[4][4] = {};
+  // Group g adds the reduction's tiles g, g + kGroups, ...
+  group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, col0,
+                                      group * kTileK, kGroups * kTileK, ceil_div(p.K, kGroups * kTileK), a_tile,
+                                      a_tile + kTileK * kAStride, tid);
+  if constexpr (per_row(kEpilogue)) {
+    finish_rows<kEpilogue>(acc, reinterpret_cast<float*>(storage), p, m, row0, kGroups);
   } else {
+    const int tx = tid % kThreadsX, ty = tid / kThreadsX;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = row0 + 4 * ty + i;
@@ -240,7 +262,102 @@ __global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) smal
   }
 }
 
+// The MLP sublayer of a tile of 32 rows, d_model C <= 64 and d_mlp D <= 4 x 64. Group
+// g computes hidden columns [64 g, 64 g + 64) of the first product (reduction C, the
+// one-group loop in 16-deep tiles) with its element epilogue, keeps them in shared
+// memory as hidden[k][row], and takes them as its slice of the second product's
+// reduction (second operand staged 8 k at a time); then the groups' sums and the row
+// epilogue. Forward: pre = ln2 W1^T + b1, post = act(pre), then resid_out = post W2^T
+// + b2 + resid_mid and the next norm (rows: add_layernorm). Backward: dpre = (dresid
+// W2) act'(pre), then dln2 = dpre W1 and dresid_mid = dresid + the norm's backward
+// (rows: layernorm_backward).
+struct MlpProduct {
+  const float* a;    // [M, R, C]: ln2, or dresid_out
+  const float* w1;   // fc_w [M, D, C] (forward, read as W^T), or out_w [M, C, D]
+  const float* w2;   // out_w [M, C, D] (forward, read as W^T), or fc_w [M, D, C]
+  const float* b1;   // forward: fc_b [M, D]
+  const float* pre;  // backward: [M, R, D]
+  float* hidden;     // pre (forward) or dpre (backward), [M, R, D]
+  float* post;       // forward: act(pre)
+  int D;
+  Act act;
+  SmallProduct rows;  // the second product's row epilogue: R, P = C, its operands
+};
+
+constexpr int kMlpTileK = 8;  // the second product's staged depth: all within 48 KiB
+template <bool kBackward>
+__global__ void __launch_bounds__(kThreads * kRowGroups, 2) mlp_kernel(const MlpProduct p) {
+  constexpr int kTileK = tile_k(kRowGroups), kHiddenLd = kTileRows + 4;
+  constexpr int kHiddenFloats = kRowGroups * kTileCols * kHiddenLd;  // also the first product's tiles, the sums
+  static_assert(kHiddenFloats >= kRowGroups * group_floats(kTileK) && kHiddenFloats >= 3 * kTileRows * kRowLd);
+  __shared__ float4 storage[(kHiddenFloats + kRowGroups * kMlpTileK * kBStride) / 4];
+  const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
+  const int tx = tid % kThreadsX, ty = tid / kThreadsX;
+  const int64_t m = blockIdx.z;
+  const int row0 = blockIdx.y * kTileRows, R = p.rows.R, C = p.rows.P, D = p.D;
+  float* tiles = reinterpret_cast<float*>(storage) + group * group_floats(kTileK);
+  float acc[4][4] = {};
+  group_tile_product<!kBackward, kTileK>(acc, p.a + m * R * C, p.w1 + m * D * C, R, D, C, row0, kTileCols * group, 0,
+                                         kTileK, ceil_div(C, kTileK), tiles, tiles + kTileK * kAStride, tid);
+  float* hidden = reinterpret_cast<float*>(storage) + group * kTileCols * kHiddenLd;  // [k][row], the tiles' room
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = kTileCols * group + 4 * tx + j;
+    float h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = row0 + 4 * ty + i;
+      const int64_t at = (m * R + r) * D + c;
+      h[i] = 0.0f;  // rows and columns past the edges add nothing below
+      if (r >= R || c >= D) continue;
+      if (kBackward) {
+        h[i] = acc[i][j] * activation_derivative(p.pre[at], p.act);
+      } else {
+        const float pre = acc[i][j] + p.b1[m * D + c];
+        h[i] = activate(pre, p.act);
+        p.post[at] = h[i];
+        acc[i][j] = pre;
+      }
+      p.hidden[at] = kBackward ? h[i] : acc[i][j];
+    }
+    *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
+  }
+  // The second product: this group's 64 hidden columns as the reduction, the second
+  // weight's matching columns (forward, [C, D] read as W^T) or rows (backward, [D, C]).
+  float* stage = reinterpret_cast<float*>(storage) + kHiddenFloats + group * kMlpTileK * kBStride;
+  const float* w2 = p.w2 + m * C * D;
+  float out[4][4] = {};
+  for (int k0 = 0; k0 < kTileCols; k0 += kMlpTileK) {
+#pragma unroll
+    for (int i = 0; i < kMlpTileK * kTileCols / kThreads; ++i) {
+      const int e = tid + i * kThreads;
+      const int k = kBackward ? e / kTileCols : e % kMlpTileK, col = kBackward ? e % kTileCols : e / kMlpTileK;
+      const int hk = kTileCols * group + k0 + k;
+      const int64_t at = kBackward ? int64_t(hk) * C + col : int64_t(col) * D + hk;
+      stage[k * kBStride + col] = hk < D && col < C ? w2[at] : 0.0f;
+    }
+    __syncthreads();  // also orders the hidden columns' stores before the first reads
+#pragma unroll
+    for (int k = 0; k < kMlpTileK; ++k) {
+      const float4 av = *reinterpret_cast<const float4*>(hidden + (k0 + k) * kHiddenLd + 4 * ty);
+      const float4 bv = *reinterpret_cast<const float4*>(stage + k * kBStride + 4 * tx);
+      const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(ar[i], br[j], out[i][j]);
+    }
+    __syncthreads();
+  }
+  finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(
+      out, reinterpret_cast<float*>(storage), p.rows, m, row0, kRowGroups);
+}
+
 bool is_small(int M, int R, int P, int K) { return int64_t(M) * R * P <= kSmallOutputs && K <= kSmallK; }
+// Each group's 64 hidden columns hold a whole slice, and the rows fit one tile.
+bool mlp_fits(int M, int N, int C, int D) {
+  return C <= std::min(kTileCols, kSmallK) && D <= kRowGroups * kTileCols && int64_t(M) * N * D <= kSmallOutputs;
+}
 // A tile holds whole rows, and the groups' reductions are as short as is_small's.
 bool rows_fit(int M, int R, int P, int K) {
   return P <= kTileCols && int64_t(M) * R * P <= kSmallOutputs && K <= kRowGroups * kSmallK;
@@ -345,6 +462,38 @@ void matmul_backward_input_layernorm(cublasHandle_t handle, float* dnorm, float*
   p.norm_in = norm_in, p.norm_w = norm_w, p.saved_mean = mean, p.saved_rstd = rstd, p.dinp = dinp;
   p.dinp_in = dinp_in;
   launch_small<false, Epilogue::layernorm_backward>(p, M, stream_of(handle));
+}
+
+void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M) {
+  const int N = s.N, C = s.C, D = s.D;
+  if (!mlp_fits(M, N, C, D)) {
+    matmul_forward_activation(handle, s.pre, s.post, s.ln2, s.fc_w, s.fc_b, M, N, C, D, s.act);
+    return matmul_add_layernorm_forward(handle, s.next_ln, s.next_mean, s.next_rstd, s.resid_out, s.post, s.out_w,
+                                        s.out_b, s.resid_mid, s.next_w, s.next_b, M, N, D, C);
+  }
+  MlpProduct p{};
+  p.a = s.ln2, p.w1 = s.fc_w, p.w2 = s.out_w, p.b1 = s.fc_b, p.hidden = s.pre, p.post = s.post, p.D = D, p.act = s.act;
+  p.rows = product(s.resid_out, nullptr, nullptr, N, C, D);
+  p.rows.bias = s.out_b, p.rows.residual = s.resid_mid, p.rows.norm_out = s.next_ln, p.rows.mean = s.next_mean;
+  p.rows.rstd = s.next_rstd, p.rows.norm_w = s.next_w, p.rows.norm_b = s.next_b;
+  mlp_kernel<false><<<dim3(1, ceil_div(N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M) {
+  const int N = s.N, C = s.C, D = s.D;
+  if (!mlp_fits(M, N, C, D)) {
+    matmul_backward_input_activation(handle, s.dpre, s.dresid_out, s.out_w, s.pre, M, N, D, C, s.act);
+    return matmul_backward_input_layernorm(handle, s.dln2, s.dresid_mid, s.dresid_out, s.dpre, s.fc_w, s.resid_mid,
+                                           s.ln2_w, s.ln2_mean, s.ln2_rstd, M, N, C, D);
+  }
+  MlpProduct p{};
+  p.a = s.dresid_out, p.w1 = s.out_w, p.w2 = s.fc_w, p.pre = s.pre, p.hidden = s.dpre, p.D = D, p.act = s.act;
+  p.rows = product(s.dln2, nullptr, nullptr, N, C, D);
+  p.rows.norm_in = s.resid_mid, p.rows.norm_w = s.ln2_w, p.rows.saved_mean = s.ln2_mean;
+  p.rows.saved_rstd = s.ln2_rstd, p.rows.dinp = s.dresid_mid, p.rows.dinp_in = s.dresid_out;
+  mlp_kernel<true><<<dim3(1, ceil_div(N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
 }
 
 int64_t matmul_backward_partials(int M, int N, int C, int OC) {

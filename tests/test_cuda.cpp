@@ -187,12 +187,13 @@ TEST_F(Gpu, MatmulInBothPrecisions) {
 // The MLP's products with the activation fused, on the kernel shapes (the own kernel)
 // and on three that cuBLAS and an epilogue kernel take (many outputs one way or the
 // other; a long reduction).
-std::vector<Shape> mlp_product_shapes() {
+std::vector<Shape> shapes_and(std::initializer_list<Shape> more) {
   std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
-  shapes.push_back({1, 40, 100, 48, 1, 1, 300});
-  shapes.push_back({1, 40, 100, 300, 1, 1, 48});
-  shapes.push_back({2, 3, 5, 600, 1, 1, 9});
+  shapes.insert(shapes.end(), more);
   return shapes;
+}
+std::vector<Shape> mlp_product_shapes() {
+  return shapes_and({{1, 40, 100, 48, 1, 1, 300}, {1, 40, 100, 300, 1, 1, 48}, {2, 3, 5, 600, 1, 1, 9}});
 }
 
 // pre = inp W1^T + b1 and post = act(pre) forward; dpre = (dout W2) act'(pre) backward.
@@ -233,10 +234,7 @@ TEST_F(Gpu, MatmulActivationEpilogues) {
 // and an input gradient through the norm whose output it reaches.
 TEST_F(Gpu, MatmulRowEpilogues) {
   cuda::CublasHandle handle(stream->get(), false);
-  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
-  shapes.push_back({1, 2, 5, 80, 1, 90, 300});
-  shapes.push_back({2, 3, 7, 40, 1, 20, 300});
-  for (const Shape& s : shapes) {
+  for (const Shape& s : shapes_and({{1, 2, 5, 80, 1, 90, 300}, {2, 3, 7, 40, 1, 20, 300}})) {
     const int N = s.B * s.T, C = s.C;
     const int64_t n = int64_t(s.M) * N * C;
     for (const int K : {C, s.D}) {  // as the attention's projection, as the MLP's second product
@@ -296,6 +294,71 @@ TEST_F(Gpu, MatmulRowEpilogues) {
       cuda::mean_loss_per_model(d_losses.data(), d_rows.data(), s.M, N, stream->get());
       expect_close(down(d_losses), losses, kFp32, "losses");
       expect_close(down(d_logits), backward ? dlogits : logits, kFp32, backward ? "dlogits" : "logits");
+    }
+  }
+}
+
+// The MLP sublayer each way (one kernel where d_model <= 64 and d_mlp <= 256; on the
+// last two shapes, d_mlp 300 and d_model 80, the products apart), against the CPU ops:
+// forward from ln2 = norm(resid_mid) to the next norm, backward from the gradient at
+// its output to the gradient at resid_mid.
+TEST_F(Gpu, MlpSublayer) {
+  cuda::CublasHandle handle(stream->get(), false);
+  for (const Shape& s : shapes_and({{2, 3, 7, 40, 1, 20, 300}, {1, 2, 5, 80, 1, 90, 100}})) {
+    SCOPED_TRACE("C " + std::to_string(s.C) + ", D " + std::to_string(s.D));
+    const int M = s.M, N = s.B * s.T, C = s.C, D = s.D;
+    const int64_t n = int64_t(M) * N * C, h = int64_t(M) * N * D;
+    const auto resid_mid = random_vector<float>(n, 101, 3.0), ln2_w = random_vector<float>(size_t(M) * C, 102);
+    const auto ln2_b = random_vector<float>(size_t(M) * C, 103), fc_w = random_vector<float>(size_t(M) * D * C, 104);
+    const auto fc_b = random_vector<float>(size_t(M) * D, 105), out_w = random_vector<float>(size_t(M) * C * D, 106);
+    const auto out_b = random_vector<float>(size_t(M) * C, 107), next_w = random_vector<float>(size_t(M) * C, 108);
+    const auto next_b = random_vector<float>(size_t(M) * C, 109), dresid = random_vector<float>(n, 110);
+    std::vector<float> ln2(n), ln2_mean(size_t(M) * N), ln2_rstd(ln2_mean.size());
+    cpu::layernorm_forward(ln2.data(), ln2_mean.data(), ln2_rstd.data(), resid_mid.data(), ln2_w.data(), ln2_b.data(),
+                           M, N, C);
+    auto d_resid_mid = up(resid_mid), d_ln2_w = up(ln2_w), d_fc_w = up(fc_w), d_fc_b = up(fc_b), d_out_w = up(out_w),
+         d_out_b = up(out_b), d_next_w = up(next_w), d_next_b = up(next_b), d_dresid = up(dresid), d_ln2 = up(ln2),
+         d_ln2_mean = up(ln2_mean), d_ln2_rstd = up(ln2_rstd);
+    auto d_pre = poisoned(h), d_post = poisoned(h), d_resid_out = poisoned(n), d_next = poisoned(n),
+         d_next_mean = poisoned(size_t(M) * N), d_next_rstd = poisoned(size_t(M) * N), d_dpre = poisoned(h),
+         d_dln2 = poisoned(n), d_dresid_mid = poisoned(n);
+    for (const cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
+      const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
+      cuda::MlpSublayer mlp{};
+      mlp.ln2 = d_ln2.data(), mlp.fc_w = d_fc_w.data(), mlp.fc_b = d_fc_b.data(), mlp.out_w = d_out_w.data();
+      mlp.out_b = d_out_b.data(), mlp.resid_mid = d_resid_mid.data(), mlp.next_w = d_next_w.data();
+      mlp.next_b = d_next_b.data(), mlp.pre = d_pre.data(), mlp.post = d_post.data();
+      mlp.resid_out = d_resid_out.data(), mlp.next_ln = d_next.data(), mlp.next_mean = d_next_mean.data();
+      mlp.next_rstd = d_next_rstd.data(), mlp.dresid_out = d_dresid.data(), mlp.ln2_w = d_ln2_w.data();
+      mlp.ln2_mean = d_ln2_mean.data(), mlp.ln2_rstd = d_ln2_rstd.data(), mlp.dpre = d_dpre.data();
+      mlp.dln2 = d_dln2.data(), mlp.dresid_mid = d_dresid_mid.data(), mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = act;
+      cuda::mlp_forward(handle.get(), mlp, M);
+      cuda::mlp_backward(handle.get(), mlp, M);
+
+      std::vector<float> pre(h), post(h), resid_out(n), next(n), next_mean(size_t(M) * N), next_rstd(next_mean.size());
+      cpu::matmul_forward(pre.data(), ln2.data(), fc_w.data(), fc_b.data(), M, N, C, D);
+      cpu::activation_forward(post.data(), pre.data(), h, cpu_act);
+      cpu::matmul_forward(resid_out.data(), post.data(), out_w.data(), out_b.data(), M, N, D, C);
+      for (int64_t i = 0; i < n; ++i) resid_out[i] += resid_mid[i];
+      cpu::layernorm_forward(next.data(), next_mean.data(), next_rstd.data(), resid_out.data(), next_w.data(),
+                             next_b.data(), M, N, C);
+      std::vector<float> dpost(h), dpre(h), dln2(n), dresid_mid = dresid, unused_dw(out_w.size()),
+                         unused_dnorm(size_t(M) * C);
+      cpu::matmul_backward(dpost.data(), unused_dw.data(), static_cast<float*>(nullptr), dresid.data(),
+                           std::vector<float>(h).data(), out_w.data(), M, N, D, C);
+      cpu::activation_backward(dpre.data(), dpost.data(), pre.data(), h, cpu_act);
+      cpu::matmul_backward(dln2.data(), unused_dw.data(), static_cast<float*>(nullptr), dpre.data(),
+                           std::vector<float>(n).data(), fc_w.data(), M, N, C, D);
+      cpu::layernorm_backward(dresid_mid.data(), unused_dnorm.data(), std::vector<float>(unused_dnorm.size()).data(),
+                              dln2.data(), resid_mid.data(), ln2_w.data(), ln2_mean.data(), ln2_rstd.data(), M, N, C);
+      expect_close(down(d_pre), pre, kFp32, "pre");
+      expect_close(down(d_post), post, kFp32, "post");
+      expect_close(down(d_resid_out), resid_out, kFp32, "resid_out");
+      expect_close(down(d_next), next, kFp32, "next norm");
+      expect_close(down(d_next_rstd), next_rstd, kFp32, "next rstd");
+      expect_close(down(d_dpre), dpre, kFp32, "dpre");
+      expect_close(down(d_dln2), dln2, kFp32, "dln2");
+      expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
     }
   }
 }

@@ -182,6 +182,28 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       k::layernorm_backward_input(post.data(), x.data(), y.data(), x.data(), bias.data(), mean, rstd, M, N, C, s);
     });
   }
+  {  // the MLP sublayer: one kernel each way where it fits, against its two products apart
+    DeviceBuffer<float> resid_out(static_cast<size_t>(rows) * C), next_ln(resid_out.size());
+    k::MlpSublayer mlp{};
+    mlp.ln2 = mlp.resid_mid = mlp.dresid_out = x.data(), mlp.fc_w = mlp.out_w = w.data();
+    mlp.fc_b = mlp.out_b = mlp.next_w = mlp.next_b = mlp.ln2_w = bias.data();
+    mlp.pre = mlp.dpre = post.data(), mlp.post = y.data(), mlp.resid_out = mlp.dln2 = resid_out.data();
+    mlp.next_ln = mlp.dresid_mid = next_ln.data(), mlp.next_mean = mean, mlp.ln2_mean = mean;
+    mlp.next_rstd = rstd, mlp.ln2_rstd = rstd, mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = k::Act::gelu;
+    const double bytes = (rows * (4 * C + 2 * D) + 2.0 * M * C * D) * f, flops = 4 * rows * C * D;
+    add("mlp_forward", bytes, flops, [&] { k::mlp_forward(h, mlp, M); });
+    add("apart: matmul_forward_activation + matmul_add_layernorm_forward", bytes, flops, [&] {
+      k::matmul_forward_activation(h, mlp.pre, mlp.post, mlp.ln2, mlp.fc_w, mlp.fc_b, M, N, C, D, mlp.act);
+      k::matmul_add_layernorm_forward(h, mlp.next_ln, mean, rstd, mlp.resid_out, mlp.post, mlp.out_w, mlp.out_b,
+                                      mlp.resid_mid, mlp.next_w, mlp.next_b, M, N, D, C);
+    });
+    add("mlp_backward", bytes, flops, [&] { k::mlp_backward(h, mlp, M); });
+    add("apart: matmul_backward_input_activation + matmul_backward_input_layernorm", bytes, flops, [&] {
+      k::matmul_backward_input_activation(h, mlp.dpre, mlp.dresid_out, mlp.out_w, mlp.pre, M, N, D, C, mlp.act);
+      k::matmul_backward_input_layernorm(h, mlp.dln2, mlp.dresid_mid, mlp.dresid_out, mlp.dpre, mlp.fc_w,
+                                         mlp.resid_mid, mlp.ln2_w, mean, rstd, M, N, C, D);
+    });
+  }
   {
     const double bytes = (rows * C + 2 * rows * V + double(M) * V * C) * f, flops = 2 * rows * C * V + rows * V * 6;
     add("matmul_crossentropy", bytes, flops, [&] {

@@ -380,13 +380,25 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
   }
 
+  // Layer l's MLP sublayer (N rows per model): its weights and the activations both
+  // directions read; the caller adds the norm after it or the gradients.
+  cuda::MlpSublayer mlp_sublayer(int l, const ParamPointers<float>::Block& w, int N) const {
+    const LayerActs& a = layers_[l];
+    cuda::MlpSublayer m{};
+    m.ln2 = a.ln2, m.fc_w = w.fc_w, m.fc_b = w.fc_b, m.out_w = w.out_w, m.out_b = w.out_b, m.resid_mid = a.resid_mid;
+    m.pre = a.pre, m.post = a.post, m.resid_out = a.resid_out;
+    m.ln2_w = w.ln2_w, m.ln2_mean = a.ln2_mean, m.ln2_rstd = a.ln2_rstd;
+    m.N = N, m.C = config_.model.d_model, m.D = config_.model.d_mlp, m.act = to_act(config_.model.activation);
+    return m;
+  }
+
   // Linear layers' biases are added by what reads their output next: the attention
   // adds the QKV bias, and the products that close a sublayer add theirs with the
   // residual, written straight into the residual stream, and take the layer norm after
   // it (the next layer's first, or the final norm).
   void forward_per_op(int B, const ParamPointers<float>& p) {
     const ModelConfig& c = config_.model;
-    const int M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads, N = B * T;
+    const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, H = c.heads, N = B * T;
     const cudaStream_t s = stream_.get();
     const cublasHandle_t h = cublas_.get();
     const bool learned = c.pos == PosEncoding::learned;
@@ -404,13 +416,12 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b as it loads
       cuda::matmul_add_layernorm_forward(h, a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w, w.proj_b,
                                          residual, w.ln2_w, w.ln2_b, M, N, C, C);
-      cuda::matmul_forward_activation(h, a.pre, a.post, a.ln2, w.fc_w, w.fc_b, M, N, C, D, to_act(c.activation));
+      cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
       const bool last = l + 1 == c.layers;  // the next norm: the next layer's first, or the final one
-      const LayerActs* next = last ? nullptr : &layers_[l + 1];
-      cuda::matmul_add_layernorm_forward(
-          h, last ? lnf_ : next->ln1, last ? lnf_mean_ : next->ln1_mean, last ? lnf_rstd_ : next->ln1_rstd,
-          a.resid_out, a.post, w.out_w, w.out_b, a.resid_mid, last ? p.lnf_w : p.blocks[l + 1].ln1_w,
-          last ? p.lnf_b : p.blocks[l + 1].ln1_b, M, N, D, C);
+      mlp.next_ln = last ? lnf_ : layers_[l + 1].ln1, mlp.next_mean = last ? lnf_mean_ : layers_[l + 1].ln1_mean;
+      mlp.next_rstd = last ? lnf_rstd_ : layers_[l + 1].ln1_rstd;
+      mlp.next_w = last ? p.lnf_w : p.blocks[l + 1].ln1_w, mlp.next_b = last ? p.lnf_b : p.blocks[l + 1].ln1_b;
+      cuda::mlp_forward(h, mlp, M);
     }
   }
 
@@ -529,13 +540,12 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         qkv_weight_grad();
       } else {
         bias_grad(gw.out_b, dresid, C);
-        cuda::matmul_backward_input_activation(h, d.dpre, dresid, w.out_w, a.pre, M, N, D, C, to_act(c.activation));
+        cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
+        mlp.dresid_out = dresid, mlp.dpre = d.dpre, mlp.dln2 = d.dln2, mlp.dresid_mid = d.dresid_mid;
+        cuda::mlp_backward(h, mlp, M);
         fork();
         bias_grad(gw.fc_b, d.dpre, D);
         fc_weight_grad();
-        cuda::matmul_backward_input_layernorm(h, d.dln2, d.dresid_mid, dresid, d.dpre, w.fc_w, a.resid_mid, w.ln2_w,
-                                              a.ln2_mean, a.ln2_rstd, M, N, C, D);
-        fork();
         cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
                                         C, side());
         bias_grad(gw.proj_b, d.dresid_mid, C);

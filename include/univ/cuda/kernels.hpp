@@ -116,6 +116,23 @@ void matmul_backward_input_layernorm(cublasHandle_t handle, float* dnorm, float*
                                      const float* dout, const float* weight, const float* norm_in,
                                      const float* norm_w, const float* mean, const float* rstd, int M, int N, int C,
                                      int OC);
+// The MLP sublayer, one kernel each way where d_model C <= 64 and d_mlp D <= 256 (else
+// the products above, two each way). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b, post =
+// act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
+// next_mean, next_rstd: the layer norm after it (next_w, next_b). Backward, from
+// dresid_out (and pre, resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
+// (dresid_out out_w) * act'(pre), dln2 = dpre fc_w, dresid_mid = dresid_out + the
+// gradient through that norm.
+struct MlpSublayer {
+  const float *ln2, *fc_w, *fc_b, *out_w, *out_b, *resid_mid, *next_w, *next_b;
+  float *pre, *post, *resid_out, *next_ln, *next_mean, *next_rstd;
+  const float *dresid_out, *ln2_w, *ln2_mean, *ln2_rstd;
+  float *dpre, *dln2, *dresid_mid;
+  int N, C, D;
+  Act act;
+};
+void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M);
+void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M);
 // dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
 // in a fixed order (matmul_backward_partials(M, N, C, OC) of room there, 0 unsplit).
 int64_t matmul_backward_partials(int M, int N, int C, int OC);
