@@ -312,13 +312,13 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 2) mlp_kernel(const Mlp
       if (r >= R || c >= D) continue;
       if (kBackward) {
         h[i] = acc[i][j] * activation_derivative(p.pre[at], p.act);
+        p.hidden[at] = h[i];
       } else {
         const float pre = acc[i][j] + p.b1[m * D + c];
         h[i] = activate(pre, p.act);
+        p.hidden[at] = pre;
         p.post[at] = h[i];
-        acc[i][j] = pre;
       }
-      p.hidden[at] = kBackward ? h[i] : acc[i][j];
     }
     *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
   }
