@@ -8,7 +8,9 @@
 // of keys adds their dk and dv over the later queries, and a block per chunk of
 // queries their dq over the earlier keys, each from its own d(scores) (the dy . v
 // product twice, but no sums across blocks). A head of one chunk (T <= 32) is one
-// block that does both.
+// block that does both, and there the products at the attention's ends run in the
+// block too: the forward's q, k and v from the norm before it, the backward's dy from
+// the gradient at the projection after it (a graph node each way fewer).
 #include <cmath>
 
 #include "common.cuh"
@@ -43,6 +45,24 @@ size_t query_block_floats(int rows, int keys, int hd) {  // dy, vT, k, s, pd
 size_t backward_shared_floats(int T, int hd) {  // the first key chunk's, the last query chunk's
   if (chunks_of(T) == 1) return key_block_floats(T, T, hd, true);
   return std::max(key_block_floats(T, kChunk, hd, false), query_block_floats(kChunk, T, hd));
+}
+// The products in the block stage, before the layouts above, the head's weight columns
+// (q, k and v's [3, C, pad4(hd)] forward, the projection's [C, pad4(hd)] backward), then
+// the sequence's T rows of their input [T, odd_ld(C)], padded to keep what follows
+// aligned for four-float reads.
+__host__ __device__ constexpr int odd_ld(int C) { return C | 1; }  // rows at one k in distinct banks
+__host__ __device__ constexpr int product_floats(int T, int C, int hd, int parts) {
+  return parts * C * pad4(hd) + pad4(T * odd_ld(C));
+}
+
+// Where the products run in the block: one chunk, and a block within the 48 KiB any
+// kernel may use (four blocks per SM).
+constexpr size_t kProductBlockBytes = 48 * 1024;
+bool products_fit(int T, int C, int H) {
+  const int hd = C / H;
+  const size_t floats = std::max(forward_shared_floats(T, hd) + product_floats(T, C, hd, 3),
+                                 backward_shared_floats(T, hd) + product_floats(T, C, hd, 1));
+  return chunks_of(T) == 1 && floats * sizeof(float) <= kProductBlockBytes;
 }
 
 // Tiles of four rows from T = 64 (blocks with many tiles per thread), of one row below
@@ -95,37 +115,95 @@ __device__ void load_transposed(float* dst, int hd, int t0, int n, const Value& 
   }
 }
 
+struct ForwardArgs {
+  float *out, *att;
+  const float *qkv, *qkv_bias;
+  const float *ln, *qkv_w;  // set: qkv_out = ln qkv_w^T here ([M,B,T,C], [M,3C,C]), qkv unread
+  float* qkv_out;
+  int B, T, C, H;
+  float scale;
+};
+
+// Stages into w [parts, C, pad4(hd)] (at the front of shared memory) the weight columns
+// weight(e, k, i) of the head's channels i < hd, zeros to the pad (the products read
+// four at a time), and after them into x [T, odd_ld(C)] the sequence's rows of `in` [T,
+// C]; returns x.
+template <class Weight>
+__device__ float* stage_product(float* w, const float* __restrict__ in, int T, int C, int hd, int parts,
+                                const Weight& weight) {
+  const int hdp = pad4(hd);
+  for (int idx = threadIdx.x; idx < parts * C * hdp; idx += blockDim.x) {
+    const int i = idx % hdp, k = idx / hdp % C, e = idx / (hdp * C);
+    w[idx] = i < hd ? weight(e, k, i) : 0.0f;
+  }
+  float* x = w + parts * C * hdp;
+  for (int idx = threadIdx.x; idx < T * C; idx += blockDim.x) x[idx / C * odd_ld(C) + idx % C] = in[idx];
+  return x;
+}
+
+// A head of one chunk: its q, k and v from the norm before it, ln qkv_w^T, written to
+// qkv without the bias (for the backward) and with it into q [T, hd + 1], kT [hd,
+// transposed_ld(T)] (rows past T zero) and v [T, pad4(hd)].
+__device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const ForwardArgs& p, int64_t head) {
+  const int T = p.T, C = p.C, hd = C / p.H, hdp = pad4(hd), h = static_cast<int>(head % p.H), ldT = transposed_ld(T);
+  const int64_t seq = head / p.H, m = seq / p.B;
+  const float* qkv_w = p.qkv_w + m * 3 * C * C + int64_t(h) * hd * C;  // row (e C + h hd + i) at e C^2 + i C
+  const float* x = stage_product(w, p.ln + seq * T * C, T, C, hd, 3,
+                                 [&](int e, int k, int i) { return qkv_w[(int64_t(e) * C + i) * C + k]; });
+  for (int idx = threadIdx.x; idx < hd * (pad4(T) - T); idx += blockDim.x)
+    kT[idx / (pad4(T) - T) * ldT + T + idx % (pad4(T) - T)] = 0.0f;
+  __syncthreads();
+  const float* bias = p.qkv_bias ? p.qkv_bias + m * 3 * C + h * hd : nullptr;
+  float* qkv = p.qkv_out + seq * T * 3 * C + h * hd;
+  tile_product<1>(
+      3, T, hdp, [&](int, int t, int k) { return x[t * odd_ld(C) + k]; }, [&](int e) { return w + e * C * hdp; },
+      hdp, [&](int, int, int) { return make_int2(0, C); },
+      [&](int e, int t, int i, float acc) {
+        if (i < hd) qkv[int64_t(t) * 3 * C + e * C + i] = acc;
+        const float value = bias && i < hd ? acc + bias[e * C + i] : acc;  // pad columns: zeros
+        if (e == 0 && i < hd) q[t * (hd + 1) + i] = value;
+        if (e == 1 && i < hd) kT[i * ldT + t] = value;
+        if (e == 2) v[t * hdp + i] = value;
+      },
+      lanes_per_tile(3 * T * (hdp / 4), blockDim.x, C));
+}
+
 template <int kRows>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
-    attention_forward_kernel(float* __restrict__ out, float* __restrict__ att, const float* __restrict__ qkv,
-                             const float* __restrict__ qkv_bias, int B, int T, int C, int H, float scale) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_forward_kernel(const __grid_constant__ ForwardArgs p) {
   extern __shared__ float4 shared4[];
   // The chunks with the most keys first (blocks start about in index order, so the
   // grid's tail has the short ones), each over all heads (head = seq * H + h).
-  const int64_t heads = gridDim.x / chunks_of(T), head = blockIdx.x % heads, seq = head / H;
-  const int h = static_cast<int>(head % H), chunk = chunks_of(T) - 1 - static_cast<int>(blockIdx.x / heads);
+  const int T = p.T, C = p.C;
+  const int64_t heads = gridDim.x / chunks_of(T), head = blockIdx.x % heads, seq = head / p.H;
+  const int h = static_cast<int>(head % p.H), chunk = chunks_of(T) - 1 - static_cast<int>(blockIdx.x / heads);
   const int t0 = chunk * kChunk, rows = min(T - t0, kChunk), keys = t0 + rows;
-  const int hd = C / H, hdp = pad4(hd), ldT = transposed_ld(keys), Ts = keys + 1, lq = hd + 1;
-  float* kT = reinterpret_cast<float*>(shared4);  // [hd, ldT]: k transposed
-  float* v = kT + hd * ldT;                       // [keys, hdp]
-  float* q = v + keys * hdp;                      // [rows, hd + 1]: queries t0, t0 + 1, ...
-  float* s = q + rows * lq;                       // [rows, Ts] scores, then probabilities
-  const HeadQkv g(qkv, qkv_bias, B, T, C, H, head);
-  load_transposed(kT, hd, 0, keys, g.part(1));
-  load_rows(v, hdp, hd, 0, keys, g.part(2));
-  load_rows(q, lq, hd, t0, rows, g.part(0));
+  const int hd = C / p.H, hdp = pad4(hd), ldT = transposed_ld(keys), Ts = keys + 1, lq = hd + 1;
+  const bool product = kRows == 1 && p.ln;  // (one chunk: tiles of one row)
+  float* staged = reinterpret_cast<float*>(shared4);                 // product: its operands
+  float* kT = staged + (product ? product_floats(T, C, hd, 3) : 0);  // [hd, ldT]: k transposed
+  float* v = kT + hd * ldT;                                          // [keys, hdp]
+  float* q = v + keys * hdp;  // [rows, hd + 1]: queries t0, t0 + 1, ...
+  float* s = q + rows * lq;   // [rows, Ts] scores, then probabilities
+  if (product) {
+    head_qkv_product(q, kT, v, staged, p, head);
+  } else {
+    const HeadQkv g(p.qkv, p.qkv_bias, p.B, T, C, p.H, head);
+    load_transposed(kT, hd, 0, keys, g.part(1));
+    load_rows(v, hdp, hd, 0, keys, g.part(2));
+    load_rows(q, lq, hd, t0, rows, g.part(0));
+  }
   __syncthreads();
   // scores of queries t0 + r: tiles wholly above the diagonal are skipped (the softmax
   // writes their zeros)
   tile_product<kRows>(
       1, rows, keys, [&](int, int r, int i) { return q[r * lq + i]; }, [&](int) { return kT; }, ldT,
       [&](int, int r0, int c0) { return c0 > t0 + r0 + kRows - 1 ? make_int2(0, 0) : make_int2(0, hd); },
-      [&](int, int r, int t2, float dot) { s[r * Ts + t2] = dot * scale; });
+      [&](int, int r, int t2, float dot) { s[r * Ts + t2] = dot * p.scale; });
   __syncthreads();
   for (int r = threadIdx.x / kWarpSize; r < rows; r += blockDim.x / kWarpSize)  // a warp per query
     causal_softmax_lanes(s + r * Ts, 1, t0 + r, keys);
   __syncthreads();
-  float* a = att + (head * T + t0) * T;  // [M,B,H,T,T]: the chunk's queries, zeros past its keys
+  float* a = p.att + (head * T + t0) * T;  // [M,B,H,T,T]: the chunk's queries, zeros past its keys
   for (int idx = threadIdx.x; idx < rows * T; idx += blockDim.x) {
     const int r = idx / T, t2 = idx % T;
     a[idx] = t2 < keys ? s[r * Ts + t2] : 0.0f;
@@ -134,13 +212,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   tile_product<kRows>(
       1, rows, hd, [&](int, int r, int t2) { return s[r * Ts + t2]; }, [&](int) { return v; }, hdp,
       [&](int, int r0, int) { return make_int2(0, min(keys, t0 + r0 + kRows)); },
-      [&](int, int r, int i, float acc) { out[(seq * T + t0 + r) * C + h * hd + i] = acc; },
+      [&](int, int r, int i, float acc) { p.out[(seq * T + t0 + r) * C + h * hd + i] = acc; },
       head_product_lanes<kRows>(rows, hd, keys));
 }
 
 struct BackwardArgs {
   float* dqkv;
   const float *dout, *out, *qkv, *qkv_bias, *att;
+  const float *dproj, *proj_w;  // set: dout = dproj proj_w here ([M,B,T,C], [M,C,C])
   int B, T, C, H;
   float scale;
 };
@@ -149,16 +228,18 @@ struct BackwardArgs {
 // out, its probabilities, its slices of dqkv.
 struct Head {
   HeadQkv x;
-  const float *dout, *out, *probs;
+  const float *dout, *out, *probs, *dproj, *proj_w;
   float* grad;
   int T, C, hd;
   __device__ Head(const BackwardArgs& p, int64_t head)
       : x(p.qkv, p.qkv_bias, p.B, p.T, p.C, p.H, head), T(p.T), C(p.C), hd(p.C / p.H) {
     const int64_t seq = head / p.H, channel = head % p.H * hd;  // the head's first channel
-    dout = p.dout + seq * T * C + channel;
+    dout = p.dout ? p.dout + seq * T * C + channel : nullptr;
     out = p.out + seq * T * C + channel;
     probs = p.att + head * T * T;
     grad = p.dqkv + seq * T * 3 * C + channel;
+    dproj = p.dproj ? p.dproj + seq * T * C : nullptr;
+    proj_w = p.proj_w ? p.proj_w + seq / p.B * C * C + channel : nullptr;  // column `channel` of model seq / B's
   }
   __device__ auto dy() const {
     return [this](int t, int i) { return dout[int64_t(t) * C + i]; };
@@ -167,21 +248,38 @@ struct Head {
 };
 
 // The probabilities of queries [t0, t0 + rows) and keys [k0, k0 + keys) into s [rows,
-// keys + 1], and pd[u] = dy . out of query t0 + u, its sum over keys of p d(p) (a warp
-// per query).
-__device__ void load_probabilities(float* s, float* pd, const Head& g, int t0, int rows, int k0, int keys) {
+// keys + 1].
+__device__ void load_probabilities(float* s, const Head& g, int t0, int rows, int k0, int keys) {
   for (int idx = threadIdx.x; idx < rows * keys; idx += blockDim.x) {
     const int u = idx / keys, j = idx % keys;
     s[u * (keys + 1) + j] = g.probs[int64_t(t0 + u) * g.T + k0 + j];
   }
+}
+
+// pd[u] = dy . out of query t0 + u (u < rows; dy [rows, pad4(hd)] in shared memory), its
+// sum over keys of p d(p) (a warp per query).
+__device__ void output_dots(float* pd, const float* dy, const Head& g, int t0, int rows) {
   const int lane = threadIdx.x % kWarpSize;
   for (int u = threadIdx.x / kWarpSize; u < rows; u += blockDim.x / kWarpSize) {
     const int64_t at = int64_t(t0 + u) * g.C;
     float dot = 0.0f;
-    for (int i = lane; i < g.hd; i += kWarpSize) dot += g.dout[at + i] * g.out[at + i];
+    for (int i = lane; i < g.hd; i += kWarpSize) dot += dy[u * pad4(g.hd) + i] * g.out[at + i];
     dot = warp_sum(dot);
     if (lane == 0) pd[u] = dot;
   }
+}
+
+// A head of one chunk: dy [T, pad4(hd)] = dproj proj_w of the head's channels (zeros to
+// the pad), the gradient at the projection's input, from operands staged at `staged`.
+__device__ void head_output_gradient(float* dy, float* staged, const Head& g) {
+  const int T = g.T, C = g.C, hdp = pad4(g.hd);
+  const float* x = stage_product(staged, g.dproj, T, C, g.hd, 1,
+                                 [&](int, int o, int i) { return g.proj_w[int64_t(o) * C + i]; });
+  __syncthreads();
+  tile_product<1>(
+      1, T, hdp, [&](int, int t, int o) { return x[t * odd_ld(C) + o]; }, [&](int) { return staged; }, hdp,
+      [&](int, int, int) { return make_int2(0, C); }, [&](int, int t, int i, float acc) { dy[t * hdp + i] = acc; },
+      head_product_lanes<1>(T, hdp, C));
 }
 
 // The score gradients of queries t0 + u (u < rows) and keys k0 + j (j < keys), over
@@ -219,18 +317,24 @@ template <int kRows>
 __device__ void backward_keys(const Head& g, int k0, int keys, bool whole, float scale) {
   extern __shared__ float4 shared4[];
   const int n = g.T - k0, hd = g.hd, hdp = pad4(hd), Ts = keys + 1;
-  float* q = reinterpret_cast<float*>(shared4);  // [n, hdp]
-  float* dy = q + n * hdp;                       // [n, hdp]
-  float* vT = dy + n * hdp;                      // [hd, transposed_ld(keys)]
-  float* k = vT + hd * transposed_ld(keys);      // whole: [keys, hdp]
-  float* s = k + (whole ? keys * hdp : 0);       // [n, Ts] probabilities, then score gradients
-  float* pd = s + n * Ts;                        // [n]
+  const bool product = kRows == 1 && g.dproj;  // (one chunk: tiles of one row)
+  float* staged = reinterpret_cast<float*>(shared4);                    // product: dy's operands
+  float* q = staged + (product ? product_floats(g.T, g.C, hd, 1) : 0);  // [n, hdp]
+  float* dy = q + n * hdp;                                             // [n, hdp]
+  float* vT = dy + n * hdp;                                            // [hd, transposed_ld(keys)]
+  float* k = vT + hd * transposed_ld(keys);                            // whole: [keys, hdp]
+  float* s = k + (whole ? keys * hdp : 0);  // [n, Ts] probabilities, then score gradients
+  float* pd = s + n * Ts;                   // [n]
   load_rows(q, hdp, hd, k0, n, g.x.part(0));
-  load_rows(dy, hdp, hd, k0, n, g.dy());
   load_transposed(vT, hd, k0, keys, g.x.part(2));
   if (whole) load_rows(k, hdp, hd, 0, keys, g.x.part(1));
-  load_probabilities(s, pd, g, k0, n, k0, keys);
+  load_probabilities(s, g, k0, n, k0, keys);
+  if (product)
+    head_output_gradient(dy, staged, g);
+  else
+    load_rows(dy, hdp, hd, k0, n, g.dy());
   __syncthreads();
+  output_dots(pd, dy, g, k0, n);
   const int lanes = head_product_lanes<kRows>(keys, hd, n);
   // dv[k0 + j] = sum over u >= j of p[u, j] dy[u]: from the tile's first row (zeros before each row's own)
   tile_product<kRows>(
@@ -261,7 +365,9 @@ __device__ void backward_queries(const Head& g, int t0, int rows, float scale) {
   load_rows(dy, hdp, g.hd, t0, rows, g.dy());
   load_transposed(vT, g.hd, 0, keys, g.x.part(2));
   load_rows(k, hdp, g.hd, 0, keys, g.x.part(1));
-  load_probabilities(s, pd, g, t0, rows, 0, keys);
+  load_probabilities(s, g, t0, rows, 0, keys);
+  __syncthreads();
+  output_dots(pd, dy, g, t0, rows);
   __syncthreads();
   score_gradients<kRows>(s, dy, vT, pd, t0, rows, 0, keys, g.hd, scale);
   __syncthreads();
@@ -307,24 +413,57 @@ int attention_max_seq_len(int head_dim) {
   return T;
 }
 
+namespace {
+
+void launch_forward(const ForwardArgs& p, int M, cudaStream_t stream) {
+  const int hd = p.C / p.H;
+  const size_t shared =
+      (forward_shared_floats(p.T, hd) + (p.ln ? product_floats(p.T, p.C, hd, 3) : 0)) * sizeof(float);
+  auto kernel = tile_rows_for(p.T) == 4 ? attention_forward_kernel<4> : attention_forward_kernel<1>;
+  kernel<<<M * p.B * p.H * chunks_of(p.T), kThreads, shared, stream>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+void launch_backward(const BackwardArgs& p, int M, cudaStream_t stream) {
+  const int hd = p.C / p.H, chunks = chunks_of(p.T);
+  const size_t shared =
+      (backward_shared_floats(p.T, hd) + (p.dproj ? product_floats(p.T, p.C, hd, 1) : 0)) * sizeof(float);
+  auto kernel = tile_rows_for(p.T) == 4 ? attention_backward_kernel<4> : attention_backward_kernel<1>;
+  kernel<<<M * p.B * p.H * (chunks == 1 ? 1 : 2 * chunks), kThreads, shared, stream>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
 void attention_forward(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T, int C,
                        int H, cudaStream_t stream) {
-  const int hd = C / H;
-  const size_t shared = forward_shared_floats(T, hd) * sizeof(float);
-  auto kernel = tile_rows_for(T) == 4 ? attention_forward_kernel<4> : attention_forward_kernel<1>;
-  kernel<<<M * B * H * chunks_of(T), kThreads, shared, stream>>>(out, att, qkv, qkv_bias, B, T, C, H,
-                                                                            attention_scale(hd));
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_forward({out, att, qkv, qkv_bias, nullptr, nullptr, nullptr, B, T, C, H, attention_scale(C / H)}, M, stream);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
                         const float* att, int M, int B, int T, int C, int H, cudaStream_t stream) {
-  const int hd = C / H, chunks = chunks_of(T);
-  const size_t shared = backward_shared_floats(T, hd) * sizeof(float);
-  auto kernel = tile_rows_for(T) == 4 ? attention_backward_kernel<4> : attention_backward_kernel<1>;
-  const BackwardArgs args{dqkv, dout, out, qkv, qkv_bias, att, B, T, C, H, attention_scale(hd)};
-  kernel<<<M * B * H * (chunks == 1 ? 1 : 2 * chunks), kThreads, shared, stream>>>(args);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_backward({dqkv, dout, out, qkv, qkv_bias, att, nullptr, nullptr, B, T, C, H, attention_scale(C / H)}, M,
+                  stream);
+}
+
+void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
+  if (!products_fit(a.T, a.C, a.H)) {
+    matmul_forward(handle, a.qkv, a.ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
+    return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
+  }
+  launch_forward({a.out, a.att, nullptr, a.qkv_b, a.ln, a.qkv_w, a.qkv, a.B, a.T, a.C, a.H, attention_scale(a.C / a.H)},
+                 M, stream_of(handle));
+}
+
+void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
+  if (!products_fit(a.T, a.C, a.H)) {
+    matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
+    return attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H,
+                              stream_of(handle));
+  }
+  launch_backward({a.dqkv, nullptr, a.out, a.qkv, a.qkv_b, a.att, a.dproj, a.proj_w, a.B, a.T, a.C, a.H,
+                   attention_scale(a.C / a.H)},
+                  M, stream_of(handle));
 }
 
 }  // namespace univ::cuda

@@ -214,6 +214,14 @@ inline size_t shared_memory_optin_limit() {
   return static_cast<size_t>(bytes);
 }
 
+// The stream a cuBLAS handle enqueues on: the own kernels that stand in for its
+// products go there too.
+inline cudaStream_t stream_of(cublasHandle_t handle) {
+  cudaStream_t stream = nullptr;
+  UNIV_CUBLAS_CHECK(cublasGetStream(handle, &stream));
+  return stream;
+}
+
 // Blocks for a grid-stride loop over n elements.
 inline int blocks_for(int64_t n, int threads) {
   const int64_t blocks = ceil_div<int64_t>(n, threads);

@@ -378,12 +378,6 @@ SmallProduct product(float* out, const float* a, const float* b, int R, int P, i
   return p;
 }
 
-cudaStream_t stream_of(cublasHandle_t handle) {
-  cudaStream_t stream = nullptr;
-  UNIV_CUBLAS_CHECK(cublasGetStream(handle, &stream));
-  return stream;
-}
-
 }  // namespace
 
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,

@@ -466,6 +466,48 @@ TEST_F(Gpu, Attention) {
   }
 }
 
+// The attention with the products at its ends (one kernel each way where a sequence is
+// one chunk, else cuBLAS and the kernels apart; the two shapes added have an odd head
+// width and operands over 48 KiB): qkv written without the bias, out, att and dqkv
+// against the CPU ops composed.
+TEST_F(Gpu, AttentionWithProducts) {
+  cuda::CublasHandle handle(stream->get(), false);
+  for (const Shape& s : shapes_and({{2, 2, 17, 30, 2, 5, 5}, {1, 2, 32, 96, 3, 5, 5}}))
+    for (const bool with_bias : {false, true}) {
+      SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H) +
+                   (with_bias ? ", bias" : ""));
+      const int M = s.M, N = s.B * s.T, C = s.C;
+      const int64_t n = int64_t(M) * N * C, probs = int64_t(M) * s.B * s.H * s.T * s.T;
+      const auto ln = random_vector<float>(n, 121), qkv_w = random_vector<float>(size_t(M) * 3 * C * C, 122, 0.3);
+      const auto qkv_b = random_vector<float>(size_t(M) * 3 * C, 123);
+      const auto proj_w = random_vector<float>(size_t(M) * C * C, 124, 0.3), dproj = random_vector<float>(n, 125);
+      auto d_ln = up(ln), d_qkv_w = up(qkv_w), d_qkv_b = up(qkv_b), d_proj_w = up(proj_w), d_dproj = up(dproj);
+      auto d_qkv = poisoned(3 * n), d_att = poisoned(probs), d_out = poisoned(n), d_datty = poisoned(n),
+           d_dqkv = poisoned(3 * n);
+      cuda::AttentionWithProducts a{};
+      a.ln = d_ln.data(), a.qkv_w = d_qkv_w.data(), a.qkv_b = with_bias ? d_qkv_b.data() : nullptr;
+      a.proj_w = d_proj_w.data(), a.dproj = d_dproj.data(), a.qkv = d_qkv.data(), a.att = d_att.data();
+      a.out = d_out.data(), a.datty = d_datty.data(), a.dqkv = d_dqkv.data();
+      a.B = s.B, a.T = s.T, a.C = C, a.H = s.H;
+      cuda::attention_forward_with_products(handle.get(), a, M);
+      cuda::attention_backward_with_products(handle.get(), a, M);
+
+      std::vector<float> raw(3 * n), out(n), att(probs), datty(n), dqkv(3 * n), unused_dw(proj_w.size());
+      cpu::matmul_forward<float>(raw.data(), ln.data(), qkv_w.data(), nullptr, M, N, C, 3 * C);
+      std::vector<float> qkv = raw;
+      if (with_bias)
+        for (int64_t i = 0; i < 3 * n; ++i) qkv[i] += qkv_b[i / (int64_t(N) * 3 * C) * 3 * C + i % (3 * C)];
+      cpu::attention_forward(out.data(), att.data(), qkv.data(), M, s.B, s.T, C, s.H);
+      cpu::matmul_backward(datty.data(), unused_dw.data(), static_cast<float*>(nullptr), dproj.data(),
+                           std::vector<float>(n).data(), proj_w.data(), M, N, C, C);
+      cpu::attention_backward(dqkv.data(), datty.data(), qkv.data(), att.data(), M, s.B, s.T, C, s.H);
+      expect_close(down(d_qkv), raw, kFp32, "qkv");
+      expect_close(down(d_out), out, kFp32, "out");
+      expect_close(down(d_att), att, kFp32, "att");
+      expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
+    }
+}
+
 // Random weights of one block for M models, and the CPU ops' forward through it: the
 // embedding (first) or a random residual stream in, and the final norm after.
 struct BlockCase {

@@ -226,6 +226,28 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       [&] { k::attention_forward(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
   add("attention_backward", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
       [&] { k::attention_backward(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s); });
+  {  // the attention with its products: one kernel each way where a sequence is one chunk
+    auto qkv = random_device(size_t(rows) * 3 * C, s), dqkv = random_device(size_t(rows) * 3 * C, s);
+    k::AttentionWithProducts a{};
+    a.ln = a.dproj = x.data(), a.qkv_w = a.proj_w = w.data(), a.qkv_b = bias.data(), a.qkv = qkv.data();
+    a.att = att.data(), a.out = y.data(), a.datty = post.data(), a.dqkv = dqkv.data();
+    a.B = B, a.T = T, a.C = C, a.H = H;
+    const double qkv_flops = 2 * rows * C * 3 * C, proj_flops = 2 * rows * C * C;
+    add("attention_forward_with_products", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
+        att_flops + qkv_flops, [&] { k::attention_forward_with_products(h, a, M); });
+    add("apart: matmul_forward qkv + attention_forward", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
+        att_flops + qkv_flops, [&] {
+          k::matmul_forward(h, a.qkv, a.ln, a.qkv_w, M, N, C, 3 * C);
+          k::attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, B, T, C, H, s);
+        });
+    add("attention_backward_with_products", (rows * 9 * C + double(M) * (B * H * T * T + C * C)) * f,
+        2 * att_flops + proj_flops, [&] { k::attention_backward_with_products(h, a, M); });
+    add("apart: matmul_backward_input proj + attention_backward",
+        (rows * 9 * C + double(M) * (B * H * T * T + C * C)) * f, 2 * att_flops + proj_flops, [&] {
+          k::matmul_backward_input(h, a.datty, a.dproj, a.proj_w, M, N, C, C);
+          k::attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, B, T, C, H, s);
+        });
+  }
   if (k::block_forward_fits(T, C, H, D)) {  // outputs share buffers: timing only
     k::BlockForward fb{};
     fb.resid_in = x.data(), fb.tokens = tokens.data(), fb.wte = w.data(), fb.pos = pos.data();

@@ -306,7 +306,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     r.reserve(row_loss_, rows);
     if (training_) {
       r.reserve(dlnf_, rows * C), r.reserve(dresid_top_, rows * C);
-      if (!fused_backward_) r.reserve(datty_, rows * C);  // the block kernel keeps it in shared memory
+      if (!fused_backward_) r.reserve(datty_, rows * C);  // unused where the kernels keep it in shared memory
       layer_grads_.resize(c.layers);
       for (auto& l : layer_grads_) {
         r.reserve(l.dresid_in, rows * C), r.reserve(l.dresid_mid, rows * C), r.reserve(l.dln1, rows * C);
@@ -392,13 +392,24 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     return m;
   }
 
+  // Layer l's attention with its products (B sequences per model): the weights and the
+  // activations both directions use; the caller sets the bias and the gradients.
+  cuda::AttentionWithProducts attention_with_products(int l, const ParamPointers<float>::Block& w, int B) const {
+    const LayerActs& a = layers_[l];
+    const ModelConfig& c = config_.model;
+    cuda::AttentionWithProducts att{};
+    att.ln = a.ln1, att.qkv_w = w.qkv_w, att.proj_w = w.proj_w, att.qkv = a.qkv, att.att = a.att, att.out = a.atty;
+    att.datty = datty_, att.B = B, att.T = c.seq_len, att.C = c.d_model, att.H = c.heads;
+    return att;
+  }
+
   // Linear layers' biases are added by what reads their output next: the attention
   // adds the QKV bias, and the products that close a sublayer add theirs with the
   // residual, written straight into the residual stream, and take the layer norm after
   // it (the next layer's first, or the final norm).
   void forward_per_op(int B, const ParamPointers<float>& p) {
     const ModelConfig& c = config_.model;
-    const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, H = c.heads, N = B * T;
+    const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
     const cudaStream_t s = stream_.get();
     const cublasHandle_t h = cublas_.get();
     const bool learned = c.pos == PosEncoding::learned;
@@ -412,8 +423,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const auto& w = p.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       if (l == 0) first_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b);
-      cuda::matmul_forward(h, a.qkv, a.ln1, w.qkv_w, M, N, C, 3 * C);
-      cuda::attention_forward(a.atty, a.att, a.qkv, w.qkv_b, M, B, T, C, H, s);  // adds qkv_b as it loads
+      cuda::AttentionWithProducts att = attention_with_products(l, w, B);
+      att.qkv_b = w.qkv_b;  // added as q, k and v are formed
+      cuda::attention_forward_with_products(h, att, M);
       cuda::matmul_add_layernorm_forward(h, a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w, w.proj_b,
                                          residual, w.ln2_w, w.ln2_b, M, N, C, C);
       cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
@@ -550,8 +562,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                                         C, side());
         bias_grad(gw.proj_b, d.dresid_mid, C);
         proj_weight_grad();
-        cuda::matmul_backward_input(h, datty_, d.dresid_mid, w.proj_w, M, N, C, C);
-        cuda::attention_backward(d.dqkv, datty_, a.atty, a.qkv, fused_ ? nullptr : w.qkv_b, a.att, M, B, T, C, H, s);
+        cuda::AttentionWithProducts att = attention_with_products(l, w, B);
+        att.qkv_b = fused_ ? nullptr : w.qkv_b, att.dproj = d.dresid_mid, att.dqkv = d.dqkv;
+        cuda::attention_backward_with_products(h, att, M);
         fork();
         bias_grad(gw.qkv_b, d.dqkv, 3 * C);
         qkv_weight_grad();

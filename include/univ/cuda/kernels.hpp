@@ -162,6 +162,19 @@ void attention_forward(float* out, float* att, const float* qkv, const float* qk
 // qkv_bias.
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
                         const float* att, int M, int B, int T, int C, int H, cudaStream_t stream);
+// The attention with the products at its ends, each way in one kernel where a sequence
+// is one chunk of 32 and a block's operands stay within 48 KiB (else cuBLAS and the
+// kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C] qkv_w[M,3C,C]^T (written
+// without the bias), then attention_forward's out and att with qkv_b. Backward: the
+// gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C] (into datty where
+// it runs apart), then attention_backward's dqkv.
+struct AttentionWithProducts {
+  const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
+  float *qkv, *att, *out, *datty, *dqkv;
+  int B, T, C, H;
+};
+void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
+void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
 // The longest sequence the fused kernels hold in shared memory for a head width.
 int attention_max_seq_len(int head_dim);
 // The scale of the scores, 1 / sqrt(head_dim) rounded from float64.
