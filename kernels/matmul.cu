@@ -6,10 +6,13 @@
 // holds whole rows (at most 64 columns) the layer norm after a layer's bias and
 // residual, the cross-entropy after the logits, and the layer norm's backward after
 // an input gradient; and a narrow MLP sublayer's two products, each way, in one
-// kernel. Where they do not fit, cuBLAS and the op's own kernel.
+// kernel, with such row products of the same rows before and after it. Where they do
+// not fit, cuBLAS and the op's own kernel.
 // The weight gradient, a long reduction over N rows into a small output, is split
 // over row blocks as extra batches and the partial products added in order
 // (ColumnSums' stage 2): a deterministic split-K.
+#include <stdexcept>
+
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
 
@@ -34,11 +37,11 @@ int weight_grad_splits(int M, int N, int C, int OC) {
 }
 
 // The small-shape product, out[m] [R, P] = a[m] [R, K] times b[m], b [P, K] (kBByRow:
-// a weight W read as W^T) or [K, P]. Block (column tile, row tile, model) of kGroups
-// groups of 16 x 8 threads; thread (x, y) of a group owns rows 4y .. 4y + 3 and columns
-// 4x .. 4x + 3 of a 32 x 64 tile and adds its products in k order over the group's
-// tiles of the reduction (group g: tiles g, g + kGroups, ...); the groups' sums then
-// add up in group order. Tiles come through shared memory, the next one loaded into
+// a weight W read as W^T) or [K, P]. Block (column tile, row tile, model) of one group
+// (element epilogues) or kRowGroups groups (row epilogues) of 16 x 8 threads; thread
+// (x, y) of a group owns rows 4y .. 4y + 3 and columns 4x .. 4x + 3 of a 32 x 64 tile
+// and adds its products in k order over the group's tiles of the reduction (group g of
+// G: tiles g, g + G, ...); the groups' sums then add up in group order. Tiles come through shared memory, the next one loaded into
 // registers while the current one is used; each k takes two 16-byte shared loads per
 // 16 multiply-adds (one float per multiply-add, as in a plain loop, would leave the
 // kernel waiting on shared memory). On an H100 one group took about 10 us where
@@ -67,27 +70,11 @@ constexpr int kRowGroups = 4;
 // 48 KiB of static shared memory.
 __host__ __device__ constexpr int tile_k(int groups) { return groups == 1 ? 32 : 16; }
 
-struct SmallProduct {
-  float* out;
-  float* post;        // bias_activation: act(out)
-  const float* a;     // [M, R, K]
-  const float* b;     // [M, P, K] or [M, K, P]
-  const float* bias;  // bias_activation, add_layernorm: [M, P]
+// A product with the element epilogues' operands beside the row epilogues' (RowProduct).
+struct SmallProduct : RowProduct {
+  float* post;        // bias_activation: act(out); its bias: RowProduct's
   const float* pre;   // activation_grad: [M, R, P]
-  int R, P, K;
   Act act;
-  // The row epilogues' operands, [M, R, P] or [M, R] (mean, rstd, targets, row_loss)
-  // or [M, P] (norm_w, norm_b).
-  const float* residual;              // add_layernorm
-  float *norm_out, *mean, *rstd;      // add_layernorm: written
-  const float *norm_w, *norm_b;       // add_layernorm (both), layernorm_backward (norm_w)
-  const float* norm_in;               // layernorm_backward: the norm's input ...
-  const float *saved_mean, *saved_rstd;  // ... and its statistics
-  float* dinp;                        // layernorm_backward: dinp = dinp_in (null: 0) + ...
-  const float* dinp_in;
-  const int32_t* targets;             // crossentropy
-  float* row_loss;
-  bool backward;
 };
 
 // Row r of the block's summed tile x (one warp, global row `row` of model m).
@@ -219,29 +206,42 @@ __device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallPr
     row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r);
 }
 
-// One group: at most 128 registers (four blocks per SM), which the prefetched loads
-// come close to; kRowGroups groups: 64 (two blocks per SM).
-template <bool kBByRow, Epilogue kEpilogue, int kGroups>
-__global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) small_matmul_kernel(const SmallProduct p) {
-  static_assert(!per_row(kEpilogue) || kGroups > 1, "the row epilogues add the groups' sums in shared memory");
-  constexpr int kTileK = tile_k(kGroups);
-  constexpr int kSumFloats = (kGroups - 1) * kTileRows * kRowLd;  // groups 1.. sums, after the tiles are used
-  constexpr int kTileFloats = kGroups * group_floats(kTileK);
-  constexpr int kStorage = (kTileFloats > kSumFloats ? kTileFloats : kSumFloats) / 4;
-  __shared__ float4 storage[kStorage];  // float4 for the alignment
+// The block's 32-row tile of a row product, whole rows (P <= 64): kRowGroups groups
+// each add every kRowGroups-th 16-deep slice of the reduction, then finish_rows; in
+// `storage` (kRowTileFloats), group_floats(16) per group, then the groups' sums.
+constexpr int kRowTileFloats = kRowGroups * group_floats(tile_k(kRowGroups)) > (kRowGroups - 1) * kTileRows * kRowLd
+                                   ? kRowGroups * group_floats(tile_k(kRowGroups))
+                                   : (kRowGroups - 1) * kTileRows * kRowLd;
+template <bool kBByRow, Epilogue kEpilogue>
+__device__ void row_tile(const SmallProduct& p, int64_t m, int row0, float* storage) {
+  constexpr int kTileK = tile_k(kRowGroups);
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
-  float* a_tile = reinterpret_cast<float*>(storage) + group * group_floats(kTileK);
-  const int64_t m = blockIdx.z;
-  const int row0 = blockIdx.y * kTileRows, col0 = blockIdx.x * kTileCols;
+  float* a_tile = storage + group * group_floats(kTileK);
   float acc[4][4] = {};
-  // Group g adds the reduction's tiles g, g + kGroups, ...
-  group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, col0,
-                                      group * kTileK, kGroups * kTileK, ceil_div(p.K, kGroups * kTileK), a_tile,
+  group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, 0,
+                                      group * kTileK, kRowGroups * kTileK, ceil_div(p.K, kRowGroups * kTileK), a_tile,
                                       a_tile + kTileK * kAStride, tid);
+  finish_rows<kEpilogue>(acc, storage, p, m, row0, kRowGroups);
+}
+
+// One group: at most 128 registers (four blocks per SM), which the prefetched loads
+// come close to; kRowGroups groups (the row epilogues): 64 (two blocks per SM).
+template <bool kBByRow, Epilogue kEpilogue>
+__global__ void __launch_bounds__(kThreads * (per_row(kEpilogue) ? kRowGroups : 1), per_row(kEpilogue) ? 2 : 4)
+    small_matmul_kernel(const SmallProduct p) {
+  const int64_t m = blockIdx.z;
+  const int row0 = blockIdx.y * kTileRows;
   if constexpr (per_row(kEpilogue)) {
-    finish_rows<kEpilogue>(acc, reinterpret_cast<float*>(storage), p, m, row0, kGroups);
+    __shared__ float4 storage[kRowTileFloats / 4];  // float4 for the alignment
+    row_tile<kBByRow, kEpilogue>(p, m, row0, reinterpret_cast<float*>(storage));
   } else {
-    const int tx = tid % kThreadsX, ty = tid / kThreadsX;
+    constexpr int kTileK = tile_k(1);
+    __shared__ float4 storage[group_floats(kTileK) / 4];
+    float* a_tile = reinterpret_cast<float*>(storage);
+    const int col0 = blockIdx.x * kTileCols, tid = threadIdx.x, tx = tid % kThreadsX, ty = tid / kThreadsX;
+    float acc[4][4] = {};
+    group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, col0, 0,
+                                        kTileK, ceil_div(p.K, kTileK), a_tile, a_tile + kTileK * kAStride, tid);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = row0 + 4 * ty + i;
@@ -270,7 +270,10 @@ __global__ void __launch_bounds__(kThreads * kGroups, kGroups == 1 ? 4 : 2) smal
 // epilogue. Forward: pre = ln2 W1^T + b1, post = act(pre), then resid_out = post W2^T
 // + b2 + resid_mid and the next norm (rows: add_layernorm). Backward: dpre = (dresid
 // W2) act'(pre), then dln2 = dpre W1 and dresid_mid = dresid + the norm's backward
-// (rows: layernorm_backward).
+// (rows: layernorm_backward). Row products of the same rows run before it (forward:
+// add_layernorm, backward: layernorm_backward) and after it (forward: crossentropy,
+// then layernorm_backward), each after a barrier: a stage reads the rows the block's
+// warps wrote to memory in the one before.
 struct MlpProduct {
   const float* a;    // [M, R, C]: ln2, or dresid_out
   const float* w1;   // fc_w [M, D, C] (forward, read as W^T), or out_w [M, C, D]
@@ -282,19 +285,30 @@ struct MlpProduct {
   int D;
   Act act;
   SmallProduct rows;  // the second product's row epilogue: R, P = C, its operands
+  SmallProduct before, after[2];
+  bool has_before;
+  int after_count;
 };
 
 constexpr int kMlpTileK = 8;  // the second product's staged depth: all within 48 KiB
+// The backward fits 64 registers (two blocks per SM); the forward with its three kinds
+// of row stages spilled at 64 (ptxas, sm_90), so it takes up to 128, one block per SM:
+// its grids have at most 128 blocks at d_mlp 256 (mlp_fits' limit on outputs).
 template <bool kBackward>
-__global__ void __launch_bounds__(kThreads * kRowGroups, 2) mlp_kernel(const MlpProduct p) {
+__global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_kernel(const MlpProduct p) {
   constexpr int kTileK = tile_k(kRowGroups), kHiddenLd = kTileRows + 4;
   constexpr int kHiddenFloats = kRowGroups * kTileCols * kHiddenLd;  // also the first product's tiles, the sums
-  static_assert(kHiddenFloats >= kRowGroups * group_floats(kTileK) && kHiddenFloats >= 3 * kTileRows * kRowLd);
+  static_assert(kHiddenFloats >= kRowTileFloats && kHiddenFloats >= 3 * kTileRows * kRowLd);
   __shared__ float4 storage[(kHiddenFloats + kRowGroups * kMlpTileK * kBStride) / 4];
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   const int tx = tid % kThreadsX, ty = tid / kThreadsX;
   const int64_t m = blockIdx.z;
   const int row0 = blockIdx.y * kTileRows, R = p.rows.R, C = p.rows.P, D = p.D;
+  if (p.has_before) {
+    row_tile<!kBackward, kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(
+        p.before, m, row0, reinterpret_cast<float*>(storage));
+    __syncthreads();
+  }
   float* tiles = reinterpret_cast<float*>(storage) + group * group_floats(kTileK);
   float acc[4][4] = {};
   group_tile_product<!kBackward, kTileK>(acc, p.a + m * R * C, p.w1 + m * D * C, R, D, C, row0, kTileCols * group, 0,
@@ -351,6 +365,16 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 2) mlp_kernel(const Mlp
   }
   finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(
       out, reinterpret_cast<float*>(storage), p.rows, m, row0, kRowGroups);
+  if constexpr (!kBackward) {
+    if (p.after_count > 0) {
+      __syncthreads();
+      row_tile<true, Epilogue::crossentropy>(p.after[0], m, row0, reinterpret_cast<float*>(storage));
+    }
+    if (p.after_count > 1) {
+      __syncthreads();
+      row_tile<false, Epilogue::layernorm_backward>(p.after[1], m, row0, reinterpret_cast<float*>(storage));
+    }
+  }
 }
 
 bool is_small(int M, int R, int P, int K) { return int64_t(M) * R * P <= kSmallOutputs && K <= kSmallK; }
@@ -365,9 +389,8 @@ bool rows_fit(int M, int R, int P, int K) {
 
 template <bool kBByRow, Epilogue kEpilogue>
 void launch_small(const SmallProduct& p, int M, cudaStream_t stream) {
-  constexpr int groups = per_row(kEpilogue) ? kRowGroups : 1;
   const dim3 grid(ceil_div(p.P, kTileCols), ceil_div(p.R, kTileRows), M);
-  small_matmul_kernel<kBByRow, kEpilogue, groups><<<grid, kThreads * groups, 0, stream>>>(p);
+  small_matmul_kernel<kBByRow, kEpilogue><<<grid, kThreads * (per_row(kEpilogue) ? kRowGroups : 1), 0, stream>>>(p);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
@@ -376,6 +399,13 @@ SmallProduct product(float* out, const float* a, const float* b, int R, int P, i
   SmallProduct p{};
   p.out = out, p.a = a, p.b = b, p.R = R, p.P = P, p.K = K;
   return p;
+}
+
+// p with no element epilogue's operands.
+SmallProduct small_of(const RowProduct& p) {
+  SmallProduct small{};
+  static_cast<RowProduct&>(small) = p;
+  return small;
 }
 
 }  // namespace
@@ -420,74 +450,123 @@ void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const 
   launch_small<false, Epilogue::activation_grad>(p, M, stream_of(handle));
 }
 
-void matmul_add_layernorm_forward(cublasHandle_t handle, float* out, float* mean, float* rstd, float* resid,
-                                  const float* inp, const float* weight, const float* bias, const float* residual,
-                                  const float* norm_w, const float* norm_b, int M, int N, int C, int OC) {
-  if (!rows_fit(M, N, OC, C)) {
-    matmul_forward(handle, resid, inp, weight, M, N, C, OC);
-    return add_layernorm_forward(out, mean, rstd, resid, bias, residual, norm_w, norm_b, M, N, OC, stream_of(handle));
-  }
-  SmallProduct p = product(resid, inp, weight, N, OC, C);
+RowProduct add_layernorm_product(float* out, float* mean, float* rstd, float* resid, const float* inp,
+                                 const float* weight, const float* bias, const float* residual, const float* norm_w,
+                                 const float* norm_b, int N, int C, int OC) {
+  RowProduct p{};
+  p.op = RowOp::add_layernorm, p.out = resid, p.a = inp, p.b = weight, p.R = N, p.P = OC, p.K = C;
   p.bias = bias, p.residual = residual, p.norm_out = out, p.mean = mean, p.rstd = rstd;
   p.norm_w = norm_w, p.norm_b = norm_b;
-  launch_small<true, Epilogue::add_layernorm>(p, M, stream_of(handle));
+  return p;
 }
 
-void matmul_crossentropy(cublasHandle_t handle, float* row_loss, float* logits, const float* inp, const float* weight,
-                         const int32_t* targets, int M, int N, int C, int V, bool backward) {
-  if (!rows_fit(M, N, V, C)) {
-    matmul_forward(handle, logits, inp, weight, M, N, C, V);
-    return crossentropy_forward_backward(row_loss, logits, targets, M, N, V, backward, stream_of(handle));
-  }
-  SmallProduct p = product(logits, inp, weight, N, V, C);
+RowProduct crossentropy_product(float* row_loss, float* logits, const float* inp, const float* weight,
+                                const int32_t* targets, int N, int C, int V, bool backward) {
+  RowProduct p{};
+  p.op = RowOp::crossentropy, p.out = logits, p.a = inp, p.b = weight, p.R = N, p.P = V, p.K = C;
   p.targets = targets, p.row_loss = row_loss, p.backward = backward;
-  launch_small<true, Epilogue::crossentropy>(p, M, stream_of(handle));
+  return p;
 }
 
-void matmul_backward_input_layernorm(cublasHandle_t handle, float* dnorm, float* dinp, const float* dinp_in,
-                                     const float* dout, const float* weight, const float* norm_in,
-                                     const float* norm_w, const float* mean, const float* rstd, int M, int N, int C,
-                                     int OC) {
-  if (!rows_fit(M, N, C, OC)) {
-    matmul_backward_input(handle, dnorm, dout, weight, M, N, C, OC);
-    return layernorm_backward_input(dinp, dinp_in, dnorm, norm_in, norm_w, mean, rstd, M, N, C, stream_of(handle));
-  }
-  SmallProduct p = product(dnorm, dout, weight, N, C, OC);
+RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const float* dinp_in, const float* dout,
+                                            const float* weight, const float* norm_in, const float* norm_w,
+                                            const float* mean, const float* rstd, int N, int C, int OC) {
+  RowProduct p{};
+  p.op = RowOp::layernorm_backward, p.out = dnorm, p.a = dout, p.b = weight, p.R = N, p.P = C, p.K = OC;
   p.norm_in = norm_in, p.norm_w = norm_w, p.saved_mean = mean, p.saved_rstd = rstd, p.dinp = dinp;
   p.dinp_in = dinp_in;
-  launch_small<false, Epilogue::layernorm_backward>(p, M, stream_of(handle));
+  return p;
 }
+
+void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
+  const cudaStream_t stream = stream_of(handle);
+  const SmallProduct small = small_of(p);
+  switch (p.op) {
+    case RowOp::add_layernorm:
+      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<true, Epilogue::add_layernorm>(small, M, stream);
+      matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
+      return add_layernorm_forward(p.norm_out, p.mean, p.rstd, p.out, p.bias, p.residual, p.norm_w, p.norm_b, M, p.R,
+                                   p.P, stream);
+    case RowOp::crossentropy:
+      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<true, Epilogue::crossentropy>(small, M, stream);
+      matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
+      return crossentropy_forward_backward(p.row_loss, p.out, p.targets, M, p.R, p.P, p.backward, stream);
+    case RowOp::layernorm_backward:
+      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<false, Epilogue::layernorm_backward>(small, M, stream);
+      matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
+      return layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M,
+                                      p.R, p.P, stream);
+  }
+}
+
+namespace {
+
+// The MLP's row stages in its kernel where each holds whole rows of the same R.
+bool stages_fit(const MlpSublayer& s, int M) {
+  auto fits = [&](const RowProduct& p) { return p.R == s.N && rows_fit(M, p.R, p.P, p.K); };
+  if (s.before && !fits(*s.before)) return false;
+  for (int i = 0; i < s.after_count; ++i)
+    if (!fits(s.after[i])) return false;
+  return true;
+}
+
+// The stages' ops are the ones their places take (kernels.hpp's MlpSublayer).
+void check_stages(const MlpSublayer& s, bool backward) {
+  const RowOp before = backward ? RowOp::layernorm_backward : RowOp::add_layernorm;
+  if ((s.before && s.before->op != before) || s.after_count < 0 || s.after_count > (backward ? 0 : 2) ||
+      (s.after_count > 0 && s.after[0].op != RowOp::crossentropy) ||
+      (s.after_count > 1 && s.after[1].op != RowOp::layernorm_backward))
+    throw std::invalid_argument("mlp_forward / mlp_backward: row products in places that do not take them");
+}
+
+// The MLP's kernel with its stages, or (apart) the stages and the MLP's two products in
+// order; the MLP's part is `apart` or `product`'s.
+template <bool kBackward, class Apart>
+void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p, const Apart& apart) {
+  check_stages(s, kBackward);
+  if (!mlp_fits(M, s.N, s.C, s.D) || !stages_fit(s, M)) {
+    if (s.before) run_row_product(handle, *s.before, M);
+    apart();
+    for (int i = 0; i < s.after_count; ++i) run_row_product(handle, s.after[i], M);
+    return;
+  }
+  p.has_before = s.before != nullptr, p.after_count = s.after_count;
+  if (s.before) p.before = small_of(*s.before);
+  for (int i = 0; i < s.after_count; ++i) p.after[i] = small_of(s.after[i]);
+  mlp_kernel<kBackward><<<dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
+  UNIV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
 
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M) {
   const int N = s.N, C = s.C, D = s.D;
-  if (!mlp_fits(M, N, C, D)) {
-    matmul_forward_activation(handle, s.pre, s.post, s.ln2, s.fc_w, s.fc_b, M, N, C, D, s.act);
-    return matmul_add_layernorm_forward(handle, s.next_ln, s.next_mean, s.next_rstd, s.resid_out, s.post, s.out_w,
-                                        s.out_b, s.resid_mid, s.next_w, s.next_b, M, N, D, C);
-  }
   MlpProduct p{};
   p.a = s.ln2, p.w1 = s.fc_w, p.w2 = s.out_w, p.b1 = s.fc_b, p.hidden = s.pre, p.post = s.post, p.D = D, p.act = s.act;
-  p.rows = product(s.resid_out, nullptr, nullptr, N, C, D);
-  p.rows.bias = s.out_b, p.rows.residual = s.resid_mid, p.rows.norm_out = s.next_ln, p.rows.mean = s.next_mean;
-  p.rows.rstd = s.next_rstd, p.rows.norm_w = s.next_w, p.rows.norm_b = s.next_b;
-  mlp_kernel<false><<<dim3(1, ceil_div(N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  p.rows = small_of(add_layernorm_product(s.next_ln, s.next_mean, s.next_rstd, s.resid_out, nullptr, nullptr, s.out_b,
+                                          s.resid_mid, s.next_w, s.next_b, N, D, C));
+  launch_mlp<false>(handle, s, M, p, [&] {
+    matmul_forward_activation(handle, s.pre, s.post, s.ln2, s.fc_w, s.fc_b, M, N, C, D, s.act);
+    run_row_product(handle,
+                    add_layernorm_product(s.next_ln, s.next_mean, s.next_rstd, s.resid_out, s.post, s.out_w, s.out_b,
+                                          s.resid_mid, s.next_w, s.next_b, N, D, C),
+                    M);
+  });
 }
 
 void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M) {
   const int N = s.N, C = s.C, D = s.D;
-  if (!mlp_fits(M, N, C, D)) {
-    matmul_backward_input_activation(handle, s.dpre, s.dresid_out, s.out_w, s.pre, M, N, D, C, s.act);
-    return matmul_backward_input_layernorm(handle, s.dln2, s.dresid_mid, s.dresid_out, s.dpre, s.fc_w, s.resid_mid,
-                                           s.ln2_w, s.ln2_mean, s.ln2_rstd, M, N, C, D);
-  }
   MlpProduct p{};
   p.a = s.dresid_out, p.w1 = s.out_w, p.w2 = s.fc_w, p.pre = s.pre, p.hidden = s.dpre, p.D = D, p.act = s.act;
-  p.rows = product(s.dln2, nullptr, nullptr, N, C, D);
-  p.rows.norm_in = s.resid_mid, p.rows.norm_w = s.ln2_w, p.rows.saved_mean = s.ln2_mean;
-  p.rows.saved_rstd = s.ln2_rstd, p.rows.dinp = s.dresid_mid, p.rows.dinp_in = s.dresid_out;
-  mlp_kernel<true><<<dim3(1, ceil_div(N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  p.rows = small_of(backward_input_layernorm_product(s.dln2, s.dresid_mid, s.dresid_out, nullptr, nullptr,
+                                                     s.resid_mid, s.ln2_w, s.ln2_mean, s.ln2_rstd, N, C, D));
+  launch_mlp<true>(handle, s, M, p, [&] {
+    matmul_backward_input_activation(handle, s.dpre, s.dresid_out, s.out_w, s.pre, M, N, D, C, s.act);
+    run_row_product(handle,
+                    backward_input_layernorm_product(s.dln2, s.dresid_mid, s.dresid_out, s.dpre, s.fc_w, s.resid_mid,
+                                                     s.ln2_w, s.ln2_mean, s.ln2_rstd, N, C, D),
+                    M);
+  });
 }
 
 int64_t matmul_backward_partials(int M, int N, int C, int OC) {

@@ -246,9 +246,11 @@ TEST_F(Gpu, MatmulRowEpilogues) {
            d_norm_b = up(norm_b);
       auto d_resid = poisoned(n), d_out = poisoned(n), d_mean = poisoned(size_t(s.M) * N),
            d_rstd = poisoned(size_t(s.M) * N);
-      cuda::matmul_add_layernorm_forward(handle.get(), d_out.data(), d_mean.data(), d_rstd.data(), d_resid.data(),
-                                         d_inp.data(), d_w.data(), d_bias.data(), d_residual.data(), d_norm_w.data(),
-                                         d_norm_b.data(), s.M, N, K, C);
+      cuda::run_row_product(handle.get(),
+                            cuda::add_layernorm_product(d_out.data(), d_mean.data(), d_rstd.data(), d_resid.data(),
+                                                        d_inp.data(), d_w.data(), d_bias.data(), d_residual.data(),
+                                                        d_norm_w.data(), d_norm_b.data(), N, K, C),
+                            s.M);
       std::vector<float> resid(n), out(n), mean(size_t(s.M) * N), rstd(mean.size());
       cpu::matmul_forward(resid.data(), inp.data(), w.data(), bias.data(), s.M, N, K, C);
       for (int64_t i = 0; i < n; ++i) resid[i] += residual[i];
@@ -268,10 +270,11 @@ TEST_F(Gpu, MatmulRowEpilogues) {
                            std::vector<float>(n).data(), w.data(), s.M, N, C, K);
       for (const bool add : {true, false}) {
         auto d_dnorm = poisoned(n), d_dinp = poisoned(n);
-        cuda::matmul_backward_input_layernorm(handle.get(), d_dnorm.data(), d_dinp.data(),
-                                              add ? d_dinp_in.data() : nullptr, d_dout.data(), d_w.data(),
-                                              d_resid.data(), d_norm_w.data(), d_mean.data(), d_rstd.data(), s.M, N,
-                                              C, K);
+        cuda::run_row_product(handle.get(),
+                              cuda::backward_input_layernorm_product(
+                                  d_dnorm.data(), d_dinp.data(), add ? d_dinp_in.data() : nullptr, d_dout.data(),
+                                  d_w.data(), d_resid.data(), d_norm_w.data(), d_mean.data(), d_rstd.data(), N, C, K),
+                              s.M);
         std::vector<float> dinp = add ? dinp_in : std::vector<float>(n, 0.0f);
         cpu::layernorm_backward(dinp.data(), dnw_unused.data(), dnb_unused.data(), dnorm.data(), resid.data(),
                                 norm_w.data(), mean.data(), rstd.data(), s.M, N, C);
@@ -289,8 +292,10 @@ TEST_F(Gpu, MatmulRowEpilogues) {
     auto d_targets = up(targets);
     for (const bool backward : {false, true}) {
       auto d_logits = poisoned(logits.size()), d_rows = poisoned(size_t(s.M) * N), d_losses = poisoned(s.M);
-      cuda::matmul_crossentropy(handle.get(), d_rows.data(), d_logits.data(), d_lnf.data(), d_head.data(),
-                                d_targets.data(), s.M, N, C, s.V, backward);
+      cuda::run_row_product(handle.get(),
+                            cuda::crossentropy_product(d_rows.data(), d_logits.data(), d_lnf.data(), d_head.data(),
+                                                       d_targets.data(), N, C, s.V, backward),
+                            s.M);
       cuda::mean_loss_per_model(d_losses.data(), d_rows.data(), s.M, N, stream->get());
       expect_close(down(d_losses), losses, kFp32, "losses");
       expect_close(down(d_logits), backward ? dlogits : logits, kFp32, backward ? "dlogits" : "logits");
@@ -463,6 +468,118 @@ TEST_F(Gpu, Attention) {
     expect_close(down(d_out), out, kFp32, "out");
     expect_close(down(d_att), att, kFp32, "att");
     expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
+  }
+}
+
+// The MLP sublayer with the row products a step runs beside it (in its kernel where all
+// fit; apart on the last three shapes: d_mlp 300, d_model 80, a vocabulary of 90),
+// against the CPU ops: forward, the attention's projection and ln2 before it and the
+// head after it (logits, loss, the gradient at the layer's output); backward, the
+// layer above's QKV input gradient before it.
+TEST_F(Gpu, MlpSublayerWithRowStages) {
+  cuda::CublasHandle handle(stream->get(), false);
+  for (const Shape& s : shapes_and({{2, 3, 7, 40, 1, 20, 300}, {1, 2, 5, 80, 1, 9, 100}, {2, 2, 6, 24, 1, 90, 40}})) {
+    SCOPED_TRACE("C " + std::to_string(s.C) + ", D " + std::to_string(s.D) + ", V " + std::to_string(s.V));
+    const int M = s.M, N = s.B * s.T, C = s.C, D = s.D, V = s.V;
+    const int64_t n = int64_t(M) * N * C, h = int64_t(M) * N * D, rows = int64_t(M) * N;
+    auto weights = [&](size_t size, uint32_t seed, double scale = 1.0) {
+      return random_vector<float>(size_t(M) * size, seed, scale);
+    };
+    const auto atty = random_vector<float>(n, 131), residual = random_vector<float>(n, 132, 3.0);
+    const auto proj_w = weights(size_t(C) * C, 133, 0.3), proj_b = weights(C, 134), ln2_w = weights(C, 135);
+    const auto ln2_b = weights(C, 136), fc_w = weights(size_t(D) * C, 137, 0.3), fc_b = weights(D, 138);
+    const auto out_w = weights(size_t(C) * D, 139, 0.1), out_b = weights(C, 140), next_w = weights(C, 141);
+    const auto next_b = weights(C, 142), head_w = weights(size_t(V) * C, 143, 0.3), qkv_w = weights(3 * C * C, 144, 0.3);
+    const auto targets = random_tokens(size_t(rows), V, 145);
+    const auto dqkv = random_vector<float>(3 * n, 146), dresid_mid_above = random_vector<float>(n, 147);
+
+    // The CPU ops composed.
+    std::vector<float> resid_mid(n), ln2(n), ln2_mean(rows), ln2_rstd(rows), pre(h), post(h), resid_out(n), next(n);
+    std::vector<float> next_mean(rows), next_rstd(rows), logits(rows * V), dlogits(logits.size()), losses(M);
+    cpu::matmul_forward(resid_mid.data(), atty.data(), proj_w.data(), proj_b.data(), M, N, C, C);
+    for (int64_t i = 0; i < n; ++i) resid_mid[i] += residual[i];
+    cpu::layernorm_forward(ln2.data(), ln2_mean.data(), ln2_rstd.data(), resid_mid.data(), ln2_w.data(), ln2_b.data(),
+                           M, N, C);
+    cpu::matmul_forward(pre.data(), ln2.data(), fc_w.data(), fc_b.data(), M, N, C, D);
+    cpu::activation_forward(post.data(), pre.data(), h, Activation::gelu);
+    cpu::matmul_forward(resid_out.data(), post.data(), out_w.data(), out_b.data(), M, N, D, C);
+    for (int64_t i = 0; i < n; ++i) resid_out[i] += resid_mid[i];
+    cpu::layernorm_forward(next.data(), next_mean.data(), next_rstd.data(), resid_out.data(), next_w.data(),
+                           next_b.data(), M, N, C);
+    cpu::matmul_forward(logits.data(), next.data(), head_w.data(), static_cast<const float*>(nullptr), M, N, C, V);
+    cpu::crossentropy_forward_backward(losses.data(), dlogits.data(), logits.data(), targets.data(), M, N, V);
+    std::vector<float> dnext(n), dresid_top(n, 0.0f), dln1(n), dresid_out = dresid_mid_above;
+    std::vector<float> dw_unused(std::max({head_w.size(), qkv_w.size(), out_w.size()})), dn_unused(size_t(M) * C);
+    std::vector<float> db_unused(dn_unused.size());
+    // the head's gradient at the layer's output, then (as the layer above's first norm,
+    // the same statistics) the QKV input gradient reaching it
+    cpu::matmul_backward(dnext.data(), dw_unused.data(), static_cast<float*>(nullptr), dlogits.data(),
+                         std::vector<float>(n).data(), head_w.data(), M, N, C, V);
+    cpu::layernorm_backward(dresid_top.data(), dn_unused.data(), db_unused.data(), dnext.data(), resid_out.data(),
+                            next_w.data(), next_mean.data(), next_rstd.data(), M, N, C);
+    cpu::matmul_backward(dln1.data(), dw_unused.data(), static_cast<float*>(nullptr), dqkv.data(),
+                         std::vector<float>(n).data(), qkv_w.data(), M, N, C, 3 * C);
+    cpu::layernorm_backward(dresid_out.data(), dn_unused.data(), db_unused.data(), dln1.data(), resid_out.data(),
+                            next_w.data(), next_mean.data(), next_rstd.data(), M, N, C);
+    std::vector<float> dpost(h), dpre(h), dln2(n), dresid_mid = dresid_out;
+    cpu::matmul_backward(dpost.data(), dw_unused.data(), static_cast<float*>(nullptr), dresid_out.data(),
+                         std::vector<float>(h).data(), out_w.data(), M, N, D, C);
+    cpu::activation_backward(dpre.data(), dpost.data(), pre.data(), h, Activation::gelu);
+    cpu::matmul_backward(dln2.data(), dw_unused.data(), static_cast<float*>(nullptr), dpre.data(),
+                         std::vector<float>(n).data(), fc_w.data(), M, N, C, D);
+    cpu::layernorm_backward(dresid_mid.data(), dn_unused.data(), db_unused.data(), dln2.data(), resid_mid.data(),
+                            ln2_w.data(), ln2_mean.data(), ln2_rstd.data(), M, N, C);
+
+    auto d_atty = up(atty), d_residual = up(residual), d_proj_w = up(proj_w), d_proj_b = up(proj_b);
+    auto d_ln2_w = up(ln2_w), d_ln2_b = up(ln2_b), d_fc_w = up(fc_w), d_fc_b = up(fc_b), d_out_w = up(out_w);
+    auto d_out_b = up(out_b), d_next_w = up(next_w), d_next_b = up(next_b), d_head_w = up(head_w);
+    auto d_qkv_w = up(qkv_w), d_dqkv = up(dqkv), d_dresid_mid_above = up(dresid_mid_above);
+    auto d_targets = up(targets);
+    auto d_resid_mid = poisoned(n), d_ln2 = poisoned(n), d_ln2_mean = poisoned(rows), d_ln2_rstd = poisoned(rows);
+    auto d_pre = poisoned(h), d_post = poisoned(h), d_resid_out = poisoned(n), d_next = poisoned(n);
+    auto d_next_mean = poisoned(rows), d_next_rstd = poisoned(rows), d_logits = poisoned(rows * V);
+    auto d_row_loss = poisoned(rows), d_losses = poisoned(M), d_dnext = poisoned(n), d_dresid_top = poisoned(n);
+    auto d_dln1 = poisoned(n), d_dresid_out = poisoned(n), d_dpre = poisoned(h), d_dln2 = poisoned(n);
+    auto d_dresid_mid = poisoned(n);
+    const cuda::RowProduct proj = cuda::add_layernorm_product(
+        d_ln2.data(), d_ln2_mean.data(), d_ln2_rstd.data(), d_resid_mid.data(), d_atty.data(), d_proj_w.data(),
+        d_proj_b.data(), d_residual.data(), d_ln2_w.data(), d_ln2_b.data(), N, C, C);
+    const cuda::RowProduct head[] = {
+        cuda::crossentropy_product(d_row_loss.data(), d_logits.data(), d_next.data(), d_head_w.data(),
+                                   d_targets.data(), N, C, V, true),
+        cuda::backward_input_layernorm_product(d_dnext.data(), d_dresid_top.data(), nullptr, d_logits.data(),
+                                               d_head_w.data(), d_resid_out.data(), d_next_w.data(),
+                                               d_next_mean.data(), d_next_rstd.data(), N, C, V)};
+    const cuda::RowProduct qkv_input = cuda::backward_input_layernorm_product(
+        d_dln1.data(), d_dresid_out.data(), d_dresid_mid_above.data(), d_dqkv.data(), d_qkv_w.data(),
+        d_resid_out.data(), d_next_w.data(), d_next_mean.data(), d_next_rstd.data(), N, C, 3 * C);
+    cuda::MlpSublayer mlp{};
+    mlp.ln2 = d_ln2.data(), mlp.fc_w = d_fc_w.data(), mlp.fc_b = d_fc_b.data(), mlp.out_w = d_out_w.data();
+    mlp.out_b = d_out_b.data(), mlp.resid_mid = d_resid_mid.data(), mlp.next_w = d_next_w.data();
+    mlp.next_b = d_next_b.data(), mlp.pre = d_pre.data(), mlp.post = d_post.data();
+    mlp.resid_out = d_resid_out.data(), mlp.next_ln = d_next.data(), mlp.next_mean = d_next_mean.data();
+    mlp.next_rstd = d_next_rstd.data(), mlp.ln2_w = d_ln2_w.data(), mlp.ln2_mean = d_ln2_mean.data();
+    mlp.ln2_rstd = d_ln2_rstd.data(), mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = cuda::Act::gelu;
+    mlp.before = &proj, mlp.after = head, mlp.after_count = 2;
+    cuda::mlp_forward(handle.get(), mlp, M);
+    mlp.dresid_out = d_dresid_out.data(), mlp.dpre = d_dpre.data(), mlp.dln2 = d_dln2.data();
+    mlp.dresid_mid = d_dresid_mid.data(), mlp.before = &qkv_input, mlp.after = nullptr, mlp.after_count = 0;
+    cuda::mlp_backward(handle.get(), mlp, M);
+    cuda::mean_loss_per_model(d_losses.data(), d_row_loss.data(), M, N, stream->get());
+
+    expect_close(down(d_resid_mid), resid_mid, kFp32, "resid_mid");
+    expect_close(down(d_ln2), ln2, kFp32, "ln2");
+    expect_close(down(d_ln2_rstd), ln2_rstd, kFp32, "ln2 rstd");
+    expect_close(down(d_post), post, kFp32, "post");
+    expect_close(down(d_next), next, kFp32, "next norm");
+    expect_close(down(d_losses), losses, kFp32, "losses");
+    expect_close(down(d_logits), dlogits, kFp32, "dlogits");
+    expect_close(down(d_dnext), dnext, kFp32, "dlnf");
+    expect_close(down(d_dresid_top), dresid_top, kFp32, "dresid_top");
+    expect_close(down(d_dln1), dln1, kFp32, "dln1");
+    expect_close(down(d_dresid_out), dresid_out, kFp32, "dresid_out");
+    expect_close(down(d_dpre), dpre, kFp32, "dpre");
+    expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
   }
 }
 

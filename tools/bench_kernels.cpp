@@ -162,8 +162,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   for (const auto& [name, K] : {std::pair<std::string, int>{"proj", C}, {"out", D}}) {
     const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 10;
     add("matmul_add_layernorm_forward " + name, bytes, flops, [&, K = K] {
-      k::matmul_add_layernorm_forward(h, post.data(), mean, rstd, y.data(), x.data(), w.data(), bias.data(), x.data(),
-                                      bias.data(), bias.data(), M, N, K, C);
+      k::run_row_product(h,
+                         k::add_layernorm_product(post.data(), mean, rstd, y.data(), x.data(), w.data(), bias.data(),
+                                                  x.data(), bias.data(), bias.data(), N, K, C),
+                         M);
     });
     add("apart: matmul_forward + add_layernorm_forward " + name, bytes, flops, [&, K = K] {
       k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, K, C);
@@ -174,8 +176,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   for (const auto& [name, K] : {std::pair<std::string, int>{"fc", D}, {"qkv", 3 * C}, {"lm_head", V}}) {
     const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 14;
     add("matmul_backward_input_layernorm " + name, bytes, flops, [&, K = K] {
-      k::matmul_backward_input_layernorm(h, y.data(), post.data(), x.data(), x.data(), w.data(), x.data(),
-                                         bias.data(), mean, rstd, M, N, C, K);
+      k::run_row_product(h,
+                         k::backward_input_layernorm_product(y.data(), post.data(), x.data(), x.data(), w.data(),
+                                                             x.data(), bias.data(), mean, rstd, N, C, K),
+                         M);
     });
     add("apart: matmul_backward_input + layernorm_backward_input " + name, bytes, flops, [&, K = K] {
       k::matmul_backward_input(h, y.data(), x.data(), w.data(), M, N, C, K);
@@ -194,20 +198,55 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
     add("mlp_forward", bytes, flops, [&] { k::mlp_forward(h, mlp, M); });
     add("apart: matmul_forward_activation + matmul_add_layernorm_forward", bytes, flops, [&] {
       k::matmul_forward_activation(h, mlp.pre, mlp.post, mlp.ln2, mlp.fc_w, mlp.fc_b, M, N, C, D, mlp.act);
-      k::matmul_add_layernorm_forward(h, mlp.next_ln, mean, rstd, mlp.resid_out, mlp.post, mlp.out_w, mlp.out_b,
-                                      mlp.resid_mid, mlp.next_w, mlp.next_b, M, N, D, C);
+      k::run_row_product(h,
+                         k::add_layernorm_product(mlp.next_ln, mean, rstd, mlp.resid_out, mlp.post, mlp.out_w,
+                                                  mlp.out_b, mlp.resid_mid, mlp.next_w, mlp.next_b, N, D, C),
+                         M);
     });
     add("mlp_backward", bytes, flops, [&] { k::mlp_backward(h, mlp, M); });
     add("apart: matmul_backward_input_activation + matmul_backward_input_layernorm", bytes, flops, [&] {
       k::matmul_backward_input_activation(h, mlp.dpre, mlp.dresid_out, mlp.out_w, mlp.pre, M, N, D, C, mlp.act);
-      k::matmul_backward_input_layernorm(h, mlp.dln2, mlp.dresid_mid, mlp.dresid_out, mlp.dpre, mlp.fc_w,
-                                         mlp.resid_mid, mlp.ln2_w, mean, rstd, M, N, C, D);
+      k::run_row_product(h,
+                         k::backward_input_layernorm_product(mlp.dln2, mlp.dresid_mid, mlp.dresid_out, mlp.dpre,
+                                                             mlp.fc_w, mlp.resid_mid, mlp.ln2_w, mean, rstd, N, C, D),
+                         M);
+    });
+    // With the row products a step runs beside it: before the forward, the attention's
+    // projection and ln2; after it, the head (logits, loss, the gradient at the last
+    // layer's output); before the backward, the layer above's QKV input gradient.
+    DeviceBuffer<float> ln2(resid_out.size()), resid_mid(resid_out.size()), dlnf(resid_out.size());
+    DeviceBuffer<float> dresid_top(resid_out.size()), dresid(resid_out.size()), logits(static_cast<size_t>(rows) * V);
+    const k::RowProduct proj = k::add_layernorm_product(ln2.data(), mean, rstd, resid_mid.data(), x.data(), w.data(),
+                                                        bias.data(), x.data(), bias.data(), bias.data(), N, C, C);
+    const k::RowProduct head[] = {
+        k::crossentropy_product(row_loss.data(), logits.data(), next_ln.data(), w.data(), tokens.data(), N, C, V, true),
+        k::backward_input_layernorm_product(dlnf.data(), dresid_top.data(), nullptr, logits.data(), w.data(),
+                                            resid_out.data(), bias.data(), mean, rstd, N, C, V)};
+    const k::RowProduct qkv_input = k::backward_input_layernorm_product(
+        dlnf.data(), dresid.data(), x.data(), x.data(), w.data(), x.data(), bias.data(), mean, rstd, N, C, 3 * C);
+    k::MlpSublayer forward = mlp, backward = mlp;
+    forward.ln2 = ln2.data(), forward.resid_mid = resid_mid.data(), forward.before = &proj;
+    forward.after = head, forward.after_count = 2;
+    backward.dresid_out = dresid.data(), backward.before = &qkv_input;
+    const double staged_bytes = bytes + (6 * rows * C + 2 * rows * V + 2.0 * M * C * (C + V)) * f;
+    const double forward_flops = flops + 2 * rows * C * (C + 2.0 * V), backward_flops = flops + 6 * rows * C * C;
+    add("mlp_forward with projection and head", staged_bytes, forward_flops, [&] { k::mlp_forward(h, forward, M); });
+    add("apart: projection, mlp_forward, head", staged_bytes, forward_flops, [&] {
+      k::run_row_product(h, proj, M);
+      k::mlp_forward(h, mlp, M);
+      for (const auto& p : head) k::run_row_product(h, p, M);
+    });
+    add("mlp_backward with QKV input gradient", staged_bytes, backward_flops, [&] { k::mlp_backward(h, backward, M); });
+    add("apart: QKV input gradient, mlp_backward", staged_bytes, backward_flops, [&] {
+      k::run_row_product(h, qkv_input, M);
+      k::mlp_backward(h, mlp, M);
     });
   }
   {
     const double bytes = (rows * C + 2 * rows * V + double(M) * V * C) * f, flops = 2 * rows * C * V + rows * V * 6;
     add("matmul_crossentropy", bytes, flops, [&] {
-      k::matmul_crossentropy(h, row_loss.data(), y.data(), x.data(), w.data(), tokens.data(), M, N, C, V, true);
+      k::run_row_product(
+          h, k::crossentropy_product(row_loss.data(), y.data(), x.data(), w.data(), tokens.data(), N, C, V, true), M);
     });
     add("apart: matmul_forward + crossentropy_forward_backward", bytes, flops, [&] {
       k::matmul_forward(h, y.data(), x.data(), w.data(), M, N, C, V);
@@ -411,7 +450,7 @@ nlohmann::json correlation(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
   for (const auto split : {univ::SplitPrecision::f16, univ::SplitPrecision::tf32})
     for (int64_t span : {int64_t(512), int64_t(1024), int64_t(2048), int64_t(4096)}) {
       const double error = accuracy.worst_error(split, span);
-      for (int spans_per_pass : {1, 8})
+      for (int spans_per_pass : {1, 8, 16})
         variants.push_back({{"split", split == univ::SplitPrecision::f16 ? "fp16" : "tf32"},
                             {"span", span},
                             {"spans_per_pass", spans_per_pass},
@@ -485,9 +524,10 @@ nlohmann::json correlation_step(Bench& b) {
     total_ms.push_back(ms_since(t0));
   }
   // Forward and statistics phase by phase, as stream_statistics runs them: making the
-  // two forward networks and the accumulator, the forward passes (side by side), the
-  // accumulator's adds (waited for), stats(), and releasing it all; with the per-op
-  // networks (correlate's) and, phases suffixed _fused, with the block kernels.
+  // two forward networks, then the accumulator, the forward passes (side by side), the
+  // accumulator's adds (waited for), stats(), and releasing the accumulator, then the
+  // networks; with the per-op networks (correlate's) and, phases suffixed _fused, with
+  // the block kernels.
   std::map<std::string, std::vector<double>> phase_ms;
   for (const auto blocks : {univ::CudaBlocks::per_op, univ::CudaBlocks::fused})
     for (int i = 0; i < 5; ++i) {
@@ -505,9 +545,10 @@ nlohmann::json correlation_step(Bench& b) {
         nets->push_back(univ::make_device_forward(config, m.checkpoint.params, blocks));
         acts.emplace_back(size_t(batch) * config.model.seq_len * m.shape().neurons());
       }
+      lap("setup_networks");
       auto acc = std::make_unique<univ::CudaStatsAccumulator>(std::vector{models[0].shape(), models[1].shape()});
       acc->synchronize();
-      lap("setup");
+      lap("setup_accumulator");
       univ::for_each_batch(tokens, batch, models[0].checkpoint.run.model.seq_len,
                            [&](const int32_t* inputs, const int32_t* targets, int rows, int64_t n) {
                              for (int m = 0; m < 2; ++m) (*nets)[m]->start(inputs, targets, rows, false, acts[m].data(), n);
@@ -519,10 +560,11 @@ nlohmann::json correlation_step(Bench& b) {
                            });
       acc->stats();
       lap("stats_download");
-      acts.clear();
       acc.reset();
+      lap("release_accumulator");
+      acts.clear();
       nets.reset();
-      lap("teardown");
+      lap("release_networks");
       for (const auto& [phase, value] : ms) phase_ms[phase].push_back(value);
     }
   nlohmann::json phases;

@@ -363,15 +363,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // then holds their gradient) and each model's mean loss.
   void forward(int B, bool for_backward) {
     const ModelConfig& c = config_.model;
-    const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
+    const int M = config_.models, N = B * c.seq_len;
     const cudaStream_t s = stream_.get();
     const auto p = param_pointers(layout_, c, params_.data());
-    if (fused_)
+    if (fused_) {
       forward_fused_blocks(B, p, for_backward);
-    else
-      forward_per_op(B, p);
-    if (!fused_head_)
-      cuda::matmul_crossentropy(cublas_.get(), row_loss_, logits_, lnf_, p.lm_head, targets_, M, N, C, V, for_backward);
+      if (!fused_head_)
+        for (const auto& product : head_products(B, p, for_backward)) cuda::run_row_product(cublas_.get(), product, M);
+    } else {
+      forward_per_op(B, p, for_backward);
+    }
     if (for_backward) {  // the losses wait beside the backward pass (its join orders them before the norms)
       fork();
       cuda::mean_loss_per_model(losses_, row_loss_, M, N, side_->end.get());
@@ -403,11 +404,27 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     return att;
   }
 
+  // The head over B sequences per model: the logits and loss, and for the backward
+  // pass their gradient back to the last layer's output (dlnf, dresid_top; the logits
+  // become their gradient).
+  std::vector<cuda::RowProduct> head_products(int B, const ParamPointers<float>& p, bool for_backward) const {
+    const ModelConfig& c = config_.model;
+    const int N = B * c.seq_len, C = c.d_model, V = c.vocab;
+    std::vector<cuda::RowProduct> head{
+        cuda::crossentropy_product(row_loss_, logits_, lnf_, p.lm_head, targets_, N, C, V, for_backward)};
+    if (for_backward)
+      head.push_back(cuda::backward_input_layernorm_product(dlnf_, dresid_top_, nullptr, logits_, p.lm_head,
+                                                            c.layers > 0 ? layers_.back().resid_out : encoded_,
+                                                            p.lnf_w, lnf_mean_, lnf_rstd_, N, C, V));
+    return head;
+  }
+
   // Linear layers' biases are added by what reads their output next: the attention
   // adds the QKV bias, and the products that close a sublayer add theirs with the
   // residual, written straight into the residual stream, and take the layer norm after
-  // it (the next layer's first, or the final norm).
-  void forward_per_op(int B, const ParamPointers<float>& p) {
+  // it (the next layer's first, or the final norm). The attention's projection and the
+  // head run in the MLP's kernel where they fit (before and after it).
+  void forward_per_op(int B, const ParamPointers<float>& p, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
     const cudaStream_t s = stream_.get();
@@ -417,7 +434,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::embedding_layernorm_forward(ln, mean, rstd, encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
                                         learned ? int64_t(T) * C : 0, w, b, M, B, T, C, V, s);
     };
-    if (c.layers == 0) first_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
+    const std::vector<cuda::RowProduct> head = head_products(B, p, for_backward);
+    if (c.layers == 0) {
+      first_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
+      for (const auto& product : head) cuda::run_row_product(h, product, M);
+    }
     for (int l = 0; l < c.layers; ++l) {
       const LayerActs& a = layers_[l];
       const auto& w = p.blocks[l];
@@ -426,13 +447,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::AttentionWithProducts att = attention_with_products(l, w, B);
       att.qkv_b = w.qkv_b;  // added as q, k and v are formed
       cuda::attention_forward_with_products(h, att, M);
-      cuda::matmul_add_layernorm_forward(h, a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w, w.proj_b,
-                                         residual, w.ln2_w, w.ln2_b, M, N, C, C);
+      const cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty,
+                                                                w.proj_w, w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
       cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
+      mlp.before = &proj;
       const bool last = l + 1 == c.layers;  // the next norm: the next layer's first, or the final one
       mlp.next_ln = last ? lnf_ : layers_[l + 1].ln1, mlp.next_mean = last ? lnf_mean_ : layers_[l + 1].ln1_mean;
       mlp.next_rstd = last ? lnf_rstd_ : layers_[l + 1].ln1_rstd;
       mlp.next_w = last ? p.lnf_w : p.blocks[l + 1].ln1_w, mlp.next_b = last ? p.lnf_b : p.blocks[l + 1].ln1_b;
+      if (last) mlp.after = head.data(), mlp.after_count = static_cast<int>(head.size());
       cuda::mlp_forward(h, mlp, M);
     }
   }
@@ -496,21 +519,36 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     cuda::ColumnSums& sums = *column_sums_;
     const auto p = param_pointers(layout_, c, params_.data());
     const auto g = param_pointers(layout_, c, grads_.data());
-    const float* last = c.layers > 0 ? layers_.back().resid_out : encoded_;
-    // logits hold dlogits; the fused head has written dlnf and dresid_top already
-    if (!fused_head_)
-      cuda::matmul_backward_input_layernorm(h, dlnf_, dresid_top_, nullptr, logits_, p.lm_head, last, p.lnf_w,
-                                            lnf_mean_, lnf_rstd_, M, N, C, V);
+    auto layer_input = [&](int l) { return l == 0 ? encoded_ : layers_[l - 1].resid_out; };
+    // The forward pass ran the head's backward: logits hold dlogits, dlnf and dresid_top
+    // are written.
     fork();
     cuda::matmul_backward_weight(hs(), g.lm_head, sums, logits_, lnf_, M, N, C, V);
-    cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, last, lnf_mean_, lnf_rstd_, M, N, C, side());
+    cuda::layernorm_backward_params(g.lnf_w, g.lnf_b, sums, dlnf_, layer_input(c.layers), lnf_mean_, lnf_rstd_, M, N,
+                                    C, side());
+    // Per op, layer l's input gradient through its QKV product and first norm (dln1,
+    // dresid_in) runs before the MLP backward of the layer below, in its kernel where it
+    // fits (pending until then), and then its norm's parameter gradients.
+    auto qkv_input = [&](int l) {
+      const LayerActs& a = layers_[l];
+      const LayerGrads& d = layer_grads_[l];
+      return cuda::backward_input_layernorm_product(d.dln1, d.dresid_in, d.dresid_mid, d.dqkv, p.blocks[l].qkv_w,
+                                                    layer_input(l), p.blocks[l].ln1_w, a.ln1_mean, a.ln1_rstd, N, C,
+                                                    3 * C);
+    };
+    auto ln1_params = [&](int l) {
+      const auto& gw = g.blocks[l];
+      cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, layer_grads_[l].dln1, layer_input(l),
+                                      layers_[l].ln1_mean, layers_[l].ln1_rstd, M, N, C, side());
+    };
+    std::optional<cuda::RowProduct> pending;
     const float* dresid = dresid_top_;  // the gradient at the current layer's output
     for (int l = c.layers - 1; l >= 0; --l) {
       const LayerActs& a = layers_[l];
       const LayerGrads& d = layer_grads_[l];
       const auto& w = p.blocks[l];
       const auto& gw = g.blocks[l];
-      const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
+      const float* residual = layer_input(l);
       // The parameter gradients on the side lanes, each once what it reads exists: the
       // weight products, and on the per-op path the bias and norm column sums (the
       // block kernel sums each sequence's share of those itself).
@@ -524,9 +562,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       auto bias_grad = [&](float* grad, const float* dout, int columns) {
         cuda::bias_activation_backward(nullptr, grad, sums, dout, nullptr, M, N, columns, none, side());
       };
-      fork();
-      cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C);
+      auto out_weight_grad = [&] { cuda::matmul_backward_weight(hs(), gw.out_w, sums, dresid, a.post, M, N, D, C); };
       if (fused_backward_) {
+        fork();
+        out_weight_grad();
         cuda::BlockBackward b{};
         b.dresid_out = dresid, b.resid_in = residual, b.ln1_mean = a.ln1_mean, b.ln1_rstd = a.ln1_rstd;
         b.qkv = a.qkv, b.att = a.att, b.resid_mid = a.resid_mid, b.ln2_mean = a.ln2_mean, b.ln2_rstd = a.ln2_rstd;
@@ -551,11 +590,14 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         proj_weight_grad();
         qkv_weight_grad();
       } else {
-        bias_grad(gw.out_b, dresid, C);
         cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
         mlp.dresid_out = dresid, mlp.dpre = d.dpre, mlp.dln2 = d.dln2, mlp.dresid_mid = d.dresid_mid;
+        mlp.before = pending ? &*pending : nullptr;  // writes dresid
         cuda::mlp_backward(h, mlp, M);
         fork();
+        if (pending) ln1_params(l + 1);
+        out_weight_grad();
+        bias_grad(gw.out_b, dresid, C);
         bias_grad(gw.fc_b, d.dpre, D);
         fc_weight_grad();
         cuda::layernorm_backward_params(gw.ln2_w, gw.ln2_b, sums, d.dln2, a.resid_mid, a.ln2_mean, a.ln2_rstd, M, N,
@@ -568,13 +610,14 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         fork();
         bias_grad(gw.qkv_b, d.dqkv, 3 * C);
         qkv_weight_grad();
-        cuda::matmul_backward_input_layernorm(h, d.dln1, d.dresid_in, d.dresid_mid, d.dqkv, w.qkv_w, residual,
-                                              w.ln1_w, a.ln1_mean, a.ln1_rstd, M, N, C, 3 * C);
-        fork();
-        cuda::layernorm_backward_params(gw.ln1_w, gw.ln1_b, sums, d.dln1, residual, a.ln1_mean, a.ln1_rstd, M, N, C,
-                                        side());
+        pending = qkv_input(l);
       }
       dresid = d.dresid_in;
+    }
+    if (pending) {  // the first layer's: no MLP below it
+      cuda::run_row_product(h, *pending, M);
+      fork();
+      ln1_params(0);
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
     for (const auto& lane : side_->lanes) {  // split products are partials too

@@ -98,31 +98,52 @@ void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout
 // whose input was act(pre).
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
                                       const float* pre, int M, int N, int C, int OC, Act act);
-// The products that close a layer, with the row op that reads their output next (one
-// kernel where a row has at most 64 outputs and the product is small, else cuBLAS and
-// that op's kernel):
+// The products that close a layer, with the row op that reads their output next: made
+// by the three functions below, run by run_row_product (one kernel where a row has at
+// most 64 outputs and the product is small, else cuBLAS and that op's kernel) or inside
+// the MLP's kernel (mlp_forward, mlp_backward).
+enum class RowOp { add_layernorm, crossentropy, layernorm_backward };
+struct RowProduct {
+  RowOp op;
+  float* out;          // [M, R, P]
+  const float *a, *b;  // a [M, R, K]; b [M, P, K] read as b^T (add_layernorm, crossentropy), else [M, K, P]
+  int R, P, K;
+  const float *bias, *residual;  // add_layernorm: [M, P], [M, R, P]
+  float *norm_out, *mean, *rstd;  // add_layernorm: written
+  const float *norm_w, *norm_b;   // add_layernorm (both), layernorm_backward (norm_w)
+  const int32_t* targets;         // crossentropy
+  float* row_loss;
+  bool backward;
+  const float *norm_in, *saved_mean, *saved_rstd;  // layernorm_backward: the norm's input and statistics
+  float* dinp;                                     // dinp = dinp_in (null: 0) + the gradient at norm_in
+  const float* dinp_in;
+};
 // resid[M,N,OC] = inp[M,N,C] weight^T + bias[M,OC] + residual[M,N,OC]; out, mean, rstd:
 // the layer norm of resid (add_layernorm_forward's, norm_w and norm_b [M,OC]).
-void matmul_add_layernorm_forward(cublasHandle_t handle, float* out, float* mean, float* rstd, float* resid,
-                                  const float* inp, const float* weight, const float* bias, const float* residual,
-                                  const float* norm_w, const float* norm_b, int M, int N, int C, int OC);
+RowProduct add_layernorm_product(float* out, float* mean, float* rstd, float* resid, const float* inp,
+                                 const float* weight, const float* bias, const float* residual, const float* norm_w,
+                                 const float* norm_b, int N, int C, int OC);
 // logits[M,N,V] = inp[M,N,C] weight[M,V,C]^T, then crossentropy_forward_backward's row
 // losses (with backward, the logits become their gradient).
-void matmul_crossentropy(cublasHandle_t handle, float* row_loss, float* logits, const float* inp, const float* weight,
-                         const int32_t* targets, int M, int N, int C, int V, bool backward);
+RowProduct crossentropy_product(float* row_loss, float* logits, const float* inp, const float* weight,
+                                const int32_t* targets, int N, int C, int V, bool backward);
 // dnorm[M,N,C] = dout[M,N,OC] weight, the gradient at a layer norm's output; then dinp =
 // dinp_in + the gradient at its input norm_in (layernorm_backward_input's).
-void matmul_backward_input_layernorm(cublasHandle_t handle, float* dnorm, float* dinp, const float* dinp_in,
-                                     const float* dout, const float* weight, const float* norm_in,
-                                     const float* norm_w, const float* mean, const float* rstd, int M, int N, int C,
-                                     int OC);
+RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const float* dinp_in, const float* dout,
+                                            const float* weight, const float* norm_in, const float* norm_w,
+                                            const float* mean, const float* rstd, int N, int C, int OC);
+void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // The MLP sublayer, one kernel each way where d_model C <= 64 and d_mlp D <= 256 (else
 // the products above, two each way). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b, post =
 // act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
 // next_mean, next_rstd: the layer norm after it (next_w, next_b). Backward, from
 // dresid_out (and pre, resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
 // (dresid_out out_w) * act'(pre), dln2 = dpre fc_w, dresid_mid = dresid_out + the
-// gradient through that norm.
+// gradient through that norm. Row products of the same N rows run in the same kernel
+// where they fit too (else apart, in order): `before` the MLP, the one that makes its
+// input (forward: an add_layernorm writing ln2; backward: a layernorm_backward writing
+// dresid_out); `after` it (forward only), a crossentropy reading next_ln and then a
+// layernorm_backward reading its gradient (the head, both ways). Null: none.
 struct MlpSublayer {
   const float *ln2, *fc_w, *fc_b, *out_w, *out_b, *resid_mid, *next_w, *next_b;
   float *pre, *post, *resid_out, *next_ln, *next_mean, *next_rstd;
@@ -130,6 +151,9 @@ struct MlpSublayer {
   float *dpre, *dln2, *dresid_mid;
   int N, C, D;
   Act act;
+  const RowProduct* before;
+  const RowProduct* after;
+  int after_count;  // 0 to 2
 };
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M);
 void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M);
