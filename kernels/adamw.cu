@@ -19,12 +19,13 @@ constexpr int kNormPiece = 8 * kThreads;  // gradient elements per block of eith
 // Block s: the sum of squares of piece s, in a fixed tree. The last block to finish
 // (a counter, as in the CUDA samples' threadFenceReduction) then adds up each model's
 // pieces in a fixed tree, writes the norm and the clipping factor and whether the step
-// may update, and sets the counter back to zero for the next launch.
+// may update (and the report for the host), and sets the counter back to zero for the
+// next launch.
 __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __restrict__ blocks_done,
                                   float* __restrict__ norms, float* __restrict__ scales, int* __restrict__ finite,
                                   const float* __restrict__ grads, const ParamSegment* __restrict__ pieces,
                                   int num_pieces, const float* __restrict__ losses, int M,
-                                  const OptimizerStep* __restrict__ step) {
+                                  const OptimizerStep* __restrict__ step, const StepReport report) {
   __shared__ double partial[kThreads];
   __shared__ bool last;
   if (static_cast<int>(blockIdx.x) < num_pieces) {
@@ -66,6 +67,8 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
     if (threadIdx.x == 0) {
       const double norm = sqrt(partial[0]);
       norms[m] = static_cast<float>(norm);
+      if (report.norms) report.norms[m] = norms[m];
+      if (report.losses) report.losses[m] = losses[m];
       // PyTorch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1.
       scales[m] = static_cast<float>(step->clip > 0 ? fmin(1.0, step->clip / (norm + 1e-6)) : 1.0);
     }
@@ -75,6 +78,7 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
     int ok = 1;
     for (int i = 0; i < M; ++i) ok &= isfinite(norms[i]) && isfinite(losses[i]);
     finite[0] = ok;
+    if (report.finite) *report.finite = ok;
     *blocks_done = 0;
   }
 }
@@ -112,9 +116,10 @@ std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments)
 
 void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* scales, int* finite, const float* grads,
                 const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
-                cudaStream_t stream) {
+                const StepReport& report, cudaStream_t stream) {
   grad_norms_kernel<<<std::max(num_pieces, 1), kThreads, 0, stream>>>(partials, blocks_done, norms, scales, finite,
-                                                                      grads, pieces, num_pieces, losses, M, step);
+                                                                      grads, pieces, num_pieces, losses, M, step,
+                                                                      report);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

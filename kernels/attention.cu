@@ -122,23 +122,52 @@ struct ForwardArgs {
   float* qkv_out;
   int B, T, C, H;
   float scale;
+  bool embed;               // ln is embedding's norm, formed here
+  EmbeddingNorm embedding;
 };
 
 // Stages into w [parts, C, pad4(hd)] (at the front of shared memory) the weight columns
 // weight(e, k, i) of the head's channels i < hd, zeros to the pad (the products read
-// four at a time), and after them into x [T, odd_ld(C)] the sequence's rows of `in` [T,
-// C]; returns x.
+// four at a time); returns where the rows go after them, x [T, odd_ld(C)].
 template <class Weight>
-__device__ float* stage_product(float* w, const float* __restrict__ in, int T, int C, int hd, int parts,
-                                const Weight& weight) {
+__device__ float* stage_weights(float* w, int C, int hd, int parts, const Weight& weight) {
   const int hdp = pad4(hd);
   for (int idx = threadIdx.x; idx < parts * C * hdp; idx += blockDim.x) {
     const int i = idx % hdp, k = idx / hdp % C, e = idx / (hdp * C);
     w[idx] = i < hd ? weight(e, k, i) : 0.0f;
   }
-  float* x = w + parts * C * hdp;
+  return w + parts * C * hdp;
+}
+
+// The sequence's rows of `in` [T, C] into x [T, odd_ld(C)].
+__device__ void stage_rows(float* x, const float* __restrict__ in, int T, int C) {
   for (int idx = threadIdx.x; idx < T * C; idx += blockDim.x) x[idx / C * odd_ld(C) + idx % C] = in[idx];
-  return x;
+}
+
+// The sequence's rows of the first layer's norm into x [T, odd_ld(C)], as
+// embedding_layernorm_forward forms them (a warp per row, the same lane functions):
+// encoded = wte[token] + pos, then its norm; `writer` (one block per sequence) also
+// writes encoded, the norm, mean and rstd. Not inlined: inlined, the forward kernel
+// spilled 32 bytes at its 64 registers (ptxas, sm_90); called, neither spills.
+__device__ __noinline__ void embed_rows(float* x, const EmbeddingNorm& e, int64_t seq, int64_t m, int T, int C, bool writer) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int t = threadIdx.x / kWarpSize; t < T; t += blockDim.x / kWarpSize) {
+    const int64_t row = seq * T + t;
+    const float* token_row = e.wte + (m * e.V + e.tokens[row]) * C;
+    const float* pos_row = e.pos + m * e.pos_model_stride + int64_t(t) * C;
+    float* xr = x + t * odd_ld(C);
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += kWarpSize) {
+      const float v = token_row[c] + pos_row[c];
+      xr[c] = v;  // read back below by this lane only
+      if (writer) e.encoded[row * C + c] = v;
+      sum += v;
+    }
+    const float2 stats = normalize_lanes(xr, 1, xr, 1, sum, e.norm_w + m * C, e.norm_b + m * C, C);
+    if (!writer) continue;
+    for (int c = lane; c < C; c += kWarpSize) e.out[row * C + c] = xr[c];
+    if (lane == 0) e.mean[row] = stats.x, e.rstd[row] = stats.y;
+  }
 }
 
 // A head of one chunk: its q, k and v from the norm before it, ln qkv_w^T, written to
@@ -148,8 +177,11 @@ __device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const 
   const int T = p.T, C = p.C, hd = C / p.H, hdp = pad4(hd), h = static_cast<int>(head % p.H), ldT = transposed_ld(T);
   const int64_t seq = head / p.H, m = seq / p.B;
   const float* qkv_w = p.qkv_w + m * 3 * C * C + int64_t(h) * hd * C;  // row (e C + h hd + i) at e C^2 + i C
-  const float* x = stage_product(w, p.ln + seq * T * C, T, C, hd, 3,
-                                 [&](int e, int k, int i) { return qkv_w[(int64_t(e) * C + i) * C + k]; });
+  float* x = stage_weights(w, C, hd, 3, [&](int e, int k, int i) { return qkv_w[(int64_t(e) * C + i) * C + k]; });
+  if (p.embed)
+    embed_rows(x, p.embedding, seq, m, T, C, h == 0);
+  else
+    stage_rows(x, p.ln + seq * T * C, T, C);
   for (int idx = threadIdx.x; idx < hd * (pad4(T) - T); idx += blockDim.x)
     kT[idx / (pad4(T) - T) * ldT + T + idx % (pad4(T) - T)] = 0.0f;
   __syncthreads();
@@ -273,8 +305,8 @@ __device__ void output_dots(float* pd, const float* dy, const Head& g, int t0, i
 // the pad), the gradient at the projection's input, from operands staged at `staged`.
 __device__ void head_output_gradient(float* dy, float* staged, const Head& g) {
   const int T = g.T, C = g.C, hdp = pad4(g.hd);
-  const float* x = stage_product(staged, g.dproj, T, C, g.hd, 1,
-                                 [&](int, int o, int i) { return g.proj_w[int64_t(o) * C + i]; });
+  float* x = stage_weights(staged, C, g.hd, 1, [&](int, int o, int i) { return g.proj_w[int64_t(o) * C + i]; });
+  stage_rows(x, g.dproj, T, C);
   __syncthreads();
   tile_product<1>(
       1, T, hdp, [&](int, int t, int o) { return x[t * odd_ld(C) + o]; }, [&](int) { return staged; }, hdp,
@@ -437,7 +469,10 @@ void launch_backward(const BackwardArgs& p, int M, cudaStream_t stream) {
 
 void attention_forward(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T, int C,
                        int H, cudaStream_t stream) {
-  launch_forward({out, att, qkv, qkv_bias, nullptr, nullptr, nullptr, B, T, C, H, attention_scale(C / H)}, M, stream);
+  ForwardArgs p{};
+  p.out = out, p.att = att, p.qkv = qkv, p.qkv_bias = qkv_bias, p.B = B, p.T = T, p.C = C, p.H = H;
+  p.scale = attention_scale(C / H);
+  launch_forward(p, M, stream);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
@@ -447,12 +482,21 @@ void attention_backward(float* dqkv, const float* dout, const float* out, const 
 }
 
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
+  const EmbeddingNorm* e = a.embedding;
+  const float* ln = e ? e->out : a.ln;
   if (!products_fit(a.T, a.C, a.H)) {
-    matmul_forward(handle, a.qkv, a.ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
+    if (e)
+      embedding_layernorm_forward(e->out, e->mean, e->rstd, e->encoded, e->tokens, e->wte, e->pos,
+                                  e->pos_model_stride, e->norm_w, e->norm_b, M, a.B, a.T, a.C, e->V,
+                                  stream_of(handle));
+    matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
   }
-  launch_forward({a.out, a.att, nullptr, a.qkv_b, a.ln, a.qkv_w, a.qkv, a.B, a.T, a.C, a.H, attention_scale(a.C / a.H)},
-                 M, stream_of(handle));
+  ForwardArgs p{};
+  p.out = a.out, p.att = a.att, p.qkv_bias = a.qkv_b, p.ln = ln, p.qkv_w = a.qkv_w, p.qkv_out = a.qkv;
+  if (e) p.embedding = *e, p.embed = true;
+  p.B = a.B, p.T = a.T, p.C = a.C, p.H = a.H, p.scale = attention_scale(a.C / a.H);
+  launch_forward(p, M, stream_of(handle));
 }
 
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {

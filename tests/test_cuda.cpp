@@ -586,26 +586,45 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
 // The attention with the products at its ends (one kernel each way where a sequence is
 // one chunk, else cuBLAS and the kernels apart; the two shapes added have an odd head
 // width and operands over 48 KiB): qkv written without the bias, out, att and dqkv
-// against the CPU ops composed.
+// against the CPU ops composed; without the QKV bias, with it, and with it and the
+// first layer's norm of the embedding formed there too (encoded, the norm, mean, rstd).
 TEST_F(Gpu, AttentionWithProducts) {
   cuda::CublasHandle handle(stream->get(), false);
   for (const Shape& s : shapes_and({{2, 2, 17, 30, 2, 5, 5}, {1, 2, 32, 96, 3, 5, 5}}))
-    for (const bool with_bias : {false, true}) {
+    for (const int variant : {0, 1, 2}) {
+      const bool with_bias = variant > 0, embed = variant == 2;
       SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H) +
-                   (with_bias ? ", bias" : ""));
+                   (with_bias ? ", bias" : "") + (embed ? ", embedding" : ""));
       const int M = s.M, N = s.B * s.T, C = s.C;
-      const int64_t n = int64_t(M) * N * C, probs = int64_t(M) * s.B * s.H * s.T * s.T;
-      const auto ln = random_vector<float>(n, 121), qkv_w = random_vector<float>(size_t(M) * 3 * C * C, 122, 0.3);
+      const int64_t n = int64_t(M) * N * C, probs = int64_t(M) * s.B * s.H * s.T * s.T, rows = int64_t(M) * N;
+      const auto tokens = random_tokens(size_t(rows), s.V, 126);
+      const auto wte = random_vector<float>(size_t(M) * s.V * C, 127), wpe = random_vector<float>(size_t(M) * s.T * C, 128);
+      const auto norm_w = random_vector<float>(size_t(M) * C, 129), norm_b = random_vector<float>(size_t(M) * C, 130);
+      std::vector<float> ln = random_vector<float>(n, 121), encoded(n), mean(rows), rstd(rows);
+      if (embed) {
+        cpu::embedding_forward(encoded.data(), tokens.data(), wte.data(), wpe.data(), int64_t(s.T) * C, M, s.B, s.T,
+                               C, s.V);
+        cpu::layernorm_forward(ln.data(), mean.data(), rstd.data(), encoded.data(), norm_w.data(), norm_b.data(), M,
+                               N, C);
+      }
+      const auto qkv_w = random_vector<float>(size_t(M) * 3 * C * C, 122, 0.3);
       const auto qkv_b = random_vector<float>(size_t(M) * 3 * C, 123);
       const auto proj_w = random_vector<float>(size_t(M) * C * C, 124, 0.3), dproj = random_vector<float>(n, 125);
-      auto d_ln = up(ln), d_qkv_w = up(qkv_w), d_qkv_b = up(qkv_b), d_proj_w = up(proj_w), d_dproj = up(dproj);
+      auto d_qkv_w = up(qkv_w), d_qkv_b = up(qkv_b), d_proj_w = up(proj_w), d_dproj = up(dproj);
+      auto d_wte = up(wte), d_wpe = up(wpe), d_norm_w = up(norm_w), d_norm_b = up(norm_b);
+      auto d_tokens = up(tokens);
+      auto d_ln = embed ? poisoned(n) : up(ln), d_encoded = poisoned(n), d_mean = poisoned(rows),
+           d_rstd = poisoned(rows);
       auto d_qkv = poisoned(3 * n), d_att = poisoned(probs), d_out = poisoned(n), d_datty = poisoned(n),
            d_dqkv = poisoned(3 * n);
+      const cuda::EmbeddingNorm embedding{d_ln.data(), d_mean.data(), d_rstd.data(), d_encoded.data(),
+                                          d_tokens.data(), d_wte.data(), d_wpe.data(), int64_t(s.T) * C,
+                                          d_norm_w.data(), d_norm_b.data(), s.V};
       cuda::AttentionWithProducts a{};
       a.ln = d_ln.data(), a.qkv_w = d_qkv_w.data(), a.qkv_b = with_bias ? d_qkv_b.data() : nullptr;
       a.proj_w = d_proj_w.data(), a.dproj = d_dproj.data(), a.qkv = d_qkv.data(), a.att = d_att.data();
       a.out = d_out.data(), a.datty = d_datty.data(), a.dqkv = d_dqkv.data();
-      a.B = s.B, a.T = s.T, a.C = C, a.H = s.H;
+      a.embedding = embed ? &embedding : nullptr, a.B = s.B, a.T = s.T, a.C = C, a.H = s.H;
       cuda::attention_forward_with_products(handle.get(), a, M);
       cuda::attention_backward_with_products(handle.get(), a, M);
 
@@ -618,6 +637,12 @@ TEST_F(Gpu, AttentionWithProducts) {
       cpu::matmul_backward(datty.data(), unused_dw.data(), static_cast<float*>(nullptr), dproj.data(),
                            std::vector<float>(n).data(), proj_w.data(), M, N, C, C);
       cpu::attention_backward(dqkv.data(), datty.data(), qkv.data(), att.data(), M, s.B, s.T, C, s.H);
+      if (embed) {
+        expect_close(down(d_encoded), encoded, kFp32, "encoded");
+        expect_close(down(d_ln), ln, kFp32, "norm");
+        expect_close(down(d_mean), mean, kFp32, "mean");
+        expect_close(down(d_rstd), rstd, kFp32, "rstd");
+      }
       expect_close(down(d_qkv), raw, kFp32, "qkv");
       expect_close(down(d_out), out, kFp32, "out");
       expect_close(down(d_att), att, kFp32, "att");
@@ -911,14 +936,22 @@ TEST_F(Gpu, NormsClippingAndAdamW) {
     auto norms = poisoned(M), scales = poisoned(M);
     cuda::DeviceBuffer<int> finite(1);
     auto blocks_done = up(std::vector<unsigned>{0});
+    cuda::PinnedBuffer<float> report_losses(M), report_norms(M);  // the host's copies, written by the kernel
+    cuda::PinnedBuffer<int> report_finite(1);
+    std::fill_n(report_losses.data(), M, std::nanf("")), std::fill_n(report_norms.data(), M, std::nanf(""));
+    report_finite[0] = -1;
     for (int repeat = 0; repeat < 2; ++repeat)  // the second launch finds the counter zero again
       cuda::grad_norms(partials.data(), blocks_done.data(), norms.data(), scales.data(), finite.data(), d_grads.data(),
-                       d_pieces.data(), int(pieces.size()), d_losses.data(), M, d_step.data(), stream->get());
+                       d_pieces.data(), int(pieces.size()), d_losses.data(), M, d_step.data(),
+                       {report_losses.data(), report_norms.data(), report_finite.data()}, stream->get());
     cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_pieces.data(), int(pieces.size()),
                        scales.data(), finite.data(), d_step.data(), stream->get());
     EXPECT_EQ(down(finite)[0], 1);
     EXPECT_EQ(down(blocks_done)[0], 0u);
-    const auto gpu_norms = down(norms);
+    const auto gpu_norms = down(norms);  // (down() waits for the stream)
+    EXPECT_EQ(std::vector<float>(report_norms.data(), report_norms.data() + M), gpu_norms);
+    EXPECT_EQ(std::vector<float>(report_losses.data(), report_losses.data() + M), losses);
+    EXPECT_EQ(report_finite[0], 1);
     for (int m = 0; m < M; ++m) {
       double sq = 0;
       for (const auto& t : layout.tensors()) sq += cpu::sum_squares(grads.data() + layout.offset(t, m), t.numel);

@@ -430,22 +430,27 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const cudaStream_t s = stream_.get();
     const cublasHandle_t h = cublas_.get();
     const bool learned = c.pos == PosEncoding::learned;
-    auto first_norm = [&](float* ln, float* mean, float* rstd, const float* w, const float* b) {
-      cuda::embedding_layernorm_forward(ln, mean, rstd, encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
-                                        learned ? int64_t(T) * C : 0, w, b, M, B, T, C, V, s);
+    // The norm of the embedding: the first layer's (formed by its attention, in its
+    // kernel where it fits), or with no layers the final norm.
+    auto embedding_norm = [&](float* ln, float* mean, float* rstd, const float* w, const float* b) {
+      return cuda::EmbeddingNorm{ln, mean, rstd, encoded_, inputs_, p.wte, learned ? p.wpe : positions_.data(),
+                                 learned ? int64_t(T) * C : 0, w, b, V};
     };
     const std::vector<cuda::RowProduct> head = head_products(B, p, for_backward);
     if (c.layers == 0) {
-      first_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
+      const cuda::EmbeddingNorm e = embedding_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
+      cuda::embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride,
+                                        e.norm_w, e.norm_b, M, B, T, C, V, s);
       for (const auto& product : head) cuda::run_row_product(h, product, M);
     }
     for (int l = 0; l < c.layers; ++l) {
       const LayerActs& a = layers_[l];
       const auto& w = p.blocks[l];
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
-      if (l == 0) first_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b);
       cuda::AttentionWithProducts att = attention_with_products(l, w, B);
       att.qkv_b = w.qkv_b;  // added as q, k and v are formed
+      const cuda::EmbeddingNorm embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b);
+      if (l == 0) att.embedding = &embedding;
       cuda::attention_forward_with_products(h, att, M);
       const cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty,
                                                                 w.proj_w, w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
@@ -629,16 +634,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     side_->join.make_wait(s);
   }
 
-  // Norms, clipping, AdamW (skipped on device when anything is not finite), and the
-  // report (losses, norms, verdict) copied to pinned host memory.
+  // Norms, clipping and AdamW (skipped on device when anything is not finite); the
+  // norms' kernel writes the report (losses, norms, verdict) straight into pinned host
+  // memory, so that no copy ends the step.
   void optimize() {
     const int M = config_.models, P = static_cast<int>(pieces_.size());
     const cudaStream_t s = stream_.get();
     cuda::grad_norms(norm_partials_.data(), norm_blocks_done_.data(), norms_, scales_.data(), finite_, grads_.data(),
-                     pieces_.data(), P, losses_, M, step_params_, s);
+                     pieces_.data(), P, losses_, M, step_params_, {host_losses_, host_norms_, host_finite_}, s);
     cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), pieces_.data(), P,
                        scales_.data(), finite_, step_params_, s);
-    report_.download(s);
   }
 
   std::vector<float> download(const DeviceBuffer<float>& b) const {

@@ -21,6 +21,7 @@
 #define __device__
 #define __host__
 #define __forceinline__
+#define __noinline__
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __restrict__

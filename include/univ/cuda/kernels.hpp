@@ -186,15 +186,27 @@ void attention_forward(float* out, float* att, const float* qkv, const float* qk
 // qkv_bias.
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
                         const float* att, int M, int B, int T, int C, int H, cudaStream_t stream);
+// The first layer's norm of the embedding as embedding_layernorm_forward takes it (out,
+// the norm, and mean, rstd and encoded written), for the attention to form itself.
+struct EmbeddingNorm {
+  float *out, *mean, *rstd, *encoded;
+  const int32_t* tokens;
+  const float *wte, *pos;
+  int64_t pos_model_stride;
+  const float *norm_w, *norm_b;
+  int V;
+};
 // The attention with the products at its ends, each way in one kernel where a sequence
 // is one chunk of 32 and a block's operands stay within 48 KiB (else cuBLAS and the
 // kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C] qkv_w[M,3C,C]^T (written
-// without the bias), then attention_forward's out and att with qkv_b. Backward: the
-// gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C] (into datty where
-// it runs apart), then attention_backward's dqkv.
+// without the bias), then attention_forward's out and att with qkv_b; with embedding
+// (the first layer), ln is its norm, formed here too (one block per sequence writes
+// it). Backward: the gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C]
+// (into datty where it runs apart), then attention_backward's dqkv.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
+  const EmbeddingNorm* embedding;
   int B, T, C, H;
 };
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
@@ -293,13 +305,21 @@ struct OptimizerStep {
 // The segments cut into the pieces that grad_norms and adamw_update take one block
 // each, in order.
 std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments);
+// Where grad_norms also writes each model's loss and norm and the finite flag for the
+// host: pinned host memory (cudaMallocHost's, which kernels reach at the same address),
+// so that no copy follows a step; null members: not written.
+struct StepReport {
+  float *losses, *norms;
+  int* finite;
+};
 // norms[M] = global gradient norm per model over the pieces of its segments;
 // scales[M] = min(1, clip / (norm + 1e-6)); finite[0] = 1 when every loss and norm is
-// finite. partials [num_pieces] scratch; blocks_done, a counter of the launch's
-// finished blocks, must be zero before the first launch and is zero after each.
+// finite; the same into `report`. partials [num_pieces] scratch; blocks_done, a counter
+// of the launch's finished blocks, must be zero before the first launch and is zero
+// after each.
 void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* scales, int* finite, const float* grads,
                 const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
-                cudaStream_t stream);
+                const StepReport& report, cudaStream_t stream);
 // AdamW on every piece, gradients times the model's scale; nothing when !finite[0].
 void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* pieces,
                   int num_pieces, const float* scales, const int* finite, const OptimizerStep* step,
