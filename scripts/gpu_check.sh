@@ -75,8 +75,8 @@ step correlate 90 bash -c "for i in 1 2 3; do '$bin/correlate' '$logs/pair_cuda'
     '$logs/corr_gpu/summary.json' '$logs/corr_cpu/summary.json'"
 # The whole suite and the sanitizers side by side (their results, not their times, count).
 step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
-step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
-  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.ColumnSums*:Gpu.Attention:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws' &
+step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
+  --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.MatmulRowEpilogues:Gpu.MlpSublayer*:Gpu.ColumnSums*:Gpu.Attention*:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws' &
 step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
 wait

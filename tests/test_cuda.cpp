@@ -911,6 +911,23 @@ TEST_F(Gpu, CrossEntropy) {
   }
 }
 
+// cuBLAS handles come back from the pool: the one given back last is the next taken
+// (its workspace with it), bound to the new stream; handles alive together differ.
+TEST_F(Gpu, CublasHandlesComeBackFromThePool) {
+  cuda::Stream other;
+  cublasHandle_t released = nullptr;
+  {
+    cuda::CublasHandle first(other.get(), true);
+    released = first.get();
+  }
+  cuda::CublasHandle again(stream->get(), false), more(stream->get(), false);
+  EXPECT_EQ(again.get(), released);
+  EXPECT_NE(more.get(), again.get());
+  cudaStream_t bound = nullptr;
+  ASSERT_EQ(cublasGetStream(again.get(), &bound), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(bound, stream->get());
+}
+
 TEST_F(Gpu, NormsClippingAndAdamW) {
   ModelConfig c;
   c.vocab = 13, c.seq_len = 7, c.d_model = 12, c.heads = 3, c.d_mlp = 200, c.layers = 2;  // fc weights: 2 pieces

@@ -5,7 +5,9 @@
 
 #include <cstddef>
 #include <functional>
+#include <mutex>
 #include <utility>
+#include <vector>
 
 #include "univ/cuda/check.hpp"
 
@@ -108,24 +110,60 @@ class Event {
   cudaEvent_t event_{};
 };
 
-// A cuBLAS handle bound to a stream, with its own workspace (required for graph capture).
+// A cuBLAS handle bound to a stream, with its own workspace (required for graph
+// capture). Handles and their workspaces come from a process-wide pool and go back to
+// it: making one (cuBLAS's setup and 32 MiB of device memory, freed again with a
+// device-wide wait) costs more than a short job that uses it, such as the two forward
+// networks and the statistics of one seed correlation step. The pool keeps as many as
+// were ever alive at once. The stream must outlive the handle: giving it back waits
+// for the work enqueued there, which may still use the workspace.
 class CublasHandle {
  public:
-  CublasHandle(cudaStream_t stream, bool tf32) : workspace_(kWorkspaceBytes) {
-    UNIV_CUBLAS_CHECK(cublasCreate(&handle_));
-    UNIV_CUBLAS_CHECK(cublasSetStream(handle_, stream));
-    UNIV_CUBLAS_CHECK(cublasSetWorkspace(handle_, workspace_.data(), kWorkspaceBytes));
-    UNIV_CUBLAS_CHECK(cublasSetMathMode(handle_, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  CublasHandle(cudaStream_t stream, bool tf32) : pooled_(take()), stream_(stream) {
+    UNIV_CUBLAS_CHECK(cublasSetStream(pooled_.handle, stream));
+    UNIV_CUBLAS_CHECK(cublasSetMathMode(pooled_.handle, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
   }
-  ~CublasHandle() { cublasDestroy(handle_); }
+  ~CublasHandle() {
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) return;  // a failed device keeps what it holds
+    const std::lock_guard<std::mutex> lock(pool_mutex());
+    pool().push_back(std::move(pooled_));
+  }
   CublasHandle(const CublasHandle&) = delete;
   CublasHandle& operator=(const CublasHandle&) = delete;
-  cublasHandle_t get() const { return handle_; }
+  cublasHandle_t get() const { return pooled_.handle; }
 
  private:
   static constexpr size_t kWorkspaceBytes = size_t(32) << 20;
-  DeviceBuffer<char> workspace_;
-  cublasHandle_t handle_{};
+  struct Pooled {
+    cublasHandle_t handle{};
+    DeviceBuffer<char> workspace;
+  };
+  // Never destroyed: at exit the CUDA runtime may be gone before static destructors run.
+  static std::vector<Pooled>& pool() {
+    static auto* pooled = new std::vector<Pooled>;
+    return *pooled;
+  }
+  static std::mutex& pool_mutex() {
+    static auto* mutex = new std::mutex;
+    return *mutex;
+  }
+  static Pooled take() {
+    {
+      const std::lock_guard<std::mutex> lock(pool_mutex());
+      if (!pool().empty()) {
+        Pooled p = std::move(pool().back());
+        pool().pop_back();
+        return p;
+      }
+    }
+    Pooled p{nullptr, DeviceBuffer<char>(kWorkspaceBytes)};
+    UNIV_CUBLAS_CHECK(cublasCreate(&p.handle));
+    UNIV_CUBLAS_CHECK(cublasSetWorkspace(p.handle, p.workspace.data(), kWorkspaceBytes));
+    return p;
+  }
+
+  Pooled pooled_;
+  cudaStream_t stream_;
 };
 
 // The work `record` enqueues on a stream, captured once into an executable graph and
