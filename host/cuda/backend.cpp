@@ -360,7 +360,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
   // The layers (one fused kernel per layer where the shape fits, block.cu, else one
   // kernel per op), the final norm, the logits and row losses (for_backward: logits_
-  // then holds their gradient) and each model's mean loss.
+  // then holds their gradient, and dlnf_ and dresid_top_ the gradient back to the last
+  // layer's output) and each model's mean loss.
   void forward(int B, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, N = B * c.seq_len;
@@ -449,8 +450,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       cuda::AttentionWithProducts att = attention_with_products(l, w, B);
       att.qkv_b = w.qkv_b;  // added as q, k and v are formed
-      const cuda::EmbeddingNorm embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b);
-      if (l == 0) att.embedding = &embedding;
+      cuda::EmbeddingNorm embedding{};
+      if (l == 0) embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b), att.embedding = &embedding;
       cuda::attention_forward_with_products(h, att, M);
       const cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty,
                                                                 w.proj_w, w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
