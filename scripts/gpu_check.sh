@@ -5,7 +5,8 @@
 # compute-sanitizer memcheck (GPU tests) and racecheck (the training ops' and the Haar
 # QR's tests), and last a per-kernel profile of training steps. Each step has a time
 # limit and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's
-# output), summary.txt (one line per step, also printed last), bench.json and
+# output), summary.txt (one line per step, also printed last), bench.json,
+# bench_pairs.txt (each fused kernel beside its kernels apart, also printed last) and
 # profile.txt.
 #
 #   scripts/gpu_check.sh              build for sm_90 here, then check
@@ -62,6 +63,7 @@ bin="$root/build-gpu"
   ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
 step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
+[ -s "$out/bench.json" ] && python3 scripts/bench_pairs.py "$out/bench.json" >"$out/bench_pairs.txt" 2>&1
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
   python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \
@@ -99,4 +101,5 @@ step profile 200 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$o
   cat '$out/profile.txt'"
 rm -rf "$logs"
 head -20 "$out/machine.txt"
+cat "$out/bench_pairs.txt" 2>/dev/null
 cat "$out/summary.txt"
