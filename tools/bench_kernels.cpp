@@ -161,7 +161,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   float *mean = stats.data(), *rstd = stats.data() + size_t(rows);
   for (const auto& [name, K] : {std::pair<std::string, int>{"proj", C}, {"out", D}}) {
     const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 10;
-    add("matmul_add_layernorm_forward " + name, bytes, flops, [&, K = K] {
+    add("add_layernorm_product " + name, bytes, flops, [&, K = K] {
       k::run_row_product(h,
                          k::add_layernorm_product(post.data(), mean, rstd, y.data(), x.data(), w.data(), bias.data(),
                                                   x.data(), bias.data(), bias.data(), N, K, C),
@@ -175,7 +175,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   }
   for (const auto& [name, K] : {std::pair<std::string, int>{"fc", D}, {"qkv", 3 * C}, {"lm_head", V}}) {
     const double bytes = (rows * K + 4 * rows * C + double(M) * C * K) * f, flops = 2 * rows * C * K + rows * C * 14;
-    add("matmul_backward_input_layernorm " + name, bytes, flops, [&, K = K] {
+    add("backward_input_layernorm_product " + name, bytes, flops, [&, K = K] {
       k::run_row_product(h,
                          k::backward_input_layernorm_product(y.data(), post.data(), x.data(), x.data(), w.data(),
                                                              x.data(), bias.data(), mean, rstd, N, C, K),
@@ -196,7 +196,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
     mlp.next_rstd = rstd, mlp.ln2_rstd = rstd, mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = k::Act::gelu;
     const double bytes = (rows * (4 * C + 2 * D) + 2.0 * M * C * D) * f, flops = 4 * rows * C * D;
     add("mlp_forward", bytes, flops, [&] { k::mlp_forward(h, mlp, M); });
-    add("apart: matmul_forward_activation + matmul_add_layernorm_forward", bytes, flops, [&] {
+    add("apart: matmul_forward_activation + add_layernorm_product", bytes, flops, [&] {
       k::matmul_forward_activation(h, mlp.pre, mlp.post, mlp.ln2, mlp.fc_w, mlp.fc_b, M, N, C, D, mlp.act);
       k::run_row_product(h,
                          k::add_layernorm_product(mlp.next_ln, mean, rstd, mlp.resid_out, mlp.post, mlp.out_w,
@@ -204,7 +204,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
                          M);
     });
     add("mlp_backward", bytes, flops, [&] { k::mlp_backward(h, mlp, M); });
-    add("apart: matmul_backward_input_activation + matmul_backward_input_layernorm", bytes, flops, [&] {
+    add("apart: matmul_backward_input_activation + backward_input_layernorm_product", bytes, flops, [&] {
       k::matmul_backward_input_activation(h, mlp.dpre, mlp.dresid_out, mlp.out_w, mlp.pre, M, N, D, C, mlp.act);
       k::run_row_product(h,
                          k::backward_input_layernorm_product(mlp.dln2, mlp.dresid_mid, mlp.dresid_out, mlp.dpre,
@@ -244,7 +244,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   }
   {
     const double bytes = (rows * C + 2 * rows * V + double(M) * V * C) * f, flops = 2 * rows * C * V + rows * V * 6;
-    add("matmul_crossentropy", bytes, flops, [&] {
+    add("crossentropy_product", bytes, flops, [&] {
       k::run_row_product(
           h, k::crossentropy_product(row_loss.data(), y.data(), x.data(), w.data(), tokens.data(), N, C, V, true), M);
     });
