@@ -111,6 +111,15 @@ constexpr int kAStride = kTileRows + 4, kBStride = kTileCols + 4;  // padded row
 constexpr int kRowLd = kTileCols + 4;                             // the row epilogues' summed tile
 __host__ __device__ constexpr int group_floats(int tile_k) { return tile_k * (kAStride + kBStride); }
 
+// One k of a thread's 4 x 4 outputs: acc[i][j] += a[i] b[j].
+__device__ inline void add_outer_product(float (&acc)[4][4], float4 a, float4 b) {
+  const float ar[4] = {a.x, a.y, a.z, a.w}, br[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+}
+
 // acc += one group's 32 x 64 tile (rows row0.., columns col0..) of a [R, K] times b
 // ([P, K] by row, else [K, P]; both of one model) over the reduction's tiles k_first,
 // k_first + k_step, ... (`trips` of them, the same for every group, since the barriers
@@ -163,13 +172,8 @@ __device__ void group_tile_product(float (&acc)[4][4], const float* a, const flo
     if (trip + 1 < trips) load(k0 + k_step);
 #pragma unroll 4
     for (int k = 0; k < kTileK; ++k) {
-      const float4 av = *reinterpret_cast<const float4*>(a_tile + k * kAStride + 4 * ty);
-      const float4 bv = *reinterpret_cast<const float4*>(b_tile + k * kBStride + 4 * tx);
-      const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+      add_outer_product(acc, *reinterpret_cast<const float4*>(a_tile + k * kAStride + 4 * ty),
+                        *reinterpret_cast<const float4*>(b_tile + k * kBStride + 4 * tx));
     }
     __syncthreads();  // the tiles are read before the next ones are stored
   }
@@ -353,13 +357,8 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_
     __syncthreads();  // also orders the hidden columns' stores before the first reads
 #pragma unroll
     for (int k = 0; k < kMlpTileK; ++k) {
-      const float4 av = *reinterpret_cast<const float4*>(hidden + (k0 + k) * kHiddenLd + 4 * ty);
-      const float4 bv = *reinterpret_cast<const float4*>(stage + k * kBStride + 4 * tx);
-      const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(ar[i], br[j], out[i][j]);
+      add_outer_product(out, *reinterpret_cast<const float4*>(hidden + (k0 + k) * kHiddenLd + 4 * ty),
+                        *reinterpret_cast<const float4*>(stage + k * kBStride + 4 * tx));
     }
     __syncthreads();
   }
