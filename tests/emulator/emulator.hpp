@@ -1,21 +1,26 @@
-// A host emulator of the CUDA the training kernels use, for machines without a GPU:
-// every CUDA thread of a block is a host thread (a team per block size), __syncthreads
-// a barrier, warp shuffles and ballots an exchange through memory. Streams, events and
-// graphs are emulated in include/cuda_runtime.h: outside a capture work runs at once;
-// a captured graph keeps each node's edges and replays in an order they allow.
+// A host emulator of the CUDA the toolkit's kernels use, for machines without a GPU:
+// every CUDA thread of a block is a fiber (its own stack, switched on one host thread),
+// run until it finishes or reaches a barrier; __syncthreads and warp barriers release
+// when every thread of the block or warp is there, and warp shuffles and ballots are
+// an exchange through memory between two warp barriers. Streams, events and graphs are
+// emulated in include/cuda_runtime.h: outside a capture work runs at once; a captured
+// graph keeps each node's edges and replays in an order they allow.
 // It checks logic, indexing and ordering, not performance or the GPU's memory model.
 #pragma once
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
+
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #define __global__
 #define __device__
@@ -41,6 +46,9 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 struct int2 {
   int x, y;
 };
+struct uint4 {
+  unsigned x, y, z, w;
+};
 inline int2 make_int2(int x, int y) { return {x, y}; }
 using std::isfinite;
 using std::max;
@@ -48,6 +56,9 @@ using std::min;
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// The host compiler contracts nothing (no -ffp-contract=fast with FMA instructions).
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
 inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 
@@ -57,43 +68,174 @@ namespace emu {
 
 struct Block {
   std::vector<char> shared, static_shared;  // dynamic (exact size) and static arrays
-  std::unique_ptr<std::barrier<>> sync;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-  std::vector<double> exchange;  // a slot per thread for shuffles and ballots
+  std::vector<double> exchange;             // a slot per thread for shuffles and ballots
 };
 inline thread_local Block* current = nullptr;
 inline Block& block() { return *current; }
 inline int thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
-// n host threads that run one block's threads at a time; made once per block size and
-// never destroyed (their threads outlive main).
+// Switching between a block's threads. On x86-64 the callee-saved registers, the
+// floating-point control words and the stack pointer, in a few instructions (ucontext's
+// swapcontext makes a system call per switch for the signal mask, and the QR kernels'
+// 512 threads switch millions of times); elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .pushsection .text
+  .weak emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+  .popsection
+)");
+struct FiberContext {
+  void* sp = nullptr;
+  // Made to run entry (which never returns) on the stack [stack, stack + bytes): the
+  // words emu_switch pops (default control words, zero registers), entry as the return
+  // address, and a null one above it, entry's stack aligned as after a call.
+  void start(char* stack, size_t bytes, void (*entry)()) {
+    auto* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15));
+    uint64_t* frame = top - 9;
+    frame[0] = 0x1f80 | (uint64_t(0x037f) << 32);  // MXCSR and the x87 control word
+    for (int r = 1; r <= 6; ++r) frame[r] = 0;
+    frame[7] = reinterpret_cast<uint64_t>(entry);
+    frame[8] = 0;
+    sp = frame;
+  }
+  static void swap(FiberContext& from, FiberContext& to) { emu_switch(&from.sp, to.sp); }
+};
+#else
+struct FiberContext {
+  ucontext_t context;
+  void start(char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&context);
+    context.uc_stack.ss_sp = stack;
+    context.uc_stack.ss_size = bytes;
+    context.uc_link = nullptr;
+    makecontext(&context, entry, 0);
+  }
+  static void swap(FiberContext& from, FiberContext& to) { swapcontext(&from.context, &to.context); }
+};
+#endif
+
+// The fibers of one block size on one host thread, made once and reused block after
+// block (never destroyed). Threads run in index order until each finishes or waits at a
+// barrier, the next round in reverse order, so that a barrier a kernel lacks shows in
+// either direction; a barrier releases when all its threads are there. A thread that
+// finishes while others wait at a barrier, or threads waiting at different ones, abort.
 class Team {
  public:
-  explicit Team(int n) : start_(n + 1), end_(n + 1) {
-    for (int i = 0; i < n; ++i)
-      threads_.emplace_back([this, i] {
-        for (;;) {
-          start_.arrive_and_wait();
-          work_(i);
-          end_.arrive_and_wait();
-        }
-      });
-    for (auto& t : threads_) t.detach();
+  enum class State { runnable, at_block_barrier, at_warp_barrier, done };
+  explicit Team(int n) : fibers_(n) {
+    for (Fiber& f : fibers_) {
+      f.stack = static_cast<char*>(mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+      if (f.stack == MAP_FAILED) fail("no memory for a thread's stack");
+      mprotect(f.stack, kGuardBytes, PROT_NONE);  // an overflowing stack faults
+    }
   }
-  void run(const std::function<void(int)>& work) {
-    work_ = work;
-    start_.arrive_and_wait();
-    end_.arrive_and_wait();
+  // body() as every thread of a block with `threads` threads.
+  void run(dim3 threads, const std::function<void()>& body) {
+    const int n = static_cast<int>(fibers_.size());
+    body_ = &body;
+    for (Fiber& f : fibers_) {
+      f.context.start(f.stack + kGuardBytes, kStackBytes - kGuardBytes, &Team::entry);
+      f.state = State::runnable;
+    }
+    Team* const outer = running_team;
+    running_team = this;
+    for (int live = n, round = 0; live > 0; ++round) {
+      for (int k = 0; k < n; ++k) {
+        const int t = round % 2 ? n - 1 - k : k;
+        if (fibers_[t].state != State::runnable) continue;
+        running_ = t;
+        threadIdx = dim3(t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y));
+        FiberContext::swap(scheduler_, fibers_[t].context);
+        live -= fibers_[t].state == State::done;
+      }
+      if (live > 0) release_barriers();
+    }
+    running_team = outer;
+  }
+  // From the running thread: wait at the block's barrier or at its warp's.
+  static void wait(State at) {
+    Team& team = *running_team;
+    Fiber& f = team.fibers_[team.running_];
+    f.state = at;
+    FiberContext::swap(f.context, team.scheduler_);
   }
 
  private:
-  std::barrier<> start_, end_;
-  std::function<void(int)> work_;
-  std::vector<std::thread> threads_;
+  static constexpr size_t kStackBytes = size_t(256) << 10, kGuardBytes = 4096;
+  struct Fiber {
+    FiberContext context;
+    char* stack = nullptr;
+    State state = State::done;
+  };
+  static inline thread_local Team* running_team = nullptr;
+
+  [[noreturn]] static void fail(const char* what) {
+    std::fprintf(stderr, "emulator: %s\n", what);
+    std::abort();
+  }
+  [[noreturn]] static void entry() {
+    Team& team = *running_team;
+    (*team.body_)();
+    Fiber& f = team.fibers_[team.running_];
+    f.state = State::done;
+    FiberContext::swap(f.context, team.scheduler_);
+    fail("a finished thread was resumed");
+  }
+  // After a round: every group (the block, or a warp) whose threads all wait at its
+  // barrier goes on; if none can, the kernel is stuck.
+  void release_barriers() {
+    const int n = static_cast<int>(fibers_.size());
+    bool runnable = false;
+    auto release = [&](int first, int last, State at) {
+      int waiting = 0, done = 0;
+      for (int t = first; t < last; ++t) {
+        waiting += fibers_[t].state == at;
+        done += fibers_[t].state == State::done;
+      }
+      if (waiting == 0 || waiting + done < last - first) return;
+      if (done > 0) fail("threads finished while others wait at a barrier they skipped");
+      for (int t = first; t < last; ++t) fibers_[t].state = State::runnable;
+      runnable = true;
+    };
+    release(0, n, State::at_block_barrier);
+    for (int w = 0; w < n; w += 32) release(w, std::min(n, w + 32), State::at_warp_barrier);
+    if (!runnable) fail("threads wait at different barriers: the kernel cannot go on");
+  }
+
+  std::vector<Fiber> fibers_;
+  FiberContext scheduler_;
+  const std::function<void()>* body_ = nullptr;
+  int running_ = 0;
 };
 inline Team& team(int n) {
-  static std::vector<Team*> teams(1025);
-  if (!teams[n]) teams[n] = new Team(n);
+  static thread_local std::vector<std::unique_ptr<Team>> teams(1025);
+  if (!teams[n]) teams[n] = std::make_unique<Team>(n);
   return *teams[n];
 }
 
@@ -107,18 +249,17 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
         Block b;
         b.shared.assign(shared_bytes, 0x7f);  // not zeros: what a kernel forgets to write shows
         b.static_shared.assign(1 << 18, 0x7f);
-        b.sync = std::make_unique<std::barrier<>>(n);
-        for (int w = 0; w < (n + 31) / 32; ++w)
-          b.warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32, n - 32 * w)));
         b.exchange.assign(size_t(n + 31) / 32 * 32, 0.0);
-        team(n).run([&](int t) {
-          current = &b;
-          blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
-          threadIdx = dim3(t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y));
-          kernel();
-        });
+        Block* const outer = current;
+        current = &b;
+        blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
+        team(n).run(threads, [&] { kernel(); });
+        current = outer;
       }
 }
+
+inline void sync_block() { Team::wait(Team::State::at_block_barrier); }
+inline void sync_warp() { Team::wait(Team::State::at_warp_barrier); }
 
 // Value v of every lane of the caller's warp, through the exchange slots.
 template <class T, class Use>
@@ -126,9 +267,9 @@ auto warp_exchange(T v, const Use& use) {
   const int lane = thread_rank() % 32, warp = thread_rank() / 32;
   double* slot = block().exchange.data() + warp * 32;
   slot[lane] = static_cast<double>(v);
-  block().warp_sync[warp]->arrive_and_wait();
+  sync_warp();
   const auto out = use(slot, lane);
-  block().warp_sync[warp]->arrive_and_wait();
+  sync_warp();
   return out;
 }
 
@@ -172,10 +313,10 @@ inline GraphShape last_graph;
 
 }  // namespace emu
 
-inline void __syncthreads() { emu::block().sync->arrive_and_wait(); }
+inline void __syncthreads() { emu::sync_block(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* address, unsigned value) { return std::atomic_ref(*address).fetch_add(value); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::block().warp_sync[emu::thread_rank() / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) {
   return emu::warp_exchange(v, [&](const double* slot, int lane) { return static_cast<T>(slot[lane ^ offset]); });

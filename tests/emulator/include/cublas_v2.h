@@ -1,5 +1,6 @@
-// The cuBLAS calls of the training backend and the statistics, emulated on the host: a
-// plain column-major GEMM per batch, enqueued on the handle's stream.
+// The cuBLAS calls of the training backend, the statistics and the rotation baseline,
+// emulated on the host: a plain column-major GEMM per batch, enqueued on the handle's
+// stream.
 #pragma once
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
@@ -32,26 +33,41 @@ inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void*, size_t) { return
 inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
 inline const char* cublasGetStatusName(cublasStatus_t) { return "emulated"; }
 // C = alpha op(A) op(B) + beta C per batch, column-major; beta 0 does not read C.
-inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
-                                                int m, int n, int k, const float* alpha, const float* A, int lda,
-                                                long long stride_a, const float* B, int ldb, long long stride_b,
-                                                const float* beta, float* C, int ldc, long long stride_c, int batch) {
-  const float al = *alpha, be = *beta;
+template <class T>
+cublasStatus_t emulated_gemm_strided_batched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b, int m,
+                                             int n, int k, const T* alpha, const T* A, int lda, long long stride_a,
+                                             const T* B, int ldb, long long stride_b, const T* beta, T* C, int ldc,
+                                             long long stride_c, int batch) {
+  const T al = *alpha, be = *beta;
   emu::enqueue(h->stream, [=] {
     for (int b = 0; b < batch; ++b)
       for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
-          float acc = 0.0f;
+          T acc = 0;
           for (int p = 0; p < k; ++p) {
-            const float a = op_a == CUBLAS_OP_N ? A[b * stride_a + i + (long long)p * lda] : A[b * stride_a + p + (long long)i * lda];
-            const float x = op_b == CUBLAS_OP_N ? B[b * stride_b + p + (long long)j * ldb] : B[b * stride_b + j + (long long)p * ldb];
+            const T a = op_a == CUBLAS_OP_N ? A[b * stride_a + i + (long long)p * lda] : A[b * stride_a + p + (long long)i * lda];
+            const T x = op_b == CUBLAS_OP_N ? B[b * stride_b + p + (long long)j * ldb] : B[b * stride_b + j + (long long)p * ldb];
             acc += a * x;
           }
-          float& c = C[b * stride_c + i + (long long)j * ldc];
-          c = be == 0.0f ? al * acc : al * acc + be * c;
+          T& c = C[b * stride_c + i + (long long)j * ldc];
+          c = be == T(0) ? al * acc : al * acc + be * c;
         }
   });
   return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
+                                                int m, int n, int k, const float* alpha, const float* A, int lda,
+                                                long long stride_a, const float* B, int ldb, long long stride_b,
+                                                const float* beta, float* C, int ldc, long long stride_c, int batch) {
+  return emulated_gemm_strided_batched(h, op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+                                       stride_c, batch);
+}
+inline cublasStatus_t cublasDgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
+                                                int m, int n, int k, const double* alpha, const double* A, int lda,
+                                                long long stride_a, const double* B, int ldb, long long stride_b,
+                                                const double* beta, double* C, int ldc, long long stride_c, int batch) {
+  return emulated_gemm_strided_batched(h, op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+                                       stride_c, batch);
 }
 
 // The same with operands of FP16 or float32 (TF32 operands arrive rounded) and a
