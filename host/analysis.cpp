@@ -115,8 +115,16 @@ double chance_bound(const NullCount& null) {
 
 namespace {
 
+// The correlation of two neurons from their co-moment and variance sums; 0 where a
+// variance is 0 (a constant neuron).
+double correlation(double comoment, double var_a, double var_b) {
+  const double denom = std::sqrt(var_a * var_b);
+  return denom > 0 ? comoment / denom : 0.0;
+}
+
 // Matched correlation (and the matched column) of every row of a correlation matrix
-// rows x cols, under the chosen mode; layer blocks are `row_width` and `col_width` wide.
+// rows x cols, under max or one-to-one matching (index matching takes the diagonal);
+// layer blocks are `row_width` and `col_width` wide.
 struct Matched {
   std::vector<double> value;
   std::vector<int> column;
@@ -126,12 +134,7 @@ Matched match_rows(const std::vector<double>& r, int64_t rows, int64_t cols, int
                    const AnalysisOptions& o) {
   Matched out{std::vector<double>(rows), std::vector<int>(rows)};
   const bool per_layer = o.scope == MatchScope::layer;
-  if (o.match == MatchMode::index) {
-    for (int64_t n = 0; n < rows; ++n) {
-      out.value[n] = r[n * cols + n];
-      out.column[n] = static_cast<int>(n);
-    }
-  } else if (o.match == MatchMode::max) {
+  if (o.match == MatchMode::max) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < rows; ++n) {
       const int64_t c0 = per_layer ? n / row_width * col_width : 0, c1 = per_layer ? c0 + col_width : cols;
@@ -157,13 +160,6 @@ Matched match_rows(const std::vector<double>& r, int64_t rows, int64_t cols, int
     }
   }
   return out;
-}
-
-std::vector<double> transpose(const std::vector<double>& a, int64_t rows, int64_t cols) {
-  std::vector<double> t(a.size());
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = a[r * cols + c];
-  return t;
 }
 
 void check_fit(const CorrelationStats& stats, const AnalysisOptions& o) {
@@ -199,12 +195,24 @@ std::vector<std::vector<double>> rotation_matrices(const NeuronShape& shape, int
   return q;
 }
 
+PairCorrelations::PairCorrelations(const CorrelationStats& stats, int i, int j)
+    : cross_(i < j ? stats.cross(i, j) : stats.cross(j, i)),
+      stored_ij_(i < j),
+      stored_cols_(stats.shapes()[std::max(i, j)].neurons()),
+      var_i_(stats.variance_sums(i)),
+      var_j_(stats.variance_sums(j)) {}
+
+double PairCorrelations::operator()(int64_t a, int64_t b) const {
+  const double c = stored_ij_ ? cross_[a * stored_cols_ + b] : cross_[b * stored_cols_ + a];
+  return correlation(c, var_i_[a], var_j_[b]);
+}
+
 std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int j,
                                        const std::vector<std::vector<double>>& q) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
   const int D = sj.width;
-  std::vector<double> c = i < j ? stats.cross(i, j) : transpose(stats.cross(j, i), Nj, Ni);
+  std::vector<double> c = stats.cross_rows(i, j);
   std::vector<double> var_j = stats.variance_sums(j);
   if (!q.empty()) {
     std::vector<double> rotated(c.size()), qs(size_t(D) * D);
@@ -222,13 +230,9 @@ std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int
     c = std::move(rotated);
   }
   const std::vector<double> var_i = stats.variance_sums(i);
-  // c[a, b] / sqrt(var_a var_b); 0 where a variance is 0 (a constant neuron).
 #pragma omp parallel for schedule(static)
   for (int64_t a = 0; a < Ni; ++a)
-    for (int64_t b = 0; b < Nj; ++b) {
-      const double denom = std::sqrt(var_i[a] * var_j[b]);
-      c[a * Nj + b] = denom > 0 ? c[a * Nj + b] / denom : 0.0;
-    }
+    for (int64_t b = 0; b < Nj; ++b) c[a * Nj + b] = correlation(c[a * Nj + b], var_i[a], var_j[b]);
   return c;
 }
 
@@ -262,15 +266,11 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
       var_j[k] = v;
     }
     const int64_t row0 = within_layers ? int64_t(l) * Di : 0, col0 = int64_t(l) * Dj;
-    auto normalized = [&](double c, int64_t row, int col) {
-      const double denom = std::sqrt(var_i[row] * var_j[col]);
-      return denom > 0 ? c / denom : 0.0;
-    };
     if (o.match == MatchMode::index) {  // (C Q^T)_kk = C[k, :] . Q[k, :]
       for (int k = 0; k < Di; ++k) {
         double c = 0;
         for (int a = 0; a < Dj; ++a) c += c_at(row0 + k, col0 + a) * ql[size_t(k) * Dj + a];
-        out[row0 + k] = normalized(c, row0 + k, k);
+        out[row0 + k] = correlation(c, var_i[row0 + k], var_j[k]);
       }
       continue;
     }
@@ -281,7 +281,7 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
       cpu::gemm(true, true, rows, Dj, Dj, 1.0, cross.data() + col0 * Ni + row0, static_cast<int>(Ni), ql.data(), Dj,
                 0.0, block.data(), Dj);
     for (int k = 0; k < rows; ++k)
-      for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = normalized(block[size_t(k) * Dj + b], row0 + k, b);
+      for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = correlation(block[size_t(k) * Dj + b], var_i[row0 + k], var_j[b]);
     const Matched m = match_rows(block, rows, Dj, rows, Dj, o);  // within the block: all its columns
     for (int k = 0; k < rows; ++k) out[row0 + k] = std::max(out[row0 + k], m.value[k]);  // the layers' maxima
   }
@@ -385,8 +385,15 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       if (j == i) continue;
       const NeuronShape sj = stats.shapes()[j];
       const int64_t Nj = sj.neurons();
-      const std::vector<double> r = correlation_matrix(stats, i, j);
-      const Matched actual = match_rows(r, Ni, Nj, si.width, sj.width, options);
+      const PairCorrelations r(stats, i, j);
+      Matched actual{std::vector<double>(Ni), std::vector<int>(Ni)};
+      if (options.match == MatchMode::index)  // neuron n with neuron n: N_i of the N_i x N_j correlations
+        for (int64_t n = 0; n < Ni; ++n) {
+          actual.value[n] = r(n, n);
+          actual.column[n] = static_cast<int>(n);
+        }
+      else
+        actual = match_rows(correlation_matrix(stats, i, j), Ni, Nj, si.width, sj.width, options);
       std::vector<double> baseline(Ni, 0.0);
       const std::vector<std::vector<double>> matched = std::move(pair_matches[size_t(i) * K + j]);
       // Added in draw order: the sums do not depend on how the draws were spread.
@@ -405,7 +412,7 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
           for (int k = sj.width - 1; k > 0; --k) std::swap(perm[k], perm[rng.next_below(k + 1)]);
           for (int k = 0; k < si.width; ++k) {
             const int64_t n = int64_t(l) * si.width + k;
-            permutation_null[e][n] += r[n * Nj + perm[k]];
+            permutation_null[e][n] += r(n, perm[k]);
           }
         }
       }

@@ -31,6 +31,20 @@ int CorrelationStats::pair_index(int i, int j) const {
   return i * K - i * (i + 1) / 2 + (j - i - 1);
 }
 
+std::vector<double> CorrelationStats::cross_rows(int i, int j) const {
+  if (i < j) return cross(i, j);
+  const std::vector<double>& stored = cross(j, i);
+  const int64_t rows = shapes_[i].neurons(), cols = shapes_[j].neurons();
+  std::vector<double> out(stored.size());
+  // In tiles that stay in cache: element by element, one side is read a cache line per value.
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (int64_t c = c0; c < std::min(c0 + kTile, cols); ++c)
+        for (int64_t r = r0; r < std::min(r0 + kTile, rows); ++r) out[r * cols + c] = stored[c * rows + r];
+  return out;
+}
+
 std::vector<double> CorrelationStats::variance_sums(int m) const {
   const int D = shapes_[m].width;
   std::vector<double> v(shapes_[m].neurons());

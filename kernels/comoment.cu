@@ -119,6 +119,43 @@ __global__ void add_to_float64_kernel(double* __restrict__ master, int64_t ld_ma
   }
 }
 
+// One raw shifted co-moment with its FP16 scales undone, less n mu_a mu_b.
+__device__ inline double centered_comoment(double raw, const double* sums_a, const float* inv_scale_a,
+                                           const double* sums_b, const float* inv_scale_b, int a, int b, double n) {
+  const double scale_a = inv_scale_a ? 1.0 / double(inv_scale_a[a]) : 1.0;
+  const double scale_b = inv_scale_b ? 1.0 / double(inv_scale_b[b]) : 1.0;
+  const double mu_a = sums_a[a] / n, mu_b = sums_b[b] / n;
+  return __dsub_rn(__dmul_rn(__dmul_rn(raw, scale_a), scale_b), __dmul_rn(__dmul_rn(n, mu_a), mu_b));
+}
+
+// Grid: x over one block's elements, y the batch. Where symmetric, the thread of (r, c)
+// with r < c writes both (r, c) and (c, r), and r > c writes nothing.
+__global__ void center_comoments_kernel(double* __restrict__ centered, const double* __restrict__ raw,
+                                        const double* __restrict__ sums_a, const float* __restrict__ inv_scale_a,
+                                        const double* __restrict__ sums_b, const float* __restrict__ inv_scale_b,
+                                        int rows, int cols, double n, bool symmetric) {
+  const int64_t per_block = int64_t(rows) * cols, e = blockIdx.y;
+  raw += e * per_block;
+  centered += e * per_block;
+  sums_a += e * rows;
+  sums_b += e * cols;
+  if (inv_scale_a) inv_scale_a += e * rows;
+  if (inv_scale_b) inv_scale_b += e * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < per_block;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / cols), c = static_cast<int>(i - int64_t(r) * cols);
+    if (symmetric && r > c) continue;
+    const double v = centered_comoment(raw[i], sums_a, inv_scale_a, sums_b, inv_scale_b, r, c, n);
+    if (!symmetric || r == c) {
+      centered[i] = v;
+      continue;
+    }
+    const int64_t mirror = int64_t(c) * cols + r;
+    const double w = centered_comoment(raw[mirror], sums_a, inv_scale_a, sums_b, inv_scale_b, c, r, n);
+    centered[i] = centered[mirror] = 0.5 * (v + w);
+  }
+}
+
 // Block: kColumnTile columns x kColumnRowGroups token lanes (common.cuh); lanes are added in a fixed order.
 __global__ void column_sums_kernel(double* __restrict__ sums, const float* __restrict__ x, int64_t ld,
                                    const float* __restrict__ shift, int cols, int64_t n) {
@@ -199,6 +236,17 @@ void comoment_products(cublasHandle_t handle, float* products, const void* a_sta
       handle, CUBLAS_OP_N, CUBLAS_OP_T, cols, rows, static_cast<int>(3 * n), &one, b_rows, type, static_cast<int>(ldb),
       stride_b, a_stacked, type, static_cast<int>(lda), stride_a, &zero, products, CUDA_R_32F, cols,
       int64_t(rows) * cols, batch, f16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+}
+
+void center_comoments(double* centered, const double* raw, const double* sums_a, const float* inv_scale_a,
+                      const double* sums_b, const float* inv_scale_b, int rows, int cols, int batch, int64_t n,
+                      bool symmetric, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0 || batch <= 0) return;
+  if (symmetric && rows != cols) throw std::invalid_argument("center_comoments: a symmetric block must be square");
+  const dim3 grid(blocks_for(int64_t(rows) * cols, 256), batch);
+  center_comoments_kernel<<<grid, 256, 0, stream>>>(centered, raw, sums_a, inv_scale_a, sums_b, inv_scale_b, rows,
+                                                    cols, static_cast<double>(n), symmetric);
+  UNIV_CUDA_CHECK_LAUNCH();
 }
 
 void add_products_to_float64(double* master, int64_t ld_master, const float* products, int rows, int cols, int count,

@@ -312,6 +312,57 @@ TEST(Analysis, PlantedCopiesAreFoundByMaxAndOneToOneButNotByIndex) {
   EXPECT_NE(index.verdict.find("does not exceed"), std::string::npos) << index.verdict;
 }
 
+TEST(Analysis, SingleCorrelationsEqualTheMatrixEntries) {
+  // Models of unequal widths, both orders of each pair, a constant neuron (r 0).
+  const std::vector<NeuronShape> shapes{{2, 6}, {1, 9}, {3, 4}};
+  const int64_t n = 700;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> normal;
+  std::vector<std::vector<float>> acts(3);
+  for (int m = 0; m < 3; ++m) {
+    const int64_t N = shapes[m].neurons();
+    acts[m].resize(n * N);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t k = 0; k < N; ++k) acts[m][t * N + k] = static_cast<float>(k == 2 && m == 1 ? 1.5 : 2.0 + normal(rng));
+  }
+  const CorrelationStats stats = stats_of(shapes, acts, n);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      if (i == j) continue;
+      const int64_t Ni = shapes[i].neurons(), Nj = shapes[j].neurons();
+      const std::vector<double> r = correlation_matrix(stats, i, j);
+      const PairCorrelations single(stats, i, j);
+      for (int64_t a = 0; a < Ni; ++a)
+        for (int64_t b = 0; b < Nj; ++b) ASSERT_EQ(single(a, b), r[a * Nj + b]) << i << ", " << j;
+    }
+}
+
+TEST(Analysis, MatchedCorrelationsAreThoseOfTheWholeMatrix) {
+  // Index matching reads single correlations, the other modes the whole matrix: each
+  // matched r is the matrix's entry at its partner, to the bit, in both partner orders.
+  const Planted p = planted_case();
+  for (MatchMode mode : {MatchMode::index, MatchMode::max}) {
+    AnalysisOptions o;
+    o.match = mode;
+    o.baseline_draws = 1;
+    o.null_draws = 0;
+    const Analysis a = analyze(p.stats, o);
+    for (int i = 0; i < 2; ++i) {
+      const int j = 1 - i;
+      const std::vector<double> r = correlation_matrix(p.stats, i, j);
+      for (const auto& nr : a.neurons) {
+        if (nr.model != i) continue;
+        const PartnerMatch& m = nr.partners[0];
+        const int64_t row = nr.layer * 64 + nr.neuron, col = m.layer * 64 + m.index;
+        if (mode == MatchMode::index) {
+          EXPECT_EQ(col, row);
+        }
+        ASSERT_EQ(m.r, r[row * 128 + col]) << to_string(mode) << " model " << i << " neuron " << row;
+      }
+    }
+  }
+}
+
 TEST(Analysis, IndexMatchingOfIdenticalModelsIsUniversalAndBeatsChance) {
   // Two copies of one model (same init, same data): every neuron matches itself.
   const std::vector<NeuronShape> shapes{{1, 32}, {1, 32}};

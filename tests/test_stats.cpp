@@ -97,6 +97,26 @@ TEST(Stats, ShardsMergeIntoOnePass) {
   EXPECT_THROW(copy.merge(CorrelationStats({{2, 4}, {1, 4}})), UserError);
 }
 
+TEST(Stats, CrossRowsTransposeTheStoredBlock) {
+  // Widths that are not multiples of the transpose's tiles, three models.
+  const std::vector<NeuronShape> shapes{{2, 37}, {3, 21}, {1, 70}};
+  const int64_t n = 500;
+  CpuStatsAccumulator acc(shapes);
+  accumulate(acc, correlated_acts(shapes, n, 3.0, 4), shapes, 0, n, n);
+  const CorrelationStats& s = acc.stats();
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      if (i == j) continue;
+      const int64_t Ni = shapes[i].neurons(), Nj = shapes[j].neurons();
+      const std::vector<double> rows = s.cross_rows(i, j);
+      ASSERT_EQ(rows.size(), size_t(Ni * Nj));
+      const std::vector<double>& stored = i < j ? s.cross(i, j) : s.cross(j, i);
+      for (int64_t a = 0; a < Ni; ++a)
+        for (int64_t b = 0; b < Nj; ++b)
+          ASSERT_EQ(rows[a * Nj + b], i < j ? stored[a * Nj + b] : stored[b * Ni + a]) << i << ", " << j;
+    }
+}
+
 TEST(Stats, FilesRoundTripAndCorruptionIsCaught) {
   TempDir dir;
   const std::vector<NeuronShape> shapes{{1, 3}, {2, 2}};

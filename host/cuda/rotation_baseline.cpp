@@ -174,13 +174,7 @@ std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int
   // C [N_i, N_j] row-major: on the device, the column-major [N_j, N_i] matrix C^T.
   cuda::DeviceBuffer<double> c(size_t(Ni * Nj)), var_i(Ni), within(size_t(L) * block);
   if (i < j) c.upload(stats.cross(i, j).data(), c.size(), s);
-  else {
-    const std::vector<double>& cji = stats.cross(j, i);  // [N_j, N_i]
-    std::vector<double> transposed(c.size());
-    for (int64_t a = 0; a < Ni; ++a)
-      for (int64_t b = 0; b < Nj; ++b) transposed[a * Nj + b] = cji[b * Ni + a];
-    c.upload(transposed.data(), c.size(), s);
-  }
+  else c.upload(stats.cross_rows(i, j).data(), c.size(), s);  // pageable: copied out before the call returns
   const std::vector<double> vi = stats.variance_sums(i);
   var_i.upload(vi.data(), vi.size(), s);
   for (int l = 0; l < L; ++l) within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric

@@ -1,11 +1,10 @@
 // Correlation statistics from activation chunks on the GPU: each neuron's shift (its
 // mean over the first chunk), shifted sums and co-moment blocks as float64 masters on
 // the device (split-FP16 or split-TF32 products of short spans, a group of spans per
-// float64 pass, kernels/comoment.cu); stats() downloads them once, undoes the FP16
-// split's power-of-two scales and centers them in float64.
+// float64 pass, kernels/comoment.cu); stats() centers them on the device, the FP16
+// split's power-of-two scales undone, and downloads them once.
 #include <algorithm>
 #include <stdexcept>
-#include <type_traits>
 
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
@@ -167,69 +166,55 @@ void CudaStatsAccumulator::synchronize() const {
 }
 
 CorrelationStats CudaStatsAccumulator::stats() const {
-  const Device& d = *device_;
+  Device& d = *device_;  // its products' buffer serves as scratch
   const cudaStream_t s = d.stream.get();
   CorrelationStats out(shapes_);
   out.count_ = count_;
   if (count_ == 0) return out;
   const int K = static_cast<int>(shapes_.size());
-  const double n = static_cast<double>(count_);
-  auto download = [&](const auto& buffer) {
-    std::vector<std::remove_cv_t<std::remove_pointer_t<decltype(buffer.data())>>> host(buffer.size());
-    buffer.download(host.data(), host.size(), s);
-    return host;
-  };
-  // Shifted means mu = sums / n (small: the shift is near the mean), the means, then
-  // each raw shifted block S, its FP16 scales undone (powers of two: exact), minus
-  // n mu_a mu_b^T.
-  std::vector<std::vector<double>> mu(K), scale(K);
-  std::vector<std::vector<float>> shift(K), inv_scale(K);
   const bool f16 = split_ == SplitPrecision::f16;
-  for (int m = 0; m < K; ++m) {
-    mu[m] = download(d.sums[m]);
-    shift[m] = download(d.shift[m]);
-    if (f16) inv_scale[m] = download(d.inv_scale[m]);
+  // Each block centered on the device (its FP16 scales undone: powers of two, exact)
+  // into scratch, the masters left as they are, and downloaded straight into out's.
+  size_t largest = 0;
+  for (const auto& b : d.cross) largest = std::max(largest, b.size());
+  for (const auto& b : d.within) largest = std::max(largest, b.size());
+  cuda::DeviceBuffer<double> own_scratch;
+  double* scratch = reinterpret_cast<double*>(d.products.data());
+  if (d.products.size() < 2 * largest) {
+    own_scratch = cuda::DeviceBuffer<double>(largest);
+    scratch = own_scratch.data();
   }
-  synchronize();
-  for (int m = 0; m < K; ++m) {
-    scale[m].assign(mu[m].size(), 1.0);
-    for (size_t k = 0; k < mu[m].size(); ++k) {
-      mu[m][k] /= n;
-      out.means_[m][k] = mu[m][k] + double(shift[m][k]);
-      if (f16) scale[m][k] = 1.0 / double(inv_scale[m][k]);
-    }
-  }
-  auto center = [&](std::vector<double>& block, const double* scale_a, const double* scale_b, const double* mu_a,
-                    const double* mu_b, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c)
-        block[r * cols + c] = block[r * cols + c] * scale_a[r] * scale_b[c] - n * mu_a[r] * mu_b[c];
-  };
-  // The blocks come down straight into out's (no second host copy of megabytes).
-  for (size_t pair = 0; pair < out.cross_.size(); ++pair)
-    d.cross[pair].download(out.cross_[pair].data(), out.cross_[pair].size(), s);
-  for (int m = 0; m < K; ++m)
-    for (int l = 0; l < shapes_[m].layers; ++l)
-      d.within[m].download(out.within_[m][l].data(), out.within_[m][l].size(), s, l * out.within_[m][l].size());
-  synchronize();
+  auto inv_scale = [&](int m) { return f16 ? d.inv_scale[m].data() : nullptr; };
   int pair = 0;
   for (int i = 0; i < K; ++i)
-    for (int j = i + 1; j < K; ++j, ++pair)
-      center(out.cross_[pair], scale[i].data(), scale[j].data(), mu[i].data(), mu[j].data(), shapes_[i].neurons(),
-             shapes_[j].neurons());
-  for (int m = 0; m < K; ++m) {
-    const int D = shapes_[m].width;
-    for (int l = 0; l < shapes_[m].layers; ++l) {
-      std::vector<double>& block = out.within_[m][l];
-      const double *mu_l = mu[m].data() + int64_t(l) * D, *scale_l = scale[m].data() + int64_t(l) * D;
-      center(block, scale_l, scale_l, mu_l, mu_l, D, D);
-      // The GEMM adds (a, b)'s and (b, a)'s terms in different orders: make the block
-      // exactly symmetric, as the covariance it stands for.
-      for (int a = 0; a < D; ++a)
-        for (int b = a + 1; b < D; ++b)
-          block[a * D + b] = block[b * D + a] = 0.5 * (block[a * D + b] + block[b * D + a]);
+    for (int j = i + 1; j < K; ++j, ++pair) {
+      cuda::center_comoments(scratch, d.cross[pair].data(), d.sums[i].data(), inv_scale(i), d.sums[j].data(),
+                             inv_scale(j), static_cast<int>(shapes_[i].neurons()),
+                             static_cast<int>(shapes_[j].neurons()), 1, count_, false, s);
+      UNIV_CUDA_CHECK(cudaMemcpyAsync(out.cross_[pair].data(), scratch, out.cross_[pair].size() * sizeof(double),
+                                      cudaMemcpyDeviceToHost, s));
     }
+  for (int m = 0; m < K; ++m) {
+    const int D = shapes_[m].width, L = shapes_[m].layers;
+    cuda::center_comoments(scratch, d.within[m].data(), d.sums[m].data(), inv_scale(m), d.sums[m].data(),
+                           inv_scale(m), D, D, L, count_, true, s);
+    for (int l = 0; l < L; ++l)
+      UNIV_CUDA_CHECK(cudaMemcpyAsync(out.within_[m][l].data(), scratch + int64_t(l) * D * D,
+                                      out.within_[m][l].size() * sizeof(double), cudaMemcpyDeviceToHost, s));
   }
+  // The means: shift + sums / n.
+  std::vector<std::vector<double>> sums(K);
+  std::vector<std::vector<float>> shift(K);
+  for (int m = 0; m < K; ++m) {
+    sums[m].resize(d.sums[m].size());
+    d.sums[m].download(sums[m].data(), sums[m].size(), s);
+    shift[m].resize(d.shift[m].size());
+    d.shift[m].download(shift[m].data(), shift[m].size(), s);
+  }
+  synchronize();
+  const double n = static_cast<double>(count_);
+  for (int m = 0; m < K; ++m)
+    for (size_t k = 0; k < sums[m].size(); ++k) out.means_[m][k] = sums[m][k] / n + double(shift[m][k]);
   return out;
 }
 

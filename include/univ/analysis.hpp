@@ -92,6 +92,21 @@ std::vector<std::vector<std::vector<double>>> rotation_matrices_cuda(const Neuro
 std::vector<double> correlation_matrix(const CorrelationStats& stats, int i, int j,
                                        const std::vector<std::vector<double>>& q = {});
 
+// correlation_matrix(stats, i, j)'s entries one at a time, equal to the bit: index
+// matching and its permutation null need N_i of the N_i x N_j. Holds a reference to
+// stats.
+class PairCorrelations {
+ public:
+  PairCorrelations(const CorrelationStats& stats, int i, int j);
+  double operator()(int64_t a, int64_t b) const;  // model i's neuron a with model j's neuron b
+
+ private:
+  const std::vector<double>& cross_;  // the stored block: [N_i, N_j] for i < j, else [N_j, N_i]
+  bool stored_ij_;
+  int64_t stored_cols_;
+  std::vector<double> var_i_, var_j_;
+};
+
 // The threshold an observed count must pass to exceed a null: its mean plus three
 // standard deviations (at least three times the Poisson deviation sqrt(max(mean, 1))).
 double chance_bound(const NullCount& null);

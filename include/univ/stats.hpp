@@ -39,6 +39,8 @@ class CorrelationStats {
   const std::vector<double>& mean(int m) const { return means_[m]; }
   // Centered co-moment sum_t (a_t - mean_a)(b_t - mean_b)^T of models i < j, [N_i, N_j].
   const std::vector<double>& cross(int i, int j) const { return cross_[pair_index(i, j)]; }
+  // The same for any i != j: [N_i, N_j], for i > j cross(j, i) transposed.
+  std::vector<double> cross_rows(int i, int j) const;
   // Centered co-moment of layer l of model m with itself, [width, width].
   const std::vector<double>& within(int m, int l) const { return within_[m][l]; }
   // Variance sums (co-moment diagonal) of model m's neurons, [neurons(m)].

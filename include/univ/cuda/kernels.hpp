@@ -361,6 +361,15 @@ void comoment_products(cublasHandle_t handle, float* products, const void* a_sta
 // products [count, rows, cols], in order.
 void add_products_to_float64(double* master, int64_t ld_master, const float* products, int rows, int cols, int count,
                              cudaStream_t stream);
+// centered [batch, rows, cols] = raw * s_a s_b^T - n mu_a mu_b^T for each of `batch`
+// raw blocks [rows, cols] (packed), mu = sums / n and s = 1 / inv_scale (the FP16
+// split's; null: 1); entry e reads sums_a and inv_scale_a from e * rows on and the b
+// side from e * cols. symmetric (rows == cols): each block then (C + C^T) / 2 of that,
+// as the covariance it stands for (the GEMM adds the (a, b) and (b, a) terms in
+// different orders). float64 rounded as written, without fused multiply-adds.
+void center_comoments(double* centered, const double* raw, const double* sums_a, const float* inv_scale_a,
+                      const double* sums_b, const float* inv_scale_b, int rows, int cols, int batch, int64_t n,
+                      bool symmetric, cudaStream_t stream);
 
 // rotation.cu: the rotation baseline -------------------------------------------------
 // g [batch, n, n] column-major: Gaussian matrices, matrix b from the Philox stream
