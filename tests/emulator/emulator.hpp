@@ -2,7 +2,7 @@
 // every CUDA thread of a block is a fiber (its own stack, switched on one host thread),
 // run until it finishes or reaches a barrier; __syncthreads and warp barriers release
 // when every thread of the block or warp is there, and warp shuffles and ballots are
-// an exchange through memory between two warp barriers. Streams, events and graphs are
+// an exchange through memory at a warp barrier. Streams, events and graphs are
 // emulated in include/cuda_runtime.h: outside a capture work runs at once; a captured
 // graph keeps each node's edges and replays in an order they allow.
 // It checks logic, indexing and ordering, not performance or the GPU's memory model.
@@ -68,7 +68,8 @@ namespace emu {
 
 struct Block {
   std::vector<char> shared, static_shared;  // dynamic (exact size) and static arrays
-  std::vector<double> exchange;             // a slot per thread for shuffles and ballots
+  std::vector<double> exchange;             // two slots per thread for shuffles and ballots
+  std::vector<char> parity;                 // per thread: which of its slots the next exchange takes
 };
 inline thread_local Block* current = nullptr;
 inline Block& block() { return *current; }
@@ -249,7 +250,8 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
         Block b;
         b.shared.assign(shared_bytes, 0x7f);  // not zeros: what a kernel forgets to write shows
         b.static_shared.assign(1 << 18, 0x7f);
-        b.exchange.assign(size_t(n + 31) / 32 * 32, 0.0);
+        b.exchange.assign(2 * (size_t(n + 31) / 32 * 32), 0.0);
+        b.parity.assign(n, 0);
         Block* const outer = current;
         current = &b;
         blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
@@ -261,16 +263,19 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
 inline void sync_block() { Team::wait(Team::State::at_block_barrier); }
 inline void sync_warp() { Team::wait(Team::State::at_warp_barrier); }
 
-// Value v of every lane of the caller's warp, through the exchange slots.
+// Value v of every lane of the caller's warp, through the exchange slots. Exchanges
+// alternate between two sets of slots, so one barrier each suffices: a lane writes a
+// set again only after the next exchange's barrier, which every lane reaches after
+// reading this one.
 template <class T, class Use>
 auto warp_exchange(T v, const Use& use) {
-  const int lane = thread_rank() % 32, warp = thread_rank() / 32;
-  double* slot = block().exchange.data() + warp * 32;
+  const int rank = thread_rank(), lane = rank % 32, warp = rank / 32;
+  char& parity = block().parity[rank];
+  double* slot = block().exchange.data() + (2 * warp + parity) * 32;
+  parity ^= 1;
   slot[lane] = static_cast<double>(v);
   sync_warp();
-  const auto out = use(slot, lane);
-  sync_warp();
-  return out;
+  return use(slot, lane);
 }
 
 // Streams and graph capture (include/cuda_runtime.h): while a capture runs, enqueued

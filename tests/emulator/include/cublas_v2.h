@@ -2,6 +2,8 @@
 // emulated on the host: a plain column-major GEMM per batch, enqueued on the handle's
 // stream.
 #pragma once
+#include <vector>
+
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
 
@@ -32,26 +34,30 @@ inline cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t* s) {
 inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void*, size_t) { return CUBLAS_STATUS_SUCCESS; }
 inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
 inline const char* cublasGetStatusName(cublasStatus_t) { return "emulated"; }
-// C = alpha op(A) op(B) + beta C per batch, column-major; beta 0 does not read C.
-template <class T>
-cublasStatus_t emulated_gemm_strided_batched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b, int m,
-                                             int n, int k, const T* alpha, const T* A, int lda, long long stride_a,
-                                             const T* B, int ldb, long long stride_b, const T* beta, T* C, int ldc,
-                                             long long stride_c, int batch) {
-  const T al = *alpha, be = *beta;
-  emu::enqueue(h->stream, [=] {
-    for (int b = 0; b < batch; ++b)
+// C = alpha op(A) op(B) + beta C per batch, column-major; beta 0 does not read C. The
+// operands are read (read_a, read_b: element offset -> T) into rows of op(A) and columns
+// of op(B) once per batch entry; each product adds its terms in order.
+template <class T, class ReadA, class ReadB>
+cublasStatus_t emulated_gemm(cudaStream_t stream, cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k,
+                             T al, ReadA read_a, int lda, long long stride_a, ReadB read_b, int ldb,
+                             long long stride_b, T be, T* C, int ldc, long long stride_c, int batch) {
+  emu::enqueue(stream, [=] {
+    std::vector<T> rows(size_t(m) * k), cols(size_t(n) * k);
+    for (int b = 0; b < batch; ++b) {
+      for (int i = 0; i < m; ++i)
+        for (int p = 0; p < k; ++p)
+          rows[size_t(i) * k + p] = read_a(b * stride_a + (op_a == CUBLAS_OP_N ? i + (long long)p * lda : p + (long long)i * lda));
+      for (int j = 0; j < n; ++j)
+        for (int p = 0; p < k; ++p)
+          cols[size_t(j) * k + p] = read_b(b * stride_b + (op_b == CUBLAS_OP_N ? p + (long long)j * ldb : j + (long long)p * ldb));
       for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
           T acc = 0;
-          for (int p = 0; p < k; ++p) {
-            const T a = op_a == CUBLAS_OP_N ? A[b * stride_a + i + (long long)p * lda] : A[b * stride_a + p + (long long)i * lda];
-            const T x = op_b == CUBLAS_OP_N ? B[b * stride_b + p + (long long)j * ldb] : B[b * stride_b + j + (long long)p * ldb];
-            acc += a * x;
-          }
+          for (int p = 0; p < k; ++p) acc += rows[size_t(i) * k + p] * cols[size_t(j) * k + p];
           T& c = C[b * stride_c + i + (long long)j * ldc];
           c = be == T(0) ? al * acc : al * acc + be * c;
         }
+    }
   });
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -59,15 +65,15 @@ inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperatio
                                                 int m, int n, int k, const float* alpha, const float* A, int lda,
                                                 long long stride_a, const float* B, int ldb, long long stride_b,
                                                 const float* beta, float* C, int ldc, long long stride_c, int batch) {
-  return emulated_gemm_strided_batched(h, op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
-                                       stride_c, batch);
+  return emulated_gemm(h->stream, op_a, op_b, m, n, k, *alpha, [A](long long i) { return A[i]; }, lda, stride_a,
+                       [B](long long i) { return B[i]; }, ldb, stride_b, *beta, C, ldc, stride_c, batch);
 }
 inline cublasStatus_t cublasDgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
                                                 int m, int n, int k, const double* alpha, const double* A, int lda,
                                                 long long stride_a, const double* B, int ldb, long long stride_b,
                                                 const double* beta, double* C, int ldc, long long stride_c, int batch) {
-  return emulated_gemm_strided_batched(h, op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
-                                       stride_c, batch);
+  return emulated_gemm(h->stream, op_a, op_b, m, n, k, *alpha, [A](long long i) { return A[i]; }, lda, stride_a,
+                       [B](long long i) { return B[i]; }, ldb, stride_b, *beta, C, ldc, stride_c, batch);
 }
 
 // The same with operands of FP16 or float32 (TF32 operands arrive rounded) and a
@@ -81,24 +87,12 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
                                                  cudaDataType_t type_b, int ldb, long long stride_b, const void* beta,
                                                  void* C, cudaDataType_t, int ldc, long long stride_c, int batch,
                                                  cublasComputeType_t, cublasGemmAlgo_t) {
-  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-  auto element = [](const void* p, cudaDataType_t type, long long i) {
-    return type == CUDA_R_16F ? static_cast<float>(static_cast<const __half*>(p)[i]) : static_cast<const float*>(p)[i];
+  auto reader = [](const void* p, cudaDataType_t type) {
+    return [p, type](long long i) {
+      return type == CUDA_R_16F ? static_cast<float>(static_cast<const __half*>(p)[i]) : static_cast<const float*>(p)[i];
+    };
   };
-  emu::enqueue(h->stream, [=] {
-    float* c_out = static_cast<float*>(C);
-    for (int b = 0; b < batch; ++b)
-      for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) {
-          float acc = 0.0f;
-          for (int p = 0; p < k; ++p) {
-            const long long a_at = op_a == CUBLAS_OP_N ? i + (long long)p * lda : p + (long long)i * lda;
-            const long long b_at = op_b == CUBLAS_OP_N ? p + (long long)j * ldb : j + (long long)p * ldb;
-            acc += element(A, type_a, b * stride_a + a_at) * element(B, type_b, b * stride_b + b_at);
-          }
-          float& c = c_out[b * stride_c + i + (long long)j * ldc];
-          c = be == 0.0f ? al * acc : al * acc + be * c;
-        }
-  });
-  return CUBLAS_STATUS_SUCCESS;
+  return emulated_gemm(h->stream, op_a, op_b, m, n, k, *static_cast<const float*>(alpha), reader(A, type_a), lda,
+                       stride_a, reader(B, type_b), ldb, stride_b, *static_cast<const float*>(beta),
+                       static_cast<float*>(C), ldc, stride_c, batch);
 }

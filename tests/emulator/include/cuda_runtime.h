@@ -1,4 +1,4 @@
-// The CUDA runtime calls of the training backend, emulated on the host (emulator.hpp):
+// The CUDA runtime calls of the library, emulated on the host (emulator.hpp):
 // device memory is host memory filled with NaN bytes, copies are memcpy, streams and
 // events order a captured graph's nodes, and a graph replays its nodes in an order
 // their edges allow (at random from emu::graph_order_seed, which exposes a missing edge).
@@ -12,7 +12,7 @@
 #include "../emulator.hpp"
 
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDevice = 101 };
 typedef emu::Stream* cudaStream_t;
 typedef emu::Event* cudaEvent_t;
 struct EmuGraph {
@@ -157,8 +157,24 @@ inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t g) {
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+// One device, the emulator, with sm_90's limits where the code asks for them.
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor;
+  size_t totalGlobalMem;
+};
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  *prop = {"host emulator", 9, 0, size_t(1) << 30};
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
