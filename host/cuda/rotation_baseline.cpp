@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -155,11 +156,46 @@ class DrawnRotations {
   cuda::DeviceBuffer<uint64_t> ids_;
 };
 
+// pair_matches' device buffers, sized for the largest ordered pair of `shapes` and
+// `draws` draws at once and made once per analysis (each allocation and free costs
+// tens of microseconds and waits for the device); the stored cross block of a pair and
+// a model's within-layer blocks stay for the next pair that needs them.
+struct PairWorkspace {
+  PairWorkspace(const std::vector<NeuronShape>& shapes, const AnalysisOptions& options, int draws) {
+    const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;
+    size_t c = 0, n = 0, w = 0, block = 0, per_draw = 0, rows = 0, width = 0;
+    for (size_t j = 0; j < shapes.size(); ++j) {
+      const size_t D = shapes[j].width;
+      w = std::max(w, size_t(shapes[j].layers) * D * D);
+      block = std::max(block, D * D);
+      width = std::max(width, D);
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        if (i == j) continue;
+        const size_t layer_rows = within_layers ? shapes[i].width : shapes[i].neurons();
+        c = std::max(c, size_t(shapes[i].neurons() * shapes[j].neurons()));
+        n = std::max(n, size_t(shapes[i].neurons()));
+        per_draw = std::max(per_draw, layer_rows * D);
+        rows = std::max(rows, layer_rows);
+      }
+    }
+    cross = cuda::DeviceBuffer<double>(c);
+    var_i = cuda::DeviceBuffer<double>(n);
+    within = cuda::DeviceBuffer<double>(w);
+    qs = cuda::DeviceBuffer<double>(size_t(draws) * block);
+    r = cuda::DeviceBuffer<double>(size_t(draws) * per_draw);
+    var_j = cuda::DeviceBuffer<double>(size_t(draws) * width);
+    matched = cuda::DeviceBuffer<double>(size_t(draws) * rows);
+  }
+  cuda::DeviceBuffer<double> cross, var_i, within, qs, r, var_j, matched;
+  std::pair<int, int> cross_of{-1, -1};  // the pair (a < b) whose stored block cross(a, b) `cross` holds
+  int within_of = -1;                    // the model whose within-layer blocks `within` holds
+};
+
 // Model i's matched correlations with model j under `count` draws, given model j's
 // Haar matrices q [layers_j, count, D_j, D_j] on the device: one [N_i] vector per draw.
 std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int i, int j, const double* q, int count,
                                               const AnalysisOptions& options, const HostMatch& match_on_host,
-                                              cublasHandle_t cublas, cudaStream_t s) {
+                                              PairWorkspace& work, cublasHandle_t cublas, cudaStream_t s) {
   const NeuronShape si = stats.shapes()[i], sj = stats.shapes()[j];
   const int64_t Ni = si.neurons(), Nj = sj.neurons();
   const int L = sj.layers, Di = si.width, D = sj.width;
@@ -171,18 +207,24 @@ std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int
   const bool on_host = options.match == MatchMode::one_to_one;
   const int64_t layer_rows = within_layers ? Di : Ni;
 
-  // C [N_i, N_j] row-major: on the device, the column-major [N_j, N_i] matrix C^T.
-  cuda::DeviceBuffer<double> c(size_t(Ni * Nj)), var_i(Ni), within(size_t(L) * block);
-  if (i < j) c.upload(stats.cross(i, j).data(), c.size(), s);
-  else c.upload(stats.cross_rows(i, j).data(), c.size(), s);  // pageable: copied out before the call returns
+  // The stored cross block of the pair, row-major [N_a, N_b] for a < b: on the device
+  // the column-major [N_b, N_a] matrix, C^T for i < j and C for i > j.
+  const std::pair<int, int> pair{std::min(i, j), std::max(i, j)};
+  if (work.cross_of != pair) {
+    const std::vector<double>& stored = stats.cross(pair.first, pair.second);
+    work.cross.upload(stored.data(), stored.size(), s);
+    work.cross_of = pair;
+  }
+  if (work.within_of != j) {
+    for (int l = 0; l < L; ++l) work.within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric
+    work.within_of = j;
+  }
   const std::vector<double> vi = stats.variance_sums(i);
-  var_i.upload(vi.data(), vi.size(), s);
-  for (int l = 0; l < L; ++l) within.upload(stats.within(j, l).data(), block, s, l * block);  // symmetric
+  work.var_i.upload(vi.data(), vi.size(), s);
 
   const int64_t per_draw = layer_rows * D;  // one layer's correlations [layer_rows, D]
-  cuda::DeviceBuffer<double> qs(size_t(count) * block), r(size_t(count) * per_draw), var_j(size_t(count) * D),
-      matched(size_t(count) * layer_rows);
-  std::vector<double> host(on_host ? r.size() : matched.size());
+  double *r = work.r.data(), *qs = work.qs.data(), *var_j = work.var_j.data(), *matched = work.matched.data();
+  std::vector<double> host(size_t(count) * (on_host ? per_draw : layer_rows));
   std::vector<std::vector<double>> values(count, std::vector<double>(Ni, -INFINITY));
   std::vector<std::vector<double>> whole;  // one-to-one across layers: [N_i, N_j] per draw
   if (on_host && !within_layers) whole.assign(count, std::vector<double>(Ni * Nj));
@@ -192,15 +234,17 @@ std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int
     // (C Q_l^T)^T = Q_l C^T on layer l's rows of C^T and the rows of model i in view;
     // Q_l S_l; the rotated variances; the correlations.
     const int64_t row0 = within_layers ? int64_t(l) * Di : 0;
-    UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas, CUBLAS_OP_N, CUBLAS_OP_N, D, static_cast<int>(layer_rows), D,
-                                                &one, q_l, D, block, c.data() + int64_t(l) * D + row0 * Nj,
-                                                static_cast<int>(Nj), 0, &zero, r.data(), D, per_draw, count));
+    const double* ct_rows = i < j ? work.cross.data() + int64_t(l) * D + row0 * Nj   // C^T's rows, ld N_j
+                                  : work.cross.data() + row0 + int64_t(l) * D * Ni;  // C's columns, ld N_i
+    UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas, CUBLAS_OP_N, i < j ? CUBLAS_OP_N : CUBLAS_OP_T, D,
+                                                static_cast<int>(layer_rows), D, &one, q_l, D, block, ct_rows,
+                                                static_cast<int>(i < j ? Nj : Ni), 0, &zero, r, D, per_draw, count));
     UNIV_CUBLAS_CHECK(cublasDgemmStridedBatched(cublas, CUBLAS_OP_N, CUBLAS_OP_N, D, D, D, &one, q_l, D, block,
-                                                within.data() + l * block, D, 0, &zero, qs.data(), D, block, count));
-    cuda::rotated_variances(var_j.data(), qs.data(), q_l, D, count, s);
-    cuda::normalize_correlations(r.data(), var_i.data() + row0, var_j.data(), layer_rows, D, count, s);
+                                                work.within.data() + l * block, D, 0, &zero, qs, D, block, count));
+    cuda::rotated_variances(var_j, qs, q_l, D, count, s);
+    cuda::normalize_correlations(r, work.var_i.data() + row0, var_j, layer_rows, D, count, s);
     if (on_host) {
-      r.download(host.data(), size_t(count) * per_draw, s);
+      UNIV_CUDA_CHECK(cudaMemcpyAsync(host.data(), r, host.size() * sizeof(double), cudaMemcpyDeviceToHost, s));
       UNIV_CUDA_CHECK(cudaStreamSynchronize(s));
       for (int d = 0; d < count; ++d) {
         const double* block_rows = host.data() + d * per_draw;  // [layer_rows, D]
@@ -213,8 +257,8 @@ std::vector<std::vector<double>> pair_matches(const CorrelationStats& stats, int
         }
       }
     } else {
-      cuda::match_rows(matched.data(), r.data(), layer_rows, D, options.match == MatchMode::index, count, s);
-      matched.download(host.data(), size_t(count) * layer_rows, s);
+      cuda::match_rows(matched, r, layer_rows, D, options.match == MatchMode::index, count, s);
+      UNIV_CUDA_CHECK(cudaMemcpyAsync(host.data(), matched, host.size() * sizeof(double), cudaMemcpyDeviceToHost, s));
       UNIV_CUDA_CHECK(cudaStreamSynchronize(s));
       for (int d = 0; d < count; ++d)  // across layers: the max of the layers' maxima
         for (int64_t a = 0; a < layer_rows; ++a) {
@@ -292,11 +336,12 @@ std::vector<std::vector<std::vector<double>>> rotated_matches_cuda(const Correla
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
   cuda::CublasHandle cublas(s, false);
+  std::optional<PairWorkspace> work;  // made once the draws at once are known
   // Every ordered pair (i, j) for `count` draws, given model j's Haar matrices q_j.
   auto match_pairs = [&](int j, const double* q_j, int count) {
     for (int i = 0; i < K; ++i) {
       if (i == j) continue;
-      auto values = pair_matches(stats, i, j, q_j, count, options, match_on_host, cublas.get(), s);
+      auto values = pair_matches(stats, i, j, q_j, count, options, match_on_host, *work, cublas.get(), s);
       auto& into = out[size_t(i) * K + j];
       for (auto& v : values) into.push_back(std::move(v));
       drawn(count);
@@ -305,6 +350,7 @@ std::vector<std::vector<std::vector<double>>> rotated_matches_cuda(const Correla
   const PreparedRotations::Device* ready = prepared ? prepared->device() : nullptr;
   if (ready && ready->shapes == shapes && ready->draws == draws && ready->seed == options.seed) {
     ready->drawn.make_wait(s);
+    work.emplace(shapes, options, draws);
     for (int j = 0; j < K; ++j) match_pairs(j, ready->rotations->of(j), draws);
     return out;
   }
@@ -313,6 +359,7 @@ std::vector<std::vector<std::vector<double>>> rotated_matches_cuda(const Correla
   double widest = 0;
   for (const auto& shape : shapes) widest = std::max(widest, rotation_bytes(shape));
   const int batch = static_cast<int>(std::clamp(kBudgetBytes / (widest + per_pair), 1.0, double(draws)));
+  work.emplace(shapes, options, batch);
   for (int first = 0; first < draws; first += batch) {
     const int count = std::min(batch, draws - first);
     // Models whose rotations are drawn together: consecutive ones, as far as the budget
