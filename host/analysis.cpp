@@ -281,7 +281,10 @@ std::vector<double> rotated_layer_matches(const CorrelationStats& stats, int i, 
       cpu::gemm(true, true, rows, Dj, Dj, 1.0, cross.data() + col0 * Ni + row0, static_cast<int>(Ni), ql.data(), Dj,
                 0.0, block.data(), Dj);
     for (int k = 0; k < rows; ++k)
-      for (int b = 0; b < Dj; ++b) block[size_t(k) * Dj + b] = correlation(block[size_t(k) * Dj + b], var_i[row0 + k], var_j[b]);
+      for (int b = 0; b < Dj; ++b) {
+        double& r = block[size_t(k) * Dj + b];
+        r = correlation(r, var_i[row0 + k], var_j[b]);
+      }
     const Matched m = match_rows(block, rows, Dj, rows, Dj, o);  // within the block: all its columns
     for (int k = 0; k < rows; ++k) out[row0 + k] = std::max(out[row0 + k], m.value[k]);  // the layers' maxima
   }
@@ -387,13 +390,14 @@ Analysis analyze(const CorrelationStats& stats, const AnalysisOptions& options,
       const int64_t Nj = sj.neurons();
       const PairCorrelations r(stats, i, j);
       Matched actual{std::vector<double>(Ni), std::vector<int>(Ni)};
-      if (options.match == MatchMode::index)  // neuron n with neuron n: N_i of the N_i x N_j correlations
+      if (options.match == MatchMode::index) {  // neuron n with neuron n: N_i of the N_i x N_j correlations
         for (int64_t n = 0; n < Ni; ++n) {
           actual.value[n] = r(n, n);
           actual.column[n] = static_cast<int>(n);
         }
-      else
+      } else {
         actual = match_rows(correlation_matrix(stats, i, j), Ni, Nj, si.width, sj.width, options);
+      }
       std::vector<double> baseline(Ni, 0.0);
       const std::vector<std::vector<double>> matched = std::move(pair_matches[size_t(i) * K + j]);
       // Added in draw order: the sums do not depend on how the draws were spread.

@@ -323,7 +323,8 @@ TEST(Analysis, SingleCorrelationsEqualTheMatrixEntries) {
     const int64_t N = shapes[m].neurons();
     acts[m].resize(n * N);
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t k = 0; k < N; ++k) acts[m][t * N + k] = static_cast<float>(k == 2 && m == 1 ? 1.5 : 2.0 + normal(rng));
+      for (int64_t k = 0; k < N; ++k)
+        acts[m][t * N + k] = static_cast<float>(k == 2 && m == 1 ? 1.5 : 2.0 + normal(rng));
   }
   const CorrelationStats stats = stats_of(shapes, acts, n);
   for (int i = 0; i < 3; ++i)

@@ -141,7 +141,7 @@ struct FiberContext {
 #endif
 
 // The fibers of one block size on one host thread, made once and reused block after
-// block (never destroyed). Threads run in index order until each finishes or waits at a
+// block. Threads run in index order until each finishes or waits at a
 // barrier, the next round in reverse order, so that a barrier a kernel lacks shows in
 // either direction; a barrier releases when all its threads are there. A thread that
 // finishes while others wait at a barrier, or threads waiting at different ones, abort.

@@ -45,11 +45,15 @@ cublasStatus_t emulated_gemm(cudaStream_t stream, cublasOperation_t op_a, cublas
     std::vector<T> rows(size_t(m) * k), cols(size_t(n) * k);
     for (int b = 0; b < batch; ++b) {
       for (int i = 0; i < m; ++i)
-        for (int p = 0; p < k; ++p)
-          rows[size_t(i) * k + p] = read_a(b * stride_a + (op_a == CUBLAS_OP_N ? i + (long long)p * lda : p + (long long)i * lda));
+        for (int p = 0; p < k; ++p) {
+          const long long at = op_a == CUBLAS_OP_N ? i + (long long)p * lda : p + (long long)i * lda;
+          rows[size_t(i) * k + p] = read_a(b * stride_a + at);
+        }
       for (int j = 0; j < n; ++j)
-        for (int p = 0; p < k; ++p)
-          cols[size_t(j) * k + p] = read_b(b * stride_b + (op_b == CUBLAS_OP_N ? p + (long long)j * ldb : j + (long long)p * ldb));
+        for (int p = 0; p < k; ++p) {
+          const long long at = op_b == CUBLAS_OP_N ? p + (long long)j * ldb : j + (long long)p * ldb;
+          cols[size_t(j) * k + p] = read_b(b * stride_b + at);
+        }
       for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
           T acc = 0;
@@ -89,7 +93,8 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
                                                  cublasComputeType_t, cublasGemmAlgo_t) {
   auto reader = [](const void* p, cudaDataType_t type) {
     return [p, type](long long i) {
-      return type == CUDA_R_16F ? static_cast<float>(static_cast<const __half*>(p)[i]) : static_cast<const float*>(p)[i];
+      if (type == CUDA_R_16F) return static_cast<float>(static_cast<const __half*>(p)[i]);
+      return static_cast<const float*>(p)[i];
     };
   };
   return emulated_gemm(h->stream, op_a, op_b, m, n, k, *static_cast<const float*>(alpha), reader(A, type_a), lda,
