@@ -1,8 +1,8 @@
 // The CUDA backend against the CPU backend, its oracle: every kernel forward and
 // backward on random inputs of several shapes (sizes not multiples of 32, T = 1, one
 // head, M = 1 and 3), outputs poisoned with NaN first; then whole steps, a 100-step
-// loss trajectory, bitwise determinism and NaN handling. Skipped without a GPU; the
-// op tests also run on the host emulator (emulated.gpu_op_tests).
+// loss trajectory, bitwise determinism and NaN handling. Skipped without a GPU; all
+// but the trajectories also run on the host emulator (emulated.gpu_tests).
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -1,6 +1,7 @@
 // The rotation baseline on the GPU against the host's: the same Haar matrices (cuRAND's
 // Philox words are PhiloxStream's) to float64 rounding, the same analysis in every
-// match mode, and rotations prepared ahead changing nothing. Skipped without a GPU.
+// match mode, and rotations prepared ahead changing nothing. Skipped without a GPU;
+// also run on the host emulator (emulated.gpu_tests).
 #include <gtest/gtest.h>
 
 #include <cmath>

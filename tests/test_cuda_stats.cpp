@@ -2,7 +2,8 @@
 // split-TF32 co-moments on data whose means are a thousand deviations, odd shapes,
 // spans and groups of spans, the FP16 split's overflow and the fallback to TF32,
 // bitwise reproducibility, the GPU forward feeding them, and activation files through
-// pinned buffers. Skipped without a GPU.
+// pinned buffers. Skipped without a GPU; also run on the host emulator
+// (emulated.gpu_tests).
 #include <gtest/gtest.h>
 
 #include <cmath>
