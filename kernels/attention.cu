@@ -485,10 +485,7 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
   const EmbeddingNorm* e = a.embedding;
   const float* ln = e ? e->out : a.ln;
   if (!products_fit(a.T, a.C, a.H)) {
-    if (e)
-      embedding_layernorm_forward(e->out, e->mean, e->rstd, e->encoded, e->tokens, e->wte, e->pos,
-                                  e->pos_model_stride, e->norm_w, e->norm_b, M, a.B, a.T, a.C, e->V,
-                                  stream_of(handle));
+    if (e) embedding_layernorm_forward(*e, M, a.B, a.T, a.C, stream_of(handle));
     matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
   }

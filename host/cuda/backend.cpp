@@ -439,9 +439,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     };
     const std::vector<cuda::RowProduct> head = head_products(B, p, for_backward);
     if (c.layers == 0) {
-      const cuda::EmbeddingNorm e = embedding_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b);
-      cuda::embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride,
-                                        e.norm_w, e.norm_b, M, B, T, C, V, s);
+      cuda::embedding_layernorm_forward(embedding_norm(lnf_, lnf_mean_, lnf_rstd_, p.lnf_w, p.lnf_b), M, B, T, C, s);
       for (const auto& product : head) cuda::run_row_product(h, product, M);
     }
     for (int l = 0; l < c.layers; ++l) {

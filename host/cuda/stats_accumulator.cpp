@@ -18,7 +18,8 @@ struct CudaStatsAccumulator::Device {
   std::vector<cuda::DeviceBuffer<float>> stacked;                // [m] a group's stacks, [group, 4, span, N_m] parts
   std::vector<cuda::DeviceBuffer<float>> inv_scale;              // [m] N_m: the FP16 split's scales
   cuda::DeviceBuffer<int> overflow{1};                           // set when an FP16 part is not finite
-  cuda::DeviceBuffer<float> products;                            // a group's float32 products of the largest block
+  cuda::DeviceBuffer<float> products;                            // a group's products of the largest block (scratch
+                                                                 // for stats())
   std::vector<cuda::DeviceBuffer<float>> shift;                  // [m] N_m
   std::vector<cuda::DeviceBuffer<double>> sums;                  // [m] N_m: sum of x - shift
   std::vector<cuda::DeviceBuffer<double>> cross;                 // pairs i < j in CorrelationStats' order

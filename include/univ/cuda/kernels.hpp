@@ -196,6 +196,11 @@ struct EmbeddingNorm {
   const float *norm_w, *norm_b;
   int V;
 };
+// That norm on its own (embedding_layernorm_forward).
+inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, int T, int C, cudaStream_t stream) {
+  embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride, e.norm_w,
+                              e.norm_b, M, B, T, C, e.V, stream);
+}
 // The attention with the products at its ends, each way in one kernel where a sequence
 // is one chunk of 32 and a block's operands stay within 48 KiB (else cuBLAS and the
 // kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C] qkv_w[M,3C,C]^T (written
