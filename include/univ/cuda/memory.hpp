@@ -1,9 +1,11 @@
-// RAII for CUDA resources: device buffers, streams, events, cuBLAS handles, graphs.
+// RAII for CUDA resources: device and pinned buffers, streams, events, cuBLAS handles,
+// graphs.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <utility>
@@ -13,16 +15,62 @@
 
 namespace univ::cuda {
 
-// n elements of T in device memory (cudaMalloc / cudaFree); move-only.
+// Device memory comes from the current device's stream-ordered pool, told to keep what
+// is given back for the next allocation rather than return it to the driver: cudaFree
+// waits for the whole device and unmaps the memory, and cudaMalloc maps it again, while
+// a short job such as the seed correlation step makes and frees some thirty buffers (its
+// networks, their activations, the accumulator, the baseline's workspace). A buffer is
+// usable on every stream once allocated; it goes back, as with cudaFree, after all the
+// device's work so far, which may still use it. An allocation the pool cannot serve
+// hands the pool's unused memory back to the driver and tries once more. Devices
+// without pools use cudaMalloc and cudaFree.
+inline bool device_has_pools() noexcept {
+  int device = 0, supported = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) == cudaSuccess && supported;
+}
+inline void* device_allocate(size_t bytes) {
+  void* p = nullptr;
+  if (!device_has_pools()) {
+    UNIV_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  int device = 0;
+  cudaMemPool_t pool{};
+  UNIV_CUDA_CHECK(cudaGetDevice(&device));
+  UNIV_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t keep_all = ~uint64_t(0);
+  UNIV_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+  const cudaError_t first = cudaMallocFromPoolAsync(&p, bytes, pool, cudaStreamPerThread);
+  if (first == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();  // not a sticky error: cleared, the pool trimmed, once more
+    UNIV_CUDA_CHECK(cudaDeviceSynchronize());
+    UNIV_CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+    UNIV_CUDA_CHECK(cudaMallocFromPoolAsync(&p, bytes, pool, cudaStreamPerThread));
+  } else {
+    check_cuda(first, "cudaMallocFromPoolAsync", __FILE__, __LINE__);
+  }
+  UNIV_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+  return p;
+}
+inline void device_free(void* p) noexcept {
+  if (cudaDeviceSynchronize() != cudaSuccess) return;  // a failed device keeps what it holds
+  if (device_has_pools())
+    cudaFreeAsync(p, cudaStreamPerThread);
+  else
+    cudaFree(p);
+}
+
+// n elements of T in device memory (device_allocate / device_free); move-only.
 template <class T>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : size_(n) {
-    if (n > 0) UNIV_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&data_), n * sizeof(T)));
+    if (n > 0) data_ = static_cast<T*>(device_allocate(n * sizeof(T)));
   }
   ~DeviceBuffer() {
-    if (data_) cudaFree(data_);
+    if (data_) device_free(data_);
   }
   DeviceBuffer(DeviceBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
@@ -51,15 +99,60 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
-// n elements of T in page-locked host memory, for asynchronous copies; move-only.
+// Page-locked host memory: pinning pages is slow and cudaFreeHost waits for the device,
+// so blocks of up to 1 MiB (a network's batch and step report) are kept when given back,
+// after the device's work so far (which may still copy from them), and handed out again
+// for the same size; larger ones are freed. The kept blocks live as long as the process.
+class PinnedBlocks {
+ public:
+  static void* take(size_t bytes) {
+    if (bytes <= kKeptBytes) {
+      const std::lock_guard<std::mutex> lock(mutex());
+      auto& blocks = kept();
+      for (auto it = blocks.begin(); it != blocks.end(); ++it)
+        if (it->second == bytes) {
+          void* p = it->first;
+          blocks.erase(it);
+          return p;
+        }
+    }
+    void* p = nullptr;
+    UNIV_CUDA_CHECK(cudaMallocHost(&p, bytes));
+    return p;
+  }
+  static void give_back(void* p, size_t bytes) noexcept {
+    if (bytes > kKeptBytes) {
+      cudaFreeHost(p);
+      return;
+    }
+    if (cudaDeviceSynchronize() != cudaSuccess) return;  // a failed device keeps what it holds
+    const std::lock_guard<std::mutex> lock(mutex());
+    kept().emplace_back(p, bytes);
+  }
+
+ private:
+  static constexpr size_t kKeptBytes = size_t(1) << 20;
+  // Never destroyed: at exit the CUDA runtime may be gone before static destructors run.
+  static std::vector<std::pair<void*, size_t>>& kept() {
+    static auto* blocks = new std::vector<std::pair<void*, size_t>>;
+    return *blocks;
+  }
+  static std::mutex& mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+  }
+};
+
+// n elements of T in page-locked host memory (PinnedBlocks), for asynchronous copies;
+// move-only.
 template <class T>
 class PinnedBuffer {
  public:
   explicit PinnedBuffer(size_t n) : size_(n) {
-    if (n > 0) UNIV_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data_), n * sizeof(T)));
+    if (n > 0) data_ = static_cast<T*>(PinnedBlocks::take(n * sizeof(T)));
   }
   ~PinnedBuffer() {
-    if (data_) cudaFreeHost(data_);
+    if (data_) PinnedBlocks::give_back(data_, size_ * sizeof(T));
   }
   PinnedBuffer(PinnedBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
   PinnedBuffer(const PinnedBuffer&) = delete;
