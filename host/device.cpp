@@ -12,7 +12,7 @@ namespace univ {
 
 std::unique_ptr<TrainBackend> make_cpu_backend(const RunConfig& config);
 #ifdef UNIV_HAVE_CUDA
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion);
 #endif
 
 std::string to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
@@ -74,6 +74,15 @@ Device resolve_device(const std::string& flag) {
 
 std::string to_string(Precision p) { return p == Precision::fp32 ? "fp32" : "tf32"; }
 
+std::string to_string(CudaFusion f) {
+  switch (f) {
+    case CudaFusion::sublayers: return "sublayers";
+    case CudaFusion::ops: return "ops";
+    case CudaFusion::blocks: return "blocks";
+  }
+  return "?";
+}
+
 Precision parse_precision(const std::string& name) {
   if (name == "fp32") return Precision::fp32;
   if (name == "tf32") return Precision::tf32;
@@ -81,12 +90,12 @@ Precision parse_precision(const std::string& name) {
 }
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config, Precision precision,
-                                           CudaBlocks blocks) {
+                                           CudaFusion fusion) {
   if (device == Device::cpu) return make_cpu_backend(config);
 #ifdef UNIV_HAVE_CUDA
-  return make_cuda_backend(config, precision, blocks);
+  return make_cuda_backend(config, precision, fusion);
 #else
-  (void)precision, (void)blocks;
+  (void)precision, (void)fusion;
   throw UserError("this build has no CUDA support");
 #endif
 }

@@ -1,6 +1,7 @@
 // The training loop: batches, learning-rate schedule, checkpoints, logs, test loss.
 #include "univ/train.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -128,7 +129,12 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
   int64_t step = first_step;
   int64_t saved_step = options.resume ? first_step : -1;
   const int64_t tokens_per_step = int64_t(config.models) * config.batch * config.model.seq_len;
-  std::vector<int32_t> inputs(tokens_per_step), targets(tokens_per_step);
+  // Steps go to the backend in runs: one at a time where it gains nothing from more (the
+  // CPU), else up to the next checkpoint, as far as 64 MiB of batches holds them.
+  const int64_t longest_run =
+      backend->queues_steps() ? std::max<int64_t>(1, (int64_t(64) << 20) / (tokens_per_step * 8)) : 1;
+  std::vector<int32_t> inputs, targets;
+  std::vector<double> lrs;
   const auto start = Clock::now();
   auto save = [&] {
     save_checkpoint(options.out_dir, config, data_description, backend->state());
@@ -136,25 +142,36 @@ TrainResult train(const TrainOptions& options, const TrainHooks& hooks) {
   };
 
   while (step < total) {
-    sampler.fill(step, inputs.data(), targets.data());
-    const double lr = learning_rate(config.optim, step, total);
-    const StepStats stats = backend->step(inputs.data(), targets.data(), lr);
-    if (!stats.finite) {
-      const std::string kept = saved_step >= 0 ? "the checkpoint of step " + std::to_string(saved_step) + " in " +
-                                                     options.out_dir.string() + " is kept"
-                                               : "no checkpoint was written";
-      throw UserError("training stopped at step " + std::to_string(step + 1) + ": " + stats.fault + "; " + kept);
+    const int64_t next_save = (step / save_every + 1) * save_every;
+    const int64_t run = std::min({longest_run, total - step, next_save - step});
+    inputs.resize(run * tokens_per_step);
+    targets.resize(inputs.size());
+    lrs.resize(run);
+    for (int64_t k = 0; k < run; ++k) {
+      sampler.fill(step + k, inputs.data() + k * tokens_per_step, targets.data() + k * tokens_per_step);
+      lrs[k] = learning_rate(config.optim, step + k, total);
     }
-    ++step;
-    log.add(step, lr, stats);
-    result.last_loss = stats.loss;
-    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    if (hooks.on_step) {
-      TrainProgress p{step, total, lr, stats.loss, 0, elapsed, 0};
-      const double done = static_cast<double>(step - first_step);
-      p.tokens_per_second = elapsed > 0 ? done * static_cast<double>(tokens_per_step) / elapsed : 0;
-      p.eta_seconds = done > 0 ? elapsed / done * static_cast<double>(total - step) : 0;
-      hooks.on_step(p);
+    const std::vector<StepStats> done =
+        backend->steps(inputs.data(), targets.data(), lrs.data(), static_cast<int>(run));
+    for (size_t k = 0; k < done.size(); ++k) {
+      const StepStats& stats = done[k];
+      if (!stats.finite) {
+        const std::string kept = saved_step >= 0 ? "the checkpoint of step " + std::to_string(saved_step) + " in " +
+                                                       options.out_dir.string() + " is kept"
+                                                 : "no checkpoint was written";
+        throw UserError("training stopped at step " + std::to_string(step + 1) + ": " + stats.fault + "; " + kept);
+      }
+      ++step;
+      log.add(step, lrs[k], stats);
+      result.last_loss = stats.loss;
+      const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+      if (hooks.on_step) {
+        TrainProgress p{step, total, lrs[k], stats.loss, 0, elapsed, 0};
+        const double steps_done = static_cast<double>(step - first_step);
+        p.tokens_per_second = elapsed > 0 ? steps_done * static_cast<double>(tokens_per_step) / elapsed : 0;
+        p.eta_seconds = steps_done > 0 ? elapsed / steps_done * static_cast<double>(total - step) : 0;
+        hooks.on_step(p);
+      }
     }
     const bool stop = step < total && hooks.stop_requested && hooks.stop_requested();
     if (stop || step % save_every == 0 || step == total) save();

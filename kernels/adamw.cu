@@ -19,8 +19,8 @@ constexpr int kNormPiece = 8 * kThreads;  // gradient elements per block of eith
 // Block s: the sum of squares of piece s, in a fixed tree. The last block to finish
 // (a counter, as in the CUDA samples' threadFenceReduction) then adds up each model's
 // pieces in a fixed tree, writes the norm and the clipping factor and whether the step
-// may update (and the report for the host), and sets the counter back to zero for the
-// next launch.
+// may update (and the report for the host, at the cursor's slot, moving the cursor on),
+// and sets the counter back to zero for the next launch.
 __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __restrict__ blocks_done,
                                   float* __restrict__ norms, float* __restrict__ scales, int* __restrict__ finite,
                                   const float* __restrict__ grads, const ParamSegment* __restrict__ pieces,
@@ -54,6 +54,7 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
   __syncthreads();
   if (!last) return;
   const volatile double* done = partials;  // written by other blocks: read past the L1 cache
+  const int slot = report.cursor ? report.cursor->next : 0;
   for (int m = 0; m < M; ++m) {
     double sum = 0.0;
     for (int s = threadIdx.x; s < num_pieces; s += kThreads)
@@ -67,8 +68,8 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
     if (threadIdx.x == 0) {
       const double norm = sqrt(partial[0]);
       norms[m] = static_cast<float>(norm);
-      if (report.norms) report.norms[m] = norms[m];
-      if (report.losses) report.losses[m] = losses[m];
+      if (report.norms) report.norms[slot * M + m] = norms[m];
+      if (report.losses) report.losses[slot * M + m] = losses[m];
       // PyTorch's clip_grad_norm_: scale by clip / (norm + 1e-6) when that is below 1.
       scales[m] = static_cast<float>(step->clip > 0 ? fmin(1.0, step->clip / (norm + 1e-6)) : 1.0);
     }
@@ -77,8 +78,13 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
   if (threadIdx.x == 0) {
     int ok = 1;
     for (int i = 0; i < M; ++i) ok &= isfinite(norms[i]) && isfinite(losses[i]);
+    if (report.cursor) {  // a run stops updating at its first step that is not finite
+      ok &= !report.cursor->halted;
+      report.cursor->halted = !ok;
+      report.cursor->next = slot + 1;
+    }
     finite[0] = ok;
-    if (report.finite) *report.finite = ok;
+    if (report.finite) report.finite[slot] = ok;
     *blocks_done = 0;
   }
 }

@@ -484,7 +484,7 @@ void attention_backward(float* dqkv, const float* dout, const float* out, const 
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
   const EmbeddingNorm* e = a.embedding;
   const float* ln = e ? e->out : a.ln;
-  if (!products_fit(a.T, a.C, a.H)) {
+  if (a.apart || !products_fit(a.T, a.C, a.H)) {
     if (e) embedding_layernorm_forward(*e, M, a.B, a.T, a.C, stream_of(handle));
     matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
@@ -497,7 +497,7 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
 }
 
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
-  if (!products_fit(a.T, a.C, a.H)) {
+  if (a.apart || !products_fit(a.T, a.C, a.H)) {
     matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
     return attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H,
                               stream_of(handle));

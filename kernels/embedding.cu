@@ -59,17 +59,19 @@ __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const fl
 
 }  // namespace
 
+void check_tokens(const int32_t* tokens, int64_t n, int V) {
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= V)
+      throw std::out_of_range("token " + std::to_string(tokens[i]) + " outside a vocabulary of " + std::to_string(V));
+}
+
 void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const int32_t* tokens, int M, int N, int V) {
+  check_tokens(tokens, int64_t(M) * N, V);
   for (int m = 0; m < M; ++m) {
     const int32_t* tok = tokens + int64_t(m) * N;
     int32_t* starts = token_starts + int64_t(m) * (V + 1);
     std::fill(starts, starts + V + 1, 0);
-    for (int n = 0; n < N; ++n) {
-      if (tok[n] < 0 || tok[n] >= V)
-        throw std::out_of_range("sort_positions_by_token: token " + std::to_string(tok[n]) +
-                                " outside a vocabulary of " + std::to_string(V));
-      ++starts[tok[n] + 1];
-    }
+    for (int n = 0; n < N; ++n) ++starts[tok[n] + 1];
     for (int v = 0; v < V; ++v) starts[v + 1] += starts[v];
     // starts[v] is token v's cursor and ends where token v + 1 starts: shifted back after.
     for (int n = 0; n < N; ++n) token_rows[int64_t(m) * N + starts[tok[n]]++] = n;

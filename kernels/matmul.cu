@@ -419,8 +419,8 @@ void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const f
 }
 
 void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
-                               const float* bias, int M, int N, int C, int OC, Act act) {
-  if (!is_small(M, N, OC, C)) {
+                               const float* bias, int M, int N, int C, int OC, Act act, bool apart) {
+  if (apart || !is_small(M, N, OC, C)) {
     matmul_forward(handle, pre, inp, weight, M, N, C, OC);
     return bias_activation_forward(pre, post, bias, M, N, OC, act, stream_of(handle));
   }
@@ -439,8 +439,8 @@ void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout
 }
 
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
-                                      const float* pre, int M, int N, int C, int OC, Act act) {
-  if (!is_small(M, N, C, OC)) {
+                                      const float* pre, int M, int N, int C, int OC, Act act, bool apart) {
+  if (apart || !is_small(M, N, C, OC)) {
     matmul_backward_input(handle, dpre, dout, weight, M, N, C, OC);
     return activation_backward(dpre, pre, int64_t(M) * N * C, act, stream_of(handle));
   }
@@ -480,18 +480,19 @@ RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const flo
 void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
   const cudaStream_t stream = stream_of(handle);
   const SmallProduct small = small_of(p);
+  const bool fits = !p.apart && rows_fit(M, p.R, p.P, p.K);
   switch (p.op) {
     case RowOp::add_layernorm:
-      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<true, Epilogue::add_layernorm>(small, M, stream);
+      if (fits) return launch_small<true, Epilogue::add_layernorm>(small, M, stream);
       matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
       return add_layernorm_forward(p.norm_out, p.mean, p.rstd, p.out, p.bias, p.residual, p.norm_w, p.norm_b, M, p.R,
                                    p.P, stream);
     case RowOp::crossentropy:
-      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<true, Epilogue::crossentropy>(small, M, stream);
+      if (fits) return launch_small<true, Epilogue::crossentropy>(small, M, stream);
       matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
       return crossentropy_forward_backward(p.row_loss, p.out, p.targets, M, p.R, p.P, p.backward, stream);
     case RowOp::layernorm_backward:
-      if (rows_fit(M, p.R, p.P, p.K)) return launch_small<false, Epilogue::layernorm_backward>(small, M, stream);
+      if (fits) return launch_small<false, Epilogue::layernorm_backward>(small, M, stream);
       matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
       return layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M,
                                       p.R, p.P, stream);
@@ -502,7 +503,7 @@ namespace {
 
 // The MLP's row stages in its kernel where each holds whole rows of the same R.
 bool stages_fit(const MlpSublayer& s, int M) {
-  auto fits = [&](const RowProduct& p) { return p.R == s.N && rows_fit(M, p.R, p.P, p.K); };
+  auto fits = [&](const RowProduct& p) { return !p.apart && p.R == s.N && rows_fit(M, p.R, p.P, p.K); };
   if (s.before && !fits(*s.before)) return false;
   for (int i = 0; i < s.after_count; ++i)
     if (!fits(s.after[i])) return false;
@@ -523,7 +524,7 @@ void check_stages(const MlpSublayer& s, bool backward) {
 template <bool kBackward, class Apart>
 void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p, const Apart& apart) {
   check_stages(s, kBackward);
-  if (!mlp_fits(M, s.N, s.C, s.D) || !stages_fit(s, M)) {
+  if (s.apart || !mlp_fits(M, s.N, s.C, s.D) || !stages_fit(s, M)) {
     if (s.before) run_row_product(handle, *s.before, M);
     apart();
     for (int i = 0; i < s.after_count; ++i) run_row_product(handle, s.after[i], M);
@@ -545,11 +546,11 @@ void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M) {
   p.rows = small_of(add_layernorm_product(s.next_ln, s.next_mean, s.next_rstd, s.resid_out, nullptr, nullptr, s.out_b,
                                           s.resid_mid, s.next_w, s.next_b, N, D, C));
   launch_mlp<false>(handle, s, M, p, [&] {
-    matmul_forward_activation(handle, s.pre, s.post, s.ln2, s.fc_w, s.fc_b, M, N, C, D, s.act);
-    run_row_product(handle,
-                    add_layernorm_product(s.next_ln, s.next_mean, s.next_rstd, s.resid_out, s.post, s.out_w, s.out_b,
-                                          s.resid_mid, s.next_w, s.next_b, N, D, C),
-                    M);
+    matmul_forward_activation(handle, s.pre, s.post, s.ln2, s.fc_w, s.fc_b, M, N, C, D, s.act, s.apart);
+    RowProduct out = add_layernorm_product(s.next_ln, s.next_mean, s.next_rstd, s.resid_out, s.post, s.out_w,
+                                           s.out_b, s.resid_mid, s.next_w, s.next_b, N, D, C);
+    out.apart = s.apart;
+    run_row_product(handle, out, M);
   });
 }
 
@@ -560,11 +561,11 @@ void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M) {
   p.rows = small_of(backward_input_layernorm_product(s.dln2, s.dresid_mid, s.dresid_out, nullptr, nullptr,
                                                      s.resid_mid, s.ln2_w, s.ln2_mean, s.ln2_rstd, N, C, D));
   launch_mlp<true>(handle, s, M, p, [&] {
-    matmul_backward_input_activation(handle, s.dpre, s.dresid_out, s.out_w, s.pre, M, N, D, C, s.act);
-    run_row_product(handle,
-                    backward_input_layernorm_product(s.dln2, s.dresid_mid, s.dresid_out, s.dpre, s.fc_w, s.resid_mid,
-                                                     s.ln2_w, s.ln2_mean, s.ln2_rstd, N, C, D),
-                    M);
+    matmul_backward_input_activation(handle, s.dpre, s.dresid_out, s.out_w, s.pre, M, N, D, C, s.act, s.apart);
+    RowProduct dln2 = backward_input_layernorm_product(s.dln2, s.dresid_mid, s.dresid_out, s.dpre, s.fc_w,
+                                                       s.resid_mid, s.ln2_w, s.ln2_mean, s.ln2_rstd, N, C, D);
+    dln2.apart = s.apart;
+    run_row_product(handle, dln2, M);
   });
 }
 

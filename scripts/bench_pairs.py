@@ -10,7 +10,10 @@ def main(path):
     with open(path) as f:
         report = json.load(f)
     for cfg in report["configs"]:
-        print(f"{cfg['config']}: step {cfg['step_ms_fp32']:.3f} ms fp32, {cfg['step_ms_tf32']:.3f} ms tf32")
+        print(f"{cfg['config']}: step {cfg['step_ms_fp32']:.3f} ms fp32, {cfg['step_ms_tf32']:.3f} ms tf32; "
+              f"queued {cfg['queued_step_ms_fp32']:.3f} ms fp32, {cfg['queued_step_ms_tf32']:.3f} ms tf32; "
+              f"fp32 with a launch per op {cfg['step_ms_fp32_ops']:.3f} ms, "
+              f"with a kernel per block {cfg['step_ms_fp32_blocks']:.3f} ms")
         kernels = cfg["kernels"]
         for fused, apart in zip(kernels, kernels[1:]):
             if apart["kernel"].startswith("apart:") and not fused["kernel"].startswith("apart:"):

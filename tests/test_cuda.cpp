@@ -5,6 +5,7 @@
 // but the trajectories also run on the host emulator (emulated.gpu_tests).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 
@@ -1038,17 +1039,17 @@ RunConfig small_run(int models) {
   return c;
 }
 
-// Both ways of running the blocks: fused (the default; this shape fits) and a kernel per op.
+// Every way of grouping the work into kernels (this shape fits each).
 TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
-  for (const auto& [models, blocks] : {std::pair{1, CudaBlocks::fused}, std::pair{3, CudaBlocks::fused},
-                                       std::pair{3, CudaBlocks::per_op}}) {
-    SCOPED_TRACE(blocks == CudaBlocks::per_op ? "a kernel per op" : "fused blocks");
+  for (const auto& [models, fusion] : {std::pair{1, CudaFusion::blocks}, std::pair{3, CudaFusion::blocks},
+                                       std::pair{3, CudaFusion::sublayers}, std::pair{2, CudaFusion::ops}}) {
+    SCOPED_TRACE(to_string(fusion));
     RunConfig c = small_run(models);
     const DataSource source = open_data(c.data);
     c.model.vocab = c.data.vocab = source.vocab();
     const DataSplits splits = make_splits(source, c);
     BatchSampler sampler(c, splits);
-    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c, Precision::fp32, blocks);
+    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c, Precision::fp32, fusion);
     const ParamLayout layout(c.model, models);
     TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                     std::vector<float>(layout.total()), 0};
@@ -1092,6 +1093,92 @@ TEST_F(Gpu, TwoRunsGiveIdenticalCheckpoints) {
     EXPECT_EQ(read_file(model_file(a.path(), m)), read_file(model_file(b.path(), m)));
     EXPECT_EQ(read_file(optimizer_file(a.path(), m)), read_file(optimizer_file(b.path(), m)));
   }
+}
+
+// Two models of one small layer, from the same weights on two backends.
+std::pair<std::unique_ptr<TrainBackend>, std::unique_ptr<TrainBackend>> twin_backends(const RunConfig& c,
+                                                                                     TrainState* init) {
+  const ParamLayout layout(c.model, c.models);
+  *init = {random_vector<float>(layout.total(), 81, 0.05), std::vector<float>(layout.total()),
+           std::vector<float>(layout.total()), 0};
+  auto a = make_backend(Device::cuda, c), b = make_backend(Device::cuda, c);
+  a->set_state(*init);
+  b->set_state(*init);
+  return {std::move(a), std::move(b)};
+}
+
+RunConfig tiny_run() {
+  RunConfig c;
+  c.model = {64, 8, 16, 2, 24, 1, Activation::relu, PosEncoding::learned};
+  c.models = 2;
+  c.seeds = {1, 2};
+  c.batch = 3;
+  return c;
+}
+
+// Queued runs (more steps than one run holds, so that both halves of the queue serve)
+// are the same steps as one at a time: the same reports and, bit for bit, the same state.
+TEST_F(Gpu, QueuedStepsEqualStepsOneAtATime) {
+  const RunConfig c = tiny_run();
+  TrainState init;
+  auto [queued, single] = twin_backends(c, &init);
+  const int n = 70;
+  const size_t per_step = size_t(c.models) * c.batch * c.model.seq_len;
+  const auto inputs = random_tokens(per_step * n, 64, 82), targets = random_tokens(per_step * n, 64, 83);
+  std::vector<double> lr(n);
+  for (int k = 0; k < n; ++k) lr[k] = 1e-3 * (1 + k % 5);
+  const std::vector<StepStats> done = queued->steps(inputs.data(), targets.data(), lr.data(), n);
+  ASSERT_EQ(done.size(), size_t(n));
+  for (int k = 0; k < n; ++k) {
+    const StepStats one = single->step(inputs.data() + k * per_step, targets.data() + k * per_step, lr[k]);
+    ASSERT_TRUE(done[k].finite) << "step " << k;
+    EXPECT_EQ(done[k].loss, one.loss) << "step " << k;
+    EXPECT_EQ(done[k].grad_norm, one.grad_norm) << "step " << k;
+  }
+  const TrainState a = queued->state(), b = single->state();
+  EXPECT_EQ(a.step, n);
+  EXPECT_EQ(b.step, n);
+  EXPECT_EQ(a.params, b.params);
+  EXPECT_EQ(a.exp_avg, b.exp_avg);
+  EXPECT_EQ(a.exp_avg_sq, b.exp_avg_sq);
+}
+
+// A run stops at its first step that is not finite: the steps after it in the same run
+// update nothing, and the fault is that step's. Token 5's embedding row in model 0 is
+// near float's largest value, so a batch that holds token 5 overflows in the layer norm
+// and gives NaNs (the parameters finite, the fault names a gradient), while the others
+// train normally.
+TEST_F(Gpu, QueuedRunStopsAtItsFirstNonFiniteStep) {
+  const RunConfig c = tiny_run();
+  TrainState init;
+  auto [queued, single] = twin_backends(c, &init);
+  const ParamLayout layout(c.model, c.models);
+  float* token5 = init.params.data() + layout.offset(layout.at("wte"), 0) + 5 * c.model.d_model;
+  std::fill(token5, token5 + c.model.d_model, 3e38f);
+  queued->set_state(init);
+  single->set_state(init);
+  const int n = 5, bad = 2;
+  const size_t per_step = size_t(c.models) * c.batch * c.model.seq_len;
+  std::vector<int32_t> inputs = random_tokens(per_step * n, 58, 84), targets = random_tokens(per_step * n, 64, 85);
+  for (int32_t& t : inputs) t += 6;  // no token 5 ...
+  inputs[bad * per_step + 3] = 5;    // ... but in one sequence of the bad step
+  const std::vector<double> lr(n, 1e-3);
+  const std::vector<StepStats> done = queued->steps(inputs.data(), targets.data(), lr.data(), n);
+  ASSERT_EQ(done.size(), size_t(bad + 1));
+  EXPECT_TRUE(done[0].finite && done[1].finite);
+  EXPECT_FALSE(done[bad].finite);
+  EXPECT_NE(done[bad].fault.find("the loss of model 0"), std::string::npos) << done[bad].fault;
+  EXPECT_NE(done[bad].fault.find("the gradient of its"), std::string::npos) << done[bad].fault;
+  for (int k = 0; k < bad; ++k) single->step(inputs.data() + k * per_step, targets.data() + k * per_step, lr[k]);
+  const TrainState a = queued->state(), b = single->state();
+  EXPECT_EQ(a.step, bad);
+  EXPECT_EQ(a.params, b.params);
+  EXPECT_EQ(a.exp_avg, b.exp_avg);
+  EXPECT_EQ(a.exp_avg_sq, b.exp_avg_sq);
+  // The same steps one at a time stop at the same step, with the same description.
+  const StepStats one = single->step(inputs.data() + bad * per_step, targets.data() + bad * per_step, lr[bad]);
+  EXPECT_FALSE(one.finite);
+  EXPECT_EQ(one.fault, done[bad].fault);
 }
 
 TEST_F(Gpu, NonFiniteStepsUpdateNothingAndNameTheTensor) {

@@ -320,23 +320,32 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
   return out;
 }
 
-// Milliseconds per training step of the whole backend (graph replay, batch upload, sync).
+// Milliseconds per training step of the whole backend: one step() at a time (its batch
+// up, the graph's replay, the wait), median of `steps`; or queued, `steps` of them in
+// one steps() call (runs of replays without the host between them), the median of three
+// such calls over `steps`.
 double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps,
-               univ::CudaBlocks blocks = univ::CudaBlocks::per_op) {
-  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, blocks);
+               univ::CudaFusion fusion = univ::CudaFusion::sublayers, bool queued = false) {
+  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, fusion);
   const univ::ParamLayout layout(rc.model, rc.models);
   univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                      std::vector<float>(layout.total()), 0};
   univ::init_parameters(layout, rc.model, rc.seeds, s.params.data());
   backend->set_state(s);
-  std::vector<int32_t> tokens(size_t(rc.models) * rc.batch * rc.model.seq_len);
+  const size_t per_step = size_t(rc.models) * rc.batch * rc.model.seq_len;
+  std::vector<int32_t> tokens(per_step * steps);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 31 % rc.model.vocab);
+  const std::vector<double> lr(steps, 1e-4);
   for (int i = 0; i < 10; ++i) backend->step(tokens.data(), tokens.data(), 1e-4);  // capture, warm-up
   std::vector<double> ms;
-  for (int i = 0; i < steps; ++i) {
+  for (int i = 0; i < (queued ? 3 : steps); ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    backend->step(tokens.data(), tokens.data(), 1e-4);
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    if (queued)
+      backend->steps(tokens.data(), tokens.data(), lr.data(), steps);
+    else
+      backend->step(tokens.data() + per_step * i, tokens.data() + per_step * i, 1e-4);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
+                 (queued ? steps : 1));
   }
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return ms[ms.size() / 2];
@@ -526,15 +535,15 @@ nlohmann::json correlation_step(Bench& b) {
   // Forward and statistics phase by phase, as stream_statistics runs them: making the
   // two forward networks, then the accumulator, the forward passes (side by side), the
   // accumulator's adds (waited for), stats(), and releasing the accumulator, then the
-  // networks; with the per-op networks (correlate's) and, phases suffixed _fused, with
-  // the block kernels.
+  // networks; with the networks' kernels by sublayers (correlate's), and, phases
+  // suffixed _ops and _blocks, by op and by transformer block.
   std::map<std::string, std::vector<double>> phase_ms;
-  for (const auto blocks : {univ::CudaBlocks::per_op, univ::CudaBlocks::fused})
+  for (const auto fusion : {univ::CudaFusion::sublayers, univ::CudaFusion::ops, univ::CudaFusion::blocks})
     for (int i = 0; i < 5; ++i) {
       std::map<std::string, double> ms;
       auto t = std::chrono::steady_clock::now();
       auto lap = [&](const std::string& phase) {
-        ms[phase + (blocks == univ::CudaBlocks::fused ? "_fused" : "")] += ms_since(t);
+        ms[phase + (fusion == univ::CudaFusion::sublayers ? "" : "_" + univ::to_string(fusion))] += ms_since(t);
         t = std::chrono::steady_clock::now();
       };
       auto nets = std::make_unique<std::vector<std::unique_ptr<univ::DeviceForward>>>();
@@ -542,7 +551,7 @@ nlohmann::json correlation_step(Bench& b) {
       for (const auto& m : models) {
         univ::RunConfig config = m.checkpoint.run;
         config.batch = batch;
-        nets->push_back(univ::make_device_forward(config, m.checkpoint.params, blocks));
+        nets->push_back(univ::make_device_forward(config, m.checkpoint.params, fusion));
         acts.emplace_back(size_t(batch) * config.model.seq_len * m.shape().neurons());
       }
       lap("setup_networks");
@@ -628,8 +637,14 @@ int main(int argc, char** argv) {
                                    {"kernels", kernels},
                                    {"step_ms_fp32", step_ms(rc, univ::Precision::fp32, steps)},
                                    {"step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps)},
-                                   {"step_ms_fp32_fused", step_ms(rc, univ::Precision::fp32, steps,
-                                                                  univ::CudaBlocks::fused)}});
+                                   {"queued_step_ms_fp32", step_ms(rc, univ::Precision::fp32, steps,
+                                                                   univ::CudaFusion::sublayers, true)},
+                                   {"queued_step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps,
+                                                                   univ::CudaFusion::sublayers, true)},
+                                   {"step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
+                                                                univ::CudaFusion::ops)},
+                                   {"step_ms_fp32_blocks", step_ms(rc, univ::Precision::fp32, steps,
+                                                                   univ::CudaFusion::blocks)}});
     }
     report["correlation"] = correlation(b, fp32.get(), tf32.get());
     report["correlation_step"] = correlation_step(b);
@@ -643,9 +658,12 @@ int main(int argc, char** argv) {
                 report["device"].get<std::string>().c_str(), cl["copy_GBps"].get<double>(),
                 cl["sgemm_fp32_TFLOPs"].get<double>(), cl["sgemm_tf32_TFLOPs"].get<double>());
     for (const auto& cfg : report["configs"]) {
-      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32 (fp32 with fused blocks: %.3f ms)\n",
+      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32; queued %.3f ms fp32, %.3f ms tf32 (fp32 with a "
+                  "launch per op: %.3f ms, with a kernel per block: %.3f ms)\n",
                   cfg["config"].get<std::string>().c_str(), cfg["step_ms_fp32"].get<double>(),
-                  cfg["step_ms_tf32"].get<double>(), cfg["step_ms_fp32_fused"].get<double>());
+                  cfg["step_ms_tf32"].get<double>(), cfg["queued_step_ms_fp32"].get<double>(),
+                  cfg["queued_step_ms_tf32"].get<double>(), cfg["step_ms_fp32_ops"].get<double>(),
+                  cfg["step_ms_fp32_blocks"].get<double>());
       std::printf("  %-30s %10s %10s %10s\n", "kernel", "us", "GB/s", "GFLOP/s");
       for (const auto& k : cfg["kernels"])
         std::printf("  %-30s %10.1f %10.1f %10.1f\n", k["kernel"].get<std::string>().c_str(),

@@ -76,6 +76,14 @@ class CpuBackend final : public TrainBackend {
     return stats;
   }
 
+  std::vector<StepStats> steps(const int32_t* inputs, const int32_t* targets, const double* lr, int n) override {
+    const int64_t tokens = int64_t(config_.models) * config_.batch * config_.model.seq_len;
+    std::vector<StepStats> done;
+    for (int k = 0; k < n && (done.empty() || done.back().finite); ++k)
+      done.push_back(step(inputs + k * tokens, targets + k * tokens, lr[k]));
+    return done;
+  }
+
   std::vector<double> evaluate(const int32_t* sequences, int64_t count) override {
     const int M = config_.models, T = config_.model.seq_len;
     std::vector<double> total(M, 0.0);

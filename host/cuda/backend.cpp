@@ -74,12 +74,73 @@ class Mirrored {
   }
   void upload(cudaStream_t stream) { device_.upload(host_->data(), used_, stream); }
   void download(cudaStream_t stream) { device_.download(host_->data(), used_, stream); }
+  char* device_data() { return device_.data(); }
+  const char* host_data() const { return host_->data(); }
+  size_t bytes() const { return used_; }  // a multiple of 16
 
  private:
   size_t used_ = 0;
   std::vector<std::function<void(char*, char*)>> pending_;
   DeviceBuffer<char> device_;
   std::optional<PinnedBuffer<char>> host_;
+};
+
+// Runs of training steps queued on the device (kernels/step_queue.cu): the cursor, then
+// two halves of `capacity` slots, each an image of the step's Mirrored batch (its
+// constants and batch), in pinned host memory and on the device; and each slot's report
+// (losses, norms, finite), which grad_norms writes into pinned memory. Runs alternate
+// halves, so that the host fills the next run's slots while the device works through
+// the current one.
+class StepQueue {
+ public:
+  StepQueue(size_t slot_bytes, int M)
+      : capacity_(static_cast<int>(std::clamp<int64_t>(kHalfBytes / int64_t(slot_bytes), 1, kMaxCapacity))),
+        slot_bytes_(slot_bytes),
+        M_(M),
+        device_(kHeaderBytes + 2 * capacity_ * slot_bytes),
+        host_(device_.size()),
+        losses_(size_t(2) * capacity_ * M),
+        norms_(losses_.size()),
+        finite_(size_t(2) * capacity_) {}
+  int capacity() const { return capacity_; }
+  // Where `at`, a part of the step's host image `image`, sits in slot k.
+  template <class T>
+  T* in_slot(T* at, const char* image, int k) {
+    return reinterpret_cast<T*>(host_.data() + offset(k) + (reinterpret_cast<const char*>(at) - image));
+  }
+  // The cursor at slot `first` (and the slots [first, first + count) with upload_slots),
+  // then `count` replays of the step's graph, which take those slots in turn.
+  void run(int first, int count, bool upload_slots, const cuda::Graph& graph, cudaStream_t stream) {
+    *reinterpret_cast<cuda::StepCursor*>(host_.data()) = {first, 0};
+    device_.upload(host_.data(), kHeaderBytes, stream);
+    if (upload_slots) device_.upload(host_.data() + offset(first), count * slot_bytes_, stream, offset(first));
+    for (int k = 0; k < count; ++k) graph.launch(stream);
+  }
+  const cuda::StepCursor* cursor() const { return reinterpret_cast<const cuda::StepCursor*>(device_.data()); }
+  const char* slots() const { return device_.data() + kHeaderBytes; }
+  cuda::StepReport report() {
+    return {losses_.data(), norms_.data(), finite_.data(), reinterpret_cast<cuda::StepCursor*>(device_.data())};
+  }
+  // Slot k's report, once its run is complete.
+  StepStats stats(int k) const {
+    StepStats s;
+    s.loss.assign(losses_.data() + int64_t(k) * M_, losses_.data() + int64_t(k + 1) * M_);
+    s.grad_norm.assign(norms_.data() + int64_t(k) * M_, norms_.data() + int64_t(k + 1) * M_);
+    s.finite = finite_.data()[k] != 0;
+    return s;
+  }
+
+ private:
+  static constexpr int64_t kHeaderBytes = 16, kHalfBytes = int64_t(32) << 20;
+  static constexpr int kMaxCapacity = 32;
+  size_t offset(int k) const { return kHeaderBytes + size_t(k) * slot_bytes_; }
+  int capacity_;
+  size_t slot_bytes_;
+  int M_;
+  DeviceBuffer<char> device_;
+  PinnedBuffer<char> host_;
+  PinnedBuffer<float> losses_, norms_;
+  PinnedBuffer<int> finite_;
 };
 
 // A stream for parameter gradients with its own cuBLAS handle (and workspace).
@@ -111,12 +172,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
  public:
   // training false: a forward-only network (no gradients, optimizer state or
   // backward buffers), for DeviceForward; its parameters come from load_params().
-  CudaBackend(const RunConfig& config, Precision precision, CudaBlocks blocks, bool training = true)
+  CudaBackend(const RunConfig& config, Precision precision, CudaFusion fusion, bool training = true)
       : config_(config),
         layout_(config.model, config.models),
         training_(training),
         tf32_(precision == Precision::tf32),
-        fused_(blocks == CudaBlocks::fused && config.model.layers > 0 &&
+        apart_(fusion == CudaFusion::ops),
+        fused_(fusion == CudaFusion::blocks && config.model.layers > 0 &&
                cuda::block_forward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
                                         config.model.d_mlp)),
         fused_head_(fused_ && cuda::block_forward_fits(config.model.seq_len, config.model.d_model,
@@ -219,39 +281,63 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   }
 
   StepStats step(const int32_t* inputs, const int32_t* targets, double lr) override {
-    require_training("step");
-    const int M = config_.models;
-    const size_t tokens = size_t(M) * config_.batch * config_.model.seq_len;
-    std::copy_n(inputs, tokens, host_inputs_);
-    std::copy_n(targets, tokens, host_targets_);
-    cuda::sort_positions_by_token(host_token_rows_, host_token_starts_, host_inputs_, M,
-                                  config_.batch * config_.model.seq_len, config_.model.vocab);
-    *host_step_ = optimizer_step(lr, step_ + 1);
-    batch_.upload(stream_.get());
+    return steps(inputs, targets, &lr, 1).front();
+  }
+
+  // The steps in runs of up to the queue's capacity: each run's slots filled on the host
+  // (the next run's while the device works through this one), uploaded in one copy and
+  // replayed without waiting in between; one wait per run. A run's first step that is
+  // not finite stops it on the device (no later step of the run updates) and here; it
+  // runs once more alone, so that the gradients describe_fault reads are its own.
+  std::vector<StepStats> steps(const int32_t* inputs, const int32_t* targets, const double* lr, int n) override {
+    require_training("steps");
+    const int64_t tokens = int64_t(config_.models) * config_.batch * config_.model.seq_len;
+    cuda::check_tokens(inputs, tokens * n, config_.model.vocab);  // before any step runs
     if (!graph_) {
       side_ = std::make_unique<SideStreams>(tf32_);
       graph_ = std::make_unique<cuda::Graph>(stream_.get(), [&] {
+        cuda::load_queued_step(batch_.device_data(), queue_->slots(), static_cast<int64_t>(batch_.bytes()),
+                               queue_->cursor(), stream_.get());
         forward(config_.batch, true);
         backward();
         optimize();
       });
     }
-    graph_->launch(stream_.get());
-    stream_.synchronize();
-
-    StepStats stats;
-    for (int m = 0; m < M; ++m) {
-      stats.loss.push_back(host_losses_[m]);
-      stats.grad_norm.push_back(host_norms_[m]);
+    StepQueue& q = *queue_;
+    const int64_t updates_before = step_;
+    auto fill = [&](int half, int first, int count) {  // steps [first, first + count) into a half's slots
+      for (int k = 0; k < count; ++k)
+        fill_slot(half * q.capacity() + k, inputs + (first + k) * tokens, targets + (first + k) * tokens,
+                  optimizer_step(lr[first + k], updates_before + first + k + 1));
+    };
+    std::vector<StepStats> done;
+    int half = 0, count = std::min(n, q.capacity());
+    fill(half, 0, count);
+    for (int first = 0; first < n; half ^= 1) {
+      q.run(half * q.capacity(), count, true, *graph_, stream_.get());
+      const int next = first + count, next_count = std::min(n - next, q.capacity());
+      if (next_count > 0) fill(1 - half, next, next_count);
+      stream_.synchronize();
+      for (int k = 0; k < count; ++k) {
+        StepStats stats = q.stats(half * q.capacity() + k);
+        if (!stats.finite) {
+          if (k + 1 < count) {
+            q.run(half * q.capacity() + k, 1, false, *graph_, stream_.get());
+            stream_.synchronize();
+          }
+          stats.fault = describe_fault(stats, layout_, download(params_), download(grads_));
+          done.push_back(std::move(stats));
+          return done;
+        }
+        ++step_;
+        done.push_back(std::move(stats));
+      }
+      first = next, count = next_count;
     }
-    stats.finite = *host_finite_ != 0;
-    if (stats.finite) {
-      ++step_;
-    } else {
-      stats.fault = describe_fault(stats, layout_, download(params_), download(grads_));
-    }
-    return stats;
+    return done;
   }
+
+  bool queues_steps() const override { return true; }
 
   std::vector<double> evaluate(const int32_t* sequences, int64_t count) override {
     const int M = config_.models, T = config_.model.seq_len;
@@ -341,10 +427,25 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     }
     batch_.allocate();
     report_.reserve(losses_, host_losses_, M);
-    report_.reserve(norms_, host_norms_, M);
-    report_.reserve(finite_, host_finite_, 1);
     report_.allocate();
     scales_ = DeviceBuffer<float>(M);
+    if (training_) {
+      norms_ = DeviceBuffer<float>(M);
+      finite_ = DeviceBuffer<int>(1);
+      queue_ = std::make_unique<StepQueue>(batch_.bytes(), M);
+    }
+  }
+
+  // Slot k of the queue: a step's constants and batch (inputs, targets [models, batch,
+  // seq_len]), with the inputs' positions sorted by token for the embedding's backward.
+  void fill_slot(int k, const int32_t* inputs, const int32_t* targets, const cuda::OptimizerStep& constants) {
+    const int M = config_.models, N = config_.batch * config_.model.seq_len;
+    const char* image = batch_.host_data();
+    *queue_->in_slot(host_step_, image, k) = constants;
+    std::copy_n(inputs, size_t(M) * N, queue_->in_slot(host_inputs_, image, k));
+    std::copy_n(targets, size_t(M) * N, queue_->in_slot(host_targets_, image, k));
+    cuda::sort_positions_by_token(queue_->in_slot(host_token_rows_, image, k),
+                                  queue_->in_slot(host_token_starts_, image, k), inputs, M, N, config_.model.vocab);
   }
 
   // The step's constants, in float64 as the CPU backend computes them.
@@ -391,6 +492,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     m.pre = a.pre, m.post = a.post, m.resid_out = a.resid_out;
     m.ln2_w = w.ln2_w, m.ln2_mean = a.ln2_mean, m.ln2_rstd = a.ln2_rstd;
     m.N = N, m.C = config_.model.d_model, m.D = config_.model.d_mlp, m.act = to_act(config_.model.activation);
+    m.apart = apart_;
     return m;
   }
 
@@ -401,7 +503,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const ModelConfig& c = config_.model;
     cuda::AttentionWithProducts att{};
     att.ln = a.ln1, att.qkv_w = w.qkv_w, att.proj_w = w.proj_w, att.qkv = a.qkv, att.att = a.att, att.out = a.atty;
-    att.datty = datty_, att.B = B, att.T = c.seq_len, att.C = c.d_model, att.H = c.heads;
+    att.datty = datty_, att.B = B, att.T = c.seq_len, att.C = c.d_model, att.H = c.heads, att.apart = apart_;
     return att;
   }
 
@@ -417,6 +519,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       head.push_back(cuda::backward_input_layernorm_product(dlnf_, dresid_top_, nullptr, logits_, p.lm_head,
                                                             c.layers > 0 ? layers_.back().resid_out : encoded_,
                                                             p.lnf_w, lnf_mean_, lnf_rstd_, N, C, V));
+    for (auto& product : head) product.apart = apart_;
     return head;
   }
 
@@ -451,8 +554,9 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       cuda::EmbeddingNorm embedding{};
       if (l == 0) embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b), att.embedding = &embedding;
       cuda::attention_forward_with_products(h, att, M);
-      const cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty,
-                                                                w.proj_w, w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
+      cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w,
+                                                          w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
+      proj.apart = apart_;
       cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
       mlp.before = &proj;
       const bool last = l + 1 == c.layers;  // the next norm: the next layer's first, or the final one
@@ -536,9 +640,11 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     auto qkv_input = [&](int l) {
       const LayerActs& a = layers_[l];
       const LayerGrads& d = layer_grads_[l];
-      return cuda::backward_input_layernorm_product(d.dln1, d.dresid_in, d.dresid_mid, d.dqkv, p.blocks[l].qkv_w,
-                                                    layer_input(l), p.blocks[l].ln1_w, a.ln1_mean, a.ln1_rstd, N, C,
-                                                    3 * C);
+      cuda::RowProduct product = cuda::backward_input_layernorm_product(
+          d.dln1, d.dresid_in, d.dresid_mid, d.dqkv, p.blocks[l].qkv_w, layer_input(l), p.blocks[l].ln1_w, a.ln1_mean,
+          a.ln1_rstd, N, C, 3 * C);
+      product.apart = apart_;
+      return product;
     };
     auto ln1_params = [&](int l) {
       const auto& gw = g.blocks[l];
@@ -639,10 +745,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   void optimize() {
     const int M = config_.models, P = static_cast<int>(pieces_.size());
     const cudaStream_t s = stream_.get();
-    cuda::grad_norms(norm_partials_.data(), norm_blocks_done_.data(), norms_, scales_.data(), finite_, grads_.data(),
-                     pieces_.data(), P, losses_, M, step_params_, {host_losses_, host_norms_, host_finite_}, s);
+    cuda::grad_norms(norm_partials_.data(), norm_blocks_done_.data(), norms_.data(), scales_.data(), finite_.data(),
+                     grads_.data(), pieces_.data(), P, losses_, M, step_params_, queue_->report(), s);
     cuda::adamw_update(params_.data(), grads_.data(), exp_avg_.data(), exp_avg_sq_.data(), pieces_.data(), P,
-                       scales_.data(), finite_, step_params_, s);
+                       scales_.data(), finite_.data(), step_params_, s);
   }
 
   std::vector<float> download(const DeviceBuffer<float>& b) const {
@@ -656,6 +762,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   ParamLayout layout_;
   bool training_;
   bool tf32_;
+  bool apart_;           // CudaFusion::ops: every product and row op in launches of their own
   bool fused_;           // forward_fused_blocks, else forward_per_op
   bool fused_head_;      // the last block kernel runs the head (logits, loss, their backward)
   bool fused_backward_;  // block_backward per layer, else a kernel per op
@@ -673,15 +780,16 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   DeviceBuffer<cuda::ParamSegment> pieces_;  // of the (tensor, model) segments, for the norms and AdamW
   DeviceBuffer<double> norm_partials_;
   DeviceBuffer<unsigned> norm_blocks_done_;
-  DeviceBuffer<float> scales_;
-  Mirrored batch_;   // up before each step or forward pass: its constants, inputs and targets
-  Mirrored report_;  // down after it: losses, norms and whether the step was finite
+  DeviceBuffer<float> scales_, norms_;
+  DeviceBuffer<int> finite_;
+  Mirrored batch_;   // each step's or forward pass's constants, inputs and targets
+  Mirrored report_;  // down after a forward pass: its losses
+  std::unique_ptr<StepQueue> queue_;  // training steps: batch_'s images, the reports
   cuda::OptimizerStep *step_params_ = nullptr, *host_step_ = nullptr;
   int32_t *inputs_ = nullptr, *host_inputs_ = nullptr, *targets_ = nullptr, *host_targets_ = nullptr;
   int32_t *token_rows_ = nullptr, *host_token_rows_ = nullptr;  // the inputs' positions sorted by token, for
   int32_t *token_starts_ = nullptr, *host_token_starts_ = nullptr;  // the embedding's backward (training only)
-  float *losses_ = nullptr, *host_losses_ = nullptr, *norms_ = nullptr, *host_norms_ = nullptr;
-  int *finite_ = nullptr, *host_finite_ = nullptr;
+  float *losses_ = nullptr, *host_losses_ = nullptr;
   std::unique_ptr<cuda::Graph> graph_;
   int64_t step_ = 0;
   bool started_ = false;  // a forward-only run is on the stream
@@ -689,14 +797,14 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
 }  // namespace
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks) {
-  return std::make_unique<CudaBackend>(config, precision, blocks);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion) {
+  return std::make_unique<CudaBackend>(config, precision, fusion);
 }
 
 std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params,
-                                                   CudaBlocks blocks) {
+                                                   CudaFusion fusion) {
   if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
-  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, blocks, /*training=*/false);
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, fusion, /*training=*/false);
   net->load_params(params);
   return net;
 }

@@ -24,12 +24,19 @@ enum class Precision { fp32, tf32 };
 std::string to_string(Precision p);
 Precision parse_precision(const std::string& name);  // UserError for unknown names
 
-// How the CUDA backend runs the transformer blocks: one kernel per op, or one kernel
-// per block for the forward and one for its input gradients where the shape fits in
-// shared memory (else as per_op). Both compute the same to float32 rounding;
-// benchmarks compare them. Training defaults to per_op, the faster as measured (on an
-// H200, 0.35 against 0.41 ms per seed step: docs/PERFORMANCE.md).
-enum class CudaBlocks { fused, per_op };
+// How the CUDA backend groups a step's work into kernels; all three compute the same to
+// float32 rounding, and bench_kernels times each.
+//   sublayers  each product in one kernel with the row op that reads its output next
+//              (layer norm, loss), the attention with the products at its ends, the
+//              MLP sublayer in one kernel each way, where the shapes fit (else as ops);
+//   ops        one launch per op: cuBLAS for the products, then the epilogues' and
+//              row ops' kernels;
+//   blocks     one kernel per transformer block for the forward and one for its input
+//              gradients where the block fits in shared memory (else as sublayers).
+// blocks lost to the per-op chain on an H200 (0.41 against 0.35 ms per seed step:
+// docs/PERFORMANCE.md); sublayers is the default.
+enum class CudaFusion { sublayers, ops, blocks };
+std::string to_string(CudaFusion f);
 
 // Number of CUDA devices usable by this process; 0 without CUDA support.
 int cuda_device_count();
@@ -58,6 +65,14 @@ class TrainBackend {
   // seq_len], global-norm clipping, AdamW at learning rate lr. When a loss or a
   // gradient norm is not finite, nothing is updated (the state stays the last good one).
   virtual StepStats step(const int32_t* inputs, const int32_t* targets, double lr) = 0;
+  // n updates in a row, inputs/targets [n, models, batch, seq_len] and lr [n]: as n calls
+  // of step(), except that it stops after the first step that is not finite (its stats
+  // last). The CUDA backend queues them on the device, the host not waiting between steps.
+  virtual std::vector<StepStats> steps(const int32_t* inputs, const int32_t* targets, const double* lr,
+                                       int n) = 0;
+  // Whether steps() runs faster than as many step() calls (the training loop then
+  // passes it all the steps up to the next checkpoint).
+  virtual bool queues_steps() const { return false; }
   // Mean loss of every model over `count` sequences of seq_len + 1 tokens (shared by
   // all models), in batches; nothing is updated.
   virtual std::vector<double> evaluate(const int32_t* sequences, int64_t count) = 0;
@@ -67,7 +82,7 @@ class TrainBackend {
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config,
                                            Precision precision = Precision::fp32,
-                                           CudaBlocks blocks = CudaBlocks::per_op);
+                                           CudaFusion fusion = CudaFusion::sublayers);
 
 // One model's forward pass on the GPU whose MLP activations stay on the device:
 // correlate's GPU path feeds them straight into the statistics.
@@ -88,9 +103,8 @@ class DeviceForward {
   }
 };
 
-// config.models must be 1; params in that layout. CUDA builds only. The per-op kernels
-// by default, as in training; CudaBlocks::fused runs a block kernel per layer.
+// config.models must be 1; params in that layout. CUDA builds only.
 std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params,
-                                                   CudaBlocks blocks = CudaBlocks::per_op);
+                                                   CudaFusion fusion = CudaFusion::sublayers);
 
 }  // namespace univ

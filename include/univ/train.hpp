@@ -25,8 +25,10 @@ struct TrainProgress {
 
 struct TrainHooks {
   std::function<void(const RunConfig&, int64_t first_step)> on_start;  // inputs checked, before the first step
-  std::function<bool()> stop_requested;                // polled after every step (Ctrl-C)
-  std::function<void(const TrainProgress&)> on_step;  // after every step
+  // Polled after every run of steps the backend takes at once (Ctrl-C): each step on
+  // the CPU, up to the next checkpoint on the GPU.
+  std::function<bool()> stop_requested;
+  std::function<void(const TrainProgress&)> on_step;  // after every step (a run's as it ends)
 };
 
 struct TrainOptions {

@@ -24,7 +24,7 @@
 #include "univ/train.hpp"
 
 namespace univ {
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaBlocks blocks);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion);
 }
 
 namespace {
@@ -67,7 +67,7 @@ struct Case {
   int models, seq_len, d_model, heads, d_mlp, layers, batch, steps;
   Activation activation;
   PosEncoding pos;
-  CudaBlocks blocks;
+  CudaFusion fusion;
   unsigned order_seed;  // 0: the graph in capture order
 };
 
@@ -89,7 +89,7 @@ bool whole_steps(const Case& k) {
   const DataSplits splits = make_splits(source, c);
   BatchSampler sampler(c, splits);
   auto cpu = make_backend(Device::cpu, c);
-  auto gpu = make_cuda_backend(c, Precision::fp32, k.blocks);
+  auto gpu = make_cuda_backend(c, Precision::fp32, k.fusion);
   const ParamLayout layout(c.model, k.models);
   TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                   std::vector<float>(layout.total()), 0};
@@ -132,9 +132,9 @@ bool whole_steps(const Case& k) {
   return ok;
 }
 
-bool forward_only(CudaBlocks blocks) {
-  std::printf("forward-only network, T 16, d 32, 4 heads, d_mlp 48, 2 layers, %s\n",
-              blocks == CudaBlocks::fused ? "fused blocks" : "per op");
+bool forward_only(CudaFusion fusion) {
+  std::printf("forward-only network, T 16, d 32, 4 heads, d_mlp 48, 2 layers, kernels by %s\n",
+              to_string(fusion).c_str());
   RunConfig c;
   c.model = {37, 16, 32, 4, 48, 2, Activation::gelu, PosEncoding::learned};
   c.models = 1;
@@ -150,7 +150,7 @@ bool forward_only(CudaBlocks blocks) {
   model.params() = params;
   float expect_loss = 0;
   model.forward(in.data(), tg.data(), b, &expect_loss, false);
-  auto net = make_device_forward(c, params, blocks);
+  auto net = make_device_forward(c, params, fusion);
   const int64_t n = int64_t(b) * T - 3;  // not every token
   std::vector<float> scratch(size_t(n) * layers * D);
   net->start(in.data(), tg.data(), b, false, scratch.data(), n);
@@ -234,7 +234,7 @@ bool longest_sequence() {
   std::printf("a sequence of %d positions at head width 32\n", longest + 1);
   bool refused = false;
   try {
-    make_cuda_backend(c, Precision::fp32, CudaBlocks::per_op);
+    make_cuda_backend(c, Precision::fp32, CudaFusion::sublayers);
   } catch (const UserError& e) {
     std::printf("  %s\n", e.what());
     refused = true;
@@ -248,22 +248,25 @@ int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   const Case cases[] = {
       {"1 model, T 16, d 32, 4 heads, d_mlp 48, 2 layers, GELU, learned positions, fused blocks", 1, 16, 32, 4, 48,
-       2, 3, 3, Activation::gelu, PosEncoding::learned, CudaBlocks::fused, 0},
+       2, 3, 3, Activation::gelu, PosEncoding::learned, CudaFusion::blocks, 0},
       {"3 models, T 16, d 32, 4 heads, d_mlp 48, 2 layers, ReLU, sinusoidal positions, fused blocks", 3, 16, 32, 4,
-       48, 2, 2, 2, Activation::relu, PosEncoding::sinusoidal, CudaBlocks::fused, 1},
+       48, 2, 2, 2, Activation::relu, PosEncoding::sinusoidal, CudaFusion::blocks, 1},
       {"2 models, T 13, d 30, 3 heads (width 10), d_mlp 22, 2 layers, GELU, fused blocks", 2, 13, 30, 3, 22, 2, 2, 2,
-       Activation::gelu, PosEncoding::learned, CudaBlocks::fused, 3},
-      {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles), per op", 2, 66, 30, 2,
-       20, 1, 1, 2, Activation::gelu, PosEncoding::learned, CudaBlocks::per_op, 2},
-      {"2 models, T 32, d 64, 4 heads, d_mlp 256, 2 layers (the seed's widths), ReLU, per op", 2, 32, 64, 4, 256, 2,
-       2, 2, Activation::relu, PosEncoding::learned, CudaBlocks::per_op, 5},
+       Activation::gelu, PosEncoding::learned, CudaFusion::blocks, 3},
+      {"2 models, T 66, d 30, 2 heads (width 15), d_mlp 20, 1 layer (4-row attention tiles), sublayers", 2, 66, 30,
+       2, 20, 1, 1, 2, Activation::gelu, PosEncoding::learned, CudaFusion::sublayers, 2},
+      {"2 models, T 32, d 64, 4 heads, d_mlp 256, 2 layers (the seed's widths), ReLU, sublayers", 2, 32, 64, 4, 256,
+       2, 2, 2, Activation::relu, PosEncoding::learned, CudaFusion::sublayers, 5},
+      {"2 models, T 32, d 64, 4 heads, d_mlp 256, 2 layers (the seed's widths), ReLU, a launch per op", 2, 32, 64, 4,
+       256, 2, 2, 2, Activation::relu, PosEncoding::learned, CudaFusion::ops, 6},
       {"1 model, T 100, d 8, 4 heads (width 2), d_mlp 8, 1 layer, fused forward, per-op backward (its block does "
-       "not fit)", 1, 100, 8, 4, 8, 1, 2, 2, Activation::relu, PosEncoding::learned, CudaBlocks::fused, 4},
+       "not fit)", 1, 100, 8, 4, 8, 1, 2, 2, Activation::relu, PosEncoding::learned, CudaFusion::blocks, 4},
   };
   bool ok = attention_ops();
   ok &= longest_sequence();
   for (const Case& k : cases) ok &= whole_steps(k);
-  for (const CudaBlocks blocks : {CudaBlocks::per_op, CudaBlocks::fused}) ok &= forward_only(blocks);
+  for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops, CudaFusion::blocks})
+    ok &= forward_only(fusion);
   std::printf("%s\n", ok ? "the emulated CUDA backend follows the CPU backend" : "FAILED");
   return ok ? 0 : 1;
 }

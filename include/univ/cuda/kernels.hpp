@@ -51,10 +51,12 @@ class ColumnSums {
 int64_t column_sum_partials(int M, int N, int64_t columns);
 
 // embedding.cu: the backward (the forward is fused into the first layer norm) -------
+// Host: std::out_of_range for a token of tokens [n] outside [0, V).
+void check_tokens(const int32_t* tokens, int64_t n, int V);
 // Host: each model's positions n in [0, N) grouped by token (a stable counting sort of
 // tokens [M,N]): token_rows [M,N], model m's rows of token v at token_rows[m,
-// token_starts[m,v] .. token_starts[m,v+1]); token_starts [M,V+1]. Throws on a token
-// outside [0, V).
+// token_starts[m,v] .. token_starts[m,v+1]); token_starts [M,V+1]. Throws as
+// check_tokens.
 void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const int32_t* tokens, int M, int N, int V);
 // dwte[M,V,C] = ..., dwpe[M,T,C] = ... (null: fixed positions), from the sorted
 // positions of the batch's tokens; without atomics, in an order fixed by the batch.
@@ -88,20 +90,21 @@ void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, c
 // out[M,N,OC] = inp[M,N,C] weight[M,OC,C]^T
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
                     int OC);
-// pre = inp weight^T + bias[M,OC]; post = act(pre) (exact GELU, as PyTorch).
+// pre = inp weight^T + bias[M,OC]; post = act(pre) (exact GELU, as PyTorch). In the own
+// kernel where the product is small, unless apart (then cuBLAS and the epilogue kernel).
 void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
-                               const float* bias, int M, int N, int C, int OC, Act act);
+                               const float* bias, int M, int N, int C, int OC, Act act, bool apart = false);
 // dinp[M,N,C] = dout[M,N,OC] weight (overwritten).
 void matmul_backward_input(cublasHandle_t handle, float* dinp, const float* dout, const float* weight, int M, int N,
                            int C, int OC);
 // dpre[M,N,C] = (dout weight) * act'(pre[M,N,C]): the input gradient of a product
-// whose input was act(pre).
+// whose input was act(pre); where it runs as above.
 void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const float* dout, const float* weight,
-                                      const float* pre, int M, int N, int C, int OC, Act act);
+                                      const float* pre, int M, int N, int C, int OC, Act act, bool apart = false);
 // The products that close a layer, with the row op that reads their output next: made
 // by the three functions below, run by run_row_product (one kernel where a row has at
-// most 64 outputs and the product is small, else cuBLAS and that op's kernel) or inside
-// the MLP's kernel (mlp_forward, mlp_backward).
+// most 64 outputs and the product is small and `apart` is not set, else cuBLAS and that
+// op's kernel) or inside the MLP's kernel (mlp_forward, mlp_backward).
 enum class RowOp { add_layernorm, crossentropy, layernorm_backward };
 struct RowProduct {
   RowOp op;
@@ -117,6 +120,7 @@ struct RowProduct {
   const float *norm_in, *saved_mean, *saved_rstd;  // layernorm_backward: the norm's input and statistics
   float* dinp;                                     // dinp = dinp_in (null: 0) + the gradient at norm_in
   const float* dinp_in;
+  bool apart;  // the product and the row op in launches of their own, whatever fits
 };
 // resid[M,N,OC] = inp[M,N,C] weight^T + bias[M,OC] + residual[M,N,OC]; out, mean, rstd:
 // the layer norm of resid (add_layernorm_forward's, norm_w and norm_b [M,OC]).
@@ -143,7 +147,9 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // where they fit too (else apart, in order): `before` the MLP, the one that makes its
 // input (forward: an add_layernorm writing ln2; backward: a layernorm_backward writing
 // dresid_out); `after` it (forward only), a crossentropy reading next_ln and then a
-// layernorm_backward reading its gradient (the head, both ways). Null: none.
+// layernorm_backward reading its gradient (the head, both ways). Null: none. With
+// `apart`, every product and row op in launches of their own (cuBLAS, then the
+// epilogue or row kernel), whatever fits.
 struct MlpSublayer {
   const float *ln2, *fc_w, *fc_b, *out_w, *out_b, *resid_mid, *next_w, *next_b;
   float *pre, *post, *resid_out, *next_ln, *next_mean, *next_rstd;
@@ -154,6 +160,7 @@ struct MlpSublayer {
   const RowProduct* before;
   const RowProduct* after;
   int after_count;  // 0 to 2
+  bool apart;
 };
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M);
 void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M);
@@ -202,17 +209,19 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
                               e.norm_b, M, B, T, C, e.V, stream);
 }
 // The attention with the products at its ends, each way in one kernel where a sequence
-// is one chunk of 32 and a block's operands stay within 48 KiB (else cuBLAS and the
-// kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C] qkv_w[M,3C,C]^T (written
-// without the bias), then attention_forward's out and att with qkv_b; with embedding
-// (the first layer), ln is its norm, formed here too (one block per sequence writes
-// it). Backward: the gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C]
-// (into datty where it runs apart), then attention_backward's dqkv.
+// is one chunk of 32 and a block's operands stay within 48 KiB and `apart` is not set
+// (else cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
+// qkv_w[M,3C,C]^T (written without the bias), then attention_forward's out and att
+// with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
+// block per sequence writes it). Backward: the gradient at the projection's input dproj
+// [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart), then attention_backward's
+// dqkv.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
   const EmbeddingNorm* embedding;
   int B, T, C, H;
+  bool apart;
 };
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
@@ -310,18 +319,27 @@ struct OptimizerStep {
 // The segments cut into the pieces that grad_norms and adamw_update take one block
 // each, in order.
 std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments);
+// The device's place in a run of queued training steps (step_queue.cu), written by the
+// host before the run.
+struct StepCursor {
+  int next;    // the slot the next step loads, and whose report it writes
+  int halted;  // set by the run's first step that is not finite: no later step updates
+};
 // Where grad_norms also writes each model's loss and norm and the finite flag for the
 // host: pinned host memory (cudaMallocHost's, which kernels reach at the same address),
-// so that no copy follows a step; null members: not written.
+// so that no copy follows a step; null members: not written. With a cursor, the
+// report of slot k goes to losses[k * M + m], norms[k * M + m] and finite[k], and
+// the cursor moves on; without, to slot 0.
 struct StepReport {
   float *losses, *norms;
   int* finite;
+  StepCursor* cursor;
 };
 // norms[M] = global gradient norm per model over the pieces of its segments;
 // scales[M] = min(1, clip / (norm + 1e-6)); finite[0] = 1 when every loss and norm is
-// finite; the same into `report`. partials [num_pieces] scratch; blocks_done, a counter
-// of the launch's finished blocks, must be zero before the first launch and is zero
-// after each.
+// finite (and, with a cursor, no earlier step of the run was not); the same into
+// `report`. partials [num_pieces] scratch; blocks_done, a counter of the launch's
+// finished blocks, must be zero before the first launch and is zero after each.
 void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* scales, int* finite, const float* grads,
                 const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
                 const StepReport& report, cudaStream_t stream);
@@ -329,6 +347,12 @@ void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* sc
 void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* pieces,
                   int num_pieces, const float* scales, const int* finite, const OptimizerStep* step,
                   cudaStream_t stream);
+
+// step_queue.cu: runs of training steps without the host between them ----------------
+// step [bytes] = slots [cursor->next] (slots of `bytes` each; bytes a multiple of 16,
+// both 16-byte aligned): a queued step's constants and batch, laid out as the step's own
+// buffers, copied into them as its graph begins (grad_norms moves the cursor on).
+void load_queued_step(char* step, const char* slots, int64_t bytes, const StepCursor* cursor, cudaStream_t stream);
 
 // comoment.cu: correlation statistics of token-major activation chunks ---------------
 // sums[cols] += sum over n tokens of (x[t, c] - shift[c]) in float64, x row stride ld;
