@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <sys/mman.h>
@@ -291,28 +292,43 @@ struct Event {
 struct Node {
   std::function<void()> work;
   std::vector<int> deps;
+  const char* name;  // the kernel's, or what else the node does
 };
 inline std::vector<Node>* capture = nullptr;
 inline Stream default_stream;
-inline void enqueue(Stream* s, std::function<void()> work) {
+inline void enqueue(Stream* s, std::function<void()> work, const char* name) {
   if (!capture) {
     work();
     return;
   }
   if (!s) s = &default_stream;
-  Node node{std::move(work), s->waits};
+  Node node{std::move(work), s->waits, name};
   if (s->last >= 0) node.deps.push_back(s->last);
   s->waits.clear();
   capture->push_back(std::move(node));
   s->last = static_cast<int>(capture->size()) - 1;
 }
+// The name of kernel F with its template arguments' values, from the compiler's name of
+// this function ("... [with auto F = &ns::kernel<true>]" in GCC and Clang).
+template <auto F>
+const char* kernel_name() {
+  static const std::string name = [](const std::string& pretty) {
+    const size_t from = pretty.find("F = ") + 4, to = pretty.rfind(']');
+    const std::string text = pretty.substr(from, to - from);
+    const size_t scope = text.rfind("::", text.find('<'));
+    return scope == std::string::npos ? text : text.substr(scope + 2);
+  }(__PRETTY_FUNCTION__);
+  return name.c_str();
+}
 // Graph replays pick among ready nodes at random from this seed (0: capture order).
 inline unsigned graph_order_seed = 0;
 // The last captured graph's nodes (kernels, copies, emulated cuBLAS calls) and its
-// longest chain of dependent nodes, which bounds a replay's time on a GPU from below.
+// longest chain of dependent nodes, which bounds a replay's time on a GPU from below,
+// with the names of that chain's nodes in order.
 struct GraphShape {
   size_t nodes = 0;
   int longest_chain = 0;
+  std::vector<const char*> chain;
 };
 inline GraphShape last_graph;
 

@@ -109,9 +109,12 @@ bool whole_steps(const Case& k) {
       norm = std::max(norm, std::abs(b.grad_norm[m] - a.grad_norm[m]) / a.grad_norm[m]);
     }
     std::printf(" step %ld\n", static_cast<long>(step));
-    if (step == 0)  // captured in the first step
-      std::printf("  step graph: %zu nodes, the longest chain %d\n", emu::last_graph.nodes,
+    if (step == 0) {  // captured in the first step
+      std::printf("  step graph: %zu nodes, the longest chain %d:", emu::last_graph.nodes,
                   emu::last_graph.longest_chain);
+      for (const char* name : emu::last_graph.chain) std::printf(" %s", name);
+      std::printf("\n");
+    }
     ok &= report("losses", loss);
     ok &= report("gradient norms", norm);
     // From the same parameters, every tensor's gradient; after updates, the gradients

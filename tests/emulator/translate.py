@@ -41,6 +41,17 @@ def split_top_level(text):
     return parts + [current.strip()]
 
 
+def node_name(kernel, before):
+    """The launch's name in a graph: a kernel template's instance as the compiler names
+    it; a variable set to one of two kernels (`auto k = c ? a<1> : a<4>;`) as both."""
+    if '<' in kernel:
+        return f'emu::kernel_name<&{kernel}>()'
+    choice = list(re.finditer(rf'auto {re.escape(kernel)} = [^;?]*\?\s*([^:;]+?)\s*:\s*([^;]+?);', before))
+    if choice:
+        return '"' + ' or '.join(choice[-1].groups()) + '"'
+    return f'"{kernel}"'
+
+
 def launches(src):
     out = ''
     while (at := src.find('<<<')) >= 0:
@@ -66,8 +77,9 @@ def launches(src):
             close += 1
         shared = config[2] if len(config) > 2 else '0'
         stream = config[3] if len(config) > 3 else 'nullptr'
+        kernel = src[start:at]
         out += (src[:start] + f'emu::enqueue({stream}, [=] {{ emu::launch(dim3({config[0]}), dim3({config[1]}), '
-                f'{shared}, [=] {{ {src[start:at]}({src[end_config + 4:close]}); }}); }})')
+                f'{shared}, [=] {{ {kernel}({src[end_config + 4:close]}); }}); }}, {node_name(kernel, src[:start])})')
         src = src[close + 1:]
     return out + src
 

@@ -62,7 +62,7 @@ cublasStatus_t emulated_gemm(cudaStream_t stream, cublasOperation_t op_a, cublas
           c = be == T(0) ? al * acc : al * acc + be * c;
         }
     }
-  });
+  }, "cublas gemm");
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,

@@ -54,19 +54,22 @@ inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) 
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t stream = nullptr) {
-  emu::enqueue(stream, [=] { std::memcpy(d, s, n); });
+  emu::enqueue(stream, [=] { std::memcpy(d, s, n); }, "memcpy");
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t d_pitch, const void* s, size_t s_pitch, size_t width,
                                      size_t height, cudaMemcpyKind, cudaStream_t stream = nullptr) {
-  emu::enqueue(stream, [=] {
-    for (size_t r = 0; r < height; ++r)
-      std::memcpy(static_cast<char*>(d) + r * d_pitch, static_cast<const char*>(s) + r * s_pitch, width);
-  });
+  emu::enqueue(
+      stream,
+      [=] {
+        for (size_t r = 0; r < height; ++r)
+          std::memcpy(static_cast<char*>(d) + r * d_pitch, static_cast<const char*>(s) + r * s_pitch, width);
+      },
+      "memcpy2D");
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* d, int value, size_t n, cudaStream_t stream = nullptr) {
-  emu::enqueue(stream, [=] { std::memset(d, value, n); });
+  emu::enqueue(stream, [=] { std::memset(d, value, n); }, "memset");
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
@@ -119,12 +122,17 @@ inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
       std::fprintf(stderr, "emulator: captured node %zu is not joined into the origin stream\n", i);
       std::abort();
     }
-  std::vector<int> chain(nodes.size(), 1);  // nodes come in capture order, after what they wait for
-  emu::last_graph = {nodes.size(), 0};
+  // Nodes come in capture order, after what they wait for: each one's longest chain
+  // ending there, and the node before it on that chain.
+  std::vector<int> chain(nodes.size(), 1), before(nodes.size(), -1);
+  emu::last_graph = {nodes.size(), 0, {}};
+  int end = -1;
   for (size_t i = 0; i < nodes.size(); ++i) {
-    for (int d : nodes[i].deps) chain[i] = std::max(chain[i], chain[d] + 1);
-    emu::last_graph.longest_chain = std::max(emu::last_graph.longest_chain, chain[i]);
+    for (int d : nodes[i].deps)
+      if (chain[d] + 1 > chain[i]) chain[i] = chain[d] + 1, before[i] = d;
+    if (chain[i] > emu::last_graph.longest_chain) emu::last_graph.longest_chain = chain[i], end = static_cast<int>(i);
   }
+  for (int i = end; i >= 0; i = before[i]) emu::last_graph.chain.insert(emu::last_graph.chain.begin(), nodes[i].name);
   *graph = new EmuGraph{std::move(nodes)};
   delete emu::capture;
   emu::capture = nullptr;

@@ -46,11 +46,11 @@ inline cusolverStatus_t cusolverDnDorgqr_bufferSize(cusolverDnHandle_t, int m, i
 }
 inline cusolverStatus_t cusolverDnDgeqrf(cusolverDnHandle_t h, int m, int n, double* a, int lda, double* tau,
                                          double* work, int lwork, int* info) {
-  emu::enqueue(h->stream, [=] { dgeqrf_(&m, &n, a, &lda, tau, work, &lwork, info); });
+  emu::enqueue(h->stream, [=] { dgeqrf_(&m, &n, a, &lda, tau, work, &lwork, info); }, "cusolver geqrf");
   return CUSOLVER_STATUS_SUCCESS;
 }
 inline cusolverStatus_t cusolverDnDorgqr(cusolverDnHandle_t h, int m, int n, int k, double* a, int lda,
                                          const double* tau, double* work, int lwork, int* info) {
-  emu::enqueue(h->stream, [=] { dorgqr_(&m, &n, &k, a, &lda, tau, work, &lwork, info); });
+  emu::enqueue(h->stream, [=] { dorgqr_(&m, &n, &k, a, &lda, tau, work, &lwork, info); }, "cusolver orgqr");
   return CUSOLVER_STATUS_SUCCESS;
 }
