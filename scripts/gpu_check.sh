@@ -62,7 +62,7 @@ bin="$root/build-gpu"
 { nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'
   ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
-step bench 120 "$bin/bench_kernels" --json "$out/bench.json"
+step bench 180 "$bin/bench_kernels" --json "$out/bench.json"
 [ -s "$out/bench.json" ] && python3 scripts/bench_pairs.py "$out/bench.json" >"$out/bench_pairs.txt" 2>&1
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \

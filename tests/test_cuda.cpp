@@ -16,6 +16,7 @@
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
 #include "univ/data.hpp"
+#include "univ/error.hpp"
 #include "univ/fileio.hpp"
 #include "univ/init.hpp"
 #include "univ/train.hpp"
@@ -959,7 +960,7 @@ TEST_F(Gpu, NormsClippingAndAdamW) {
     for (int repeat = 0; repeat < 2; ++repeat)  // the second launch finds the counter zero again
       cuda::grad_norms(partials.data(), blocks_done.data(), norms.data(), scales.data(), finite.data(), d_grads.data(),
                        d_pieces.data(), int(pieces.size()), d_losses.data(), M, d_step.data(),
-                       {report_losses.data(), report_norms.data(), report_finite.data()}, stream->get());
+                       {report_losses.data(), report_norms.data(), report_finite.data(), nullptr}, stream->get());
     cuda::adamw_update(d_params.data(), d_grads.data(), d_m.data(), d_v.data(), d_pieces.data(), int(pieces.size()),
                        scales.data(), finite.data(), d_step.data(), stream->get());
     EXPECT_EQ(down(finite)[0], 1);
@@ -1179,6 +1180,36 @@ TEST_F(Gpu, QueuedRunStopsAtItsFirstNonFiniteStep) {
   const StepStats one = single->step(inputs.data() + bad * per_step, targets.data() + bad * per_step, lr[bad]);
   EXPECT_FALSE(one.finite);
   EXPECT_EQ(one.fault, done[bad].fault);
+}
+
+// The training loop hands the GPU all the steps up to the next checkpoint at once; a
+// step that is not finite inside such a run stops training there, as on the CPU.
+TEST_F(Gpu, TrainingStopsInsideAQueuedRunAndKeepsTheCheckpoint) {
+  TempDir dir;
+  TrainOptions o;
+  o.config = small_run(2);
+  o.config.steps = 5;
+  o.device = Device::cuda;
+  o.out_dir = dir.path();
+  train(o, {});
+  LoadedCheckpoint ckpt = load_checkpoint(dir.path());
+  const ParamLayout layout(ckpt.config.model, 2);
+  ckpt.config.steps = 40;
+  ckpt.state.params[layout.offset(layout.at("blocks.1.mlp.fc.weight"), 1)] = NAN;
+  save_checkpoint(dir.path(), ckpt.config, ckpt.data, ckpt.state);
+  const std::string model_file_before = read_file(model_file(dir.path(), 1));
+  o.config = ckpt.config;
+  o.resume = load_checkpoint(dir.path());
+  try {
+    train(o, {});
+    FAIL() << "training went on past a NaN";
+  } catch (const UserError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("at step 6: the loss of model 1 is"), std::string::npos) << what;  // nan, or -nan
+    EXPECT_NE(what.find("its parameter blocks.1.mlp.fc.weight holds a non-finite value"), std::string::npos) << what;
+    EXPECT_NE(what.find("the checkpoint of step 5"), std::string::npos) << what;
+  }
+  EXPECT_EQ(read_file(model_file(dir.path(), 1)), model_file_before);
 }
 
 TEST_F(Gpu, NonFiniteStepsUpdateNothingAndNameTheTensor) {

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "test_util.hpp"
+#include "univ/backend.hpp"
 #include "univ/checkpoint.hpp"
 #include "univ/error.hpp"
 #include "univ/fileio.hpp"
@@ -130,6 +131,33 @@ TEST(Training, NonFiniteLossStopsAndKeepsTheLastCheckpoint) {
     EXPECT_NE(what.find("the checkpoint of step 5"), std::string::npos) << what;
   }
   EXPECT_EQ(run_files(dir.path(), 2), before);
+}
+
+// steps() is step() n times, and stops after the first step that is not finite.
+TEST(Training, StepsAreStepCallsThatStopAtTheFirstNonFiniteStep) {
+  RunConfig c = small_options("unused").config;
+  c.model.vocab = 64;
+  const ParamLayout layout(c.model, c.models);
+  TrainState init{testing::random_vector<float>(layout.total(), 91, 0.05), std::vector<float>(layout.total()),
+                  std::vector<float>(layout.total()), 0};
+  auto many = make_backend(Device::cpu, c), one = make_backend(Device::cpu, c);
+  many->set_state(init);
+  one->set_state(init);
+  const int n = 3;
+  const size_t per_step = size_t(c.models) * c.batch * c.model.seq_len;
+  const auto tokens = testing::random_tokens(per_step * n, 64, 92);
+  const std::vector<double> lr(n, 1e-3);
+  const std::vector<StepStats> done = many->steps(tokens.data(), tokens.data(), lr.data(), n);
+  ASSERT_EQ(done.size(), size_t(n));
+  for (int k = 0; k < n; ++k)
+    EXPECT_EQ(done[k].loss, one->step(tokens.data() + k * per_step, tokens.data() + k * per_step, lr[k]).loss);
+  EXPECT_EQ(many->state().params, one->state().params);
+  init.params[layout.offset(layout.at("lm_head.weight"), 0)] = NAN;
+  many->set_state(init);
+  const std::vector<StepStats> stopped = many->steps(tokens.data(), tokens.data(), lr.data(), n);
+  ASSERT_EQ(stopped.size(), 1u);
+  EXPECT_FALSE(stopped[0].finite);
+  EXPECT_EQ(many->state().step, 0);
 }
 
 TEST(Training, EarlierOutputsAreNotOverwrittenByAccident) {

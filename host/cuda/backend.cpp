@@ -108,12 +108,17 @@ class StepQueue {
   T* in_slot(T* at, const char* image, int k) {
     return reinterpret_cast<T*>(host_.data() + offset(k) + (reinterpret_cast<const char*>(at) - image));
   }
-  // The cursor at slot `first` (and the slots [first, first + count) with upload_slots),
-  // then `count` replays of the step's graph, which take those slots in turn.
+  // The cursor at slot `first` (and the slots [first, first + count) with upload_slots,
+  // in the same copy where they follow the cursor), then `count` replays of the step's
+  // graph, which take those slots in turn.
   void run(int first, int count, bool upload_slots, const cuda::Graph& graph, cudaStream_t stream) {
     *reinterpret_cast<cuda::StepCursor*>(host_.data()) = {first, 0};
-    device_.upload(host_.data(), kHeaderBytes, stream);
-    if (upload_slots) device_.upload(host_.data() + offset(first), count * slot_bytes_, stream, offset(first));
+    if (upload_slots && first == 0) {
+      device_.upload(host_.data(), offset(count), stream);
+    } else {
+      device_.upload(host_.data(), kHeaderBytes, stream);
+      if (upload_slots) device_.upload(host_.data() + offset(first), count * slot_bytes_, stream, offset(first));
+    }
     for (int k = 0; k < count; ++k) graph.launch(stream);
   }
   const cuda::StepCursor* cursor() const { return reinterpret_cast<const cuda::StepCursor*>(device_.data()); }
