@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "test_util.hpp"
+#include "training_faults.hpp"
 #include "univ/backend.hpp"
 #include "univ/checkpoint.hpp"
 #include "univ/error.hpp"
@@ -14,6 +15,7 @@
 namespace univ {
 namespace {
 
+using testing::run_files;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -37,15 +39,6 @@ TrainOptions small_options(const fs::path& out, int64_t steps = 40) {
   o.out_dir = out;
   o.save_every = 1000;
   return o;
-}
-
-std::vector<std::string> run_files(const fs::path& dir, int models) {
-  std::vector<std::string> out;
-  for (int m = 0; m < models; ++m) {
-    out.push_back(read_file(model_file(dir, m)));
-    out.push_back(read_file(optimizer_file(dir, m)));
-  }
-  return out;
 }
 
 TEST(Training, LossFallsWellBelowTheUnigramEntropy) {
@@ -112,25 +105,7 @@ TEST(Training, SameInitAndSameDataMakeTwinModels) {
 
 TEST(Training, NonFiniteLossStopsAndKeepsTheLastCheckpoint) {
   TempDir dir;
-  train(small_options(dir.path(), 5), {});
-  LoadedCheckpoint ckpt = load_checkpoint(dir.path());
-  ckpt.config.steps = 40;  // a longer run whose weights went bad at step 5
-  ckpt.state.params[ParamLayout(ckpt.config.model, 2).offset(
-      ParamLayout(ckpt.config.model, 2).at("blocks.0.mlp.fc.weight"), 1)] = NAN;
-  save_checkpoint(dir.path(), ckpt.config, ckpt.data, ckpt.state);
-  const auto before = run_files(dir.path(), 2);
-  TrainOptions o = small_options(dir.path());
-  o.resume = load_checkpoint(dir.path());
-  try {
-    train(o, {});
-    FAIL() << "training went on past a NaN";
-  } catch (const UserError& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find("at step 6: the loss of model 1 is nan"), std::string::npos) << what;
-    EXPECT_NE(what.find("its parameter blocks.0.mlp.fc.weight holds a non-finite value"), std::string::npos) << what;
-    EXPECT_NE(what.find("the checkpoint of step 5"), std::string::npos) << what;
-  }
-  EXPECT_EQ(run_files(dir.path(), 2), before);
+  testing::expect_nan_stops_resumed_training(small_options(dir.path()), "blocks.0.mlp.fc.weight");
 }
 
 // steps() is step() n times, and stops after the first step that is not finite.
