@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Each fused kernel of a bench_kernels --json report beside its "apart:" row (the same
 work in separate launches, timed right after it): microseconds both ways and the
-fused one's share, per configuration, with the training steps' times."""
+fused one's share, per configuration, with the training steps' times; then the seed
+correlation step with its phases (the networks' kernels by sublayers, by op and by
+block)."""
 import json
 import sys
 
@@ -20,6 +22,14 @@ def main(path):
                 f_us, a_us = fused["ms"] * 1e3, apart["ms"] * 1e3
                 verdict = "fused faster" if f_us < a_us else "APART FASTER"
                 print(f"  {fused['kernel']:<44} {f_us:8.1f} us, apart {a_us:8.1f} us ({f_us / a_us:5.2f}, {verdict})")
+    step = report["correlation_step"]
+    print(f"correlation step {step['step_ms']:.1f} ms: forward and statistics {step['forward_and_statistics_ms']:.1f} "
+          f"ms, analysis {step['analysis_ms']:.1f} ms")
+    phases = step["forward_and_statistics_phases_ms"]
+    for suffix, label in (("", "by sublayers"), ("_ops", "by op"), ("_blocks", "by block")):
+        names = [p for p in phases if p.endswith(suffix) and (suffix or not p.endswith(("_ops", "_blocks")))]
+        print(f"  phases (ms), networks {label}: " +
+              ", ".join(f"{p[:len(p) - len(suffix)]} {phases[p]:.2f}" for p in names))
 
 
 if __name__ == "__main__":
