@@ -157,9 +157,9 @@ class DrawnRotations {
 };
 
 // pair_matches' device buffers, sized for the largest ordered pair of `shapes` and
-// `draws` draws at once and made once per analysis (each allocation and free costs
-// tens of microseconds and waits for the device); the stored cross block of a pair and
-// a model's within-layer blocks stay for the next pair that needs them.
+// `draws` draws at once and made once per analysis (each free waits for the device);
+// the stored cross block of a pair and a model's within-layer blocks stay for the next
+// pair that needs them.
 struct PairWorkspace {
   PairWorkspace(const std::vector<NeuronShape>& shapes, const AnalysisOptions& options, int draws) {
     const bool within_layers = options.match == MatchMode::index || options.scope == MatchScope::layer;

@@ -24,21 +24,24 @@ namespace univ::cuda {
 // device's work so far, which may still use it. An allocation the pool cannot serve
 // hands the pool's unused memory back to the driver and tries once more. Devices
 // without pools use cudaMalloc and cudaFree.
-inline bool device_has_pools() noexcept {
+// The current device's default pool, or null where it has none (cudaMalloc then
+// reports any error of the device).
+inline cudaMemPool_t device_pool() noexcept {
   int device = 0, supported = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) == cudaSuccess && supported;
+  cudaMemPool_t pool = nullptr;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess || !supported ||
+      cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess)
+    return nullptr;
+  return pool;
 }
 inline void* device_allocate(size_t bytes) {
   void* p = nullptr;
-  if (!device_has_pools()) {
+  const cudaMemPool_t pool = device_pool();
+  if (!pool) {
     UNIV_CUDA_CHECK(cudaMalloc(&p, bytes));
     return p;
   }
-  int device = 0;
-  cudaMemPool_t pool{};
-  UNIV_CUDA_CHECK(cudaGetDevice(&device));
-  UNIV_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
   uint64_t keep_all = ~uint64_t(0);
   UNIV_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
   const cudaError_t first = cudaMallocFromPoolAsync(&p, bytes, pool, cudaStreamPerThread);
@@ -55,7 +58,7 @@ inline void* device_allocate(size_t bytes) {
 }
 inline void device_free(void* p) noexcept {
   if (cudaDeviceSynchronize() != cudaSuccess) return;  // a failed device keeps what it holds
-  if (device_has_pools())
+  if (device_pool())
     cudaFreeAsync(p, cudaStreamPerThread);
   else
     cudaFree(p);

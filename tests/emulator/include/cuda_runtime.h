@@ -41,8 +41,10 @@ inline cudaError_t cudaFree(void* p) {
 }
 inline cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
 // The stream-ordered pool's calls: fresh NaN-filled memory each time, freed at once.
+struct EmuMemPool {};
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int) {
-  *pool = nullptr;
+  static EmuMemPool the_pool;
+  *pool = &the_pool;
   return cudaSuccess;
 }
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
