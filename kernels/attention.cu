@@ -1,16 +1,17 @@
-// Causal multi-head attention, fused, scores in shared memory, in blocks per chunk of
-// 32 queries or keys, so that several blocks share an SM at long sequences. The
-// forward's block (model, sequence, head, chunk of queries) holds the keys and values up
-// to its chunk's last query and the chunk's scores, adds the QKV bias as it loads (qkv
-// stays as it is) and writes the softmax probabilities for the backward. The backward
-// takes each query's sum over keys of p d(p) as dy . out (flash-attention's identity),
-// so a block can form d(scores) from its own chunk's probabilities: a block per chunk
-// of keys adds their dk and dv over the later queries, and a block per chunk of
-// queries their dq over the earlier keys, each from its own d(scores) (the dy . v
-// product twice, but no sums across blocks). A head of one chunk (T <= 32) is one
-// block that does both, and there the products at the attention's ends run in the
-// block too: the forward's q, k and v from the norm before it, the backward's dy from
-// the gradient at the projection after it (a graph node each way fewer).
+// Causal multi-head attention, fused, scores in shared memory: a block per head where
+// the head's whole layout fits in a block's shared memory, else blocks per chunk of 32
+// queries or keys (sequences up to 581 at head width 32). The forward's block (model,
+// sequence, head, chunk of queries) holds the keys and values up to its chunk's last
+// query and the chunk's scores, adds the QKV bias as it loads (qkv stays as it is) and
+// writes the softmax probabilities for the backward. The backward takes each query's
+// sum over keys of p d(p) as dy . out (flash-attention's identity), so a block can form
+// d(scores) from its own chunk's probabilities: a block per chunk of keys adds their dk
+// and dv over the later queries, and a block per chunk of queries their dq over the
+// earlier keys, each from its own d(scores) (the dy . v product twice, but no sums
+// across blocks). A whole head is one block that does both, and where T < 64 and the
+// block fits in 48 KiB the products at the attention's ends run in the block too: the
+// forward's q, k and v from the norm before it, the backward's dy from the gradient at
+// the projection after it (a graph node each way fewer).
 #include <cmath>
 
 #include "common.cuh"
@@ -20,18 +21,23 @@ namespace univ::cuda {
 
 namespace {
 
-// Four blocks per SM where their shared memory allows it (53 KiB each at T = 128 and
-// head width 32), so at most 64 registers per thread.
-constexpr int kChunk = 32;  // queries or keys per block
-constexpr int kThreads = 256, kBlocksPerSM = 4;
+// A head is one chunk where it fits: at T = 128 and head width 32 (the large
+// configuration) the backward of a whole head's 1024-thread block took 182-191 us per
+// layer on an H100 where chunks of 32 in 256-thread blocks, four per SM, took 259 (they
+// load a head's operands once per chunk, and form dy . v twice); the forward took 130
+// us either way. Chunks of kChunk beyond. Blocks of 256 threads (four per SM where
+// their shared memory allows it), of 1024 for a whole head from T = 64 (one fills an
+// SM): at most 64 registers per thread either way.
+constexpr int kChunk = 32;
+constexpr int kThreads = 256, kBlocksPerSM = 4, kWholeHeadThreads = 1024;
 
-__host__ __device__ constexpr int chunks_of(int T) { return (T + kChunk - 1) / kChunk; }
+__host__ __device__ constexpr int chunks_of(int T, int chunk) { return (T + chunk - 1) / chunk; }
 
 // Shared-memory layouts: rows padded as common.cuh's pad4 and transposed_ld say; score
 // rows of n keys padded by one (n + 1), so that threads reading different rows at one
 // column hit different banks. The largest a launch's blocks need:
-size_t forward_shared_floats(int T, int hd) {  // kT, v up to T keys; q, s of a chunk
-  const size_t rows = std::min(T, kChunk);
+size_t forward_shared_floats(int T, int chunk, int hd) {  // kT, v up to T keys; q, s of a chunk
+  const size_t rows = std::min(T, chunk);
   return size_t(hd) * transposed_ld(T) + size_t(T) * pad4(hd) + rows * (hd + 1) + rows * (T + 1);
 }
 size_t key_block_floats(int n, int keys, int hd, bool whole) {  // q, dy, vT, s, pd (, k)
@@ -42,8 +48,8 @@ size_t query_block_floats(int rows, int keys, int hd) {  // dy, vT, k, s, pd
   return size_t(rows) * pad4(hd) + size_t(hd) * transposed_ld(keys) + size_t(keys) * pad4(hd) +
          size_t(rows) * (keys + 1) + rows;
 }
-size_t backward_shared_floats(int T, int hd) {  // the first key chunk's, the last query chunk's
-  if (chunks_of(T) == 1) return key_block_floats(T, T, hd, true);
+size_t backward_shared_floats(int T, int chunk, int hd) {  // the first key chunk's, the last query chunk's
+  if (chunks_of(T, chunk) == 1) return key_block_floats(T, T, hd, true);
   return std::max(key_block_floats(T, kChunk, hd, false), query_block_floats(kChunk, T, hd));
 }
 // The products in the block stage, before the layouts above, the head's weight columns
@@ -55,19 +61,26 @@ __host__ __device__ constexpr int product_floats(int T, int C, int hd, int parts
   return parts * C * pad4(hd) + pad4(T * odd_ld(C));
 }
 
-// Where the products run in the block: one chunk, and a block within the 48 KiB any
-// kernel may use (four blocks per SM).
-constexpr size_t kProductBlockBytes = 48 * 1024;
-bool products_fit(int T, int C, int H) {
-  const int hd = C / H;
-  const size_t floats = std::max(forward_shared_floats(T, hd) + product_floats(T, C, hd, 3),
-                                 backward_shared_floats(T, hd) + product_floats(T, C, hd, 1));
-  return chunks_of(T) == 1 && floats * sizeof(float) <= kProductBlockBytes;
+// The queries or keys per block: T where a whole head fits, else kChunk.
+int chunk_for(int T, int hd) {
+  const size_t limit = shared_memory_optin_limit() / sizeof(float);
+  return std::max(forward_shared_floats(T, T, hd), backward_shared_floats(T, T, hd)) <= limit ? T : kChunk;
 }
 
 // Tiles of four rows from T = 64 (blocks with many tiles per thread), of one row below
 // that (short k loops).
 int tile_rows_for(int T) { return T >= 64 ? 4 : 1; }
+int threads_for(int T, int chunk) { return chunk == T && T >= 64 ? kWholeHeadThreads : kThreads; }
+
+// Where the products run in the block: a whole head in tiles of one row (the kernels'
+// product path), and a block within the 48 KiB any kernel may use (four blocks per SM).
+constexpr size_t kProductBlockBytes = 48 * 1024;
+bool products_fit(int T, int C, int H) {
+  const int hd = C / H;
+  const size_t floats = std::max(forward_shared_floats(T, T, hd) + product_floats(T, C, hd, 3),
+                                 backward_shared_floats(T, T, hd) + product_floats(T, C, hd, 1));
+  return chunk_for(T, hd) == T && tile_rows_for(T) == 1 && floats * sizeof(float) <= kProductBlockBytes;
+}
 
 // Lanes per tile of the products of `rows` queries or keys and the head's channels, sums
 // over up to `depth` keys or queries: they have few tiles for the block's threads.
@@ -121,6 +134,7 @@ struct ForwardArgs {
   const float *ln, *qkv_w;  // set: qkv_out = ln qkv_w^T here ([M,B,T,C], [M,3C,C]), qkv unread
   float* qkv_out;
   int B, T, C, H;
+  int chunk;  // queries per block
   float scale;
   bool embed;               // ln is embedding's norm, formed here
   EmbeddingNorm embedding;
@@ -191,8 +205,9 @@ __device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const 
       3, T, hdp, [&](int, int t, int k) { return x[t * odd_ld(C) + k]; }, [&](int e) { return w + e * C * hdp; },
       hdp, [&](int, int, int) { return make_int2(0, C); },
       [&](int e, int t, int i, float acc) {
+        // (read-only loads: they need not wait for the stores before them)
+        const float value = bias && i < hd ? acc + __ldg(bias + e * C + i) : acc;  // pad columns: zeros
         if (i < hd) qkv[int64_t(t) * 3 * C + e * C + i] = acc;
-        const float value = bias && i < hd ? acc + bias[e * C + i] : acc;  // pad columns: zeros
         if (e == 0 && i < hd) q[t * (hd + 1) + i] = value;
         if (e == 1 && i < hd) kT[i * ldT + t] = value;
         if (e == 2) v[t * hdp + i] = value;
@@ -201,14 +216,16 @@ __device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const 
 }
 
 template <int kRows>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_forward_kernel(const __grid_constant__ ForwardArgs p) {
+__global__ void __launch_bounds__(kRows == 4 ? kWholeHeadThreads : kThreads, kRows == 4 ? 1 : kBlocksPerSM)
+    attention_forward_kernel(const __grid_constant__ ForwardArgs p) {
   extern __shared__ float4 shared4[];
   // The chunks with the most keys first (blocks start about in index order, so the
   // grid's tail has the short ones), each over all heads (head = seq * H + h).
   const int T = p.T, C = p.C;
-  const int64_t heads = gridDim.x / chunks_of(T), head = blockIdx.x % heads, seq = head / p.H;
-  const int h = static_cast<int>(head % p.H), chunk = chunks_of(T) - 1 - static_cast<int>(blockIdx.x / heads);
-  const int t0 = chunk * kChunk, rows = min(T - t0, kChunk), keys = t0 + rows;
+  const int chunks = chunks_of(T, p.chunk);
+  const int64_t heads = gridDim.x / chunks, head = blockIdx.x % heads, seq = head / p.H;
+  const int h = static_cast<int>(head % p.H), chunk = chunks - 1 - static_cast<int>(blockIdx.x / heads);
+  const int t0 = chunk * p.chunk, rows = min(T - t0, p.chunk), keys = t0 + rows;
   const int hd = C / p.H, hdp = pad4(hd), ldT = transposed_ld(keys), Ts = keys + 1, lq = hd + 1;
   const bool product = kRows == 1 && p.ln;  // (one chunk: tiles of one row)
   float* staged = reinterpret_cast<float*>(shared4);                 // product: its operands
@@ -254,6 +271,7 @@ struct BackwardArgs {
   const float *dproj, *proj_w;  // set: dout = dproj proj_w here ([M,B,T,C], [M,C,C])
   int B, T, C, H;
   float scale;
+  int chunk;  // queries or keys per block
 };
 
 // The backward's view of head (seq, h) = head: its q, k and v, rows of dy (dout) and
@@ -410,18 +428,19 @@ __device__ void backward_queries(const Head& g, int t0, int rows, float scale) {
 // else 2 x chunks jobs, the ones with the most work first: key chunk 0 (every query
 // after it), the last query chunk (every key before it), key chunk 1, and so on.
 template <int kRows>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM) attention_backward_kernel(const __grid_constant__ BackwardArgs p) {
-  const int chunks = chunks_of(p.T);
+__global__ void __launch_bounds__(kRows == 4 ? kWholeHeadThreads : kThreads, kRows == 4 ? 1 : kBlocksPerSM)
+    attention_backward_kernel(const __grid_constant__ BackwardArgs p) {
+  const int chunks = chunks_of(p.T, p.chunk);
   const int64_t heads = gridDim.x / (chunks == 1 ? 1 : 2 * chunks), head = blockIdx.x % heads;
   const int job = static_cast<int>(blockIdx.x / heads), c = job / 2;
   const Head g(p, head);
   if (chunks == 1) {
     backward_keys<kRows>(g, 0, p.T, true, p.scale);
   } else if (job % 2 == 0) {
-    backward_keys<kRows>(g, c * kChunk, min(kChunk, p.T - c * kChunk), false, p.scale);
+    backward_keys<kRows>(g, c * p.chunk, min(p.chunk, p.T - c * p.chunk), false, p.scale);
   } else {
-    const int t0 = (chunks - 1 - c) * kChunk;
-    backward_queries<kRows>(g, t0, min(kChunk, p.T - t0), p.scale);
+    const int t0 = (chunks - 1 - c) * p.chunk;
+    backward_queries<kRows>(g, t0, min(p.chunk, p.T - t0), p.scale);
   }
 }
 
@@ -441,27 +460,33 @@ void prepare_attention_kernels() {
 int attention_max_seq_len(int head_dim) {
   const size_t limit = shared_memory_optin_limit() / sizeof(float);
   int T = 1;
-  while (std::max(forward_shared_floats(T + 1, head_dim), backward_shared_floats(T + 1, head_dim)) <= limit) ++T;
+  while (std::max(forward_shared_floats(T + 1, kChunk, head_dim), backward_shared_floats(T + 1, kChunk, head_dim)) <=
+         limit)
+    ++T;
   return T;
 }
 
 namespace {
 
-void launch_forward(const ForwardArgs& p, int M, cudaStream_t stream) {
+// p.chunk is set here.
+void launch_forward(ForwardArgs p, int M, cudaStream_t stream) {
   const int hd = p.C / p.H;
+  p.chunk = chunk_for(p.T, hd);
   const size_t shared =
-      (forward_shared_floats(p.T, hd) + (p.ln ? product_floats(p.T, p.C, hd, 3) : 0)) * sizeof(float);
+      (forward_shared_floats(p.T, p.chunk, hd) + (p.ln ? product_floats(p.T, p.C, hd, 3) : 0)) * sizeof(float);
   auto kernel = tile_rows_for(p.T) == 4 ? attention_forward_kernel<4> : attention_forward_kernel<1>;
-  kernel<<<M * p.B * p.H * chunks_of(p.T), kThreads, shared, stream>>>(p);
+  kernel<<<M * p.B * p.H * chunks_of(p.T, p.chunk), threads_for(p.T, p.chunk), shared, stream>>>(p);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 
-void launch_backward(const BackwardArgs& p, int M, cudaStream_t stream) {
-  const int hd = p.C / p.H, chunks = chunks_of(p.T);
+void launch_backward(BackwardArgs p, int M, cudaStream_t stream) {
+  const int hd = p.C / p.H;
+  p.chunk = chunk_for(p.T, hd);
+  const int chunks = chunks_of(p.T, p.chunk);
   const size_t shared =
-      (backward_shared_floats(p.T, hd) + (p.dproj ? product_floats(p.T, p.C, hd, 1) : 0)) * sizeof(float);
+      (backward_shared_floats(p.T, p.chunk, hd) + (p.dproj ? product_floats(p.T, p.C, hd, 1) : 0)) * sizeof(float);
   auto kernel = tile_rows_for(p.T) == 4 ? attention_backward_kernel<4> : attention_backward_kernel<1>;
-  kernel<<<M * p.B * p.H * (chunks == 1 ? 1 : 2 * chunks), kThreads, shared, stream>>>(p);
+  kernel<<<M * p.B * p.H * (chunks == 1 ? 1 : 2 * chunks), threads_for(p.T, p.chunk), shared, stream>>>(p);
   UNIV_CUDA_CHECK_LAUNCH();
 }
 

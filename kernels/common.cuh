@@ -47,7 +47,9 @@ __device__ inline float activation_derivative(float x, Act act) {
 
 // The layer norm of one row over C channels, a warp's lanes over channels lane, lane +
 // 32, ... of x (stride x_stride), sum the lanes' sum of them: out[c * out_stride] = (x -
-// mean) * rstd * w[c] + b[c]. Returns {mean, rstd}.
+// mean) * rstd * w[c] + b[c]. Returns {mean, rstd}. Parameters (w, b here, w below) come
+// through read-only loads, which need not wait for the stores before them: no kernel
+// that reads them writes them.
 constexpr float kLayerNormEps = 1e-5f;
 __device__ inline float2 normalize_lanes(float* __restrict__ out, int out_stride, const float* x, int x_stride,
                                          float sum, const float* __restrict__ w, const float* __restrict__ b, int C) {
@@ -56,7 +58,8 @@ __device__ inline float2 normalize_lanes(float* __restrict__ out, int out_stride
   float sq = 0.0f;
   for (int c = lane; c < C; c += kWarpSize) sq += (x[c * x_stride] - mu) * (x[c * x_stride] - mu);
   const float rs = rsqrtf(warp_sum(sq) / C + kLayerNormEps);
-  for (int c = lane; c < C; c += kWarpSize) out[c * out_stride] = (x[c * x_stride] - mu) * rs * w[c] + b[c];
+  for (int c = lane; c < C; c += kWarpSize)
+    out[c * out_stride] = (x[c * x_stride] - mu) * rs * __ldg(w + c) + __ldg(b + c);
   return make_float2(mu, rs);
 }
 
@@ -71,14 +74,15 @@ __device__ inline void layernorm_backward_lanes(float* dx, const float* dx_in, i
   const int lane = threadIdx.x % kWarpSize;
   float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
   for (int c = lane; c < C; c += kWarpSize) {
-    const float dnorm = w[c] * dy[c * dy_stride];
+    const float dnorm = __ldg(w + c) * dy[c * dy_stride];
     dnorm_mean += dnorm;
     dnorm_norm_mean += dnorm * (x[c * x_stride] - mu) * rs;
   }
   dnorm_mean = warp_sum(dnorm_mean) / C;
   dnorm_norm_mean = warp_sum(dnorm_norm_mean) / C;
   for (int c = lane; c < C; c += kWarpSize) {
-    const float d = (w[c] * dy[c * dy_stride] - dnorm_mean - (x[c * x_stride] - mu) * rs * dnorm_norm_mean) * rs;
+    const float d =
+        (__ldg(w + c) * dy[c * dy_stride] - dnorm_mean - (x[c * x_stride] - mu) * rs * dnorm_norm_mean) * rs;
     dx[c * dx_stride] = dx_in ? dx_in[c * dx_stride] + d : d;
   }
 }

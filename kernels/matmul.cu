@@ -83,10 +83,18 @@ __device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row
   const int lane = threadIdx.x % kWarpSize, P = p.P;
   const int64_t at = (m * p.R + row) * P;
   if (kEpilogue == Epilogue::add_layernorm) {  // as add_layernorm_forward
+    // the lane's residuals loaded before the stores below (P <= kTileCols)
+    constexpr int kLaneCols = kTileCols / kWarpSize;
+    float residual[kLaneCols];
+#pragma unroll
+    for (int q = 0; q < kLaneCols; ++q)
+      residual[q] = lane + q * kWarpSize < P ? p.residual[at + lane + q * kWarpSize] : 0.0f;
     float sum = 0.0f;
-    for (int c = lane; c < P; c += kWarpSize) {
-      float v = x[c] + p.bias[m * P + c];
-      v += p.residual[at + c];
+#pragma unroll
+    for (int q = 0; q < kLaneCols && lane + q * kWarpSize < P; ++q) {
+      const int c = lane + q * kWarpSize;
+      float v = x[c] + __ldg(p.bias + m * P + c);
+      v += residual[q];
       x[c] = v;  // read back below by this lane only
       p.out[at + c] = v;
       sum += v;
@@ -317,10 +325,38 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_
   float acc[4][4] = {};
   group_tile_product<!kBackward, kTileK>(acc, p.a + m * R * C, p.w1 + m * D * C, R, D, C, row0, kTileCols * group, 0,
                                          kTileK, ceil_div(C, kTileK), tiles, tiles + kTileK * kAStride, tid);
+  // The second product: this group's 64 hidden columns as the reduction, the second
+  // weight's matching columns (forward, [C, D] read as W^T) or rows (backward, [D, C]),
+  // staged kMlpTileK k at a time, each stage's loads in registers while the one before
+  // is used.
+  constexpr int kStageLoads = kMlpTileK * kTileCols / kThreads;
+  float* stage = reinterpret_cast<float*>(storage) + kHiddenFloats + group * kMlpTileK * kBStride;
+  const float* w2 = p.w2 + m * C * D;
+  auto stage_k = [&](int i) { return kBackward ? (tid + i * kThreads) / kTileCols : (tid + i * kThreads) % kMlpTileK; };
+  auto stage_col = [&](int i) {
+    return kBackward ? (tid + i * kThreads) % kTileCols : (tid + i * kThreads) / kMlpTileK;
+  };
+  float w_next[kStageLoads];
+  auto load_stage = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < kStageLoads; ++i) {
+      const int hk = kTileCols * group + k0 + stage_k(i), col = stage_col(i);
+      const int64_t at = kBackward ? int64_t(hk) * C + col : int64_t(col) * D + hk;
+      w_next[i] = hk < D && col < C ? w2[at] : 0.0f;
+    }
+  };
   float* hidden = reinterpret_cast<float*>(storage) + group * kTileCols * kHiddenLd;  // [k][row], the tiles' room
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int c = kTileCols * group + 4 * tx + j;
+    // The column's operands loaded before any store: a load issued after a store waits
+    // until the value stored has arrived.
+    float operand[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = row0 + 4 * ty + i;
+      operand[i] = r >= R || c >= D ? 0.0f : kBackward ? p.pre[(m * R + r) * D + c] : p.b1[m * D + c];
+    }
     float h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -329,10 +365,10 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_
       h[i] = 0.0f;  // rows and columns past the edges add nothing below
       if (r >= R || c >= D) continue;
       if (kBackward) {
-        h[i] = acc[i][j] * activation_derivative(p.pre[at], p.act);
+        h[i] = acc[i][j] * activation_derivative(operand[i], p.act);
         p.hidden[at] = h[i];
       } else {
-        const float pre = acc[i][j] + p.b1[m * D + c];
+        const float pre = acc[i][j] + operand[i];
         h[i] = activate(pre, p.act);
         p.hidden[at] = pre;
         p.post[at] = h[i];
@@ -340,21 +376,13 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_
     }
     *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
   }
-  // The second product: this group's 64 hidden columns as the reduction, the second
-  // weight's matching columns (forward, [C, D] read as W^T) or rows (backward, [D, C]).
-  float* stage = reinterpret_cast<float*>(storage) + kHiddenFloats + group * kMlpTileK * kBStride;
-  const float* w2 = p.w2 + m * C * D;
+  load_stage(0);
   float out[4][4] = {};
   for (int k0 = 0; k0 < kTileCols; k0 += kMlpTileK) {
 #pragma unroll
-    for (int i = 0; i < kMlpTileK * kTileCols / kThreads; ++i) {
-      const int e = tid + i * kThreads;
-      const int k = kBackward ? e / kTileCols : e % kMlpTileK, col = kBackward ? e % kTileCols : e / kMlpTileK;
-      const int hk = kTileCols * group + k0 + k;
-      const int64_t at = kBackward ? int64_t(hk) * C + col : int64_t(col) * D + hk;
-      stage[k * kBStride + col] = hk < D && col < C ? w2[at] : 0.0f;
-    }
+    for (int i = 0; i < kStageLoads; ++i) stage[stage_k(i) * kBStride + stage_col(i)] = w_next[i];
     __syncthreads();  // also orders the hidden columns' stores before the first reads
+    if (k0 + kMlpTileK < kTileCols) load_stage(k0 + kMlpTileK);
 #pragma unroll
     for (int k = 0; k < kMlpTileK; ++k) {
       add_outer_product(out, *reinterpret_cast<const float4*>(hidden + (k0 + k) * kHiddenLd + 4 * ty),

@@ -14,7 +14,8 @@ def main(path):
     for cfg in report["configs"]:
         print(f"{cfg['config']}: step {cfg['step_ms_fp32']:.3f} ms fp32, {cfg['step_ms_tf32']:.3f} ms tf32; "
               f"queued {cfg['queued_step_ms_fp32']:.3f} ms fp32, {cfg['queued_step_ms_tf32']:.3f} ms tf32; "
-              f"fp32 with a launch per op {cfg['step_ms_fp32_ops']:.3f} ms, "
+              f"fp32 with a launch per op {cfg['step_ms_fp32_ops']:.3f} ms "
+              f"(queued {cfg.get('queued_step_ms_fp32_ops', float('nan')):.3f} ms), "
               f"with a kernel per block {cfg['step_ms_fp32_blocks']:.3f} ms")
         kernels = cfg["kernels"]
         for fused, apart in zip(kernels, kernels[1:]):

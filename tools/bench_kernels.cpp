@@ -428,7 +428,7 @@ class StatisticsAccuracy {
 // block, and the within-layer blocks): one chunk of 16384 tokens through
 // CudaStatsAccumulator (column sums, split co-moments, float64 masters), median of
 // several, projected to 1M tokens, with the default (FP16 split, float32 sums over
-// spans of 1024 tokens, 8 spans per float64 pass) and with other splits, spans and
+// spans of 1024 tokens, 16 spans per float64 pass) and with other splits, spans and
 // groups, each beside its accuracy (StatisticsAccuracy); beside them cuBLAS's plain A^T
 // B on the same chunk (fp32 and TF32, no shift, float32 result), the product a
 // framework would call.
@@ -643,6 +643,8 @@ int main(int argc, char** argv) {
                                                                    univ::CudaFusion::sublayers, true)},
                                    {"step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
                                                                 univ::CudaFusion::ops)},
+                                   {"queued_step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
+                                                                       univ::CudaFusion::ops, true)},
                                    {"step_ms_fp32_blocks", step_ms(rc, univ::Precision::fp32, steps,
                                                                    univ::CudaFusion::blocks)}});
     }

@@ -102,7 +102,7 @@ class CudaStatsAccumulator {
  public:
   // span: tokens whose products one float32 GEMM sums (0: cuda::kComomentSpan; longer
   // spans lose accuracy); spans_per_pass: spans whose float32 products one float64
-  // pass adds into the masters (0: up to 8, as memory allows; more mean fewer passes
+  // pass adds into the masters (0: up to 16, as memory allows; more mean fewer passes
   // over the masters). The FP16 split runs at twice the TF32 split's rate.
   explicit CudaStatsAccumulator(std::vector<NeuronShape> shapes, int64_t span = 0,
                                 SplitPrecision split = SplitPrecision::f16, int spans_per_pass = 0);

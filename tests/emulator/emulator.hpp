@@ -62,6 +62,8 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+template <class T>
+T __ldg(const T* p) { return *p; }
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 

@@ -188,8 +188,9 @@ std::vector<float> random_floats(size_t n, unsigned seed) {
 }
 
 // The attention kernels alone against the CPU ops, with and without the QKV bias, at
-// the sequence lengths that exercise their paths: one query, one chunk (T <= 32) and
-// chunks cut short (T 33, 66, 200), one-row and four-row tiles.
+// the sequence lengths that exercise their paths: one query, whole heads in 256-thread
+// blocks (T < 64) and 1024-thread ones (66, 128), chunks cut short (200), one-row and
+// four-row tiles.
 bool attention_ops() {
   struct Shape {
     int M, B, T, C, H;

@@ -181,8 +181,8 @@ void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cuda
 void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
                               int M, int N, int D, Act act, cudaStream_t stream);
 
-// attention.cu: scores in shared memory, blocks per (model, sequence, head, chunk of 32
-// queries or keys) --
+// attention.cu: scores in shared memory, a block per (model, sequence, head) where the
+// head fits, else per chunk of 32 queries or keys --
 // qkv [M,B,T,3C] = q | k | v, head h on channels [h*C/H, (h+1)*C/H); out [M,B,T,C];
 // att [M,B,H,T,T] softmax probabilities (zero above the diagonal). qkv_bias [M,3C] not
 // null: q, k and v are qkv + qkv_bias (the QKV layer's bias, fused here; qkv is left
@@ -208,8 +208,8 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
   embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride, e.norm_w,
                               e.norm_b, M, B, T, C, e.V, stream);
 }
-// The attention with the products at its ends, each way in one kernel where a sequence
-// is one chunk of 32 and a block's operands stay within 48 KiB and `apart` is not set
+// The attention with the products at its ends, each way in one kernel where T < 64, a
+// head is one block, its operands stay within 48 KiB and `apart` is not set
 // (else cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
 // qkv_w[M,3C,C]^T (written without the bias), then attention_forward's out and att
 // with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
