@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Nsight Compute's detailed report (throughput, occupancy, warp stalls, scheduler,
 # memory tables, shared-memory bank conflicts) for the training kernels whose time is
-# least explained: the fused block kernels (bench_kernels' first launch of each, at
-# the seed configuration) and the per-op attention kernels of the large
-# configuration, one launch each. Writes ${OUT:-gpu-results}/kernels.txt. Uses
-# build-gpu (scripts/gpu_check.sh's build) or, unpacked from
-# scripts/pack_gpu_build.sh's archive, build-gpu-dist.
+# least explained, one launch each: the seed step's chain (the MLP kernel each way and
+# the attention with its products each way, which take about 300 of its 360 us), and
+# the attention kernels of the large configuration. Writes
+# ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
+# unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
@@ -21,19 +21,21 @@ report="$out/kernels.txt"
 : >"$report"
 
 large=(--steps 1 --samples 64 --vocab 256 --seq-len 128 --d-model 256 --heads 8 --d-mlp 1024 --layers 4 --models 1)
-profile() {  # profile KERNEL_REGEX PROGRAM ARGS...: the first matching launch
+profile() {  # profile KERNEL_REGEX PROGRAM ARGS...: the first launch whose demangled name matches
   local kernel="$1"
   shift
   echo "######## $kernel ($*)" >>"$report"
-  timeout 120 ncu --clock-control none --kernel-name "regex:$kernel" --launch-count 1 \
+  timeout 120 ncu --clock-control none --kernel-name-base demangled --kernel-name "regex:$kernel" --launch-count 1 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
     --print-kernel-base function "$@" >>"$report" 2>&1
 }
-train=("$bin/train_pair" --device cuda --overwrite --test-samples 64 --out "$work/run")
-profile '^block_forward_kernel' "$bin/bench_kernels"
-profile '^block_backward_kernel' "$bin/bench_kernels"
-profile '^attention_forward_kernel' "${train[@]}" "${large[@]}"
-profile '^attention_backward_kernel' "${train[@]}" "${large[@]}"
+train=("$bin/train_pair" --device cuda --overwrite --test-samples 64 --out "$work/run" --steps 1)
+profile 'mlp_kernel<false>' "${train[@]}" --samples 64
+profile 'mlp_kernel<true>' "${train[@]}" --samples 64
+profile 'attention_forward_kernel<1>' "${train[@]}" --samples 64
+profile 'attention_backward_kernel<1>' "${train[@]}" --samples 64
+profile 'attention_forward_kernel<4>' "${train[@]}" "${large[@]}"
+profile 'attention_backward_kernel<4>' "${train[@]}" "${large[@]}"
 rm -rf "$work"
 wc -l "$report"
