@@ -142,13 +142,21 @@ struct ForwardArgs {
 
 // Stages into w [parts, C, pad4(hd)] (at the front of shared memory) the weight columns
 // weight(e, k, i) of the head's channels i < hd, zeros to the pad (the products read
-// four at a time); returns where the rows go after them, x [T, odd_ld(C)].
-template <class Weight>
+// four at a time); returns where the rows go after them, x [T, odd_ld(C)]. The threads
+// run along what is contiguous in memory: kAlongK (the QKV weight, whose rows run
+// along k), 4 k (fastest) x 8 channels per warp, so that a warp's load touches 8
+// sectors of 32 bytes where the channels fastest touched 16 (rows C floats apart);
+// else (the projection, whose rows run along the channels) the channels fastest.
+template <bool kAlongK, class Weight>
 __device__ float* stage_weights(float* w, int C, int hd, int parts, const Weight& weight) {
-  const int hdp = pad4(hd);
-  for (int idx = threadIdx.x; idx < parts * C * hdp; idx += blockDim.x) {
-    const int i = idx % hdp, k = idx / hdp % C, e = idx / (hdp * C);
-    w[idx] = i < hd ? weight(e, k, i) : 0.0f;
+  const int hdp = pad4(hd), Cp = pad4(C);
+  for (int idx = threadIdx.x; idx < parts * (kAlongK ? Cp : C) * hdp; idx += blockDim.x) {
+    int i, k, e;
+    if (kAlongK)
+      i = idx / 4 % hdp, k = idx / (4 * hdp) % (Cp / 4) * 4 + idx % 4, e = idx / (Cp * hdp);
+    else
+      i = idx % hdp, k = idx / hdp % C, e = idx / (hdp * C);
+    if (k < C) w[(e * C + k) * hdp + i] = i < hd ? weight(e, k, i) : 0.0f;
   }
   return w + parts * C * hdp;
 }
@@ -191,7 +199,8 @@ __device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const 
   const int T = p.T, C = p.C, hd = C / p.H, hdp = pad4(hd), h = static_cast<int>(head % p.H), ldT = transposed_ld(T);
   const int64_t seq = head / p.H, m = seq / p.B;
   const float* qkv_w = p.qkv_w + m * 3 * C * C + int64_t(h) * hd * C;  // row (e C + h hd + i) at e C^2 + i C
-  float* x = stage_weights(w, C, hd, 3, [&](int e, int k, int i) { return qkv_w[(int64_t(e) * C + i) * C + k]; });
+  float* x =
+      stage_weights<true>(w, C, hd, 3, [&](int e, int k, int i) { return qkv_w[(int64_t(e) * C + i) * C + k]; });
   if (p.embed)
     embed_rows(x, p.embedding, seq, m, T, C, h == 0);
   else
@@ -323,7 +332,8 @@ __device__ void output_dots(float* pd, const float* dy, const Head& g, int t0, i
 // the pad), the gradient at the projection's input, from operands staged at `staged`.
 __device__ void head_output_gradient(float* dy, float* staged, const Head& g) {
   const int T = g.T, C = g.C, hdp = pad4(g.hd);
-  float* x = stage_weights(staged, C, g.hd, 1, [&](int, int o, int i) { return g.proj_w[int64_t(o) * C + i]; });
+  float* x =
+      stage_weights<false>(staged, C, g.hd, 1, [&](int, int o, int i) { return g.proj_w[int64_t(o) * C + i]; });
   stage_rows(x, g.dproj, T, C);
   __syncthreads();
   tile_product<1>(
