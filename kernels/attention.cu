@@ -50,7 +50,7 @@ size_t query_block_floats(int rows, int keys, int hd) {  // dy, vT, k, s, pd
 }
 size_t backward_shared_floats(int T, int chunk, int hd) {  // the first key chunk's, the last query chunk's
   if (chunks_of(T, chunk) == 1) return key_block_floats(T, T, hd, true);
-  return std::max(key_block_floats(T, kChunk, hd, false), query_block_floats(kChunk, T, hd));
+  return std::max(key_block_floats(T, chunk, hd, false), query_block_floats(chunk, T, hd));
 }
 // The products in the block stage, before the layouts above, the head's weight columns
 // (q, k and v's [3, C, pad4(hd)] forward, the projection's [C, pad4(hd)] backward), then

@@ -31,10 +31,10 @@ namespace {
 
 // Spans per float64 pass: up to 16 (one pass per chunk of 16384 tokens), as far as 2
 // GiB holds their stacks and products. At 2 x 4096 neurons that is 16, and the
-// statistics of 1M tokens took 292 ms on an H100 where 8 took 301 (277 and 278 on an
-// H200): the float64 masters, read and written once per pass, are touched half as
-// often. The group's float64 sum goes into the master, so its size fixes the last bits:
-// a fixed budget, never the device's free memory, sets it.
+// statistics of 1M tokens took 292-299 ms on two H100s where 8 took 298-305 (277 and
+// 278 on an H200): the float64 masters, read and written once per pass, are touched
+// half as often. The group's float64 sum goes into the master, so its size fixes the
+// last bits: a fixed budget, never the device's free memory, sets it.
 int spans_per_pass_for(const std::vector<NeuronShape>& shapes, int64_t span, SplitPrecision split) {
   const double part_bytes = split == SplitPrecision::f16 ? 2 : 4;
   double per_span = 0, largest = 0;
