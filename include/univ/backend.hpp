@@ -33,8 +33,10 @@ Precision parse_precision(const std::string& name);  // UserError for unknown na
 //              row ops' kernels;
 //   blocks     one kernel per transformer block for the forward and one for its input
 //              gradients where the block fits in shared memory (else as sublayers).
-// blocks lost to the per-op chain on an H200 (0.41 against 0.35 ms per seed step:
-// docs/PERFORMANCE.md); sublayers is the default.
+// blocks lost to the per-op chain on an H200 (0.41 against 0.35 ms per seed step), and
+// ops and sublayers came within 3% of each other on an H200 and two H100s, ops ahead
+// (docs/PERFORMANCE.md); sublayers stays the default until the queued step is measured
+// both ways (bench_kernels' queued_step_ms_fp32_ops).
 enum class CudaFusion { sublayers, ops, blocks };
 std::string to_string(CudaFusion f);
 
