@@ -31,6 +31,67 @@ __device__ inline float warp_max(float v) {
   return v;
 }
 
+// x to TF32's 10 fraction bits, to nearest with ties away from zero (as the
+// instruction cvt.rna.tf32.f32, in plain C++ so that the host emulator runs it):
+// half the unit of the 13 dropped bits added to the magnitude, then dropped;
+// non-finite values pass.
+__device__ inline float round_tf32(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return x;
+  return __uint_as_float((bits + 0x1000u) & 0xffffe000u);
+}
+
+// One warp's d += a b on the tensor cores: a 16 x 8 and b 8 x 8 of TF32 values (floats
+// through round_tf32), d 16 x 8 in float32 (PTX's mma.sync m16n8k8 .row.col). Each lane
+// holds the fragments the PTX ISA assigns it; with g = lane / 4 and c = lane % 4: a =
+// {A(g, c), A(g + 8, c), A(g, c + 4), A(g + 8, c + 4)}, b = {B(c, g), B(c + 4, g)}, d =
+// {D(g, 2c), D(g, 2c + 1), D(g + 8, 2c), D(g + 8, 2c + 1)}. The host emulator gathers
+// a lane's rows of A and columns of B by shuffles and adds their products in k order
+// (the tensor cores' order and rounding of the sum are their own: a TF32 tolerance).
+__device__ inline void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+#ifdef __CUDA_ARCH__
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+#else
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  // A(r, k) is lane 4 (r % 8) + k % 4's a[r / 8 + 2 (k / 4)], B(k, n) lane 4 n + k % 4's b[k / 4]
+  for (int k = 0; k < 8; ++k) {
+    const int half = k / 4;
+    const float top = __shfl_sync(kFullMask, a[2 * half], 4 * g + k % 4);
+    const float bottom = __shfl_sync(kFullMask, a[2 * half + 1], 4 * g + k % 4);
+    const float left = __shfl_sync(kFullMask, b[half], 8 * c + k % 4);
+    const float right = __shfl_sync(kFullMask, b[half], 8 * c + 4 + k % 4);
+    d[0] = fmaf(top, left, d[0]);
+    d[1] = fmaf(top, right, d[1]);
+    d[2] = fmaf(bottom, left, d[2]);
+    d[3] = fmaf(bottom, right, d[3]);
+  }
+#endif
+}
+
+// The accumulator d of a 16 x 8 product (mma_tf32's d layout) as the a operand of the
+// next, its columns as the reduction (P of P V): rounded to TF32 and moved between the
+// four lanes of each row group by shuffles (lane 4g + c holds columns 2c and 2c + 1,
+// and takes c and c + 4). The whole warp calls it.
+__device__ inline void accumulator_as_a(float (&a)[4], const float (&d)[4]) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  const bool odd = c % 2;
+  const int left = 4 * g + c / 2, right = left + 2;  // the lanes holding columns c and c + 4
+  float x[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {  // e: a's element, from d[2 (e % 2)] or d[2 (e % 2) + 1] of lane (e < 2 ? left : right)
+    const int from = e < 2 ? left : right;
+    const float even_col = __shfl_sync(kFullMask, d[2 * (e % 2)], from);
+    const float odd_col = __shfl_sync(kFullMask, d[2 * (e % 2) + 1], from);
+    x[e] = round_tf32(odd ? odd_col : even_col);
+  }
+  a[0] = x[0], a[1] = x[1], a[2] = x[2], a[3] = x[3];
+}
+
 // The MLP's activations (exact GELU, as PyTorch) and their derivatives.
 __device__ inline float activate(float x, Act act) {
   if (act == Act::relu) return x < 0.0f ? 0.0f : x;  // NaN passes, as in PyTorch

@@ -26,16 +26,6 @@ namespace {
 
 constexpr int kF16TopExponent = 6;  // FP16 split: the first chunk's largest |y| maps to <= 2^6
 
-// x to TF32's 10 fraction bits, to nearest with ties away from zero (as the
-// instruction cvt.rna.tf32.f32, in plain C++ so that the host emulator runs it):
-// half the unit of the 13 dropped bits added to the magnitude, then dropped;
-// non-finite values pass.
-__device__ inline float round_tf32(float x) {
-  const uint32_t bits = __float_as_uint(x);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return x;
-  return __uint_as_float((bits + 0x1000u) & 0xffffe000u);
-}
-
 // Where token t's part 0 (lo) of column c goes in a group of stacks [spans, 4, n, cols]:
 // the stack of span t / n, row t % n; parts follow n * cols apart.
 __device__ inline int64_t stacked_index(int64_t t, int c, int cols, int64_t n) {

@@ -3,7 +3,8 @@
 # memory tables, shared-memory bank conflicts) for the training kernels whose time is
 # least explained, one launch each: the seed step's chain (the MLP kernel each way and
 # the attention with its products each way, which take about 300 of its 360 us), and
-# the attention kernels of the large configuration. Writes
+# the attention kernels of the large configuration (float32, and on the tensor cores
+# under --precision tf32). Writes
 # ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
 # unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
@@ -37,5 +38,7 @@ profile 'attention_forward_kernel<1>' "${train[@]}" --samples 64
 profile 'attention_backward_kernel<1>' "${train[@]}" --samples 64
 profile 'attention_forward_kernel<4>' "${train[@]}" "${large[@]}"
 profile 'attention_backward_kernel<4>' "${train[@]}" "${large[@]}"
+profile 'attention_forward_tf32_kernel<4>' "${train[@]}" "${large[@]}" --precision tf32
+profile 'attention_backward_tf32_kernel<4>' "${train[@]}" "${large[@]}" --precision tf32
 rm -rf "$work"
 wc -l "$report"

@@ -444,6 +444,13 @@ TEST_F(Gpu, ColumnSumsOfManyOpsInOneFinish) {
   }
 }
 
+// qkv [M,B,T,3C] with each model's QKV bias [M,3C] added.
+std::vector<float> plus_qkv_bias(std::vector<float> qkv, const std::vector<float>& bias, const Shape& s) {
+  const int64_t per_model = int64_t(s.B) * s.T * 3 * s.C;
+  for (int64_t i = 0; i < int64_t(qkv.size()); ++i) qkv[i] += bias[i / per_model * 3 * s.C + i % (3 * s.C)];
+  return qkv;
+}
+
 // With and without the QKV bias, which both kernels add as they load (qkv stays as it
 // is); the shapes, and a sequence of seven chunks of 32, the last cut short.
 TEST_F(Gpu, Attention) {
@@ -453,9 +460,7 @@ TEST_F(Gpu, Attention) {
     const int64_t rows = int64_t(s.M) * s.B * s.T;
     const auto raw = random_vector<float>(rows * 3 * s.C, 41), dout = random_vector<float>(rows * s.C, 42);
     const auto bias = random_vector<float>(size_t(s.M) * 3 * s.C, 43);
-    std::vector<float> qkv = raw;
-    if (with_bias)
-      for (int64_t i = 0; i < rows * 3 * s.C; ++i) qkv[i] += bias[i / (int64_t(s.B) * s.T * 3 * s.C) * 3 * s.C + i % (3 * s.C)];
+    const std::vector<float> qkv = with_bias ? plus_qkv_bias(raw, bias, s) : raw;
     std::vector<float> out(rows * s.C), att(size_t(s.M) * s.B * s.H * s.T * s.T), dqkv(qkv.size());
     auto d_qkv = up(raw), d_bias = up(bias), d_dout = up(dout);
     auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
@@ -470,6 +475,50 @@ TEST_F(Gpu, Attention) {
     expect_close(down(d_att), att, kFp32, "att");
     expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
   }
+}
+
+// The tensor-core attention against the CPU ops at a TF32 tolerance, with and without
+// the QKV bias, on the shapes whose head width is a multiple of 8 (the others' 4 does not
+// fit), one of head width 64 and T = 40, and T = 200 at head width 32, whose forward
+// fits and whose backward (200 x 200 score gradients of a head) does not.
+TEST_F(Gpu, AttentionOnTensorCores) {
+  constexpr double kTf32 = 3e-3;  // operands of 10 fraction bits, float32 sums
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({2, 2, 40, 128, 2, 5, 5});
+  shapes.push_back({1, 1, 200, 32, 1, 5, 5});
+  int ran = 0;
+  for (const Shape& s : shapes) for (const bool with_bias : {false, true}) {
+    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H));
+    const bool forward_fits = cuda::attention_tf32_fits(s.T, s.C, s.H, false);
+    const bool backward_fits = cuda::attention_tf32_fits(s.T, s.C, s.H, true);
+    EXPECT_EQ(forward_fits, s.C / s.H % 8 == 0);
+    EXPECT_EQ(backward_fits, forward_fits && s.T != 200);
+    if (!forward_fits) continue;
+    const int64_t rows = int64_t(s.M) * s.B * s.T;
+    const auto raw = random_vector<float>(rows * 3 * s.C, 51), dout = random_vector<float>(rows * s.C, 52);
+    const auto bias = random_vector<float>(size_t(s.M) * 3 * s.C, 53);
+    const std::vector<float> qkv = with_bias ? plus_qkv_bias(raw, bias, s) : raw;
+    std::vector<float> out(rows * s.C), att(size_t(s.M) * s.B * s.H * s.T * s.T), dqkv(qkv.size());
+    cpu::attention_forward(out.data(), att.data(), qkv.data(), s.M, s.B, s.T, s.C, s.H);
+    cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), att.data(), s.M, s.B, s.T, s.C, s.H);
+    auto d_qkv = up(raw), d_bias = up(bias), d_dout = up(dout);
+    auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
+    const float* b = with_bias ? d_bias.data() : nullptr;
+    cuda::attention_forward_tf32(d_out.data(), d_att.data(), d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, stream->get());
+    EXPECT_EQ(down(d_qkv), raw);
+    expect_close(down(d_out), out, kTf32, "out");
+    expect_close(down(d_att), att, kTf32, "att");
+    const auto got_att = down(d_att);
+    for (int64_t head = 0; head < int64_t(s.M) * s.B * s.H; ++head)  // exact zeros above the diagonal
+      for (int t = 0; t < s.T; ++t)
+        for (int t2 = t + 1; t2 < s.T; ++t2) ASSERT_EQ(got_att[(head * s.T + t) * s.T + t2], 0.0f);
+    if (!backward_fits) continue;
+    cuda::attention_backward_tf32(d_dqkv.data(), d_dout.data(), d_out.data(), d_qkv.data(), b, d_att.data(), s.M,
+                                  s.B, s.T, s.C, s.H, stream->get());
+    expect_close(down(d_dqkv), dqkv, kTf32, "dqkv");
+    ++ran;
+  }
+  EXPECT_EQ(ran, 2 * 4);  // both ways: three of kShapes and the head width of 64
 }
 
 // The MLP sublayer with the row products a step runs beside it (in its kernel where all
@@ -588,14 +637,21 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
 // one chunk, else cuBLAS and the kernels apart; the two shapes added have an odd head
 // width and operands over 48 KiB): qkv written without the bias, out, att and dqkv
 // against the CPU ops composed; without the QKV bias, with it, and with it and the
-// first layer's norm of the embedding formed there too (encoded, the norm, mean, rstd).
+// first layer's norm of the embedding formed there too (encoded, the norm, mean, rstd);
+// and that last in TF32 (the attention on the tensor cores where it fits, the products
+// in cuBLAS).
 TEST_F(Gpu, AttentionWithProducts) {
-  cuda::CublasHandle handle(stream->get(), false);
+  cuda::CublasHandle fp32_handle(stream->get(), false), tf32_handle(stream->get(), true);
   for (const Shape& s : shapes_and({{2, 2, 17, 30, 2, 5, 5}, {1, 2, 32, 96, 3, 5, 5}}))
-    for (const int variant : {0, 1, 2}) {
-      const bool with_bias = variant > 0, embed = variant == 2;
+    for (const int variant : {0, 1, 2, 3}) {
+      const bool with_bias = variant > 0, embed = variant >= 2, tf32 = variant == 3;
+      // TF32 rounds q and k by up to 2^-11 each; with scores of a few units, as these
+      // weights make, the softmax's gradient carries that into dqkv (3.5e-3 at worst on
+      // the emulator, the products there in float32)
+      const double tol = tf32 ? 1e-2 : kFp32;
+      const cuda::CublasHandle& handle = tf32 ? tf32_handle : fp32_handle;
       SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H) +
-                   (with_bias ? ", bias" : "") + (embed ? ", embedding" : ""));
+                   (with_bias ? ", bias" : "") + (embed ? ", embedding" : "") + (tf32 ? ", tf32" : ""));
       const int M = s.M, N = s.B * s.T, C = s.C;
       const int64_t n = int64_t(M) * N * C, probs = int64_t(M) * s.B * s.H * s.T * s.T, rows = int64_t(M) * N;
       const auto tokens = random_tokens(size_t(rows), s.V, 126);
@@ -625,7 +681,7 @@ TEST_F(Gpu, AttentionWithProducts) {
       a.ln = d_ln.data(), a.qkv_w = d_qkv_w.data(), a.qkv_b = with_bias ? d_qkv_b.data() : nullptr;
       a.proj_w = d_proj_w.data(), a.dproj = d_dproj.data(), a.qkv = d_qkv.data(), a.att = d_att.data();
       a.out = d_out.data(), a.datty = d_datty.data(), a.dqkv = d_dqkv.data();
-      a.embedding = embed ? &embedding : nullptr, a.B = s.B, a.T = s.T, a.C = C, a.H = s.H;
+      a.embedding = embed ? &embedding : nullptr, a.B = s.B, a.T = s.T, a.C = C, a.H = s.H, a.tf32 = tf32;
       cuda::attention_forward_with_products(handle.get(), a, M);
       cuda::attention_backward_with_products(handle.get(), a, M);
 
@@ -644,10 +700,10 @@ TEST_F(Gpu, AttentionWithProducts) {
         expect_close(down(d_mean), mean, kFp32, "mean");
         expect_close(down(d_rstd), rstd, kFp32, "rstd");
       }
-      expect_close(down(d_qkv), raw, kFp32, "qkv");
-      expect_close(down(d_out), out, kFp32, "out");
-      expect_close(down(d_att), att, kFp32, "att");
-      expect_close(down(d_dqkv), dqkv, kFp32, "dqkv");
+      expect_close(down(d_qkv), raw, tol, "qkv");
+      expect_close(down(d_out), out, tol, "out");
+      expect_close(down(d_att), att, tol, "att");
+      expect_close(down(d_dqkv), dqkv, tol, "dqkv");
     }
 }
 
@@ -1041,43 +1097,76 @@ RunConfig small_run(int models) {
   return c;
 }
 
+// What a GPU backend's steps from the CPU backend's initial weights come to, against the
+// CPU's: the first step's gradients and norms, the worst relative loss difference over
+// the steps, the parameters after them, the test losses.
+struct Divergence {
+  double gradients = 0, grad_norms = 0, losses = 0, params = 0, test_losses = 0;
+};
+Divergence steps_against_cpu(const RunConfig& c, Precision precision, CudaFusion fusion) {
+  const DataSource source = open_data(c.data);
+  RunConfig run = c;
+  run.model.vocab = run.data.vocab = source.vocab();
+  const DataSplits splits = make_splits(source, run);
+  BatchSampler sampler(run, splits);
+  auto cpu = make_backend(Device::cpu, run), gpu = make_backend(Device::cuda, run, precision, fusion);
+  const ParamLayout layout(run.model, run.models);
+  TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
+                  std::vector<float>(layout.total()), 0};
+  std::vector<uint64_t> seeds(run.seeds.begin(), run.seeds.end());
+  init_parameters(layout, run.model, seeds, init.params.data());
+  cpu->set_state(init);
+  gpu->set_state(init);
+  const size_t n = size_t(run.models) * run.batch * run.model.seq_len;
+  std::vector<int32_t> in(n), tg(n);
+  Divergence d;
+  for (int64_t step = 0; step < run.steps; ++step) {
+    sampler.fill(step, in.data(), tg.data());
+    const double lr = learning_rate(run.optim, step, run.steps);
+    const StepStats a = cpu->step(in.data(), tg.data(), lr), b = gpu->step(in.data(), tg.data(), lr);
+    EXPECT_TRUE(b.finite) << "step " << step;
+    if (step == 0) {
+      d.gradients = relative_error(gpu->gradients(), cpu->gradients());
+      for (int m = 0; m < run.models; ++m)
+        d.grad_norms = std::max(d.grad_norms, std::abs(b.grad_norm[m] - a.grad_norm[m]) / a.grad_norm[m]);
+    }
+    for (int m = 0; m < run.models; ++m) d.losses = std::max(d.losses, std::abs(b.loss[m] - a.loss[m]) / a.loss[m]);
+  }
+  d.params = relative_error(gpu->state().params, cpu->state().params);
+  const auto test_cpu = cpu->evaluate(splits.test.tokens.data(), splits.test.count());
+  const auto test_gpu = gpu->evaluate(splits.test.tokens.data(), splits.test.count());
+  for (int m = 0; m < run.models; ++m)
+    d.test_losses = std::max(d.test_losses, std::abs(test_gpu[m] - test_cpu[m]) / test_cpu[m]);
+  return d;
+}
+
 // Every way of grouping the work into kernels (this shape fits each).
 TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
   for (const auto& [models, fusion] : {std::pair{1, CudaFusion::blocks}, std::pair{3, CudaFusion::blocks},
                                        std::pair{3, CudaFusion::sublayers}, std::pair{2, CudaFusion::ops}}) {
+    SCOPED_TRACE(to_string(fusion) + ", " + std::to_string(models) + " models");
+    const Divergence d = steps_against_cpu(small_run(models), Precision::fp32, fusion);
+    EXPECT_LT(d.gradients, 1e-5) << "one whole step's gradients";
+    EXPECT_LT(d.grad_norms, 1e-5);
+    EXPECT_LT(d.losses, 1e-4) << "100-step loss trajectory";
+    EXPECT_LT(d.params, 1e-3);
+    EXPECT_LT(d.test_losses, 1e-3);
+  }
+}
+
+// In TF32 (cuBLAS's products and the attention on the tensor cores, the head width of 8
+// fitting attention_tf32.cu; the MLP's own kernels float32) the steps stay near the
+// float32 CPU backend's: 20 steps, by sublayers and by op.
+TEST_F(Gpu, Tf32StepsStayNearTheCpuBackend) {
+  for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops}) {
     SCOPED_TRACE(to_string(fusion));
-    RunConfig c = small_run(models);
-    const DataSource source = open_data(c.data);
-    c.model.vocab = c.data.vocab = source.vocab();
-    const DataSplits splits = make_splits(source, c);
-    BatchSampler sampler(c, splits);
-    auto cpu = make_backend(Device::cpu, c), gpu = make_backend(Device::cuda, c, Precision::fp32, fusion);
-    const ParamLayout layout(c.model, models);
-    TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
-                    std::vector<float>(layout.total()), 0};
-    std::vector<uint64_t> seeds(c.seeds.begin(), c.seeds.end());
-    init_parameters(layout, c.model, seeds, init.params.data());
-    cpu->set_state(init);
-    gpu->set_state(init);
-    const size_t n = size_t(models) * c.batch * c.model.seq_len;
-    std::vector<int32_t> in(n), tg(n);
-    double worst_loss = 0;
-    for (int64_t step = 0; step < c.steps; ++step) {
-      sampler.fill(step, in.data(), tg.data());
-      const double lr = learning_rate(c.optim, step, c.steps);
-      const StepStats a = cpu->step(in.data(), tg.data(), lr), b = gpu->step(in.data(), tg.data(), lr);
-      ASSERT_TRUE(b.finite);
-      if (step == 0) {  // one whole step's gradients
-        EXPECT_LT(relative_error(gpu->gradients(), cpu->gradients()), 1e-5) << models << " models";
-        for (int m = 0; m < models; ++m) EXPECT_NEAR(b.grad_norm[m], a.grad_norm[m], 1e-5 * a.grad_norm[m]);
-      }
-      for (int m = 0; m < models; ++m) worst_loss = std::max(worst_loss, std::abs(b.loss[m] - a.loss[m]) / a.loss[m]);
-    }
-    EXPECT_LT(worst_loss, 1e-4) << "100-step loss trajectory, " << models << " models";
-    EXPECT_LT(relative_error(gpu->state().params, cpu->state().params), 1e-3);
-    const auto test_cpu = cpu->evaluate(splits.test.tokens.data(), splits.test.count());
-    const auto test_gpu = gpu->evaluate(splits.test.tokens.data(), splits.test.count());
-    for (int m = 0; m < models; ++m) EXPECT_NEAR(test_gpu[m], test_cpu[m], 1e-3 * test_cpu[m]);
+    RunConfig c = small_run(2);
+    c.steps = 20;
+    const Divergence d = steps_against_cpu(c, Precision::tf32, fusion);
+    EXPECT_LT(d.gradients, 1e-2) << "one whole step's gradients";
+    EXPECT_LT(d.grad_norms, 1e-2);
+    EXPECT_LT(d.losses, 1e-3) << "20-step loss trajectory";
+    EXPECT_LT(d.test_losses, 1e-2);
   }
 }
 

@@ -98,7 +98,8 @@ nlohmann::json ceilings(Bench& b, cublasHandle_t fp32, cublasHandle_t tf32) {
           {"sgemm_tf32_TFLOPs", flops / gemm_ms(tf32) / 1e9}};
 }
 
-std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& rc) {
+// h: cuBLAS in fp32; h_tf32: on the tensor cores (the rows that compare precisions).
+std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, const univ::RunConfig& rc) {
   namespace k = univ::cuda;
   const auto& c = rc.model;
   const int M = rc.models, B = rc.batch, T = c.seq_len, C = c.d_model, H = c.heads, D = c.d_mlp, V = c.vocab;
@@ -265,6 +266,13 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
       [&] { k::attention_forward(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
   add("attention_backward", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
       [&] { k::attention_backward(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s); });
+  if (k::attention_tf32_fits(T, C, H, false))  // on the tensor cores (--precision tf32)
+    add("attention_forward_tf32", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
+        [&] { k::attention_forward_tf32(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
+  if (k::attention_tf32_fits(T, C, H, true))
+    add("attention_backward_tf32", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops, [&] {
+      k::attention_backward_tf32(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s);
+    });
   {  // the attention with its products: one kernel each way where a sequence is one chunk
     auto qkv = random_device(size_t(rows) * 3 * C, s), dqkv = random_device(size_t(rows) * 3 * C, s);
     k::AttentionWithProducts a{};
@@ -286,6 +294,14 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, const univ::RunConfig& 
           k::matmul_backward_input(h, a.datty, a.dproj, a.proj_w, M, N, C, C);
           k::attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, B, T, C, H, s);
         });
+    k::AttentionWithProducts on_tensor_cores = a;  // what --precision tf32 runs
+    on_tensor_cores.tf32 = true;
+    if (k::attention_tf32_fits(T, C, H, false))
+      add("tf32: attention_forward_with_products", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
+          att_flops + qkv_flops, [&] { k::attention_forward_with_products(h_tf32, on_tensor_cores, M); });
+    if (k::attention_tf32_fits(T, C, H, true))
+      add("tf32: attention_backward_with_products", (rows * 9 * C + double(M) * (B * H * T * T + C * C)) * f,
+          2 * att_flops + proj_flops, [&] { k::attention_backward_with_products(h_tf32, on_tensor_cores, M); });
   }
   if (k::block_forward_fits(T, C, H, D)) {  // outputs share buffers: timing only
     k::BlockForward fb{};
@@ -631,7 +647,7 @@ int main(int argc, char** argv) {
     nlohmann::json report{{"device", univ::cuda::device_description(0)}, {"ceilings", ceilings(b, fp32.get(), tf32.get())}};
     for (const auto& [name, rc] : {std::pair{"seed (2 models)", seed_config()}, std::pair{"large (1 model)", large_config()}}) {
       nlohmann::json kernels = nlohmann::json::array();
-      for (const Row& r : kernel_rows(b, fp32.get(), rc))
+      for (const Row& r : kernel_rows(b, fp32.get(), tf32.get(), rc))
         kernels.push_back({{"kernel", r.name}, {"ms", r.ms}, {"GBps", r.bytes / r.ms / 1e6}, {"GFLOPs", r.flops / r.ms / 1e6}});
       report["configs"].push_back({{"config", name},
                                    {"kernels", kernels},

@@ -509,6 +509,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     cuda::AttentionWithProducts att{};
     att.ln = a.ln1, att.qkv_w = w.qkv_w, att.proj_w = w.proj_w, att.qkv = a.qkv, att.att = a.att, att.out = a.atty;
     att.datty = datty_, att.B = B, att.T = c.seq_len, att.C = c.d_model, att.H = c.heads, att.apart = apart_;
+    att.tf32 = tf32_;
     return att;
   }
 

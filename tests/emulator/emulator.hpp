@@ -344,6 +344,10 @@ template <class T>
 T __shfl_xor_sync(unsigned, T v, int offset) {
   return emu::warp_exchange(v, [&](const double* slot, int lane) { return static_cast<T>(slot[lane ^ offset]); });
 }
+template <class T>
+T __shfl_sync(unsigned, T v, int source) {
+  return emu::warp_exchange(v, [&](const double* slot, int) { return static_cast<T>(slot[source % 32]); });
+}
 inline unsigned __ballot_sync(unsigned, int predicate) {
   return emu::warp_exchange(predicate ? 1 : 0, [](const double* slot, int) {
     unsigned mask = 0;

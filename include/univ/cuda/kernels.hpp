@@ -193,6 +193,16 @@ void attention_forward(float* out, float* att, const float* qkv, const float* qk
 // qkv_bias.
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
                         const float* att, int M, int B, int T, int C, int H, cudaStream_t stream);
+// attention_tf32.cu: the same two with their products on the tensor cores (TF32
+// operands, float32 sums), for --precision tf32, where attention_tf32_fits: head width
+// a multiple of 8 up to 64, T up to 256, the block's tiles within shared memory (the
+// backward's hold a head's T x T score gradients: T up to 192 at head width 32).
+bool attention_tf32_fits(int T, int C, int H, bool backward);
+void attention_forward_tf32(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T,
+                            int C, int H, cudaStream_t stream);
+void attention_backward_tf32(float* dqkv, const float* dout, const float* out, const float* qkv,
+                             const float* qkv_bias, const float* att, int M, int B, int T, int C, int H,
+                             cudaStream_t stream);
 // The first layer's norm of the embedding as embedding_layernorm_forward takes it (out,
 // the norm, and mean, rstd and encoded written), for the attention to form itself.
 struct EmbeddingNorm {
@@ -209,19 +219,20 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
                               e.norm_b, M, B, T, C, e.V, stream);
 }
 // The attention with the products at its ends, each way in one kernel where T < 64, a
-// head is one block, its operands stay within 48 KiB and `apart` is not set
-// (else cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
+// head is one block, its operands stay within 48 KiB and neither `apart` nor `tf32` is
+// set (else cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
 // qkv_w[M,3C,C]^T (written without the bias), then attention_forward's out and att
 // with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
 // block per sequence writes it). Backward: the gradient at the projection's input dproj
 // [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart), then attention_backward's
-// dqkv.
+// dqkv. tf32: the attention on the tensor cores where attention_tf32_fits (its
+// products then cuBLAS's, on the tensor cores too), else as without it.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
   const EmbeddingNorm* embedding;
   int B, T, C, H;
-  bool apart;
+  bool apart, tf32;
 };
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
@@ -229,9 +240,10 @@ void attention_backward_with_products(cublasHandle_t handle, const AttentionWith
 int attention_max_seq_len(int head_dim);
 // The scale of the scores, 1 / sqrt(head_dim) rounded from float64.
 float attention_scale(int head_dim);
-// Lets the attention kernels use all the shared memory a block may opt in to; call
-// once per device before the first launch (not during graph capture).
+// Lets the attention kernels (both files') use all the shared memory a block may opt
+// in to; call once per device before the first launch (not during graph capture).
 void prepare_attention_kernels();
+void prepare_attention_tf32_kernels();  // attention_tf32.cu's part of it
 
 // block.cu: a transformer block's forward and backward passes, each in one kernel ----
 // Where block_forward_fits(), one launch per layer writes what the per-op forward
