@@ -661,6 +661,8 @@ int main(int argc, char** argv) {
                                                                 univ::CudaFusion::ops)},
                                    {"queued_step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
                                                                        univ::CudaFusion::ops, true)},
+                                   {"queued_step_ms_tf32_ops", step_ms(rc, univ::Precision::tf32, steps,
+                                                                       univ::CudaFusion::ops, true)},
                                    {"step_ms_fp32_blocks", step_ms(rc, univ::Precision::fp32, steps,
                                                                    univ::CudaFusion::blocks)}});
     }
