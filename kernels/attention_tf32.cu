@@ -68,11 +68,13 @@ struct HeadView {
   }
 };
 
-// dst [Tp, ld] = value(t, i) for i < hd (the block's threads).
-template <class Value>
-__device__ void stage(float* dst, int ld, int Tp, int hd, const Value& value) {
-  for (int idx = threadIdx.x; idx < Tp * hd; idx += blockDim.x)
-    dst[idx / hd * ld + idx % hd] = value(idx / hd, idx % hd);
+// dst [Tp, ld] = value(t, i) for i < kHd (the block's threads; the width a constant, so
+// that the indices take no division).
+template <int kHd, class Value>
+__device__ void stage(float* dst, int ld, int Tp, const Value& value) {
+  copy_batched(
+      Tp * kHd, [&](int idx) { return value(idx / kHd, idx % kHd); },
+      [&](int idx, float v) { dst[idx / kHd * ld + idx % kHd] = v; });
 }
 
 // The fragment of a 16 x 8 * kSteps a operand whose row r (of the warp's 16, from
@@ -123,8 +125,8 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   const HeadView x(p, head);
   float* k = reinterpret_cast<float*>(shared4);  // [Tp, ldk]
   float* v = k + Tp * ldk;                       // [Tp, ldv]
-  stage(k, ldk, Tp, hd, [&](int t, int i) { return x.value(1, t, i); });
-  stage(v, ldv, Tp, hd, [&](int t, int i) { return x.value(2, t, i); });
+  stage<8 * kSteps>(k, ldk, Tp, [&](int t, int i) { return x.value(1, t, i); });
+  stage<8 * kSteps>(v, ldv, Tp, [&](int t, int i) { return x.value(2, t, i); });
   const int q0 = threadIdx.x / kWarpSize * kRows;
   float q[kSteps][4];
   load_a(q, q0, [&](int t, int i) { return x.value(0, t, i); });
@@ -206,8 +208,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   float* dy = reinterpret_cast<float*>(shared4);  // [Tp, lddy]
   float* v = dy + Tp * lddy;                      // [Tp, ldv]
   float* ds = v + Tp * ldv;                       // [Tp (query), ldd (key)]: d(scores)
-  stage(dy, lddy, Tp, hd, [&](int t, int i) { return t < T ? round_tf32(dout[int64_t(t) * C + i]) : 0.0f; });
-  stage(v, ldv, Tp, hd, [&](int t, int i) { return x.value(2, t, i); });
+  stage<8 * kSteps>(dy, lddy, Tp,
+                    [&](int t, int i) { return t < T ? round_tf32(__ldg(dout + int64_t(t) * C + i)) : 0.0f; });
+  stage<8 * kSteps>(v, ldv, Tp, [&](int t, int i) { return x.value(2, t, i); });
   const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4, w0 = threadIdx.x / kWarpSize * kRows;
   // dy . out of the lane's two queries (float32, from memory), over the 4 lanes of its group
   float dot[2];
@@ -223,11 +226,31 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   __syncthreads();
 
   // Phase 1, queries [w0, w0 + 16): d(scores) tile by tile into ds, dq = d(scores) k.
+  // Each tile's operands from memory (its probabilities, k's rows as b fragments) are
+  // loaded while the tile before is used: a tile's loads wait on memory once.
+  struct QueryTile {
+    float prob[4], k[kSteps][2];
+  };
+  auto load_query_tile = [&](QueryTile& tile, int nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = w0 + acc_row(e), t2 = 8 * nt + acc_col(e);
+      tile.prob[e] = t < T && t2 <= t ? __ldg(att + int64_t(t) * T + t2) : 0.0f;
+    }
+#pragma unroll
+    for (int n = 0; n < kSteps; ++n) {
+      tile.k[n][0] = x.value(1, 8 * nt + c, 8 * n + g);
+      tile.k[n][1] = x.value(1, 8 * nt + c + 4, 8 * n + g);
+    }
+  };
   float dya[kSteps][4];
   load_a(dya, w0, [&](int t, int i) { return dy[t * lddy + i]; });
   const int tiles = ceil_div(min(w0 + kRows, T), 8);
   float dq[kSteps][4] = {};
+  QueryTile tile{}, next{};
+  load_query_tile(tile, 0);
   for (int nt = 0; nt < Tp / 8; ++nt) {
+    if (nt + 1 < tiles) load_query_tile(next, nt + 1);
     float d[4] = {};
     if (nt < tiles) {
 #pragma unroll
@@ -237,23 +260,17 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
         mma_tf32(d, dya[step], b);
       }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = w0 + acc_row(e), t2 = 8 * nt + acc_col(e);
-        const float prob = t < T && t2 <= t ? att[int64_t(t) * T + t2] : 0.0f;
-        d[e] = prob * (d[e] - dot[e / 2]) * p.scale;
-      }
+      for (int e = 0; e < 4; ++e) d[e] = tile.prob[e] * (d[e] - dot[e / 2]) * p.scale;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r)  // zeros past the warp's keys: phase 2 reads them
       *reinterpret_cast<float2*>(ds + (w0 + g + 8 * r) * ldd + 8 * nt + 2 * c) = make_float2(d[2 * r], d[2 * r + 1]);
-    if (nt >= tiles) continue;
+    if (nt >= tiles) continue;  // (the same for the whole warp)
     float a[4];
     accumulator_as_a(a, d);
 #pragma unroll
-    for (int n = 0; n < kSteps; ++n) {
-      const float b[2] = {x.value(1, 8 * nt + c, 8 * n + g), x.value(1, 8 * nt + c + 4, 8 * n + g)};
-      mma_tf32(dq[n], a, b);
-    }
+    for (int n = 0; n < kSteps; ++n) mma_tf32(dq[n], a, tile.k[n]);
+    tile = next;
   }
   auto store = [&](int part, const float (&acc)[kSteps][4]) {  // rows w0.. of dq, dk or dv
 #pragma unroll
@@ -266,23 +283,40 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   __syncthreads();
 
   // Phase 2, keys [w0, w0 + 16): dv = p^T dy and dk = d(scores)^T q over the queries
-  // from w0 on (p and d(scores) are zero above the diagonal).
-  float dv[kSteps][4] = {}, dk[kSteps][4] = {};
-  for (int qt = w0 / 8; qt < Tp / 8; ++qt) {
-    float a_p[4], a_ds[4];
+  // from w0 on (p and d(scores) are zero above the diagonal); each query tile's
+  // probabilities (as an a fragment, a(key row, query column) = p(query, key)) and q's
+  // rows (b fragments) loaded while the tile before is used.
+  struct KeyTile {
+    float p[4], q[kSteps][2];
+  };
+  auto load_key_tile = [&](KeyTile& tile, int qt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {  // a(key row, query column) = p(query, key)
+    for (int e = 0; e < 4; ++e) {
       const int t2 = w0 + g + 8 * (e % 2), t = 8 * qt + c + 4 * (e / 2);
-      a_p[e] = t < T && t2 < T ? round_tf32(att[int64_t(t) * T + t2]) : 0.0f;
-      a_ds[e] = round_tf32(ds[t * ldd + t2]);
+      tile.p[e] = t < T && t2 < T ? round_tf32(__ldg(att + int64_t(t) * T + t2)) : 0.0f;
     }
 #pragma unroll
     for (int n = 0; n < kSteps; ++n) {
-      const float b_dy[2] = {dy[(8 * qt + c) * lddy + 8 * n + g], dy[(8 * qt + c + 4) * lddy + 8 * n + g]};
-      mma_tf32(dv[n], a_p, b_dy);
-      const float b_q[2] = {x.value(0, 8 * qt + c, 8 * n + g), x.value(0, 8 * qt + c + 4, 8 * n + g)};
-      mma_tf32(dk[n], a_ds, b_q);
+      tile.q[n][0] = x.value(0, 8 * qt + c, 8 * n + g);
+      tile.q[n][1] = x.value(0, 8 * qt + c + 4, 8 * n + g);
     }
+  };
+  float dv[kSteps][4] = {}, dk[kSteps][4] = {};
+  KeyTile key_tile{}, key_next{};
+  load_key_tile(key_tile, w0 / 8);
+  for (int qt = w0 / 8; qt < Tp / 8; ++qt) {
+    if (qt + 1 < Tp / 8) load_key_tile(key_next, qt + 1);
+    float a_ds[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      a_ds[e] = round_tf32(ds[(8 * qt + c + 4 * (e / 2)) * ldd + w0 + g + 8 * (e % 2)]);
+#pragma unroll
+    for (int n = 0; n < kSteps; ++n) {
+      const float b_dy[2] = {dy[(8 * qt + c) * lddy + 8 * n + g], dy[(8 * qt + c + 4) * lddy + 8 * n + g]};
+      mma_tf32(dv[n], key_tile.p, b_dy);
+      mma_tf32(dk[n], a_ds, key_tile.q[n]);
+    }
+    key_tile = key_next;
   }
   store(1, dk);
   store(2, dv);

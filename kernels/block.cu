@@ -22,26 +22,6 @@ namespace {
 constexpr int kThreads = 512;  // one block per SM (its shared memory holds no second)
 constexpr int kRows = 4;  // weight products: output features per thread tile
 
-// store(i, load(i)) for i < n across the block, kLoadsInFlight loads issued before
-// their stores, so that global memory's latency is paid once per batch.
-constexpr int kLoadsInFlight = 8;
-template <class Load, class Store>
-__device__ void copy_batched(int n, const Load& load, const Store& store) {
-  for (int base = threadIdx.x; base < n; base += blockDim.x * kLoadsInFlight) {
-    float v[kLoadsInFlight];
-#pragma unroll
-    for (int j = 0; j < kLoadsInFlight; ++j) {
-      const int i = base + j * blockDim.x;
-      v[j] = i < n ? load(i) : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < kLoadsInFlight; ++j) {
-      const int i = base + j * blockDim.x;
-      if (i < n) store(i, v[j]);
-    }
-  }
-}
-
 // w [rows, ld] = src [rows, cols].
 __device__ void stage_weights(float* w, const float* __restrict__ src, int rows, int cols, int ld) {
   copy_batched(rows * cols, [&](int i) { return src[i]; }, [&](int i, float v) { w[i / cols * ld + i % cols] = v; });

@@ -198,6 +198,27 @@ __device__ inline void causal_softmax_backward_lanes(const float* p, int p_strid
     d[t2 * d_stride] = t2 <= t ? p[t2 * p_stride] * (d[t2 * d_stride] - weighted) * scale : 0.0f;
 }
 
+// store(i, load(i)) for i < n across the block, kLoadsInFlight loads issued before
+// their stores, so that global memory's latency is paid once per batch (a loop that
+// stores each value as it comes waits a latency per element).
+constexpr int kLoadsInFlight = 8;
+template <class Load, class Store>
+__device__ void copy_batched(int n, const Load& load, const Store& store) {
+  for (int base = threadIdx.x; base < n; base += blockDim.x * kLoadsInFlight) {
+    float v[kLoadsInFlight];
+#pragma unroll
+    for (int j = 0; j < kLoadsInFlight; ++j) {
+      const int i = base + j * blockDim.x;
+      v[j] = i < n ? load(i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLoadsInFlight; ++j) {
+      const int i = base + j * blockDim.x;
+      if (i < n) store(i, v[j]);
+    }
+  }
+}
+
 // Shared-memory rows read four floats at a time: padded to multiples of 4, and rows of
 // T positions to pad4(T) + 4 floats, so that a warp storing 4 positions x 8 channels
 // into a transposed matrix hits 32 banks.
