@@ -92,6 +92,17 @@ __device__ void load_a(float (&a)[kSteps][4], int row0, const Value& value) {
 __device__ inline int acc_row(int e) { return threadIdx.x % kWarpSize / 4 + 8 * (e / 2); }
 __device__ inline int acc_col(int e) { return 2 * (threadIdx.x % 4) + e % 2; }
 
+// Rows row0 + acc_row(2 r) (r = 0, 1) of an accumulator d, each lane's two adjacent
+// columns at once, into dst [., ld] from column col0, for rows below `rows` (ld and
+// col0 even, dst 8-byte aligned: a float2 per row).
+__device__ inline void store_rows(float* dst, int64_t ld, int row0, int rows, int col0, const float (&d)[4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (row0 + acc_row(2 * r) < rows)
+      *reinterpret_cast<float2*>(dst + (row0 + acc_row(2 * r)) * ld + col0 + acc_col(2 * r)) =
+          make_float2(d[2 * r], d[2 * r + 1]);
+}
+
 // s = the scores of the warp's queries q (a fragments) against keys [8 nt, 8 nt + 8)
 // of k [Tp, ldk], unscaled.
 template <int kSteps>
@@ -167,10 +178,14 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
         s[e] = 8 * nt + acc_col(e) <= t ? expf(s[e] * p.scale - m[e / 2]) * inv[e / 2] : 0.0f;
       }
     }
+    if (T % 2 == 0 && 8 * nt + acc_col(0) < T) {  // two keys at once (T even: aligned, both within T)
+      store_rows(att, T, q0, T, 8 * nt, s);
+    } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = q0 + acc_row(e), t2 = 8 * nt + acc_col(e);
-      if (t < T && t2 < T) att[int64_t(t) * T + t2] = s[e];
+      for (int e = 0; e < 4; ++e) {
+        const int t = q0 + acc_row(e), t2 = 8 * nt + acc_col(e);
+        if (t < T && t2 < T) att[int64_t(t) * T + t2] = s[e];
+      }
     }
     if (nt >= tiles) continue;  // (the same for the whole warp)
     float a[4];
@@ -184,10 +199,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   }
   out += seq * T * C + head % p.H * hd;
 #pragma unroll
-  for (int n = 0; n < kSteps; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (q0 + acc_row(e) < T) out[int64_t(q0 + acc_row(e)) * C + 8 * n + acc_col(e)] = o[n][e];
+  for (int n = 0; n < kSteps; ++n) store_rows(out, C, q0, T, 8 * n, o[n]);
 }
 
 template <int kSteps>
@@ -233,9 +245,14 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   };
   auto load_query_tile = [&](QueryTile& tile, int nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int t = w0 + acc_row(e), t2 = 8 * nt + acc_col(e);
-      tile.prob[e] = t < T && t2 <= t ? __ldg(att + int64_t(t) * T + t2) : 0.0f;
+    for (int r = 0; r < 2; ++r) {  // two keys at once where T is even (aligned, both within T)
+      const int t = w0 + acc_row(2 * r), t2 = 8 * nt + acc_col(2 * r);
+      const float* at = att + int64_t(t) * T + t2;
+      const float2 pair = t >= T || t2 > t ? make_float2(0.0f, 0.0f)
+                          : T % 2 == 0     ? __ldg(reinterpret_cast<const float2*>(at))
+                                           : make_float2(__ldg(at), t2 + 1 <= t ? __ldg(at + 1) : 0.0f);
+      tile.prob[2 * r] = pair.x;
+      tile.prob[2 * r + 1] = t2 + 1 <= t ? pair.y : 0.0f;
     }
 #pragma unroll
     for (int n = 0; n < kSteps; ++n) {
@@ -274,10 +291,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   }
   auto store = [&](int part, const float (&acc)[kSteps][4]) {  // rows w0.. of dq, dk or dv
 #pragma unroll
-    for (int n = 0; n < kSteps; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (w0 + acc_row(e) < T) dqkv[int64_t(w0 + acc_row(e)) * 3 * C + part * C + 8 * n + acc_col(e)] = acc[n][e];
+    for (int n = 0; n < kSteps; ++n) store_rows(dqkv, 3 * C, w0, T, part * C + 8 * n, acc[n]);
   };
   store(0, dq);
   __syncthreads();
