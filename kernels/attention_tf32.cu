@@ -88,7 +88,8 @@ __device__ void load_a(float (&a)[kSteps][4], int row0, const Value& value) {
     for (int e = 0; e < 4; ++e) a[s][e] = value(row0 + g + 8 * (e % 2), 8 * s + c + 4 * (e / 2));
 }
 
-// Row (e / 2) and column (e % 2) offsets of accumulator element e in the lane's tile.
+// The row and column of accumulator element e (mma_tf32's d) within the warp's 16 x 8
+// tile.
 __device__ inline int acc_row(int e) { return threadIdx.x % kWarpSize / 4 + 8 * (e / 2); }
 __device__ inline int acc_col(int e) { return 2 * (threadIdx.x % 4) + e % 2; }
 
@@ -231,7 +232,8 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     const int t = w0 + g + 8 * r;
     float sum = 0.0f;
     if (t < T)
-      for (int i = c; i < hd; i += 4) sum += dout[int64_t(t) * C + i] * out[int64_t(t) * C + i];
+#pragma unroll
+      for (int i = c; i < 8 * kSteps; i += 4) sum += __ldg(dout + int64_t(t) * C + i) * __ldg(out + int64_t(t) * C + i);
     sum += __shfl_xor_sync(kFullMask, sum, 1);
     dot[r] = sum + __shfl_xor_sync(kFullMask, sum, 2);
   }
