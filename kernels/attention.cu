@@ -465,7 +465,7 @@ void prepare_attention_kernels() {
                              reinterpret_cast<const void*>(attention_backward_kernel<1>),
                              reinterpret_cast<const void*>(attention_backward_kernel<4>)})
     UNIV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  prepare_attention_tf32_kernels();
+  prepare_attention_flash_kernels();
 }
 
 int attention_max_seq_len(int head_dim) {
@@ -520,12 +520,12 @@ void attention_backward(float* dqkv, const float* dout, const float* out, const 
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
   const EmbeddingNorm* e = a.embedding;
   const float* ln = e ? e->out : a.ln;
-  const bool tensor_cores = a.tf32 && attention_tf32_fits(a.T, a.C, a.H, false);
-  if (a.apart || tensor_cores || !products_fit(a.T, a.C, a.H)) {
+  const bool flash = attention_flash_fits(a.T, a.C, a.H, false, a.tf32);
+  if (a.apart || (a.tf32 && flash) || !products_fit(a.T, a.C, a.H)) {
     if (e) embedding_layernorm_forward(*e, M, a.B, a.T, a.C, stream_of(handle));
     matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
-    if (tensor_cores)
-      return attention_forward_tf32(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
+    if (flash)
+      return attention_forward_flash(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, a.tf32, stream_of(handle));
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
   }
   ForwardArgs p{};
@@ -536,12 +536,12 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
 }
 
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
-  const bool tensor_cores = a.tf32 && attention_tf32_fits(a.T, a.C, a.H, true);
-  if (a.apart || tensor_cores || !products_fit(a.T, a.C, a.H)) {
+  const bool flash = attention_flash_fits(a.T, a.C, a.H, true, a.tf32);
+  if (a.apart || (a.tf32 && flash) || !products_fit(a.T, a.C, a.H)) {
     matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
-    if (tensor_cores)
-      return attention_backward_tf32(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H,
-                                     stream_of(handle));
+    if (flash)
+      return attention_backward_flash(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H, a.tf32,
+                                      stream_of(handle));
     return attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H,
                               stream_of(handle));
   }

@@ -3,8 +3,9 @@
 # memory tables, shared-memory bank conflicts) for the training kernels whose time is
 # least explained, one launch each: the seed step's chain (the MLP kernel each way and
 # the attention with its products each way, which take about 300 of its 360 us), and
-# the attention kernels of the large configuration (float32, and on the tensor cores
-# under --precision tf32). Writes
+# the attention kernels of the large configuration (flash attention's way forward, in
+# float32 and on the tensor cores under --precision tf32; backward in float32 and on
+# the tensor cores). Writes
 # ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
 # unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
@@ -36,9 +37,9 @@ profile 'mlp_kernel<false>' "${train[@]}" --samples 64
 profile 'mlp_kernel<true>' "${train[@]}" --samples 64
 profile 'attention_forward_kernel<1>' "${train[@]}" --samples 64
 profile 'attention_backward_kernel<1>' "${train[@]}" --samples 64
-profile 'attention_forward_kernel<4>' "${train[@]}" "${large[@]}"
 profile 'attention_backward_kernel<4>' "${train[@]}" "${large[@]}"
-profile 'attention_forward_tf32_kernel<4>' "${train[@]}" "${large[@]}" --precision tf32
+profile 'attention_forward_flash_kernel<4, false>' "${train[@]}" "${large[@]}"
+profile 'attention_forward_flash_kernel<4, true>' "${train[@]}" "${large[@]}" --precision tf32
 profile 'attention_backward_tf32_kernel<4>' "${train[@]}" "${large[@]}" --precision tf32
 rm -rf "$work"
 wc -l "$report"

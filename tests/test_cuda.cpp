@@ -477,21 +477,24 @@ TEST_F(Gpu, Attention) {
   }
 }
 
-// The tensor-core attention against the CPU ops at a TF32 tolerance, with and without
-// the QKV bias, on the shapes whose head width is a multiple of 8 (the others' 4 does not
-// fit), one of head width 64 and T = 40, and T = 200 at head width 32, whose forward
-// fits and whose backward (200 x 200 score gradients of a head) does not.
-TEST_F(Gpu, AttentionOnTensorCores) {
+// The flash attention against the CPU ops, with and without the QKV bias, in TF32 (a
+// TF32 tolerance) and float32, on the shapes whose head width is a multiple of 8 (the
+// others' 4 does not fit), one of head width 64 (TF32 only) and T = 40, and T = 200 at
+// head width 32, whose forward fits and whose backward (200 x 200 score gradients of a
+// head) does not.
+TEST_F(Gpu, AttentionFlash) {
   constexpr double kTf32 = 3e-3;  // operands of 10 fraction bits, float32 sums
   std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
   shapes.push_back({2, 2, 40, 128, 2, 5, 5});
   shapes.push_back({1, 1, 200, 32, 1, 5, 5});
-  int ran = 0;
-  for (const Shape& s : shapes) for (const bool with_bias : {false, true}) {
-    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H));
-    const bool forward_fits = cuda::attention_tf32_fits(s.T, s.C, s.H, false);
-    const bool backward_fits = cuda::attention_tf32_fits(s.T, s.C, s.H, true);
-    EXPECT_EQ(forward_fits, s.C / s.H % 8 == 0);
+  int forwards = 0, backwards = 0;
+  for (const Shape& s : shapes) for (const bool tf32 : {true, false}) for (const bool with_bias : {false, true}) {
+    SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H) +
+                 (tf32 ? ", tf32" : ", float32"));
+    const int hd = s.C / s.H;
+    const bool forward_fits = cuda::attention_flash_fits(s.T, s.C, s.H, false, tf32);
+    const bool backward_fits = cuda::attention_flash_fits(s.T, s.C, s.H, true, tf32);
+    EXPECT_EQ(forward_fits, hd % 8 == 0 && hd <= (tf32 ? 64 : 32));
     EXPECT_EQ(backward_fits, forward_fits && s.T != 200);
     if (!forward_fits) continue;
     const int64_t rows = int64_t(s.M) * s.B * s.T;
@@ -504,21 +507,25 @@ TEST_F(Gpu, AttentionOnTensorCores) {
     auto d_qkv = up(raw), d_bias = up(bias), d_dout = up(dout);
     auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
     const float* b = with_bias ? d_bias.data() : nullptr;
-    cuda::attention_forward_tf32(d_out.data(), d_att.data(), d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, stream->get());
+    const double tol = tf32 ? kTf32 : kFp32;
+    cuda::attention_forward_flash(d_out.data(), d_att.data(), d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, tf32,
+                                  stream->get());
     EXPECT_EQ(down(d_qkv), raw);
-    expect_close(down(d_out), out, kTf32, "out");
-    expect_close(down(d_att), att, kTf32, "att");
+    expect_close(down(d_out), out, tol, "out");
+    expect_close(down(d_att), att, tol, "att");
     const auto got_att = down(d_att);
     for (int64_t head = 0; head < int64_t(s.M) * s.B * s.H; ++head)  // exact zeros above the diagonal
       for (int t = 0; t < s.T; ++t)
         for (int t2 = t + 1; t2 < s.T; ++t2) ASSERT_EQ(got_att[(head * s.T + t) * s.T + t2], 0.0f);
+    ++forwards;
     if (!backward_fits) continue;
-    cuda::attention_backward_tf32(d_dqkv.data(), d_dout.data(), d_out.data(), d_qkv.data(), b, d_att.data(), s.M,
-                                  s.B, s.T, s.C, s.H, stream->get());
-    expect_close(down(d_dqkv), dqkv, kTf32, "dqkv");
-    ++ran;
+    cuda::attention_backward_flash(d_dqkv.data(), d_dout.data(), d_out.data(), d_qkv.data(), b, d_att.data(), s.M,
+                                   s.B, s.T, s.C, s.H, tf32, stream->get());
+    expect_close(down(d_dqkv), dqkv, tol, "dqkv");
+    ++backwards;
   }
-  EXPECT_EQ(ran, 2 * 4);  // both ways: three of kShapes and the head width of 64
+  EXPECT_EQ(forwards, 2 * (5 + 4));   // with and without the bias: TF32 three of kShapes, T = 40 and 200; float32
+  EXPECT_EQ(backwards, 2 * (4 + 3));  // all but T = 40; backward all but T = 200
 }
 
 // The MLP sublayer with the row products a step runs beside it (in its kernel where all
@@ -1155,7 +1162,7 @@ TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
 }
 
 // In TF32 (cuBLAS's products and the attention on the tensor cores, the head width of 8
-// fitting attention_tf32.cu; the MLP's own kernels float32) the steps stay near the
+// fitting attention_flash.cu; the MLP's own kernels float32) the steps stay near the
 // float32 CPU backend's: 20 steps, by sublayers and by op.
 TEST_F(Gpu, Tf32StepsStayNearTheCpuBackend) {
   for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops}) {

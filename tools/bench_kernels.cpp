@@ -266,13 +266,18 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
       [&] { k::attention_forward(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
   add("attention_backward", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops,
       [&] { k::attention_backward(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s); });
-  if (k::attention_tf32_fits(T, C, H, false))  // on the tensor cores (--precision tf32)
-    add("attention_forward_tf32", (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops,
-        [&] { k::attention_forward_tf32(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, s); });
-  if (k::attention_tf32_fits(T, C, H, true))
-    add("attention_backward_tf32", (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops, [&] {
-      k::attention_backward_tf32(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H, s);
-    });
+  for (const bool tf32 : {false, true}) {  // flash attention's way, in float32 and on the tensor cores
+    const std::string suffix = tf32 ? "_flash_tf32" : "_flash";
+    if (k::attention_flash_fits(T, C, H, false, tf32))
+      add("attention_forward" + suffix, (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops, [&] {
+        k::attention_forward_flash(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, tf32, s);
+      });
+    if (k::attention_flash_fits(T, C, H, true, tf32))
+      add("attention_backward" + suffix, (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops, [&] {
+        k::attention_backward_flash(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H,
+                                    tf32, s);
+      });
+  }
   {  // the attention with its products: one kernel each way where a sequence is one chunk
     auto qkv = random_device(size_t(rows) * 3 * C, s), dqkv = random_device(size_t(rows) * 3 * C, s);
     k::AttentionWithProducts a{};
@@ -296,10 +301,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
         });
     k::AttentionWithProducts on_tensor_cores = a;  // what --precision tf32 runs
     on_tensor_cores.tf32 = true;
-    if (k::attention_tf32_fits(T, C, H, false))
+    if (k::attention_flash_fits(T, C, H, false, true))
       add("tf32: attention_forward_with_products", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
           att_flops + qkv_flops, [&] { k::attention_forward_with_products(h_tf32, on_tensor_cores, M); });
-    if (k::attention_tf32_fits(T, C, H, true))
+    if (k::attention_flash_fits(T, C, H, true, true))
       add("tf32: attention_backward_with_products", (rows * 9 * C + double(M) * (B * H * T * T + C * C)) * f,
           2 * att_flops + proj_flops, [&] { k::attention_backward_with_products(h_tf32, on_tensor_cores, M); });
   }

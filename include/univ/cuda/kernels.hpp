@@ -193,16 +193,18 @@ void attention_forward(float* out, float* att, const float* qkv, const float* qk
 // qkv_bias.
 void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* qkv_bias,
                         const float* att, int M, int B, int T, int C, int H, cudaStream_t stream);
-// attention_tf32.cu: the same two with their products on the tensor cores (TF32
-// operands, float32 sums), for --precision tf32, where attention_tf32_fits: head width
-// a multiple of 8 up to 64, T up to 256, the block's tiles within shared memory (the
-// backward's hold a head's T x T score gradients: T up to 192 at head width 32).
-bool attention_tf32_fits(int T, int C, int H, bool backward);
-void attention_forward_tf32(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T,
-                            int C, int H, cudaStream_t stream);
-void attention_backward_tf32(float* dqkv, const float* dout, const float* out, const float* qkv,
-                             const float* qkv_bias, const float* att, int M, int B, int T, int C, int H,
-                             cudaStream_t stream);
+// attention_flash.cu: the same two flash attention's way (a warp per 16 queries or
+// keys, scores in registers), their products on the tensor cores (tf32: TF32 operands,
+// float32 sums) or in float32, where attention_flash_fits: head width a multiple of 8
+// up to 64 (float32: 32), T up to 256, the block's tiles within shared memory (the
+// backward's hold a head's T x T score gradients: T up to 192 at head width 32); the
+// backward in TF32 only.
+bool attention_flash_fits(int T, int C, int H, bool backward, bool tf32);
+void attention_forward_flash(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T,
+                             int C, int H, bool tf32, cudaStream_t stream);
+void attention_backward_flash(float* dqkv, const float* dout, const float* out, const float* qkv,
+                              const float* qkv_bias, const float* att, int M, int B, int T, int C, int H, bool tf32,
+                              cudaStream_t stream);
 // The first layer's norm of the embedding as embedding_layernorm_forward takes it (out,
 // the norm, and mean, rstd and encoded written), for the attention to form itself.
 struct EmbeddingNorm {
@@ -225,8 +227,9 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
 // with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
 // block per sequence writes it). Backward: the gradient at the projection's input dproj
 // [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart), then attention_backward's
-// dqkv. tf32: the attention on the tensor cores where attention_tf32_fits (its
-// products then cuBLAS's, on the tensor cores too), else as without it.
+// dqkv. Where they run apart, the attention is attention_flash.cu's where it fits;
+// tf32: on the tensor cores, which it takes over the kernel with the products (these
+// then cuBLAS's, on the tensor cores too).
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
@@ -243,7 +246,7 @@ float attention_scale(int head_dim);
 // Lets the attention kernels (both files') use all the shared memory a block may opt
 // in to; call once per device before the first launch (not during graph capture).
 void prepare_attention_kernels();
-void prepare_attention_tf32_kernels();  // attention_tf32.cu's part of it
+void prepare_attention_flash_kernels();  // attention_flash.cu's part of it
 
 // block.cu: a transformer block's forward and backward passes, each in one kernel ----
 // Where block_forward_fits(), one launch per layer writes what the per-op forward
