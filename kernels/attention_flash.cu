@@ -1,19 +1,20 @@
-// Causal multi-head attention with its products on the tensor cores (TF32 operands,
-// float32 sums: --precision tf32), flash attention's way: a block per (model, sequence,
+// Causal multi-head attention flash attention's way: a block per (model, sequence,
 // head), a warp per 16 queries or keys, scores and their gradients in registers one
-// tile of 16 x 8 at a time (common.cuh's mma_tf32), never a head's T x T scores in
-// shared memory but in the backward's d(scores). The contract of attention.cu's kernels:
-// the QKV bias added on load (qkv stays as it is), the probabilities written for the
-// backward (float32, zero above the diagonal), dqkv overwritten. Heads of width a
-// multiple of 8 up to 64, whose tiles fit a block's shared memory (attention_tf32_fits).
-// Forward: a warp's first pass over its keys finds each query's largest score and sum
-// of exponentials (online, as flash attention); the second forms the scores again,
-// writes the probabilities and adds p v. Backward: a warp per 16 queries forms
-// d(scores) = p (dy v^T - dy . out) scale tile by tile (dy . out: flash attention's
-// identity for the sum over keys of p d(p)), adds dq = d(scores) k and leaves d(scores)
-// in shared memory; then a warp per 16 keys adds dv = p^T dy and dk = d(scores)^T q.
-// A warp's queries and its keys in the two phases balance: 2w + 2 key tiles, then T / 8
-// - 2w query tiles.
+// tile of 16 x 8 at a time, never a head's T x T scores in shared memory but in the
+// backward's d(scores). A tile's products run on the tensor cores (TF32 operands,
+// float32 sums: --precision tf32; common.cuh's mma_tf32) or in float32, each lane
+// forming the four elements mma_tf32's layout gives it. The contract of attention.cu's
+// kernels: the QKV bias added on load (qkv stays as it is), the probabilities written
+// for the backward (float32, zero above the diagonal), dqkv overwritten. Heads of width
+// a multiple of 8 up to 64 (float32: 32), whose tiles fit a block's shared memory
+// (attention_flash_fits). Forward: a warp's first pass over its keys finds each query's
+// largest score and sum of exponentials (online, as flash attention); the second forms
+// the scores again, writes the probabilities and adds p v. Backward: a warp per 16
+// queries forms d(scores) = p (dy v^T - dy . out) scale tile by tile (dy . out: flash
+// attention's identity for the sum over keys of p d(p)), adds dq = d(scores) k and
+// leaves d(scores) in shared memory; then a warp per 16 keys adds dv = p^T dy and dk =
+// d(scores)^T q. A warp's queries and its keys in the two phases balance: 2w + 2 key
+// tiles, then T / 8 - 2w query tiles.
 #include <cmath>
 
 #include "common.cuh"
