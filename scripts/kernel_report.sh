@@ -3,9 +3,8 @@
 # memory tables, shared-memory bank conflicts) for the training kernels whose time is
 # least explained, one launch each: the seed step's chain (the MLP kernel each way and
 # the attention with its products each way, which take about 300 of its 360 us), and
-# the attention kernels of the large configuration (flash attention's way forward, in
-# float32 and on the tensor cores under --precision tf32; backward in float32 and on
-# the tensor cores). Writes
+# the attention kernels of the large configuration (flash attention's way, in float32
+# and on the tensor cores under --precision tf32). Writes
 # ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
 # unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
@@ -37,9 +36,10 @@ profile 'mlp_kernel<false>' "${train[@]}" --samples 64
 profile 'mlp_kernel<true>' "${train[@]}" --samples 64
 profile 'attention_forward_kernel<1>' "${train[@]}" --samples 64
 profile 'attention_backward_kernel<1>' "${train[@]}" --samples 64
-profile 'attention_backward_kernel<4>' "${train[@]}" "${large[@]}"
-profile 'attention_forward_flash_kernel<4, false>' "${train[@]}" "${large[@]}"
-profile 'attention_forward_flash_kernel<4, true>' "${train[@]}" "${large[@]}" --precision tf32
-profile 'attention_backward_tf32_kernel<4>' "${train[@]}" "${large[@]}" --precision tf32
+for precision in fp32 tf32; do
+  tf32=$([ "$precision" = tf32 ] && echo true || echo false)
+  profile "attention_forward_flash_kernel<4, $tf32>" "${train[@]}" "${large[@]}" --precision "$precision"
+  profile "attention_backward_flash_kernel<4, $tf32>" "${train[@]}" "${large[@]}" --precision "$precision"
+done
 rm -rf "$work"
 wc -l "$report"

@@ -479,12 +479,14 @@ TEST_F(Gpu, Attention) {
 
 // The flash attention against the CPU ops, with and without the QKV bias, in TF32 (a
 // TF32 tolerance) and float32, on the shapes whose head width is a multiple of 8 (the
-// others' 4 does not fit), one of head width 64 (TF32 only) and T = 40, and T = 200 at
-// head width 32, whose forward fits and whose backward (200 x 200 score gradients of a
-// head) does not.
+// others' 4 does not fit), one query, 17 at head width 8, one of head width 64 (TF32
+// only) and T = 40, and T = 200 at head width 32, whose forward fits and whose
+// backward (200 x 200 score gradients of a head) does not.
 TEST_F(Gpu, AttentionFlash) {
   constexpr double kTf32 = 3e-3;  // operands of 10 fraction bits, float32 sums
   std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({2, 3, 1, 16, 2, 5, 5});
+  shapes.push_back({1, 2, 17, 24, 3, 5, 5});
   shapes.push_back({2, 2, 40, 128, 2, 5, 5});
   shapes.push_back({1, 1, 200, 32, 1, 5, 5});
   int forwards = 0, backwards = 0;
@@ -524,8 +526,8 @@ TEST_F(Gpu, AttentionFlash) {
     expect_close(down(d_dqkv), dqkv, tol, "dqkv");
     ++backwards;
   }
-  EXPECT_EQ(forwards, 2 * (5 + 4));   // with and without the bias: TF32 three of kShapes, T = 40 and 200; float32
-  EXPECT_EQ(backwards, 2 * (4 + 3));  // all but T = 40; backward all but T = 200
+  EXPECT_EQ(forwards, 2 * (7 + 6));   // with and without the bias: TF32 three of kShapes and the four added,
+  EXPECT_EQ(backwards, 2 * (6 + 5));  // float32 all but T = 40; backward all but T = 200
 }
 
 // The MLP sublayer with the row products a step runs beside it (in its kernel where all
