@@ -521,7 +521,7 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
   const EmbeddingNorm* e = a.embedding;
   const float* ln = e ? e->out : a.ln;
   const bool flash = attention_flash_fits(a.T, a.C, a.H, false, a.tf32);
-  if (a.apart || (a.tf32 && flash) || !products_fit(a.T, a.C, a.H)) {
+  if (a.apart || flash || !products_fit(a.T, a.C, a.H)) {
     if (e) embedding_layernorm_forward(*e, M, a.B, a.T, a.C, stream_of(handle));
     matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     if (flash)
@@ -537,7 +537,7 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
 
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
   const bool flash = attention_flash_fits(a.T, a.C, a.H, true, a.tf32);
-  if (a.apart || (a.tf32 && flash) || !products_fit(a.T, a.C, a.H)) {
+  if (a.apart || flash || !products_fit(a.T, a.C, a.H)) {
     matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
     if (flash)
       return attention_backward_flash(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H, a.tf32,

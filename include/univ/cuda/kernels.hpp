@@ -220,16 +220,15 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
   embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride, e.norm_w,
                               e.norm_b, M, B, T, C, e.V, stream);
 }
-// The attention with the products at its ends, each way in one kernel where T < 64, a
-// head is one block, its operands stay within 48 KiB and neither `apart` nor `tf32` is
-// set (else cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
+// The attention with the products at its ends: cuBLAS's products and flash attention's
+// kernels where those fit (attention_flash_fits), else each way in one kernel where T <
+// 64, a head is one block, its operands stay within 48 KiB and `apart` is not set (else
+// cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
 // qkv_w[M,3C,C]^T (written without the bias), then attention_forward's out and att
 // with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
 // block per sequence writes it). Backward: the gradient at the projection's input dproj
 // [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart), then attention_backward's
-// dqkv. Where they run apart, the attention is attention_flash.cu's where it fits;
-// tf32: on the tensor cores, which it takes over the kernel with the products (these
-// then cuBLAS's, on the tensor cores too).
+// dqkv. tf32: flash attention's kernels on the tensor cores.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
