@@ -62,7 +62,7 @@ bin="$root/build-gpu"
 { nvidia-smi; nvcc --version; python3 -c 'import torch; print("torch", torch.__version__)'
   ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
-step bench 180 "$bin/bench_kernels" --json "$out/bench.json"
+step bench 240 "$bin/bench_kernels" --json "$out/bench.json"
 [ -s "$out/bench.json" ] && python3 scripts/bench_pairs.py "$out/bench.json" >"$out/bench_pairs.txt" 2>&1
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
@@ -77,9 +77,9 @@ step correlate 90 bash -c "for i in 1 2 3; do '$bin/correlate' '$logs/pair_cuda'
     '$logs/corr_gpu/summary.json' '$logs/corr_cpu/summary.json'"
 # The whole suite and the sanitizers side by side (their results, not their times, count).
 step ctest 150 ctest --test-dir "$bin" --output-on-failure -j 8 &
-step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
+step racecheck 360 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter='Gpu.Embedding:Gpu.LayerNorm:Gpu.BiasActivationEpilogue:Gpu.MatmulActivationEpilogues:Gpu.MatmulRowEpilogues:Gpu.MlpSublayer*:Gpu.ColumnSums*:Gpu.Attention*:Gpu.FusedBlock*:Gpu.CrossEntropy:Gpu.NormsClippingAndAdamW:GpuRotation.SmallHaarMatricesEqualTheHostDraws' &
-step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
+step memcheck 210 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
 wait
 # Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
