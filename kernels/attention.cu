@@ -89,25 +89,6 @@ __device__ int head_product_lanes(int rows, int hd, int depth) {
   return lanes_per_tile(ceil_div(rows, kRows) * ceil_div(hd, 4), blockDim.x, depth);
 }
 
-// Head (seq, h) = head of qkv [M,B,T,3C]: part(p)(t, i) is channel i of row t of q, k
-// or v (p = 0, 1, 2) with the QKV bias added.
-struct HeadQkv {
-  const float *qkv, *bias;
-  int C;
-  __device__ HeadQkv(const float* all, const float* qkv_bias, int B, int T, int C_, int H, int64_t head) : C(C_) {
-    const int64_t seq = head / H;
-    const int offset = static_cast<int>(head % H) * (C / H);
-    qkv = all + seq * T * 3 * C + offset;
-    bias = qkv_bias ? qkv_bias + seq / B * 3 * C + offset : nullptr;  // model seq / B
-  }
-  __device__ auto part(int p) const {
-    return [this, p](int t, int i) {
-      const float value = qkv[int64_t(t) * 3 * C + p * C + i];
-      return bias ? value + bias[p * C + i] : value;
-    };
-  }
-};
-
 // Rows [t0, t0 + n) of value(t, i) into dst [n, ld], channels from hd on zero.
 template <class Value>
 __device__ void load_rows(float* dst, int ld, int hd, int t0, int n, const Value& value) {

@@ -16,6 +16,7 @@
 // d(scores)^T q. A warp's queries and its keys in the two phases balance: 2w + 2 key
 // tiles, then T / 8 - 2w query tiles.
 #include <cmath>
+#include <utility>
 
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
@@ -52,24 +53,6 @@ struct Args {
   const float *qkv, *qkv_bias;
   int B, T, C, H;
   float scale;
-};
-
-// Head `head` (= seq * H + h) of qkv [M,B,T,3C]: value(part, t, i), channel i of row t
-// of q, k or v (part 0, 1, 2) with the QKV bias; zero past T.
-struct HeadView {
-  const float *rows, *bias;
-  int T, C;
-  __device__ HeadView(const Args& p, int64_t head) : T(p.T), C(p.C) {
-    const int64_t seq = head / p.H;
-    const int offset = static_cast<int>(head % p.H) * (p.C / p.H);
-    rows = p.qkv + seq * p.T * 3 * p.C + offset;
-    bias = p.qkv_bias ? p.qkv_bias + seq / p.B * 3 * p.C + offset : nullptr;
-  }
-  __device__ float value(int part, int t, int i) const {
-    if (t >= T) return 0.0f;
-    const float x = __ldg(rows + int64_t(t) * 3 * C + part * C + i);
-    return bias ? x + __ldg(bias + part * C + i) : x;
-  }
 };
 
 // A product's operand: rounded to TF32 for the tensor cores, else as it is.
@@ -114,12 +97,13 @@ __device__ inline void store_rows(float* dst, int64_t ld, int row0, int rows, in
           make_float2(d[2 * r], d[2 * r + 1]);
 }
 
-// The warp's 16 queries as its score products read them: TF32 a fragments
-// (mma_tf32's a, kSteps of them), or in float32 the lane's two rows (g and g + 8) whole.
+// The warp's 16 rows of a score product's first operand (queries, or dy for d(p)):
+// TF32 a fragments (mma_tf32's a, kSteps of them), or in float32 the lane's two rows (g
+// and g + 8) whole.
 template <int kSteps, bool kTf32>
-using Queries = float[kTf32 ? kSteps : 2][kTf32 ? 4 : 8 * kSteps];
+using WarpRows = float[kTf32 ? kSteps : 2][kTf32 ? 4 : 8 * kSteps];
 template <int kSteps, bool kTf32, class Value>
-__device__ void load_queries(Queries<kSteps, kTf32>& q, int row0, const Value& value) {
+__device__ void load_warp_rows(WarpRows<kSteps, kTf32>& q, int row0, const Value& value) {
   if constexpr (kTf32) {
     load_a(q, row0, [&](int t, int i) { return round_tf32(value(t, i)); });
   } else {
@@ -135,7 +119,7 @@ __device__ void load_queries(Queries<kSteps, kTf32>& q, int row0, const Value& v
 // unscaled, in mma_tf32's d layout: on the tensor cores, or in float32 each lane's four
 // dot products (its rows against keys 8 nt + 2c and 2c + 1, read four floats at a time).
 template <int kSteps, bool kTf32>
-__device__ void score_tile(float (&s)[4], const Queries<kSteps, kTf32>& q, const float* k, int ldk, int nt) {
+__device__ void score_tile(float (&s)[4], const WarpRows<kSteps, kTf32>& q, const float* k, int ldk, int nt) {
   const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
   s[0] = s[1] = s[2] = s[3] = 0.0f;
   if constexpr (kTf32) {
@@ -221,14 +205,14 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, hd = C / p.H, Tp = padded(T), ldk = ld_eight_rows(hd), ldv = ld_four_rows(hd);
   const int64_t head = blockIdx.x, seq = head / p.H;
-  const HeadView x(p, head);
+  const HeadQkv x(p.qkv, p.qkv_bias, p.B, p.T, p.C, p.H, head);
   float* k = reinterpret_cast<float*>(shared4);  // [Tp, ldk]
   float* v = k + Tp * ldk;                       // [Tp, ldv]
   stage<8 * kSteps>(k, ldk, Tp, [&](int t, int i) { return operand<kTf32>(x.value(1, t, i)); });
   stage<8 * kSteps>(v, ldv, Tp, [&](int t, int i) { return operand<kTf32>(x.value(2, t, i)); });
   const int q0 = threadIdx.x / kWarpSize * kRows;
-  Queries<kSteps, kTf32> q;
-  load_queries<kSteps, kTf32>(q, q0, [&](int t, int i) { return x.value(0, t, i); });
+  WarpRows<kSteps, kTf32> q;
+  load_warp_rows<kSteps, kTf32>(q, q0, [&](int t, int i) { return x.value(0, t, i); });
   __syncthreads();
   const int tiles = ceil_div(min(q0 + kRows, T), 8);  // key tiles up to the warp's last query
 
@@ -292,7 +276,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   const int ldr = ld_four_rows(hd), ldv = ld_eight_rows(hd), ldd = ld_four_rows(Tp);
   const int64_t head = blockIdx.x, seq = head / p.H;
   const int channel = static_cast<int>(head % p.H) * hd;  // the head's first
-  const HeadView x(p, head);
+  const HeadQkv x(p.qkv, p.qkv_bias, p.B, p.T, p.C, p.H, head);
   dout += seq * T * C + channel;
   out += seq * T * C + channel;
   att += head * T * T;
@@ -325,8 +309,8 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   }
   // the warp's rows of dy as its d(p) products read them (loaded before the barrier:
   // from memory, not from dy)
-  Queries<kSteps, kTf32> dy_rows;
-  load_queries<kSteps, kTf32>(dy_rows, w0, dy_value);
+  WarpRows<kSteps, kTf32> dy_rows;
+  load_warp_rows<kSteps, kTf32>(dy_rows, w0, dy_value);
   __syncthreads();
 
   // Phase 1, queries [w0, w0 + 16): d(scores) tile by tile into ds, dq = d(scores) k.
@@ -445,30 +429,27 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   store(2, dv);
 }
 
-// The kernels for head widths 8, 16, ..., 8 kMaxSteps (float32: up to 8 kMaxFloatSteps).
+// The kernels for head widths 8, 16, ..., 8 kMaxSteps (float32: up to 8 kMaxFloatSteps):
+// instances kSteps = 1, 2, ... of each, indexed by the head width.
 using ForwardKernel = void (*)(Args, float*, float*);
 using BackwardKernel = void (*)(Args, float*, const float*, const float*, const float*);
+template <bool kTf32, int... kStep>
+ForwardKernel forward_kernel(int hd, std::integer_sequence<int, kStep...>) {
+  static const ForwardKernel kernels[] = {attention_forward_flash_kernel<kStep + 1, kTf32>...};
+  return kernels[hd / 8 - 1];
+}
+template <bool kTf32, int... kStep>
+BackwardKernel backward_kernel(int hd, std::integer_sequence<int, kStep...>) {
+  static const BackwardKernel kernels[] = {attention_backward_flash_kernel<kStep + 1, kTf32>...};
+  return kernels[hd / 8 - 1];
+}
 ForwardKernel forward_kernel(int hd, bool tf32) {
-  static const ForwardKernel tf32_kernels[kMaxSteps] = {
-      attention_forward_flash_kernel<1, true>, attention_forward_flash_kernel<2, true>,
-      attention_forward_flash_kernel<3, true>, attention_forward_flash_kernel<4, true>,
-      attention_forward_flash_kernel<5, true>, attention_forward_flash_kernel<6, true>,
-      attention_forward_flash_kernel<7, true>, attention_forward_flash_kernel<8, true>};
-  static const ForwardKernel float_kernels[kMaxFloatSteps] = {
-      attention_forward_flash_kernel<1, false>, attention_forward_flash_kernel<2, false>,
-      attention_forward_flash_kernel<3, false>, attention_forward_flash_kernel<4, false>};
-  return (tf32 ? tf32_kernels : float_kernels)[hd / 8 - 1];
+  return tf32 ? forward_kernel<true>(hd, std::make_integer_sequence<int, kMaxSteps>())
+              : forward_kernel<false>(hd, std::make_integer_sequence<int, kMaxFloatSteps>());
 }
 BackwardKernel backward_kernel(int hd, bool tf32) {
-  static const BackwardKernel tf32_kernels[kMaxSteps] = {
-      attention_backward_flash_kernel<1, true>, attention_backward_flash_kernel<2, true>,
-      attention_backward_flash_kernel<3, true>, attention_backward_flash_kernel<4, true>,
-      attention_backward_flash_kernel<5, true>, attention_backward_flash_kernel<6, true>,
-      attention_backward_flash_kernel<7, true>, attention_backward_flash_kernel<8, true>};
-  static const BackwardKernel float_kernels[kMaxFloatSteps] = {
-      attention_backward_flash_kernel<1, false>, attention_backward_flash_kernel<2, false>,
-      attention_backward_flash_kernel<3, false>, attention_backward_flash_kernel<4, false>};
-  return (tf32 ? tf32_kernels : float_kernels)[hd / 8 - 1];
+  return tf32 ? backward_kernel<true>(hd, std::make_integer_sequence<int, kMaxSteps>())
+              : backward_kernel<false>(hd, std::make_integer_sequence<int, kMaxFloatSteps>());
 }
 
 }  // namespace

@@ -219,6 +219,30 @@ __device__ void copy_batched(int n, const Load& load, const Store& store) {
   }
 }
 
+// Head `head` (= seq * H + h) of qkv [M,B,T,3C], for both attention files: value(p, t,
+// i) is channel i of row t of q, k or v (p = 0, 1, 2) with the QKV bias added (null:
+// none), zero past T; part(p) the same as a function of (t, i). Read-only loads: no
+// attention kernel writes the qkv it reads.
+struct HeadQkv {
+  const float *qkv, *bias;
+  int T, C;
+  __device__ HeadQkv(const float* all, const float* qkv_bias, int B, int T_, int C_, int H, int64_t head)
+      : T(T_), C(C_) {
+    const int64_t seq = head / H;
+    const int offset = static_cast<int>(head % H) * (C / H);
+    qkv = all + seq * T * 3 * C + offset;
+    bias = qkv_bias ? qkv_bias + seq / B * 3 * C + offset : nullptr;  // model seq / B
+  }
+  __device__ float value(int p, int t, int i) const {
+    if (t >= T) return 0.0f;
+    const float x = __ldg(qkv + int64_t(t) * 3 * C + p * C + i);
+    return bias ? x + __ldg(bias + p * C + i) : x;
+  }
+  __device__ auto part(int p) const {
+    return [this, p](int t, int i) { return value(p, t, i); };
+  }
+};
+
 // Shared-memory rows read four floats at a time: padded to multiples of 4, and rows of
 // T positions to pad4(T) + 4 floats, so that a warp storing 4 positions x 8 channels
 // into a transposed matrix hits 32 banks.
