@@ -12,7 +12,8 @@ namespace univ {
 
 std::unique_ptr<TrainBackend> make_cpu_backend(const RunConfig& config);
 #ifdef UNIV_HAVE_CUDA
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion,
+                                                CudaLaunch launch);
 #endif
 
 std::string to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
@@ -90,12 +91,12 @@ Precision parse_precision(const std::string& name) {
 }
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config, Precision precision,
-                                           CudaFusion fusion) {
+                                           CudaFusion fusion, CudaLaunch launch) {
   if (device == Device::cpu) return make_cpu_backend(config);
 #ifdef UNIV_HAVE_CUDA
-  return make_cuda_backend(config, precision, fusion);
+  return make_cuda_backend(config, precision, fusion, launch);
 #else
-  (void)precision, (void)fusion;
+  (void)precision, (void)fusion, (void)launch;
   throw UserError("this build has no CUDA support");
 #endif
 }

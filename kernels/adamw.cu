@@ -26,6 +26,7 @@ __global__ void grad_norms_kernel(double* __restrict__ partials, unsigned* __res
                                   const float* __restrict__ grads, const ParamSegment* __restrict__ pieces,
                                   int num_pieces, const float* __restrict__ losses, int M,
                                   const OptimizerStep* __restrict__ step, const StepReport report) {
+  chain_after_prior_grids();
   __shared__ double partial[kThreads];
   __shared__ bool last;
   if (static_cast<int>(blockIdx.x) < num_pieces) {
@@ -95,6 +96,7 @@ __global__ void adamw_kernel(float* __restrict__ params, const float* __restrict
                              float* __restrict__ exp_avg_sq, const ParamSegment* __restrict__ pieces,
                              const float* __restrict__ scales, const int* __restrict__ finite,
                              const OptimizerStep* __restrict__ step) {
+  chain_after_prior_grids();
   const ParamSegment piece = pieces[blockIdx.x];
   const int64_t i = threadIdx.x + int64_t(blockIdx.y) * kThreads;
   if (!finite[0] || i >= piece.numel) return;
@@ -123,19 +125,16 @@ std::vector<ParamSegment> norm_pieces(const std::vector<ParamSegment>& segments)
 void grad_norms(double* partials, unsigned* blocks_done, float* norms, float* scales, int* finite, const float* grads,
                 const ParamSegment* pieces, int num_pieces, const float* losses, int M, const OptimizerStep* step,
                 const StepReport& report, cudaStream_t stream) {
-  grad_norms_kernel<<<std::max(num_pieces, 1), kThreads, 0, stream>>>(partials, blocks_done, norms, scales, finite,
-                                                                      grads, pieces, num_pieces, losses, M, step,
-                                                                      report);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(grad_norms_kernel, std::max(num_pieces, 1), kThreads, 0, stream, partials, blocks_done, norms, scales,
+                 finite, grads, pieces, num_pieces, losses, M, step, report);
 }
 
 void adamw_update(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const ParamSegment* pieces,
                   int num_pieces, const float* scales, const int* finite, const OptimizerStep* step,
                   cudaStream_t stream) {
   if (num_pieces == 0) return;
-  adamw_kernel<<<dim3(num_pieces, kNormPiece / kThreads), kThreads, 0, stream>>>(params, grads, exp_avg, exp_avg_sq,
-                                                                                 pieces, scales, finite, step);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(adamw_kernel, dim3(num_pieces, kNormPiece / kThreads), kThreads, 0, stream, params, grads, exp_avg,
+                 exp_avg_sq, pieces, scales, finite, step);
 }
 
 }  // namespace univ::cuda

@@ -208,6 +208,7 @@ __device__ void head_qkv_product(float* q, float* kT, float* v, float* w, const 
 template <int kRows>
 __global__ void __launch_bounds__(kRows == 4 ? kWholeHeadThreads : kThreads, kRows == 4 ? 1 : kBlocksPerSM)
     attention_forward_kernel(const __grid_constant__ ForwardArgs p) {
+  chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   // The chunks with the most keys first (blocks start about in index order, so the
   // grid's tail has the short ones), each over all heads (head = seq * H + h).
@@ -421,6 +422,7 @@ __device__ void backward_queries(const Head& g, int t0, int rows, float scale) {
 template <int kRows>
 __global__ void __launch_bounds__(kRows == 4 ? kWholeHeadThreads : kThreads, kRows == 4 ? 1 : kBlocksPerSM)
     attention_backward_kernel(const __grid_constant__ BackwardArgs p) {
+  chain_after_prior_grids();
   const int chunks = chunks_of(p.T, p.chunk);
   const int64_t heads = gridDim.x / (chunks == 1 ? 1 : 2 * chunks), head = blockIdx.x % heads;
   const int job = static_cast<int>(blockIdx.x / heads), c = job / 2;
@@ -467,8 +469,7 @@ void launch_forward(ForwardArgs p, int M, cudaStream_t stream) {
   const size_t shared =
       (forward_shared_floats(p.T, p.chunk, hd) + (p.ln ? product_floats(p.T, p.C, hd, 3) : 0)) * sizeof(float);
   auto kernel = tile_rows_for(p.T) == 4 ? attention_forward_kernel<4> : attention_forward_kernel<1>;
-  kernel<<<M * p.B * p.H * chunks_of(p.T, p.chunk), threads_for(p.T, p.chunk), shared, stream>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(kernel, M * p.B * p.H * chunks_of(p.T, p.chunk), threads_for(p.T, p.chunk), shared, stream, p);
 }
 
 void launch_backward(BackwardArgs p, int M, cudaStream_t stream) {
@@ -478,8 +479,8 @@ void launch_backward(BackwardArgs p, int M, cudaStream_t stream) {
   const size_t shared =
       (backward_shared_floats(p.T, p.chunk, hd) + (p.dproj ? product_floats(p.T, p.C, hd, 1) : 0)) * sizeof(float);
   auto kernel = tile_rows_for(p.T) == 4 ? attention_backward_kernel<4> : attention_backward_kernel<1>;
-  kernel<<<M * p.B * p.H * (chunks == 1 ? 1 : 2 * chunks), threads_for(p.T, p.chunk), shared, stream>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(kernel, M * p.B * p.H * (chunks == 1 ? 1 : 2 * chunks), threads_for(p.T, p.chunk), shared, stream,
+                 p);
 }
 
 }  // namespace

@@ -202,6 +202,7 @@ __device__ inline void add_score(float& m, float& l, float x) {
 template <int kSteps, bool kTf32>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     attention_forward_flash_kernel(const __grid_constant__ Args p, float* __restrict__ out, float* __restrict__ att) {
+  chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, hd = C / p.H, Tp = padded(T), ldk = ld_eight_rows(hd), ldv = ld_four_rows(hd);
   const int64_t head = blockIdx.x, seq = head / p.H;
@@ -271,6 +272,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     attention_backward_flash_kernel(const __grid_constant__ Args p, float* __restrict__ dqkv,
                                     const float* __restrict__ dout, const float* __restrict__ out,
                                     const float* __restrict__ att) {
+  chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, hd = C / p.H, Tp = padded(T);
   const int ldr = ld_four_rows(hd), ldv = ld_eight_rows(hd), ldd = ld_four_rows(Tp);
@@ -478,9 +480,8 @@ void attention_forward_flash(float* out, float* att, const float* qkv, const flo
                              int C, int H, bool tf32, cudaStream_t stream) {
   const Args p{qkv, qkv_bias, B, T, C, H, attention_scale(C / H)};
   const ForwardKernel forward_flash = forward_kernel(C / H, tf32);
-  forward_flash<<<M * B * H, padded(T) / kRows * kWarpSize, forward_floats(T, C / H) * sizeof(float), stream>>>(
-      p, out, att);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(forward_flash, M * B * H, padded(T) / kRows * kWarpSize, forward_floats(T, C / H) * sizeof(float),
+                 stream, p, out, att);
 }
 
 void attention_backward_flash(float* dqkv, const float* dout, const float* out, const float* qkv,
@@ -488,9 +489,8 @@ void attention_backward_flash(float* dqkv, const float* dout, const float* out, 
                               cudaStream_t stream) {
   const Args p{qkv, qkv_bias, B, T, C, H, attention_scale(C / H)};
   const BackwardKernel backward_flash = backward_kernel(C / H, tf32);
-  backward_flash<<<M * B * H, padded(T) / kRows * kWarpSize, backward_floats(T, C / H, tf32) * sizeof(float),
-                   stream>>>(p, dqkv, dout, out, att);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(backward_flash, M * B * H, padded(T) / kRows * kWarpSize,
+                 backward_floats(T, C / H, tf32) * sizeof(float), stream, p, dqkv, dout, out, att);
 }
 
 }  // namespace univ::cuda

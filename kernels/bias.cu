@@ -18,6 +18,7 @@ constexpr int kThreads = 256;
 __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* __restrict__ post,
                                                const float* __restrict__ bias, int64_t rows_per_model, int D, Act act,
                                                int64_t total) {
+  chain_after_prior_grids();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / (rows_per_model * D);
     const float x = pre[i] + bias[m * D + i % D];
@@ -28,6 +29,7 @@ __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* _
 
 __global__ void activation_backward_kernel(float* __restrict__ dpre, const float* __restrict__ pre, Act act,
                                            int64_t total) {
+  chain_after_prior_grids();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
     dpre[i] *= activation_derivative(pre[i], act);
 }
@@ -38,6 +40,7 @@ __global__ void activation_backward_kernel(float* __restrict__ dpre, const float
 __global__ void bias_activation_backward_kernel(float* __restrict__ dpre, float* __restrict__ partials,
                                                 const float* __restrict__ dpost, const float* __restrict__ pre,
                                                 int N, int D, int chunk_rows, Act act) {
+  chain_after_prior_grids();
   __shared__ float group[kColumnRowGroups][kColumnTile];
   const int d = blockIdx.x * kColumnTile + threadIdx.x;
   const int chunk = blockIdx.y, chunks = gridDim.y;
@@ -91,6 +94,7 @@ int job_blocks(const ColumnSumJob& j) {
 // Stage 2. A block adds one (column tile, model, output) of its job: thread (x, g)
 // sums chunks g, g + groups, ... of column x; the groups then add up in order.
 __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaunch launch) {
+  chain_after_prior_grids();
   __shared__ float group_sum[kSumThreads];
   int lo = 0, hi = launch.count - 1;  // the job whose blocks hold this one
   while (lo < hi) {
@@ -124,23 +128,20 @@ __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaun
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream) {
   const int64_t total = int64_t(M) * N * D;
-  bias_activation_forward_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(pre, post, bias, N, D, act,
-                                                                                       total);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(bias_activation_forward_kernel, blocks_for(total, kThreads), kThreads, 0, stream, pre, post, bias, N, D,
+                 act, total);
 }
 
 void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cudaStream_t stream) {
-  activation_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(dpre, pre, act, n);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(activation_backward_kernel, blocks_for(n, kThreads), kThreads, 0, stream, dpre, pre, act, n);
 }
 
 void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const float* dpost, const float* pre,
                               int M, int N, int D, Act act, cudaStream_t stream) {
   const int chunks = column_chunks(N);
   float* partials = sums.add(dbias, nullptr, M, chunks, D);
-  bias_activation_backward_kernel<<<dim3(ceil_div(D, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
-                                    stream>>>(dpre, partials, dpost, pre, N, D, ceil_div(N, chunks), act);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(bias_activation_backward_kernel, dim3(ceil_div(D, kColumnTile), chunks, M),
+                 dim3(kColumnTile, kColumnRowGroups), 0, stream, dpre, partials, dpost, pre, N, D, ceil_div(N, chunks), act);
 }
 
 int64_t column_sum_partials(int M, int N, int64_t columns) {
@@ -167,8 +168,7 @@ void ColumnSums::finish(cudaStream_t stream) {
       launch.first_block[j + 1] = launch.first_block[j] + job_blocks(launch.job[j]);
     }
     if (launch.first_block[launch.count] == 0) continue;  // no columns at all
-    add_column_partials_kernel<<<launch.first_block[launch.count], kSumThreads, 0, stream>>>(launch);
-    UNIV_CUDA_CHECK_LAUNCH();
+    launch_chained(add_column_partials_kernel, launch.first_block[launch.count], kSumThreads, 0, stream, launch);
   }
   jobs_.clear();
   used_ = 0;

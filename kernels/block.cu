@@ -131,6 +131,7 @@ __host__ __device__ BackwardLayout backward_layout(int T, int C, int H, int D) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const __grid_constant__ BlockForward p) {
+  chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
   const int V = p.lm_head ? p.V : 0;
@@ -282,6 +283,7 @@ __device__ void norm_param_sums(float* weight_parts, float* bias_parts, const fl
 }
 
 __global__ void __launch_bounds__(kThreads, 1) block_backward_kernel(const __grid_constant__ BlockBackward p) {
+  chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, H = p.H, D = p.D, hd = C / H;
   const BackwardLayout layout = backward_layout(T, C, H, D);
@@ -401,13 +403,12 @@ void prepare_block_kernels() {
 }
 
 void block_forward(const BlockForward& p, int M, cudaStream_t stream) {
-  block_forward_kernel<<<M * p.B, kThreads, forward_bytes(p.T, p.C, p.H, p.D, p.lm_head ? p.V : 0), stream>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(block_forward_kernel, M * p.B, kThreads, forward_bytes(p.T, p.C, p.H, p.D, p.lm_head ? p.V : 0),
+                 stream, p);
 }
 
 void block_backward(const BlockBackward& p, int M, cudaStream_t stream) {
-  block_backward_kernel<<<M * p.B, kThreads, backward_bytes(p.T, p.C, p.H, p.D), stream>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(block_backward_kernel, M * p.B, kThreads, backward_bytes(p.T, p.C, p.H, p.D), stream, p);
 }
 
 }  // namespace univ::cuda

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "univ/cuda/chained_launch.hpp"
 #include "univ/cuda/check.hpp"
 #include "univ/cuda/kernels.hpp"
 
@@ -15,6 +16,34 @@ namespace univ::cuda {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// The first statement of every kernel that launch_chained launches: waits until the
+// grids it may have started beside are complete and their writes visible (PTX
+// griddepcontrol.wait; returns at once after an ordinary launch), then lets the kernel
+// after it launch, whose blocks start once every block of this one has passed here.
+// Before compute capability 9.0 it does nothing.
+__device__ inline void chain_after_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, shared, stream>>>(args...), a programmatic dependent launch
+// where chains_launches(stream) (include/univ/cuda/chained_launch.hpp). The kernel
+// must begin with chain_after_prior_grids(): nothing orders it after the kernel before
+// it but that wait.
+template <class... Params, class... Args>
+void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                    const Args&... args) {
+  cudaLaunchAttribute early{};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = shared, config.stream = stream;
+  if (chains_launches(stream)) config.attrs = &early, config.numAttrs = 1;
+  UNIV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
 
 __device__ inline float warp_sum(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);

@@ -19,6 +19,7 @@ namespace {
 __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
                                               const int32_t* __restrict__ token_rows,
                                               const int32_t* __restrict__ token_starts, int N, int C, int V) {
+  chain_after_prior_grids();
   __shared__ float group[kColumnRowGroups][kColumnTile];
   const int c = blockIdx.x * kColumnTile + threadIdx.x;
   const int v = blockIdx.y, m = blockIdx.z;
@@ -43,6 +44,7 @@ __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const fl
 // groups then add up in order. T*C columns give enough blocks for one stage.
 __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const float* __restrict__ dout, int B,
                                               int64_t TC) {
+  chain_after_prior_grids();
   __shared__ float group[kColumnRowGroups][kColumnTile];
   const int64_t i = blockIdx.x * int64_t(kColumnTile) + threadIdx.x;
   const int64_t m = blockIdx.y;
@@ -82,14 +84,12 @@ void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const i
 
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* token_rows,
                         const int32_t* token_starts, int M, int B, int T, int C, int V, cudaStream_t stream) {
-  embedding_backward_wte_kernel<<<dim3(ceil_div(C, kColumnTile), V, M), dim3(kColumnTile, kColumnRowGroups), 0,
-                                  stream>>>(dwte, dout, token_rows, token_starts, B * T, C, V);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(embedding_backward_wte_kernel, dim3(ceil_div(C, kColumnTile), V, M),
+                 dim3(kColumnTile, kColumnRowGroups), 0, stream, dwte, dout, token_rows, token_starts, B * T, C, V);
   if (dwpe) {
     const int64_t TC = int64_t(T) * C;
-    embedding_backward_wpe_kernel<<<dim3(static_cast<unsigned>(ceil_div<int64_t>(TC, kColumnTile)), M),
-                                    dim3(kColumnTile, kColumnRowGroups), 0, stream>>>(dwpe, dout, B, TC);
-    UNIV_CUDA_CHECK_LAUNCH();
+    launch_chained(embedding_backward_wpe_kernel, dim3(static_cast<unsigned>(ceil_div<int64_t>(TC, kColumnTile)), M),
+                   dim3(kColumnTile, kColumnRowGroups), 0, stream, dwpe, dout, B, TC);
   }
 }
 

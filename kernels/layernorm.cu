@@ -31,6 +31,7 @@ __global__ void add_layernorm_forward_kernel(float* __restrict__ out, float* __r
                                              const float* __restrict__ inp_bias, const float* __restrict__ residual,
                                              const float* __restrict__ weight, const float* __restrict__ bias,
                                              int64_t rows, int N, int C) {
+  chain_after_prior_grids();
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
   const int64_t m = row / N;
@@ -52,6 +53,7 @@ __global__ void embedding_layernorm_forward_kernel(float* __restrict__ out, floa
                                                    const float* __restrict__ pos, int64_t pos_model_stride,
                                                    const float* __restrict__ weight, const float* __restrict__ bias,
                                                    int64_t rows, int N, int T, int C, int V) {
+  chain_after_prior_grids();
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
   const int64_t m = row / N;
@@ -72,6 +74,7 @@ __global__ void layernorm_backward_input_kernel(float* dinp, const float* dinp_i
                                                 const float* __restrict__ inp, const float* __restrict__ weight,
                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
                                                 int64_t rows, int N, int C) {
+  chain_after_prior_grids();
   const int64_t row = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.y;
   if (row >= rows) return;
   layernorm_backward_lanes(dinp + row * C, dinp_in ? dinp_in + row * C : nullptr, 1, dout + row * C, 1, inp + row * C,
@@ -84,6 +87,7 @@ __global__ void layernorm_backward_input_kernel(float* dinp, const float* dinp_i
 __global__ void layernorm_backward_params_kernel(float* __restrict__ partials, const float* __restrict__ dout,
                                                  const float* __restrict__ inp, const float* __restrict__ mean,
                                                  const float* __restrict__ rstd, int N, int C, int chunk_rows) {
+  chain_after_prior_grids();
   __shared__ float group_w[kColumnRowGroups][kColumnTile], group_b[kColumnRowGroups][kColumnTile];
   const int c = blockIdx.x * kColumnTile + threadIdx.x;
   const int chunk = blockIdx.y, chunks = gridDim.y;
@@ -117,39 +121,35 @@ void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, con
                            const float* residual, const float* weight, const float* bias, int M, int N, int C,
                            cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
-  add_layernorm_forward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                 dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(out, mean, rstd, inp, inp_bias, residual,
-                                                                              weight, bias, rows, N, C);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(add_layernorm_forward_kernel, static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                 dim3(kWarpSize, kRowsPerBlock), 0, stream, out, mean, rstd, inp, inp_bias, residual, weight, bias, rows,
+                 N, C);
 }
 
 void embedding_layernorm_forward(float* out, float* mean, float* rstd, float* encoded, const int32_t* tokens,
                                  const float* wte, const float* pos, int64_t pos_model_stride, const float* weight,
                                  const float* bias, int M, int B, int T, int C, int V, cudaStream_t stream) {
   const int64_t rows = int64_t(M) * B * T;
-  embedding_layernorm_forward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                       dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
-      out, mean, rstd, encoded, tokens, wte, pos, pos_model_stride, weight, bias, rows, B * T, T, C, V);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(embedding_layernorm_forward_kernel, static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                 dim3(kWarpSize, kRowsPerBlock), 0, stream, out, mean, rstd, encoded, tokens, wte, pos,
+                 pos_model_stride, weight, bias, rows, B * T, T, C, V);
 }
 
 void layernorm_backward_input(float* dinp, const float* dinp_in, const float* dout, const float* inp,
                               const float* weight, const float* mean, const float* rstd, int M, int N, int C,
                               cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
-  layernorm_backward_input_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                                    dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(dinp, dinp_in, dout, inp, weight,
-                                                                                 mean, rstd, rows, N, C);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(layernorm_backward_input_kernel, static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
+                 dim3(kWarpSize, kRowsPerBlock), 0, stream, dinp, dinp_in, dout, inp, weight, mean, rstd, rows, N, C);
 }
 
 void layernorm_backward_params(float* dweight, float* dbias, ColumnSums& sums, const float* dout, const float* inp,
                                const float* mean, const float* rstd, int M, int N, int C, cudaStream_t stream) {
   const int chunks = column_chunks(N);
   float* partials = sums.add(dweight, dbias, M, chunks, C);
-  layernorm_backward_params_kernel<<<dim3(ceil_div(C, kColumnTile), chunks, M), dim3(kColumnTile, kColumnRowGroups), 0,
-                                     stream>>>(partials, dout, inp, mean, rstd, N, C, ceil_div(N, chunks));
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(layernorm_backward_params_kernel, dim3(ceil_div(C, kColumnTile), chunks, M),
+                 dim3(kColumnTile, kColumnRowGroups), 0, stream, partials, dout, inp, mean, rstd, N, C,
+                 ceil_div(N, chunks));
 }
 
 }  // namespace univ::cuda

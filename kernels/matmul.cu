@@ -241,6 +241,7 @@ __device__ void row_tile(const SmallProduct& p, int64_t m, int row0, float* stor
 template <bool kBByRow, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads * (per_row(kEpilogue) ? kRowGroups : 1), per_row(kEpilogue) ? 2 : 4)
     small_matmul_kernel(const SmallProduct p) {
+  chain_after_prior_grids();
   const int64_t m = blockIdx.z;
   const int row0 = blockIdx.y * kTileRows;
   if constexpr (per_row(kEpilogue)) {
@@ -308,6 +309,7 @@ constexpr int kMlpTileK = 8;  // the second product's staged depth: all within 4
 // its grids have at most 128 blocks at d_mlp 256 (mlp_fits' limit on outputs).
 template <bool kBackward>
 __global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_kernel(const MlpProduct p) {
+  chain_after_prior_grids();
   constexpr int kTileK = tile_k(kRowGroups), kHiddenLd = kTileRows + 4;
   constexpr int kHiddenFloats = kRowGroups * kTileCols * kHiddenLd;  // also the first product's tiles, the sums
   static_assert(kHiddenFloats >= kRowTileFloats && kHiddenFloats >= 3 * kTileRows * kRowLd);
@@ -417,8 +419,8 @@ bool rows_fit(int M, int R, int P, int K) {
 template <bool kBByRow, Epilogue kEpilogue>
 void launch_small(const SmallProduct& p, int M, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.P, kTileCols), ceil_div(p.R, kTileRows), M);
-  small_matmul_kernel<kBByRow, kEpilogue><<<grid, kThreads * (per_row(kEpilogue) ? kRowGroups : 1), 0, stream>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(small_matmul_kernel<kBByRow, kEpilogue>, grid, kThreads * (per_row(kEpilogue) ? kRowGroups : 1), 0,
+                 stream, p);
 }
 
 // out [M, R, P] = a [M, R, K] times b (kBByRow: [M, P, K], else [M, K, P]).
@@ -561,8 +563,8 @@ void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p
   p.has_before = s.before != nullptr, p.after_count = s.after_count;
   if (s.before) p.before = small_of(*s.before);
   for (int i = 0; i < s.after_count; ++i) p.after[i] = small_of(s.after[i]);
-  mlp_kernel<kBackward><<<dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups, 0, stream_of(handle)>>>(p);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(mlp_kernel<kBackward>, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups, 0,
+                 stream_of(handle), p);
 }
 
 }  // namespace

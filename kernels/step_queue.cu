@@ -15,6 +15,7 @@ constexpr int kThreads = 256;
 // Grid-stride copy of `words` 16-byte words of slot cursor->next.
 __global__ void load_queued_step_kernel(uint4* __restrict__ step, const uint4* __restrict__ slots, int64_t words,
                                         const StepCursor* __restrict__ cursor) {
+  chain_after_prior_grids();
   const uint4* slot = slots + int64_t(cursor->next) * words;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x)
     step[i] = slot[i];
@@ -24,9 +25,8 @@ __global__ void load_queued_step_kernel(uint4* __restrict__ step, const uint4* _
 
 void load_queued_step(char* step, const char* slots, int64_t bytes, const StepCursor* cursor, cudaStream_t stream) {
   const int64_t words = bytes / 16;
-  load_queued_step_kernel<<<std::min(blocks_for(words, kThreads), 32), kThreads, 0, stream>>>(
-      reinterpret_cast<uint4*>(step), reinterpret_cast<const uint4*>(slots), words, cursor);
-  UNIV_CUDA_CHECK_LAUNCH();
+  launch_chained(load_queued_step_kernel, std::min(blocks_for(words, kThreads), 32), kThreads, 0, stream,
+                 reinterpret_cast<uint4*>(step), reinterpret_cast<const uint4*>(slots), words, cursor);
 }
 
 }  // namespace univ::cuda

@@ -7,8 +7,9 @@ from the same machine compare. Usage: bench_compare.py BEFORE.json AFTER.json"""
 import json
 import sys
 
-STEPS = ["step_ms_fp32", "queued_step_ms_fp32", "step_ms_tf32", "queued_step_ms_tf32", "step_ms_fp32_ops",
-         "queued_step_ms_fp32_ops", "queued_step_ms_tf32_ops", "step_ms_fp32_blocks"]
+STEPS = ["step_ms_fp32", "queued_step_ms_fp32", "step_ms_tf32", "queued_step_ms_tf32", "queued_step_ms_fp32_chained",
+         "queued_step_ms_tf32_chained", "step_ms_fp32_ops", "queued_step_ms_fp32_ops", "queued_step_ms_tf32_ops",
+         "step_ms_fp32_blocks"]
 
 
 def row(name, before, after, unit):

@@ -14,7 +14,9 @@ def main(path):
         report = json.load(f)
     for cfg in report["configs"]:
         print(f"{cfg['config']}: step {cfg['step_ms_fp32']:.3f} ms fp32, {cfg['step_ms_tf32']:.3f} ms tf32; "
-              f"queued {cfg['queued_step_ms_fp32']:.3f} ms fp32, {cfg['queued_step_ms_tf32']:.3f} ms tf32; "
+              f"queued {cfg['queued_step_ms_fp32']:.3f} ms fp32, {cfg['queued_step_ms_tf32']:.3f} ms tf32 "
+              f"(kernels chained {cfg.get('queued_step_ms_fp32_chained', float('nan')):.3f} ms fp32, "
+              f"{cfg.get('queued_step_ms_tf32_chained', float('nan')):.3f} ms tf32); "
               f"fp32 with a launch per op {cfg['step_ms_fp32_ops']:.3f} ms "
               f"(queued {cfg.get('queued_step_ms_fp32_ops', float('nan')):.3f} ms; "
               f"tf32 {cfg.get('queued_step_ms_tf32_ops', float('nan')):.3f} ms), "

@@ -14,6 +14,7 @@
 #include "univ/backend.hpp"
 #include "univ/checkpoint.hpp"
 #include "univ/cpu/ops.hpp"
+#include "univ/cuda/chained_launch.hpp"
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
 #include "univ/data.hpp"
@@ -1195,13 +1196,16 @@ TEST_F(Gpu, TwoRunsGiveIdenticalCheckpoints) {
   }
 }
 
-// Two models of one small layer, from the same weights on two backends.
-std::pair<std::unique_ptr<TrainBackend>, std::unique_ptr<TrainBackend>> twin_backends(const RunConfig& c,
-                                                                                     TrainState* init) {
+// Two models of one small layer, from the same weights on two backends (the second's
+// kernels launched as `second`).
+std::pair<std::unique_ptr<TrainBackend>, std::unique_ptr<TrainBackend>> twin_backends(
+    const RunConfig& c, TrainState* init, CudaFusion fusion = CudaFusion::sublayers,
+    CudaLaunch second = CudaLaunch::ordered) {
   const ParamLayout layout(c.model, c.models);
   *init = {random_vector<float>(layout.total(), 81, 0.05), std::vector<float>(layout.total()),
            std::vector<float>(layout.total()), 0};
-  auto a = make_backend(Device::cuda, c), b = make_backend(Device::cuda, c);
+  auto a = make_backend(Device::cuda, c, Precision::fp32, fusion),
+       b = make_backend(Device::cuda, c, Precision::fp32, fusion, second);
   a->set_state(*init);
   b->set_state(*init);
   return {std::move(a), std::move(b)};
@@ -1241,6 +1245,69 @@ TEST_F(Gpu, QueuedStepsEqualStepsOneAtATime) {
   EXPECT_EQ(a.params, b.params);
   EXPECT_EQ(a.exp_avg, b.exp_avg);
   EXPECT_EQ(a.exp_avg_sq, b.exp_avg_sq);
+}
+
+// Kernels that launch early and wait for the ones before them compute what they compute
+// in stream order: the same queued steps, bit for bit, with each grouping of the work.
+TEST_F(Gpu, ChainedLaunchesComputeWhatOrderedOnesDo) {
+  for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops}) {
+    SCOPED_TRACE(to_string(fusion));
+    const RunConfig c = tiny_run();
+    TrainState init;
+    auto [ordered, chained] = twin_backends(c, &init, fusion, CudaLaunch::chained);
+    const int n = 20;
+    const size_t per_step = size_t(c.models) * c.batch * c.model.seq_len;
+    const auto inputs = random_tokens(per_step * n, 64, 84), targets = random_tokens(per_step * n, 64, 85);
+    const std::vector<double> lr(n, 2e-3);
+    const std::vector<StepStats> a = ordered->steps(inputs.data(), targets.data(), lr.data(), n);
+    const std::vector<StepStats> b = chained->steps(inputs.data(), targets.data(), lr.data(), n);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t k = 0; k < a.size(); ++k) {
+      EXPECT_EQ(a[k].loss, b[k].loss) << "step " << k;
+      EXPECT_EQ(a[k].grad_norm, b[k].grad_norm) << "step " << k;
+    }
+    EXPECT_EQ(ordered->state().params, chained->state().params);
+    EXPECT_EQ(ordered->state().exp_avg_sq, chained->state().exp_avg_sq);
+  }
+}
+
+// A launch chains only inside a capture with chaining on, on compute capability 9.0 and
+// up, right after one kernel: not first, not after a fill, not where two streams join.
+TEST_F(Gpu, LaunchesChainRightAfterOneKernelOnly) {
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  const bool hopper = major >= 9;
+  cuda::DeviceBuffer<float> x(64);
+  const cudaStream_t s = stream->get();
+  cuda::Stream other;
+  cuda::Event forked(cudaEventDisableTiming), joined(cudaEventDisableTiming);
+  auto kernel_on = [&](cudaStream_t on) { cuda::activation_backward(x.data(), x.data(), 64, cuda::Act::relu, on); };
+  const cuda::ChainedLaunches on(true);
+  EXPECT_FALSE(cuda::chains_launches(s)) << "not capturing";
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  EXPECT_FALSE(cuda::chains_launches(s)) << "first node";
+  ASSERT_EQ(cudaMemsetAsync(x.data(), 0, 64 * sizeof(float), s), cudaSuccess);
+  EXPECT_FALSE(cuda::chains_launches(s)) << "after a fill";
+  kernel_on(s);
+  EXPECT_EQ(cuda::chains_launches(s), hopper) << "after a kernel";
+  {
+    const cuda::ChainedLaunches off(false);
+    EXPECT_FALSE(cuda::chains_launches(s)) << "chaining off";
+  }
+  EXPECT_EQ(cuda::chains_launches(s), hopper) << "chaining on again";
+  forked.record(s);
+  forked.make_wait(other.get());
+  kernel_on(other.get());
+  EXPECT_EQ(cuda::chains_launches(other.get()), hopper) << "after a kernel on the stream forked from";
+  joined.record(other.get());
+  kernel_on(s);
+  joined.make_wait(s);
+  EXPECT_FALSE(cuda::chains_launches(s)) << "where two streams join";
+  kernel_on(s);  // the join's node
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphDestroy(graph), cudaSuccess);
 }
 
 // A run stops at its first step that is not finite: the steps after it in the same run

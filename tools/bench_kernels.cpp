@@ -346,8 +346,9 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
 // one steps() call (runs of replays without the host between them), the median of three
 // such calls over `steps`.
 double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps,
-               univ::CudaFusion fusion = univ::CudaFusion::sublayers, bool queued = false) {
-  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, fusion);
+               univ::CudaFusion fusion = univ::CudaFusion::sublayers, bool queued = false,
+               univ::CudaLaunch launch = univ::CudaLaunch::ordered) {
+  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, fusion, launch);
   const univ::ParamLayout layout(rc.model, rc.models);
   univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                      std::vector<float>(layout.total()), 0};
@@ -662,6 +663,12 @@ int main(int argc, char** argv) {
                                                                    univ::CudaFusion::sublayers, true)},
                                    {"queued_step_ms_tf32", step_ms(rc, univ::Precision::tf32, steps,
                                                                    univ::CudaFusion::sublayers, true)},
+                                   {"queued_step_ms_fp32_chained",
+                                    step_ms(rc, univ::Precision::fp32, steps, univ::CudaFusion::sublayers, true,
+                                            univ::CudaLaunch::chained)},
+                                   {"queued_step_ms_tf32_chained",
+                                    step_ms(rc, univ::Precision::tf32, steps, univ::CudaFusion::sublayers, true,
+                                            univ::CudaLaunch::chained)},
                                    {"step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
                                                                 univ::CudaFusion::ops)},
                                    {"queued_step_ms_fp32_ops", step_ms(rc, univ::Precision::fp32, steps,
@@ -683,11 +690,13 @@ int main(int argc, char** argv) {
                 report["device"].get<std::string>().c_str(), cl["copy_GBps"].get<double>(),
                 cl["sgemm_fp32_TFLOPs"].get<double>(), cl["sgemm_tf32_TFLOPs"].get<double>());
     for (const auto& cfg : report["configs"]) {
-      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32; queued %.3f ms fp32, %.3f ms tf32 (fp32 with a "
-                  "launch per op: %.3f ms, with a kernel per block: %.3f ms)\n",
+      std::printf("\n%s: training step %.3f ms fp32, %.3f ms tf32; queued %.3f ms fp32, %.3f ms tf32, kernels "
+                  "chained %.3f ms fp32, %.3f ms tf32 (fp32 with a launch per op: %.3f ms, with a kernel per block: "
+                  "%.3f ms)\n",
                   cfg["config"].get<std::string>().c_str(), cfg["step_ms_fp32"].get<double>(),
                   cfg["step_ms_tf32"].get<double>(), cfg["queued_step_ms_fp32"].get<double>(),
-                  cfg["queued_step_ms_tf32"].get<double>(), cfg["step_ms_fp32_ops"].get<double>(),
+                  cfg["queued_step_ms_tf32"].get<double>(), cfg["queued_step_ms_fp32_chained"].get<double>(),
+                  cfg["queued_step_ms_tf32_chained"].get<double>(), cfg["step_ms_fp32_ops"].get<double>(),
                   cfg["step_ms_fp32_blocks"].get<double>());
       std::printf("  %-30s %10s %10s %10s\n", "kernel", "us", "GB/s", "GFLOP/s");
       for (const auto& k : cfg["kernels"])

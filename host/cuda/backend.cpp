@@ -18,6 +18,7 @@
 
 #include "univ/backend.hpp"
 #include "univ/cpu/ops.hpp"
+#include "univ/cuda/chained_launch.hpp"
 #include "univ/cuda/kernels.hpp"
 #include "univ/cuda/memory.hpp"
 #include "univ/data.hpp"
@@ -177,12 +178,13 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
  public:
   // training false: a forward-only network (no gradients, optimizer state or
   // backward buffers), for DeviceForward; its parameters come from load_params().
-  CudaBackend(const RunConfig& config, Precision precision, CudaFusion fusion, bool training = true)
+  CudaBackend(const RunConfig& config, Precision precision, CudaFusion fusion, CudaLaunch launch, bool training = true)
       : config_(config),
         layout_(config.model, config.models),
         training_(training),
         tf32_(precision == Precision::tf32),
         apart_(fusion == CudaFusion::ops),
+        chained_(launch == CudaLaunch::chained),
         fused_(fusion == CudaFusion::blocks && config.model.layers > 0 &&
                cuda::block_forward_fits(config.model.seq_len, config.model.d_model, config.model.heads,
                                         config.model.d_mlp)),
@@ -301,6 +303,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     if (!graph_) {
       side_ = std::make_unique<SideStreams>(tf32_);
       graph_ = std::make_unique<cuda::Graph>(stream_.get(), [&] {
+        const cuda::ChainedLaunches chaining(chained_);
         cuda::load_queued_step(batch_.device_data(), queue_->slots(), static_cast<int64_t>(batch_.bytes()),
                                queue_->cursor(), stream_.get());
         forward(config_.batch, true);
@@ -769,6 +772,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   bool training_;
   bool tf32_;
   bool apart_;           // CudaFusion::ops: every product and row op in launches of their own
+  bool chained_;         // CudaLaunch::chained: the step graph's kernels launch early where they may
   bool fused_;           // forward_fused_blocks, else forward_per_op
   bool fused_head_;      // the last block kernel runs the head (logits, loss, their backward)
   bool fused_backward_;  // block_backward per layer, else a kernel per op
@@ -803,14 +807,15 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
 
 }  // namespace
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion) {
-  return std::make_unique<CudaBackend>(config, precision, fusion);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion,
+                                                CudaLaunch launch) {
+  return std::make_unique<CudaBackend>(config, precision, fusion, launch);
 }
 
 std::unique_ptr<DeviceForward> make_device_forward(const RunConfig& config, const std::vector<float>& params,
                                                    CudaFusion fusion) {
   if (config.models != 1) throw std::invalid_argument("make_device_forward: one model");
-  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, fusion, /*training=*/false);
+  auto net = std::make_unique<CudaBackend>(config, Precision::fp32, fusion, CudaLaunch::ordered, /*training=*/false);
   net->load_params(params);
   return net;
 }

@@ -40,6 +40,16 @@ Precision parse_precision(const std::string& name);  // UserError for unknown na
 enum class CudaFusion { sublayers, ops, blocks };
 std::string to_string(CudaFusion f);
 
+// How the kernels of the CUDA backend's step graph follow one another:
+//   ordered    each starts when the node before it has finished (plain stream order);
+//   chained    where one kernel follows another, it launches while that one runs its
+//              last blocks and waits for it at its first instruction (programmatic
+//              dependent launch, compute capability 9.0 and up; elsewhere ordered),
+//              so that its launch and start-up overlap the kernel before.
+// Both compute the same, bit for bit. chained has not yet run on a GPU: ordered stays the
+// default until bench_kernels' queued_step_ms_*_chained says which is faster.
+enum class CudaLaunch { ordered, chained };
+
 // Number of CUDA devices usable by this process; 0 without CUDA support.
 int cuda_device_count();
 // Makes GPU `index` modulo the device count this process's GPU (one per MPI rank).
@@ -84,7 +94,8 @@ class TrainBackend {
 
 std::unique_ptr<TrainBackend> make_backend(Device device, const RunConfig& config,
                                            Precision precision = Precision::fp32,
-                                           CudaFusion fusion = CudaFusion::sublayers);
+                                           CudaFusion fusion = CudaFusion::sublayers,
+                                           CudaLaunch launch = CudaLaunch::ordered);
 
 // One model's forward pass on the GPU whose MLP activations stay on the device:
 // correlate's GPU path feeds them straight into the statistics.

@@ -24,7 +24,8 @@
 #include "univ/train.hpp"
 
 namespace univ {
-std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion);
+std::unique_ptr<TrainBackend> make_cuda_backend(const RunConfig& config, Precision precision, CudaFusion fusion,
+                                                CudaLaunch launch);
 }
 
 namespace {
@@ -89,7 +90,7 @@ bool whole_steps(const Case& k) {
   const DataSplits splits = make_splits(source, c);
   BatchSampler sampler(c, splits);
   auto cpu = make_backend(Device::cpu, c);
-  auto gpu = make_cuda_backend(c, Precision::fp32, k.fusion);
+  auto gpu = make_cuda_backend(c, Precision::fp32, k.fusion, CudaLaunch::ordered);
   const ParamLayout layout(c.model, k.models);
   TrainState init{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
                   std::vector<float>(layout.total()), 0};
@@ -238,7 +239,7 @@ bool longest_sequence() {
   std::printf("a sequence of %d positions at head width 32\n", longest + 1);
   bool refused = false;
   try {
-    make_cuda_backend(c, Precision::fp32, CudaFusion::sublayers);
+    make_cuda_backend(c, Precision::fp32, CudaFusion::sublayers, CudaLaunch::ordered);
   } catch (const UserError& e) {
     std::printf("  %s\n", e.what());
     refused = true;

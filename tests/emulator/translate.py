@@ -3,8 +3,10 @@
 
 Two rewrites: shared-memory arrays become views of the emulated block's shared memory
 (the dynamic one its exact size, so that AddressSanitizer sees overruns), and every
-launch `kernel<<<grid, block, shared, stream>>>(args)` becomes a call that enqueues the
-kernel on the emulated stream. Usage: translate.py IN.cu OUT.cpp
+launch, `kernel<<<grid, block, shared, stream>>>(args)` or `launch_chained(kernel,
+grid, block, shared, stream, args)`, becomes a call that enqueues the kernel on the
+emulated stream (where nothing runs early, the chained launch is an ordinary one).
+Usage: translate.py IN.cu OUT.cpp
 """
 import re
 import sys
@@ -52,6 +54,37 @@ def node_name(kernel, before):
     return f'"{kernel}"'
 
 
+def enqueue(kernel, grid, block, shared, stream, args, before):
+    return (f'emu::enqueue({stream}, [=] {{ emu::launch(dim3({grid}), dim3({block}), {shared}, '
+            f'[=] {{ {kernel}({args}); }}); }}, {node_name(kernel, before)})')
+
+
+def closing(src, open_at):
+    """The index of the parenthesis that closes the one at open_at."""
+    close, depth = open_at, 0
+    while True:
+        depth += src[close] == '('
+        depth -= src[close] == ')'
+        if depth == 0:
+            return close
+        close += 1
+
+
+def chained_launches(src):
+    out = ''
+    while (m := re.search(r'\blaunch_chained\(', src)):
+        close = closing(src, m.end() - 1)
+        call = src[m.end():close]
+        kernel = re.match(r'\s*([\w:]+(?:<[^()]*?>)?)\s*,', call)  # template arguments hold commas
+        grid, block, shared, stream, *args = split_top_level(call[kernel.end():])
+        kernel = kernel.group(1)
+        # as many line breaks as the call had, so that the lines after it keep their numbers
+        out += (src[:m.start()] + enqueue(kernel, grid, block, shared, stream, ', '.join(args), src[:m.start()]) +
+                '\n' * call.count('\n'))
+        src = src[close + 1:]
+    return out + src
+
+
 def launches(src):
     out = ''
     while (at := src.find('<<<')) >= 0:
@@ -68,25 +101,31 @@ def launches(src):
         end_config = src.index('>>>', at)
         config = split_top_level(src[at + 3:end_config])
         assert src[end_config + 3] == '(', src[at:end_config + 20]
-        close, depth = end_config + 3, 0
-        while True:
-            depth += src[close] == '('
-            depth -= src[close] == ')'
-            if depth == 0:
-                break
-            close += 1
+        close = closing(src, end_config + 3)
         shared = config[2] if len(config) > 2 else '0'
         stream = config[3] if len(config) > 3 else 'nullptr'
-        kernel = src[start:at]
-        out += (src[:start] + f'emu::enqueue({stream}, [=] {{ emu::launch(dim3({config[0]}), dim3({config[1]}), '
-                f'{shared}, [=] {{ {kernel}({src[end_config + 4:close]}); }}); }}, {node_name(kernel, src[:start])})')
+        out += src[:start] + enqueue(src[start:at], config[0], config[1], shared, stream,
+                                     src[end_config + 4:close], src[:start])
         src = src[close + 1:]
     return out + src
+
+
+def check_chained_kernels(src, source):
+    """A file that launches by launch_chained starts each of its kernels with
+    chain_after_prior_grids(): without that wait, a kernel launched early would race
+    the one before it on the GPU, and nothing here would show it."""
+    if not re.search(r'\blaunch_chained\(', src):
+        return
+    for m in re.finditer(r'__global__[^{;]*?(\w+)\s*\([^{;]*\)\s*\{\s*([^;]*;)', src):
+        if m.group(2) != 'chain_after_prior_grids();':
+            sys.exit(f'{source}: kernel {m.group(1)} does not start with chain_after_prior_grids()')
 
 
 if __name__ == '__main__':
     source, target = sys.argv[1], sys.argv[2]
     with open(source) as f:
-        text = launches(shared_arrays(f.read()))
+        text = f.read()
+    check_chained_kernels(text, source)
+    text = chained_launches(launches(shared_arrays(text)))
     with open(target, 'w') as f:
         f.write(f'// Generated from {source} by tests/emulator/translate.py.\n#line 1 "{source}"\n' + text)

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../emulator.hpp"
@@ -24,7 +25,11 @@ enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDe
 enum { cudaStreamNonBlocking = 1, cudaEventDefault = 0, cudaEventDisableTiming = 2 };
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMemoryPoolsSupported };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMemoryPoolsSupported,
+  cudaDevAttrComputeCapabilityMajor
+};
 typedef struct EmuMemPool* cudaMemPool_t;
 enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold };
 #define cudaStreamPerThread (static_cast<cudaStream_t>(nullptr))
@@ -105,6 +110,51 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
   *ms = 0;
   return cudaSuccess;
 }
+// A capture's state and the nodes the stream's next one will follow (kernels, unless
+// named as copies or fills). translate.py rewrites launch_chained's calls into ordinary
+// launches, so the emulator only answers chains_launches' questions.
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone, cudaStreamCaptureStatusActive };
+typedef const emu::Node* cudaGraphNode_t;
+struct cudaGraphEdgeData {};
+enum cudaGraphNodeType { cudaGraphNodeTypeKernel, cudaGraphNodeTypeMemcpy, cudaGraphNodeTypeMemset };
+inline cudaError_t cudaStreamGetCaptureInfo(cudaStream_t s, cudaStreamCaptureStatus* status, unsigned long long*,
+                                            cudaGraph_t*, const cudaGraphNode_t** follows,
+                                            const cudaGraphEdgeData** edges, size_t* count) {
+  static thread_local std::vector<cudaGraphNode_t> nodes;
+  static thread_local std::vector<cudaGraphEdgeData> no_data;
+  nodes.clear();
+  *status = emu::capture ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  if (!s) s = &emu::default_stream;
+  if (emu::capture) {
+    for (int d : s->waits) nodes.push_back(&(*emu::capture)[d]);
+    if (s->last >= 0) nodes.push_back(&(*emu::capture)[s->last]);
+  }
+  no_data.assign(nodes.size(), {});
+  *follows = nodes.data(), *edges = no_data.data(), *count = nodes.size();
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType* type) {
+  const std::string name = node->name;
+  *type = name.rfind("memcpy", 0) == 0 ? cudaGraphNodeTypeMemcpy
+          : name == "memset"           ? cudaGraphNodeTypeMemset
+                                       : cudaGraphNodeTypeKernel;
+  return cudaSuccess;
+}
+// Declared for launch_chained's template (kernels/common.cuh), which runs only on CUDA.
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  union {
+    int programmaticStreamSerializationAllowed;
+  } val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
 inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
   emu::capture = new std::vector<emu::Node>;
   s->last = -1;
@@ -200,7 +250,8 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 1;  // sm_90's opt-in shared memory per block
+  // sm_90's opt-in shared memory per block and compute capability
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : attr == cudaDevAttrComputeCapabilityMajor ? 9 : 1;
   return cudaSuccess;
 }
 template <class Kernel>
