@@ -3,6 +3,7 @@
 // kernels that read their outputs); backward, the activation derivative, alone or
 // fused with the bias gradient, a two-stage column sum over rows in a fixed order
 // (common.cuh), and the second stage of every such sum (ColumnSums).
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -15,15 +16,36 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Block (column tile, row group, model): thread (x, y) takes column x of the tile, its
+// bias in a register, in rows y, y + kColumnRowGroups, ... of the group's
+// kColumnRowGroups * kBiasRowsPerThread rows (then of every gridDim.y-th group after),
+// all of its loads issued before its stores; a warp's loads are one row's 32 adjacent
+// columns. No division per element.
+constexpr int kBiasRowsPerThread = 8;
+constexpr int kBiasGroupRows = kColumnRowGroups * kBiasRowsPerThread;
 __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* __restrict__ post,
-                                               const float* __restrict__ bias, int64_t rows_per_model, int D, Act act,
-                                               int64_t total) {
+                                               const float* __restrict__ bias, int N, int D, Act act) {
   chain_after_prior_grids();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / (rows_per_model * D);
-    const float x = pre[i] + bias[m * D + i % D];
-    pre[i] = x;
-    post[i] = activate(x, act);
+  const int c = blockIdx.x * kColumnTile + threadIdx.x;
+  const int64_t m = blockIdx.z;
+  if (c >= D) return;
+  const float b = bias[m * D + c];
+  for (int first = blockIdx.y * kBiasGroupRows + threadIdx.y; first < N; first += gridDim.y * kBiasGroupRows) {
+    float x[kBiasRowsPerThread];
+#pragma unroll
+    for (int k = 0; k < kBiasRowsPerThread; ++k) {
+      const int r = first + k * kColumnRowGroups;
+      x[k] = r < N ? pre[(m * N + r) * D + c] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kBiasRowsPerThread; ++k) {
+      const int r = first + k * kColumnRowGroups;
+      if (r >= N) break;
+      const int64_t i = (m * N + r) * D + c;
+      const float v = x[k] + b;
+      pre[i] = v;
+      post[i] = activate(v, act);
+    }
   }
 }
 
@@ -127,9 +149,10 @@ __global__ void add_column_partials_kernel(const __grid_constant__ ColumnSumLaun
 
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream) {
-  const int64_t total = int64_t(M) * N * D;
-  launch_chained(bias_activation_forward_kernel, blocks_for(total, kThreads), kThreads, 0, stream, pre, post, bias, N, D,
-                 act, total);
+  if (int64_t(M) * N * D == 0) return;
+  const int row_groups = std::min(ceil_div(N, kBiasGroupRows), 65535);
+  launch_chained(bias_activation_forward_kernel, dim3(ceil_div(D, kColumnTile), row_groups, M),
+                 dim3(kColumnTile, kColumnRowGroups), 0, stream, pre, post, bias, N, D, act);
 }
 
 void activation_backward(float* dpre, const float* pre, int64_t n, Act act, cudaStream_t stream) {
