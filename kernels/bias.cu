@@ -164,7 +164,8 @@ void bias_activation_backward(float* dpre, float* dbias, ColumnSums& sums, const
   const int chunks = column_chunks(N);
   float* partials = sums.add(dbias, nullptr, M, chunks, D);
   launch_chained(bias_activation_backward_kernel, dim3(ceil_div(D, kColumnTile), chunks, M),
-                 dim3(kColumnTile, kColumnRowGroups), 0, stream, dpre, partials, dpost, pre, N, D, ceil_div(N, chunks), act);
+                 dim3(kColumnTile, kColumnRowGroups), 0, stream, dpre, partials, dpost, pre, N, D, ceil_div(N, chunks),
+                 act);
 }
 
 int64_t column_sum_partials(int M, int N, int64_t columns) {

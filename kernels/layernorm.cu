@@ -122,8 +122,8 @@ void add_layernorm_forward(float* out, float* mean, float* rstd, float* inp, con
                            cudaStream_t stream) {
   const int64_t rows = int64_t(M) * N;
   launch_chained(add_layernorm_forward_kernel, static_cast<unsigned>(ceil_div<int64_t>(rows, kRowsPerBlock)),
-                 dim3(kWarpSize, kRowsPerBlock), 0, stream, out, mean, rstd, inp, inp_bias, residual, weight, bias, rows,
-                 N, C);
+                 dim3(kWarpSize, kRowsPerBlock), 0, stream, out, mean, rstd, inp, inp_bias, residual, weight, bias,
+                 rows, N, C);
 }
 
 void embedding_layernorm_forward(float* out, float* mean, float* rstd, float* encoded, const int32_t* tokens,

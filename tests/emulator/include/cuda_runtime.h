@@ -251,7 +251,9 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   // sm_90's opt-in shared memory per block and compute capability
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : attr == cudaDevAttrComputeCapabilityMajor ? 9 : 1;
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448
+           : attr == cudaDevAttrComputeCapabilityMajor     ? 9
+                                                           : 1;
   return cudaSuccess;
 }
 template <class Kernel>
