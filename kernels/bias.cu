@@ -183,7 +183,7 @@ float* ColumnSums::add(float* out0, float* out1, int M, int chunks, int64_t C) {
   return partials;
 }
 
-void ColumnSums::finish(cudaStream_t stream) {
+void ColumnSums::sum_added(cudaStream_t stream) {
   for (size_t first = 0; first < jobs_.size(); first += kJobsPerLaunch) {
     ColumnSumLaunch launch{};
     launch.count = static_cast<int>(std::min<size_t>(kJobsPerLaunch, jobs_.size() - first));
@@ -195,6 +195,10 @@ void ColumnSums::finish(cudaStream_t stream) {
     launch_chained(add_column_partials_kernel, launch.first_block[launch.count], kSumThreads, 0, stream, launch);
   }
   jobs_.clear();
+}
+
+void ColumnSums::finish(cudaStream_t stream) {
+  sum_added(stream);
   used_ = 0;
 }
 

@@ -70,6 +70,29 @@ __device__ inline float round_tf32(float x) {
   return __uint_as_float((bits + 0x1000u) & 0xffffe000u);
 }
 
+// *shared_dst = *global_src as an asynchronous copy (PTX cp.async, compute capability
+// 8.0 and up; elsewhere, and on the host emulator, a plain copy): no register holds the
+// value, so a thread may issue many and go on until wait_async_copies(). The source
+// must not change before that wait.
+__device__ inline void copy_async(float* shared_dst, const float* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(shared_dst))),
+               "l"(global_src)
+               : "memory");
+#else
+  *shared_dst = *global_src;
+#endif
+}
+
+// Waits until this thread's asynchronous copies have landed (a barrier after it makes
+// them visible to the block).
+__device__ inline void wait_async_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // One warp's d += a b on the tensor cores: a 16 x 8 and b 8 x 8 of TF32 values (floats
 // through round_tf32), d 16 x 8 in float32 (PTX's mma.sync m16n8k8 .row.col). Each lane
 // holds the fragments the PTX ISA assigns it; with g = lane / 4 and c = lane % 4: a =

@@ -275,15 +275,19 @@ __global__ void __launch_bounds__(kThreads * (per_row(kEpilogue) ? kRowGroups : 
   }
 }
 
-// The MLP sublayer of a tile of 32 rows, d_model C <= 64 and d_mlp D <= 4 x 64. Group
-// g computes hidden columns [64 g, 64 g + 64) of the first product (reduction C, the
-// one-group loop in 16-deep tiles) with its element epilogue, keeps them in shared
-// memory as hidden[k][row], and takes them as its slice of the second product's
-// reduction (second operand staged 8 k at a time); then the groups' sums and the row
-// epilogue. Forward: pre = ln2 W1^T + b1, post = act(pre), then resid_out = post W2^T
-// + b2 + resid_mid and the next norm (rows: add_layernorm). Backward: dpre = (dresid
-// W2) act'(pre), then dln2 = dpre W1 and dresid_mid = dresid + the norm's backward
-// (rows: layernorm_backward). Row products of the same rows run before it (forward:
+// The MLP sublayer of a tile of 32 rows, d_model C <= 64 and d_mlp D <= 4 x 64. Its
+// stages run one after another on one block per SM, so each wait on memory stands in
+// the step's chain: both of the MLP's weights (each group's slices) go to shared
+// memory as the kernel starts, by asynchronous copies that land while the row stage
+// before runs, and the 32 rows of its input follow in one load. Group g then computes
+// hidden columns [64 g, 64 g + 64) of the first product (reduction C) without a
+// barrier, applies its element epilogue (its operands loaded as the kernel starts),
+// keeps them in shared memory as hidden[k][row], and takes them as its slice of the
+// second product's reduction; then the groups' sums and the row epilogue.
+// Forward: pre = ln2 W1^T + b1, post = act(pre), then resid_out = post W2^T + b2 +
+// resid_mid and the next norm (rows: add_layernorm). Backward: dpre = (dresid W2)
+// act'(pre), then dln2 = dpre W1 and dresid_mid = dresid + the norm's backward (rows:
+// layernorm_backward). Row products of the same rows run before it (forward:
 // add_layernorm, backward: layernorm_backward) and after it (forward: crossentropy,
 // then layernorm_backward), each after a barrier: a stage reads the rows the block's
 // warps wrote to memory in the one before.
@@ -303,113 +307,149 @@ struct MlpProduct {
   int after_count;
 };
 
-constexpr int kMlpTileK = 8;  // the second product's staged depth: all within 48 KiB
-// The backward fits 64 registers (two blocks per SM); the forward with its three kinds
-// of row stages spilled at 64 (ptxas, sm_90), so it takes up to 128, one block per SM:
-// its grids have at most 128 blocks at d_mlp 256 (mlp_fits' limit on outputs).
+// The kernel's shared memory in floats, from its start: the row stages' tiles and
+// the groups' sums, and between them the hidden columns (kMlpStorage); the input rows
+// [k][row] (kMlpInput); then for each of the groups holding hidden columns its slice
+// of the first weight, [k][column], and of the second, [hidden k][output column]
+// (kMlpSlice each).
+constexpr int kHiddenLd = kTileRows + 4;
+constexpr int kMlpStorage = kRowGroups * kTileCols * kHiddenLd;
+constexpr int kMlpInput = kTileCols * kAStride;
+constexpr int kMlpSlice = kTileCols * kBStride;
+static_assert(kMlpStorage >= kRowTileFloats && kMlpStorage >= (kRowGroups - 1) * kTileRows * kRowLd);
+__host__ __device__ int mlp_groups(int D) { return ceil_div(D, kTileCols); }
+size_t mlp_shared_bytes(int D) {
+  return size_t(kMlpStorage + kMlpInput + 2 * mlp_groups(D) * kMlpSlice) * sizeof(float);
+}
+
+// dst [64 (k)][kBStride] = weight(k, column) = w[k * k_stride + column * column_stride]
+// for k < ks and column < columns, zero elsewhere: the block's threads, asynchronous
+// copies where the weight has a value, each warp's 32 consecutive in memory.
+__device__ void stage_slice(float* dst, const float* __restrict__ w, int64_t k_stride, int64_t column_stride,
+                            int ks, int columns) {
+  for (int i = threadIdx.x; i < kTileCols * kTileCols; i += blockDim.x) {
+    const int fast = i % kTileCols, slow = i / kTileCols;
+    const int k = k_stride == 1 ? fast : slow, column = k_stride == 1 ? slow : fast;
+    float* at = dst + k * kBStride + column;
+    if (k < ks && column < columns) copy_async(at, w + k * k_stride + column * column_stride);
+    else *at = 0.0f;
+  }
+}
+
+// acc += the group's 32 x 64 tile of a [k][row] (row stride kAStride) times b
+// [k][column] (kBStride) over k < K, both in shared memory.
+__device__ void shared_tile_product(float (&acc)[4][4], const float* a, const float* b, int K, int tx, int ty) {
+#pragma unroll 4
+  for (int k = 0; k < K; ++k)
+    add_outer_product(acc, *reinterpret_cast<const float4*>(a + k * kAStride + 4 * ty),
+                      *reinterpret_cast<const float4*>(b + k * kBStride + 4 * tx));
+}
+
+// The forward with its three kinds of row stages spilled at 64 registers (ptxas,
+// sm_90), so both take up to 128, one block per SM: the grids have at most 128 blocks
+// at d_mlp 256 (mlp_fits' limit on outputs), where the weights fill most of an SM's
+// shared memory anyway.
 template <bool kBackward>
-__global__ void __launch_bounds__(kThreads * kRowGroups, kBackward ? 2 : 1) mlp_kernel(const MlpProduct p) {
+__global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const MlpProduct p) {
   chain_after_prior_grids();
-  constexpr int kTileK = tile_k(kRowGroups), kHiddenLd = kTileRows + 4;
-  constexpr int kHiddenFloats = kRowGroups * kTileCols * kHiddenLd;  // also the first product's tiles, the sums
-  static_assert(kHiddenFloats >= kRowTileFloats && kHiddenFloats >= 3 * kTileRows * kRowLd);
-  __shared__ float4 storage[(kHiddenFloats + kRowGroups * kMlpTileK * kBStride) / 4];
+  static_assert(kHiddenLd == kAStride, "the second product reads the hidden columns as its first operand");
+  extern __shared__ float4 shared4[];
+  float* storage = reinterpret_cast<float*>(shared4);
+  float* input = storage + kMlpStorage;  // [k][row]
+  float* slices = input + kMlpInput;
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   const int tx = tid % kThreadsX, ty = tid / kThreadsX;
   const int64_t m = blockIdx.z;
-  const int row0 = blockIdx.y * kTileRows, R = p.rows.R, C = p.rows.P, D = p.D;
+  const int row0 = blockIdx.y * kTileRows, R = p.rows.R, C = p.rows.P, D = p.D, groups = mlp_groups(D);
+  // The weights' slices: group g's first at slices + g kMlpSlice, its second after all
+  // the firsts. Forward: W1 [D, C] and W2 [C, D] read as W^T; backward: W1 [C, D], W2
+  // [D, C] as they are.
+  const float *w1 = p.w1 + m * C * D, *w2 = p.w2 + m * C * D;
+  for (int g = 0; g < groups; ++g) {
+    const int first = kTileCols * g, hidden_columns = min(kTileCols, D - first);
+    float *first_slice = slices + g * kMlpSlice, *second_slice = slices + (groups + g) * kMlpSlice;
+    if (kBackward) {
+      stage_slice(first_slice, w1 + first, D, 1, C, hidden_columns);
+      stage_slice(second_slice, w2 + int64_t(first) * C, C, 1, hidden_columns, C);
+    } else {
+      stage_slice(first_slice, w1 + int64_t(first) * C, 1, C, C, hidden_columns);
+      stage_slice(second_slice, w2 + first, 1, D, hidden_columns, C);
+    }
+  }
+  // The element epilogue's operands of this thread's 4 x 4 hidden values, loaded now:
+  // nothing in this kernel writes them.
+  const bool holds_hidden = kTileCols * group < D;
+  float operand[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = row0 + 4 * ty + i, c = kTileCols * group + 4 * tx + j;
+      operand[i][j] = r >= R || c >= D ? 0.0f : kBackward ? p.pre[(m * R + r) * D + c] : p.b1[m * D + c];
+    }
   if (p.has_before) {
-    row_tile<!kBackward, kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(
-        p.before, m, row0, reinterpret_cast<float*>(storage));
+    row_tile<!kBackward, kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(p.before, m, row0,
+                                                                                             storage);
     __syncthreads();
   }
-  float* tiles = reinterpret_cast<float*>(storage) + group * group_floats(kTileK);
+  const float* a = p.a + m * R * C;
+  for (int i = threadIdx.x; i < kTileRows * kTileCols; i += blockDim.x) {
+    const int k = i % kTileCols, r = i / kTileCols;
+    input[k * kAStride + r] = row0 + r < R && k < C ? a[int64_t(row0 + r) * C + k] : 0.0f;
+  }
+  wait_async_copies();
+  __syncthreads();
   float acc[4][4] = {};
-  group_tile_product<!kBackward, kTileK>(acc, p.a + m * R * C, p.w1 + m * D * C, R, D, C, row0, kTileCols * group, 0,
-                                         kTileK, ceil_div(C, kTileK), tiles, tiles + kTileK * kAStride, tid);
-  // The second product: this group's 64 hidden columns as the reduction, the second
-  // weight's matching columns (forward, [C, D] read as W^T) or rows (backward, [D, C]),
-  // staged kMlpTileK k at a time, each stage's loads in registers while the one before
-  // is used.
-  constexpr int kStageLoads = kMlpTileK * kTileCols / kThreads;
-  float* stage = reinterpret_cast<float*>(storage) + kHiddenFloats + group * kMlpTileK * kBStride;
-  const float* w2 = p.w2 + m * C * D;
-  auto stage_k = [&](int i) { return kBackward ? (tid + i * kThreads) / kTileCols : (tid + i * kThreads) % kMlpTileK; };
-  auto stage_col = [&](int i) {
-    return kBackward ? (tid + i * kThreads) % kTileCols : (tid + i * kThreads) / kMlpTileK;
-  };
-  float w_next[kStageLoads];
-  auto load_stage = [&](int k0) {
+  float* hidden = storage + group * kTileCols * kHiddenLd;  // [k][row]
+  if (holds_hidden) {
+    shared_tile_product(acc, input, slices + group * kMlpSlice, C, tx, ty);
 #pragma unroll
-    for (int i = 0; i < kStageLoads; ++i) {
-      const int hk = kTileCols * group + k0 + stage_k(i), col = stage_col(i);
-      const int64_t at = kBackward ? int64_t(hk) * C + col : int64_t(col) * D + hk;
-      w_next[i] = hk < D && col < C ? w2[at] : 0.0f;
-    }
-  };
-  float* hidden = reinterpret_cast<float*>(storage) + group * kTileCols * kHiddenLd;  // [k][row], the tiles' room
+    for (int j = 0; j < 4; ++j) {
+      const int c = kTileCols * group + 4 * tx + j;
+      float h[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c = kTileCols * group + 4 * tx + j;
-    // The column's operands loaded before any store: a load issued after a store waits
-    // until the value stored has arrived.
-    float operand[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = row0 + 4 * ty + i;
-      operand[i] = r >= R || c >= D ? 0.0f : kBackward ? p.pre[(m * R + r) * D + c] : p.b1[m * D + c];
-    }
-    float h[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = row0 + 4 * ty + i;
-      const int64_t at = (m * R + r) * D + c;
-      h[i] = 0.0f;  // rows and columns past the edges add nothing below
-      if (r >= R || c >= D) continue;
-      if (kBackward) {
-        h[i] = acc[i][j] * activation_derivative(operand[i], p.act);
-        p.hidden[at] = h[i];
-      } else {
-        const float pre = acc[i][j] + operand[i];
-        h[i] = activate(pre, p.act);
-        p.hidden[at] = pre;
-        p.post[at] = h[i];
+      for (int i = 0; i < 4; ++i) {
+        const int r = row0 + 4 * ty + i;
+        const int64_t at = (m * R + r) * D + c;
+        h[i] = 0.0f;  // rows and columns past the edges add nothing below
+        if (r >= R || c >= D) continue;
+        if (kBackward) {
+          h[i] = acc[i][j] * activation_derivative(operand[i][j], p.act);
+          p.hidden[at] = h[i];
+        } else {
+          const float pre = acc[i][j] + operand[i][j];
+          h[i] = activate(pre, p.act);
+          p.hidden[at] = pre;
+          p.post[at] = h[i];
+        }
       }
+      *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
     }
-    *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
   }
-  load_stage(0);
+  __syncthreads();  // a group's threads read each other's hidden columns
   float out[4][4] = {};
-  for (int k0 = 0; k0 < kTileCols; k0 += kMlpTileK) {
-#pragma unroll
-    for (int i = 0; i < kStageLoads; ++i) stage[stage_k(i) * kBStride + stage_col(i)] = w_next[i];
-    __syncthreads();  // also orders the hidden columns' stores before the first reads
-    if (k0 + kMlpTileK < kTileCols) load_stage(k0 + kMlpTileK);
-#pragma unroll
-    for (int k = 0; k < kMlpTileK; ++k) {
-      add_outer_product(out, *reinterpret_cast<const float4*>(hidden + (k0 + k) * kHiddenLd + 4 * ty),
-                        *reinterpret_cast<const float4*>(stage + k * kBStride + 4 * tx));
-    }
-    __syncthreads();
-  }
-  finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(
-      out, reinterpret_cast<float*>(storage), p.rows, m, row0, kRowGroups);
+  if (holds_hidden) shared_tile_product(out, hidden, slices + (groups + group) * kMlpSlice, kTileCols, tx, ty);
+  __syncthreads();  // every group's hidden columns are read before the sums overwrite them
+  finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(out, storage, p.rows, m, row0,
+                                                                                    kRowGroups);
   if constexpr (!kBackward) {
     if (p.after_count > 0) {
       __syncthreads();
-      row_tile<true, Epilogue::crossentropy>(p.after[0], m, row0, reinterpret_cast<float*>(storage));
+      row_tile<true, Epilogue::crossentropy>(p.after[0], m, row0, storage);
     }
     if (p.after_count > 1) {
       __syncthreads();
-      row_tile<false, Epilogue::layernorm_backward>(p.after[1], m, row0, reinterpret_cast<float*>(storage));
+      row_tile<false, Epilogue::layernorm_backward>(p.after[1], m, row0, storage);
     }
   }
 }
 
 bool is_small(int M, int R, int P, int K) { return int64_t(M) * R * P <= kSmallOutputs && K <= kSmallK; }
-// Each group's 64 hidden columns hold a whole slice, and the rows fit one tile.
+// Each group's 64 hidden columns hold a whole slice, the rows fit one tile, and the
+// weights fit shared memory.
 bool mlp_fits(int M, int N, int C, int D) {
-  return C <= std::min(kTileCols, kSmallK) && D <= kRowGroups * kTileCols && int64_t(M) * N * D <= kSmallOutputs;
+  return C <= std::min(kTileCols, kSmallK) && D <= kRowGroups * kTileCols && int64_t(M) * N * D <= kSmallOutputs &&
+         mlp_shared_bytes(D) <= shared_memory_optin_limit();
 }
 // A tile holds whole rows, and the groups' reductions are as short as is_small's.
 bool rows_fit(int M, int R, int P, int K) {
@@ -563,11 +603,17 @@ void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p
   p.has_before = s.before != nullptr, p.after_count = s.after_count;
   if (s.before) p.before = small_of(*s.before);
   for (int i = 0; i < s.after_count; ++i) p.after[i] = small_of(s.after[i]);
-  launch_chained(mlp_kernel<kBackward>, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups, 0,
-                 stream_of(handle), p);
+  launch_chained(mlp_kernel<kBackward>, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups,
+                 mlp_shared_bytes(s.D), stream_of(handle), p);
 }
 
 }  // namespace
+
+void prepare_mlp_kernels() {
+  const int bytes = static_cast<int>(shared_memory_optin_limit());
+  UNIV_CUDA_CHECK(cudaFuncSetAttribute(mlp_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  UNIV_CUDA_CHECK(cudaFuncSetAttribute(mlp_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
 
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M) {
   const int N = s.N, C = s.C, D = s.D;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Each fused kernel of a bench_kernels --json report beside its "apart:" row (the same
-work in separate launches, timed right after it): microseconds both ways and the
-fused one's share, per configuration, with the training steps' times, and each "tf32:"
+"""Each combined call of a bench_kernels --json report (a fused kernel, or where flash
+attention fits at that shape, its kernel with cuBLAS's products) beside its "apart:"
+row (the same work in the per-op launches, timed right after it): microseconds both
+ways and the combined call's share, per configuration, with the training steps' times, and each "tf32:"
 row beside the float32 row of its name; then the seed
 correlation step with its phases (the networks' kernels by sublayers, by op and by
 block)."""
@@ -25,7 +26,7 @@ def main(path):
         for fused, apart in zip(kernels, kernels[1:]):
             if apart["kernel"].startswith("apart:") and not fused["kernel"].startswith("apart:"):
                 f_us, a_us = fused["ms"] * 1e3, apart["ms"] * 1e3
-                verdict = "fused faster" if f_us < a_us else "APART FASTER"
+                verdict = "combined faster" if f_us < a_us else "APART FASTER"
                 print(f"  {fused['kernel']:<44} {f_us:8.1f} us, apart {a_us:8.1f} us ({f_us / a_us:5.2f}, {verdict})")
         by_name = {k["kernel"]: k for k in kernels}
         for k in kernels:  # what --precision tf32 runs, against the float32 row of the same name

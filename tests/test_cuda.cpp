@@ -38,6 +38,7 @@ class Gpu : public ::testing::Test {
   void SetUp() override {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
     cuda::prepare_attention_kernels();
+    cuda::prepare_mlp_kernels();
     stream = std::make_unique<cuda::Stream>();
   }
   template <class T>

@@ -646,6 +646,7 @@ int main(int argc, char** argv) {
   try {
     if (univ::cuda_device_count() == 0) throw univ::UserError("no CUDA device is available");
     univ::cuda::prepare_attention_kernels();
+    univ::cuda::prepare_mlp_kernels();
     univ::cuda::prepare_block_kernels();
     Bench b;
     b.repeats = repeats;

@@ -4,7 +4,7 @@
 // Per step only the batch and the step's constants go up before the graph launch.
 // Backward, the parameter gradients (weight products, bias and layer-norm column sums)
 // run on more streams beside the chain of input gradients, which is all the next
-// layer waits for; their column sums' second stages end the pass as one launch.
+// layer waits for; their column sums' second stages run once a layer beside it.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -204,6 +204,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       throw UserError("--seq-len " + std::to_string(c.seq_len) + " is beyond what the CUDA attention kernel holds for " +
                       "head width " + std::to_string(c.head_dim()) + " (at most " + std::to_string(max_T) + ")");
     cuda::prepare_attention_kernels();
+    cuda::prepare_mlp_kernels();
     if (fused_) cuda::prepare_block_kernels();
     allocate();
     if (training) {
@@ -622,8 +623,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // After forward(batch, true): gradients of every model's loss into grads_ (each
   // written once). The main stream runs the chain of input gradients; each parameter
   // gradient runs on a side lane once its inputs exist, every buffer they read
-  // written once per pass; the column sums' second stage waits for all lanes, and the
-  // main stream for it.
+  // written once per pass; the column sums' second stages wait for all lanes, once
+  // per layer and at the end, and the main stream for the last.
   void backward() {
     const ModelConfig& c = config_.model;
     const int M = config_.models, B = config_.batch, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab,
@@ -637,6 +638,17 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const auto p = param_pointers(layout_, c, params_.data());
     const auto g = param_pointers(layout_, c, grads_.data());
     auto layer_input = [&](int l) { return l == 0 ? encoded_ : layers_[l - 1].resid_out; };
+    // The second stage of the column sums added so far, on the end stream once every
+    // lane has run their first: called once a layer, so that most of them run beside
+    // the chain of input gradients and the last, which the optimizer waits for, sums
+    // only the first layer's last few.
+    auto sum_after_lanes = [&](bool last) {
+      for (const auto& lane : side_->lanes) {  // split products are partials too
+        lane->done.record(lane->stream.get());
+        lane->done.make_wait(end);
+      }
+      if (last) sums.finish(end); else sums.sum_added(end);
+    };
     // The forward pass ran the head's backward: logits hold dlogits, dlnf and dresid_top
     // are written.
     fork();
@@ -685,6 +697,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       if (fused_backward_) {
         fork();
         out_weight_grad();
+        sum_after_lanes(false);  // the layer above's and the head's
         cuda::BlockBackward b{};
         b.dresid_out = dresid, b.resid_in = residual, b.ln1_mean = a.ln1_mean, b.ln1_rstd = a.ln1_rstd;
         b.qkv = a.qkv, b.att = a.att, b.resid_mid = a.resid_mid, b.ln2_mean = a.ln2_mean, b.ln2_rstd = a.ln2_rstd;
@@ -723,6 +736,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
                                         C, side());
         bias_grad(gw.proj_b, d.dresid_mid, C);
         proj_weight_grad();
+        sum_after_lanes(false);  // the MLP's, the projection's and the layer above's attention's
         cuda::AttentionWithProducts att = attention_with_products(l, w, B);
         att.qkv_b = fused_ ? nullptr : w.qkv_b, att.dproj = d.dresid_mid, att.dqkv = d.dqkv;
         cuda::attention_backward_with_products(h, att, M);
@@ -739,11 +753,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       ln1_params(0);
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
-    for (const auto& lane : side_->lanes) {  // split products are partials too
-      lane->done.record(lane->stream.get());
-      lane->done.make_wait(end);
-    }
-    sums.finish(end);
+    sum_after_lanes(true);
     side_->join.record(end);
     side_->join.make_wait(s);
   }

@@ -27,8 +27,10 @@ Precision parse_precision(const std::string& name);  // UserError for unknown na
 // How the CUDA backend groups a step's work into kernels; all three compute the same to
 // float32 rounding, and bench_kernels times each.
 //   sublayers  each product in one kernel with the row op that reads its output next
-//              (layer norm, loss), the attention with the products at its ends, the
-//              MLP sublayer in one kernel each way, where the shapes fit (else as ops);
+//              (layer norm, loss), the MLP sublayer in one kernel each way, and where
+//              flash attention's kernels (whose products are cuBLAS's) do not fit, the
+//              attention with the products at its ends, where the shapes fit (else as
+//              ops);
 //   ops        one launch per op: cuBLAS for the products, then the epilogues' and
 //              row ops' kernels;
 //   blocks     one kernel per transformer block for the forward and one for its input

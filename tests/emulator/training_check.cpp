@@ -199,6 +199,7 @@ bool attention_ops() {
   const Shape shapes[] = {{2, 3, 5, 8, 2}, {1, 1, 1, 4, 1}, {3, 2, 33, 48, 3}, {1, 1, 66, 30, 2}, {1, 2, 128, 64, 2},
                         {1, 1, 200, 32, 1}};
   cuda::prepare_attention_kernels();
+  cuda::prepare_mlp_kernels();
   bool ok = true;
   for (const Shape& s : shapes)
     for (const bool with_bias : {false, true}) {

@@ -21,9 +21,9 @@ enum class Act { none, relu, gelu };
 // Parameter gradients that sum over rows (layer norm, biases, split weight gradients)
 // run in two stages, without atomics and in an order fixed by the shapes alone.
 // Stage 1, in each op's backward, writes partial sums [outputs, M, chunks, columns]
-// where a ColumnSums says; stage 2, ColumnSums::finish(), writes each gradient as
-// the sum of its op's chunks in order, all ops of a backward pass in one launch
-// (bias.cu).
+// where a ColumnSums says; stage 2 (ColumnSums::sum_added and finish) writes each
+// gradient as the sum of its op's chunks in order, the ops added since the last stage 2
+// in one launch (bias.cu).
 struct ColumnSumJob {
   float* out0;            // out0[m, c] = sum over k of partials[0, m, k, c]
   float* out1;            // null, or out1[m, c] = the same of partials[1, m, k, c]
@@ -37,7 +37,11 @@ class ColumnSums {
   ColumnSums(float* scratch, int64_t capacity) : scratch_(scratch), capacity_(capacity) {}
   // Where stage 1 writes the partials [out1 ? 2 : 1, M, chunks, C] of out0 (and out1).
   float* add(float* out0, float* out1, int M, int chunks, int64_t C);
-  // Stage 2 of every sum added since the last finish(); the scratch is free again after.
+  // Stage 2 of every sum added since the last sum_added() or finish(), their partials
+  // kept: a stage 1 on another stream may still be running, and must not write where
+  // this stage 2 reads.
+  void sum_added(cudaStream_t stream);
+  // sum_added(); the scratch is free again after.
   void finish(cudaStream_t stream);
   // The floats one add() of n partials takes from the scratch (256-byte aligned).
   static int64_t room(int64_t n) { return (n + 63) / 64 * 64; }
@@ -137,8 +141,10 @@ RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const flo
                                             const float* weight, const float* norm_in, const float* norm_w,
                                             const float* mean, const float* rstd, int N, int C, int OC);
 void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
-// The MLP sublayer, one kernel each way where d_model C <= 64 and d_mlp D <= 256 (else
-// the products above, two each way). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b, post =
+// The MLP sublayer, one kernel each way where d_model C <= 64, d_mlp D <= 256 and the
+// two weights fit a block's shared memory (else the products above, two each way;
+// prepare_mlp_kernels() lets the kernel take that memory: once per device, before the
+// first launch, not during graph capture). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b, post =
 // act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
 // next_mean, next_rstd: the layer norm after it (next_w, next_b). Backward, from
 // dresid_out (and pre, resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
@@ -162,6 +168,7 @@ struct MlpSublayer {
   int after_count;  // 0 to 2
   bool apart;
 };
+void prepare_mlp_kernels();
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M);
 void mlp_backward(cublasHandle_t handle, const MlpSublayer& s, int M);
 // dweight[M,OC,C] = dout^T inp, at once or over row blocks whose products `sums` adds
