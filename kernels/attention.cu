@@ -519,8 +519,8 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
 
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
   const bool flash = attention_flash_fits(a.T, a.C, a.H, true, a.tf32);
-  if (a.apart || flash || !products_fit(a.T, a.C, a.H)) {
-    matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
+  if (a.apart || flash || !products_fit(a.T, a.C, a.H) || !a.dproj) {
+    if (a.dproj) matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
     if (flash)
       return attention_backward_flash(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H, a.tf32,
                                       stream_of(handle));

@@ -12,6 +12,7 @@
 // over row blocks as extra batches and the partial products added in order
 // (ColumnSums' stage 2): a deterministic split-K.
 #include <stdexcept>
+#include <vector>
 
 #include "common.cuh"
 #include "univ/cuda/kernels.hpp"
@@ -53,8 +54,9 @@ int weight_grad_splits(int M, int N, int C, int OC) {
 // row's result is theirs for the same product): add_layernorm (out = product +
 // bias[m] + residual, then its layer norm), crossentropy (out = the logits, or their
 // gradient, and the row's loss), layernorm_backward (out = the norm's output
-// gradient, then the gradient at its input).
-enum class Epilogue { bias_activation, activation_grad, add_layernorm, crossentropy, layernorm_backward };
+// gradient, then the gradient at its input), store (out = the product: a stage of the
+// MLP's kernel).
+enum class Epilogue { bias_activation, activation_grad, add_layernorm, crossentropy, layernorm_backward, store };
 __host__ __device__ constexpr bool per_row(Epilogue e) { return e >= Epilogue::add_layernorm; }
 constexpr int kTileRows = 32, kTileCols = 64;
 constexpr int kThreadsX = kTileCols / 4, kThreadsY = kTileRows / 4, kThreads = kThreadsX * kThreadsY;
@@ -108,6 +110,8 @@ __device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row
     const float loss = crossentropy_lanes(x, 1, p.targets[m * p.R + row], P, p.R, p.backward);
     for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
     if (lane == 0) p.row_loss[m * p.R + row] = loss;
+  } else if (kEpilogue == Epilogue::store) {
+    for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
   } else {  // layernorm_backward, as layernorm_backward_input
     for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
     layernorm_backward_lanes(p.dinp + at, p.dinp_in ? p.dinp_in + at : nullptr, 1, x, 1, p.norm_in + at, 1,
@@ -432,7 +436,12 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
   __syncthreads();  // every group's hidden columns are read before the sums overwrite them
   finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(out, storage, p.rows, m, row0,
                                                                                     kRowGroups);
-  if constexpr (!kBackward) {
+  if constexpr (kBackward) {
+    if (p.after_count > 0) {
+      __syncthreads();
+      row_tile<false, Epilogue::store>(p.after[0], m, row0, storage);
+    }
+  } else {
     if (p.after_count > 0) {
       __syncthreads();
       row_tile<true, Epilogue::crossentropy>(p.after[0], m, row0, storage);
@@ -537,6 +546,12 @@ RowProduct crossentropy_product(float* row_loss, float* logits, const float* inp
   return p;
 }
 
+RowProduct backward_input_product(float* dinp, const float* dout, const float* weight, int N, int C, int OC) {
+  RowProduct p{};
+  p.op = RowOp::backward_input, p.out = dinp, p.a = dout, p.b = weight, p.R = N, p.P = C, p.K = OC;
+  return p;
+}
+
 RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const float* dinp_in, const float* dout,
                                             const float* weight, const float* norm_in, const float* norm_w,
                                             const float* mean, const float* rstd, int N, int C, int OC) {
@@ -566,6 +581,8 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
       matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
       return layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M,
                                       p.R, p.P, stream);
+    case RowOp::backward_input:  // nothing to take after it: cuBLAS's
+      return matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
   }
 }
 
@@ -583,10 +600,12 @@ bool stages_fit(const MlpSublayer& s, int M) {
 // The stages' ops are the ones their places take (kernels.hpp's MlpSublayer).
 void check_stages(const MlpSublayer& s, bool backward) {
   const RowOp before = backward ? RowOp::layernorm_backward : RowOp::add_layernorm;
-  if ((s.before && s.before->op != before) || s.after_count < 0 || s.after_count > (backward ? 0 : 2) ||
-      (s.after_count > 0 && s.after[0].op != RowOp::crossentropy) ||
-      (s.after_count > 1 && s.after[1].op != RowOp::layernorm_backward))
-    throw std::invalid_argument("mlp_forward / mlp_backward: row products in places that do not take them");
+  const std::vector<RowOp> after = backward ? std::vector<RowOp>{RowOp::backward_input}
+                                            : std::vector<RowOp>{RowOp::crossentropy, RowOp::layernorm_backward};
+  bool fits = (!s.before || s.before->op == before) && s.after_count >= 0 &&
+              s.after_count <= static_cast<int>(after.size());
+  for (int i = 0; fits && i < s.after_count; ++i) fits = s.after[i].op == after[i];
+  if (!fits) throw std::invalid_argument("mlp_forward / mlp_backward: row products in places that do not take them");
 }
 
 // The MLP's kernel with its stages, or (apart) the stages and the MLP's two products in

@@ -536,7 +536,8 @@ TEST_F(Gpu, AttentionFlash) {
 // fit; apart on the last three shapes: d_mlp 300, d_model 80, a vocabulary of 90),
 // against the CPU ops: forward, the attention's projection and ln2 before it and the
 // head after it (logits, loss, the gradient at the layer's output); backward, the
-// layer above's QKV input gradient before it.
+// layer above's QKV input gradient before it and the attention's projection's input
+// gradient after it.
 TEST_F(Gpu, MlpSublayerWithRowStages) {
   cuda::CublasHandle handle(stream->get(), false);
   for (const Shape& s : shapes_and({{2, 3, 7, 40, 1, 20, 300}, {1, 2, 5, 80, 1, 9, 100}, {2, 2, 6, 24, 1, 90, 40}})) {
@@ -590,6 +591,9 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
                          std::vector<float>(n).data(), fc_w.data(), M, N, C, D);
     cpu::layernorm_backward(dresid_mid.data(), dn_unused.data(), db_unused.data(), dln2.data(), resid_mid.data(),
                             ln2_w.data(), ln2_mean.data(), ln2_rstd.data(), M, N, C);
+    std::vector<float> datty(n);
+    cpu::matmul_backward(datty.data(), dw_unused.data(), static_cast<float*>(nullptr), dresid_mid.data(),
+                         std::vector<float>(n).data(), proj_w.data(), M, N, C, C);
 
     auto d_atty = up(atty), d_residual = up(residual), d_proj_w = up(proj_w), d_proj_b = up(proj_b);
     auto d_ln2_w = up(ln2_w), d_ln2_b = up(ln2_b), d_fc_w = up(fc_w), d_fc_b = up(fc_b), d_out_w = up(out_w);
@@ -601,7 +605,7 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
     auto d_next_mean = poisoned(rows), d_next_rstd = poisoned(rows), d_logits = poisoned(rows * V);
     auto d_row_loss = poisoned(rows), d_losses = poisoned(M), d_dnext = poisoned(n), d_dresid_top = poisoned(n);
     auto d_dln1 = poisoned(n), d_dresid_out = poisoned(n), d_dpre = poisoned(h), d_dln2 = poisoned(n);
-    auto d_dresid_mid = poisoned(n);
+    auto d_dresid_mid = poisoned(n), d_datty = poisoned(n);
     const cuda::RowProduct proj = cuda::add_layernorm_product(
         d_ln2.data(), d_ln2_mean.data(), d_ln2_rstd.data(), d_resid_mid.data(), d_atty.data(), d_proj_w.data(),
         d_proj_b.data(), d_residual.data(), d_ln2_w.data(), d_ln2_b.data(), N, C, C);
@@ -614,6 +618,8 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
     const cuda::RowProduct qkv_input = cuda::backward_input_layernorm_product(
         d_dln1.data(), d_dresid_out.data(), d_dresid_mid_above.data(), d_dqkv.data(), d_qkv_w.data(),
         d_resid_out.data(), d_next_w.data(), d_next_mean.data(), d_next_rstd.data(), N, C, 3 * C);
+    const cuda::RowProduct proj_input =
+        cuda::backward_input_product(d_datty.data(), d_dresid_mid.data(), d_proj_w.data(), N, C, C);
     cuda::MlpSublayer mlp{};
     mlp.ln2 = d_ln2.data(), mlp.fc_w = d_fc_w.data(), mlp.fc_b = d_fc_b.data(), mlp.out_w = d_out_w.data();
     mlp.out_b = d_out_b.data(), mlp.resid_mid = d_resid_mid.data(), mlp.next_w = d_next_w.data();
@@ -624,7 +630,7 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
     mlp.before = &proj, mlp.after = head, mlp.after_count = 2;
     cuda::mlp_forward(handle.get(), mlp, M);
     mlp.dresid_out = d_dresid_out.data(), mlp.dpre = d_dpre.data(), mlp.dln2 = d_dln2.data();
-    mlp.dresid_mid = d_dresid_mid.data(), mlp.before = &qkv_input, mlp.after = nullptr, mlp.after_count = 0;
+    mlp.dresid_mid = d_dresid_mid.data(), mlp.before = &qkv_input, mlp.after = &proj_input, mlp.after_count = 1;
     cuda::mlp_backward(handle.get(), mlp, M);
     cuda::mean_loss_per_model(d_losses.data(), d_row_loss.data(), M, N, stream->get());
 
@@ -641,7 +647,24 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
     expect_close(down(d_dresid_out), dresid_out, kFp32, "dresid_out");
     expect_close(down(d_dpre), dpre, kFp32, "dpre");
     expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
+    expect_close(down(d_datty), datty, kFp32, "datty");
   }
+}
+
+// Row products in places the MLP's kernel does not take them are refused before any
+// launch.
+TEST_F(Gpu, MlpRefusesStagesOutOfPlace) {
+  cuda::CublasHandle handle(stream->get(), false);
+  const cuda::RowProduct input = cuda::backward_input_product(nullptr, nullptr, nullptr, 32, 8, 8);
+  const cuda::RowProduct loss = cuda::crossentropy_product(nullptr, nullptr, nullptr, nullptr, nullptr, 32, 8, 8, true);
+  cuda::MlpSublayer mlp{};
+  mlp.N = 32, mlp.C = 8, mlp.D = 16, mlp.act = cuda::Act::gelu;
+  mlp.after = &input, mlp.after_count = 1;
+  EXPECT_THROW(cuda::mlp_forward(handle.get(), mlp, 1), std::invalid_argument);
+  mlp.after = &loss;
+  EXPECT_THROW(cuda::mlp_backward(handle.get(), mlp, 1), std::invalid_argument);
+  mlp.after = &input, mlp.after_count = 2;
+  EXPECT_THROW(cuda::mlp_backward(handle.get(), mlp, 1), std::invalid_argument);
 }
 
 // The attention with the products at its ends (one kernel each way where a sequence is
@@ -715,6 +738,12 @@ TEST_F(Gpu, AttentionWithProducts) {
       expect_close(down(d_out), out, tol, "out");
       expect_close(down(d_att), att, tol, "att");
       expect_close(down(d_dqkv), dqkv, tol, "dqkv");
+      // With dproj null, the backward takes datty as it is (formed by the MLP's kernel).
+      auto d_formed = up(datty), d_dqkv_formed = poisoned(3 * n);
+      cuda::AttentionWithProducts formed = a;
+      formed.dproj = nullptr, formed.datty = d_formed.data(), formed.dqkv = d_dqkv_formed.data();
+      cuda::attention_backward_with_products(handle.get(), formed, M);
+      expect_close(down(d_dqkv_formed), dqkv, tol, "dqkv from a formed datty");
     }
 }
 

@@ -242,6 +242,19 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
       k::run_row_product(h, qkv_input, M);
       k::mlp_backward(h, mlp, M);
     });
+    // and after it the attention's projection's input gradient, as a step runs it
+    const k::RowProduct proj_input = k::backward_input_product(dlnf.data(), next_ln.data(), w.data(), N, C, C);
+    k::MlpSublayer backward_both = backward;
+    backward_both.after = &proj_input, backward_both.after_count = 1;
+    const double both_bytes = staged_bytes + (2 * rows * C + double(M) * C * C) * f;
+    const double both_flops = backward_flops + 2 * rows * C * C;
+    add("mlp_backward with QKV and projection input gradients", both_bytes, both_flops,
+        [&] { k::mlp_backward(h, backward_both, M); });
+    add("apart: QKV input gradient, mlp_backward, projection input gradient", both_bytes, both_flops, [&] {
+      k::run_row_product(h, qkv_input, M);
+      k::mlp_backward(h, mlp, M);
+      k::run_row_product(h, proj_input, M);
+    });
   }
   {
     const double bytes = (rows * C + 2 * rows * V + double(M) * V * C) * f, flops = 2 * rows * C * V + rows * V * 6;

@@ -725,6 +725,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
         mlp.dresid_out = dresid, mlp.dpre = d.dpre, mlp.dln2 = d.dln2, mlp.dresid_mid = d.dresid_mid;
         mlp.before = pending ? &*pending : nullptr;  // writes dresid
+        // and after it the gradient at the attention's projection's input
+        cuda::RowProduct proj_input = cuda::backward_input_product(datty_, d.dresid_mid, w.proj_w, N, C, C);
+        proj_input.apart = apart_;
+        mlp.after = &proj_input, mlp.after_count = 1;
         cuda::mlp_backward(h, mlp, M);
         fork();
         if (pending) ln1_params(l + 1);
@@ -738,7 +742,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         proj_weight_grad();
         sum_after_lanes(false);  // the MLP's, the projection's and the layer above's attention's
         cuda::AttentionWithProducts att = attention_with_products(l, w, B);
-        att.qkv_b = fused_ ? nullptr : w.qkv_b, att.dproj = d.dresid_mid, att.dqkv = d.dqkv;
+        att.qkv_b = fused_ ? nullptr : w.qkv_b, att.dproj = nullptr, att.dqkv = d.dqkv;  // datty formed above
         cuda::attention_backward_with_products(h, att, M);
         fork();
         bias_grad(gw.qkv_b, d.dqkv, 3 * C);
