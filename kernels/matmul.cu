@@ -79,9 +79,10 @@ struct SmallProduct : RowProduct {
   Act act;
 };
 
-// Row r of the block's summed tile x (one warp, global row `row` of model m).
+// Row r of the block's summed tile x (one warp, global row `row` of model m; store:
+// columns col0.. of it).
 template <Epilogue kEpilogue>
-__device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row) {
+__device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row, int col0) {
   const int lane = threadIdx.x % kWarpSize, P = p.P;
   const int64_t at = (m * p.R + row) * P;
   if (kEpilogue == Epilogue::add_layernorm) {  // as add_layernorm_forward
@@ -111,7 +112,7 @@ __device__ void row_epilogue(const SmallProduct& p, float* x, int64_t m, int row
     for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
     if (lane == 0) p.row_loss[m * p.R + row] = loss;
   } else if (kEpilogue == Epilogue::store) {
-    for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
+    for (int c = lane; c < min(kTileCols, P - col0); c += kWarpSize) p.out[at + col0 + c] = x[c];
   } else {  // layernorm_backward, as layernorm_backward_input
     for (int c = lane; c < P; c += kWarpSize) p.out[at + c] = x[c];
     layernorm_backward_lanes(p.dinp + at, p.dinp_in ? p.dinp_in + at : nullptr, 1, x, 1, p.norm_in + at, 1,
@@ -196,7 +197,7 @@ __device__ void group_tile_product(float (&acc)[4][4], const float* a, const flo
 // element read and written by one thread; then a warp per row runs the row epilogue.
 template <Epilogue kEpilogue>
 __device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallProduct& p, int64_t m, int row0,
-                            int groups) {
+                            int groups, int col0 = 0) {
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   const int tx = tid % kThreadsX, ty = tid / kThreadsX;
   auto sum_at = [&](int g, int i) {  // row 4 ty + i, columns 4 tx .. of group g + 1's sums
@@ -219,25 +220,36 @@ __device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallPr
   __syncthreads();
   // Every lane of a warp takes the same rows.
   for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize)
-    row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r);
+    row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r, col0);
 }
 
-// The block's 32-row tile of a row product, whole rows (P <= 64): kRowGroups groups
-// each add every kRowGroups-th 16-deep slice of the reduction, then finish_rows; in
-// `storage` (kRowTileFloats), group_floats(16) per group, then the groups' sums.
+// The block's 32-row tile of a row product, whole rows (P <= 64; store: the 64 columns
+// from col0): kRowGroups groups each add every kRowGroups-th 16-deep slice of the
+// reduction, then finish_rows; in `storage` (kRowTileFloats), group_floats(16) per
+// group, then the groups' sums.
 constexpr int kRowTileFloats = kRowGroups * group_floats(tile_k(kRowGroups)) > (kRowGroups - 1) * kTileRows * kRowLd
                                    ? kRowGroups * group_floats(tile_k(kRowGroups))
                                    : (kRowGroups - 1) * kTileRows * kRowLd;
 template <bool kBByRow, Epilogue kEpilogue>
-__device__ void row_tile(const SmallProduct& p, int64_t m, int row0, float* storage) {
+__device__ void row_tile(const SmallProduct& p, int64_t m, int row0, float* storage, int col0 = 0) {
   constexpr int kTileK = tile_k(kRowGroups);
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   float* a_tile = storage + group * group_floats(kTileK);
   float acc[4][4] = {};
-  group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, 0,
+  group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, col0,
                                       group * kTileK, kRowGroups * kTileK, ceil_div(p.K, kRowGroups * kTileK), a_tile,
                                       a_tile + kTileK * kAStride, tid);
-  finish_rows<kEpilogue>(acc, storage, p, m, row0, kRowGroups);
+  finish_rows<kEpilogue>(acc, storage, p, m, row0, kRowGroups, col0);
+}
+
+// The block's 32 rows of a product with no row op, any P: a row tile per 64 columns,
+// a barrier between (they share the room).
+template <bool kBByRow>
+__device__ void product_rows(const SmallProduct& p, int64_t m, int row0, float* storage) {
+  for (int col0 = 0; col0 < p.P; col0 += kTileCols) {
+    if (col0 > 0) __syncthreads();
+    row_tile<kBByRow, Epilogue::store>(p, m, row0, storage, col0);
+  }
 }
 
 // One group: at most 128 registers (four blocks per SM), which the prefetched loads
@@ -439,8 +451,11 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
   if constexpr (kBackward) {
     if (p.after_count > 0) {
       __syncthreads();
-      row_tile<false, Epilogue::store>(p.after[0], m, row0, storage);
+      product_rows<false>(p.after[0], m, row0, storage);
     }
+  } else if (p.after_count > 0 && p.after[0].op == RowOp::linear) {
+    __syncthreads();
+    product_rows<true>(p.after[0], m, row0, storage);
   } else {
     if (p.after_count > 0) {
       __syncthreads();
@@ -546,6 +561,12 @@ RowProduct crossentropy_product(float* row_loss, float* logits, const float* inp
   return p;
 }
 
+RowProduct linear_product(float* out, const float* inp, const float* weight, int N, int C, int OC) {
+  RowProduct p{};
+  p.op = RowOp::linear, p.out = out, p.a = inp, p.b = weight, p.R = N, p.P = OC, p.K = C;
+  return p;
+}
+
 RowProduct backward_input_product(float* dinp, const float* dout, const float* weight, int N, int C, int OC) {
   RowProduct p{};
   p.op = RowOp::backward_input, p.out = dinp, p.a = dout, p.b = weight, p.R = N, p.P = C, p.K = OC;
@@ -581,16 +602,23 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
       matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
       return layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M,
                                       p.R, p.P, stream);
-    case RowOp::backward_input:  // nothing to take after it: cuBLAS's
+    case RowOp::linear:  // nothing to take after these: cuBLAS's
+      return matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
+    case RowOp::backward_input:
       return matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
   }
 }
 
 namespace {
 
-// The MLP's row stages in its kernel where each holds whole rows of the same R.
+// The MLP's row stages in its kernel where each holds whole rows of the same R (a
+// product with no row op, any number of 64-column tiles of them).
 bool stages_fit(const MlpSublayer& s, int M) {
-  auto fits = [&](const RowProduct& p) { return !p.apart && p.R == s.N && rows_fit(M, p.R, p.P, p.K); };
+  auto fits = [&](const RowProduct& p) {
+    const bool any_width = p.op == RowOp::linear || p.op == RowOp::backward_input;
+    return !p.apart && p.R == s.N && rows_fit(M, p.R, any_width ? std::min(p.P, kTileCols) : p.P, p.K) &&
+           int64_t(M) * p.R * p.P <= kSmallOutputs;
+  };
   if (s.before && !fits(*s.before)) return false;
   for (int i = 0; i < s.after_count; ++i)
     if (!fits(s.after[i])) return false;
@@ -600,7 +628,9 @@ bool stages_fit(const MlpSublayer& s, int M) {
 // The stages' ops are the ones their places take (kernels.hpp's MlpSublayer).
 void check_stages(const MlpSublayer& s, bool backward) {
   const RowOp before = backward ? RowOp::layernorm_backward : RowOp::add_layernorm;
+  const bool linear = !backward && s.after_count > 0 && s.after[0].op == RowOp::linear;
   const std::vector<RowOp> after = backward ? std::vector<RowOp>{RowOp::backward_input}
+                                   : linear ? std::vector<RowOp>{RowOp::linear}
                                             : std::vector<RowOp>{RowOp::crossentropy, RowOp::layernorm_backward};
   bool fits = (!s.before || s.before->op == before) && s.after_count >= 0 &&
               s.after_count <= static_cast<int>(after.size());

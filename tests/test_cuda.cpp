@@ -537,7 +537,7 @@ TEST_F(Gpu, AttentionFlash) {
 // against the CPU ops: forward, the attention's projection and ln2 before it and the
 // head after it (logits, loss, the gradient at the layer's output); backward, the
 // layer above's QKV input gradient before it and the attention's projection's input
-// gradient after it.
+// gradient after it; and forward again with the next layer's QKV product after it.
 TEST_F(Gpu, MlpSublayerWithRowStages) {
   cuda::CublasHandle handle(stream->get(), false);
   for (const Shape& s : shapes_and({{2, 3, 7, 40, 1, 20, 300}, {1, 2, 5, 80, 1, 9, 100}, {2, 2, 6, 24, 1, 90, 40}})) {
@@ -648,6 +648,16 @@ TEST_F(Gpu, MlpSublayerWithRowStages) {
     expect_close(down(d_dpre), dpre, kFp32, "dpre");
     expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
     expect_close(down(d_datty), datty, kFp32, "datty");
+
+    // forward again with the next layer's QKV product after the MLP in place of the head
+    auto d_next_qkv = poisoned(3 * n);
+    const cuda::RowProduct next_qkv =
+        cuda::linear_product(d_next_qkv.data(), d_next.data(), d_qkv_w.data(), N, C, 3 * C);
+    mlp.before = &proj, mlp.after = &next_qkv, mlp.after_count = 1;
+    cuda::mlp_forward(handle.get(), mlp, M);
+    std::vector<float> next_qkv_cpu(3 * n);
+    cpu::matmul_forward<float>(next_qkv_cpu.data(), next.data(), qkv_w.data(), nullptr, M, N, C, 3 * C);
+    expect_close(down(d_next_qkv), next_qkv_cpu, kFp32, "the next layer's qkv");
   }
 }
 
@@ -664,6 +674,11 @@ TEST_F(Gpu, MlpRefusesStagesOutOfPlace) {
   mlp.after = &loss;
   EXPECT_THROW(cuda::mlp_backward(handle.get(), mlp, 1), std::invalid_argument);
   mlp.after = &input, mlp.after_count = 2;
+  EXPECT_THROW(cuda::mlp_backward(handle.get(), mlp, 1), std::invalid_argument);
+  const cuda::RowProduct linear[] = {cuda::linear_product(nullptr, nullptr, nullptr, 32, 8, 8), loss};
+  mlp.after = linear, mlp.after_count = 2;  // a linear product only alone
+  EXPECT_THROW(cuda::mlp_forward(handle.get(), mlp, 1), std::invalid_argument);
+  mlp.after_count = 1;
   EXPECT_THROW(cuda::mlp_backward(handle.get(), mlp, 1), std::invalid_argument);
 }
 
@@ -744,6 +759,15 @@ TEST_F(Gpu, AttentionWithProducts) {
       formed.dproj = nullptr, formed.datty = d_formed.data(), formed.dqkv = d_dqkv_formed.data();
       cuda::attention_backward_with_products(handle.get(), formed, M);
       expect_close(down(d_dqkv_formed), dqkv, tol, "dqkv from a formed datty");
+      if (!embed) {  // with ln null, the forward takes qkv as it is (formed by the MLP's kernel)
+        auto d_qkv_formed = up(raw), d_out_formed = poisoned(n), d_att_formed = poisoned(probs);
+        cuda::AttentionWithProducts formed_qkv = a;
+        formed_qkv.ln = nullptr, formed_qkv.qkv = d_qkv_formed.data(), formed_qkv.out = d_out_formed.data();
+        formed_qkv.att = d_att_formed.data();
+        cuda::attention_forward_with_products(handle.get(), formed_qkv, M);
+        expect_close(down(d_out_formed), out, tol, "out from a formed qkv");
+        expect_close(down(d_att_formed), att, tol, "att from a formed qkv");
+      }
     }
 }
 

@@ -237,6 +237,19 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
       k::mlp_forward(h, mlp, M);
       for (const auto& p : head) k::run_row_product(h, p, M);
     });
+    // below the last layer: the next layer's QKV product after it in place of the head
+    DeviceBuffer<float> next_qkv(static_cast<size_t>(rows) * 3 * C);
+    const k::RowProduct qkv_product = k::linear_product(next_qkv.data(), next_ln.data(), w.data(), N, C, 3 * C);
+    k::MlpSublayer forward_qkv = forward;
+    forward_qkv.after = &qkv_product, forward_qkv.after_count = 1;
+    const double qkv_bytes = bytes + (6 * rows * C + double(M) * C * C + 4 * rows * C + 3.0 * M * C * C) * f;
+    const double qkv_flops = flops + 2 * rows * C * C + 6 * rows * C * C;
+    add("mlp_forward with projection and next QKV", qkv_bytes, qkv_flops, [&] { k::mlp_forward(h, forward_qkv, M); });
+    add("apart: projection, mlp_forward, next QKV", qkv_bytes, qkv_flops, [&] {
+      k::run_row_product(h, proj, M);
+      k::mlp_forward(h, mlp, M);
+      k::run_row_product(h, qkv_product, M);
+    });
     add("mlp_backward with QKV input gradient", staged_bytes, backward_flops, [&] { k::mlp_backward(h, backward, M); });
     add("apart: QKV input gradient, mlp_backward", staged_bytes, backward_flops, [&] {
       k::run_row_product(h, qkv_input, M);

@@ -537,7 +537,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // adds the QKV bias, and the products that close a sublayer add theirs with the
   // residual, written straight into the residual stream, and take the layer norm after
   // it (the next layer's first, or the final norm). The attention's projection and the
-  // head run in the MLP's kernel where they fit (before and after it).
+  // head, or the next layer's QKV product, run in the MLP's kernel where they fit
+  // (before and after it).
   void forward_per_op(int B, const ParamPointers<float>& p, bool for_backward) {
     const ModelConfig& c = config_.model;
     const int M = config_.models, T = c.seq_len, C = c.d_model, V = c.vocab, N = B * T;
@@ -563,6 +564,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       att.qkv_b = w.qkv_b;  // added as q, k and v are formed
       cuda::EmbeddingNorm embedding{};
       if (l == 0) embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b), att.embedding = &embedding;
+      if (l > 0) att.ln = nullptr;  // qkv formed after the MLP below
       cuda::attention_forward_with_products(h, att, M);
       cuda::RowProduct proj = cuda::add_layernorm_product(a.ln2, a.ln2_mean, a.ln2_rstd, a.resid_mid, a.atty, w.proj_w,
                                                           w.proj_b, residual, w.ln2_w, w.ln2_b, N, C, C);
@@ -573,7 +575,14 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       mlp.next_ln = last ? lnf_ : layers_[l + 1].ln1, mlp.next_mean = last ? lnf_mean_ : layers_[l + 1].ln1_mean;
       mlp.next_rstd = last ? lnf_rstd_ : layers_[l + 1].ln1_rstd;
       mlp.next_w = last ? p.lnf_w : p.blocks[l + 1].ln1_w, mlp.next_b = last ? p.lnf_b : p.blocks[l + 1].ln1_b;
-      if (last) mlp.after = head.data(), mlp.after_count = static_cast<int>(head.size());
+      cuda::RowProduct next_qkv{};  // the next layer's QKV product, after the MLP
+      if (last) {
+        mlp.after = head.data(), mlp.after_count = static_cast<int>(head.size());
+      } else {
+        next_qkv = cuda::linear_product(layers_[l + 1].qkv, layers_[l + 1].ln1, p.blocks[l + 1].qkv_w, N, C, 3 * C);
+        next_qkv.apart = apart_;
+        mlp.after = &next_qkv, mlp.after_count = 1;
+      }
       cuda::mlp_forward(h, mlp, M);
     }
   }

@@ -108,10 +108,10 @@ void matmul_backward_input_activation(cublasHandle_t handle, float* dpre, const 
 // The products that close a layer, with the row op that reads their output next: made
 // by the functions below, run by run_row_product (one kernel where a row has at most
 // 64 outputs and the product is small and `apart` is not set, else cuBLAS and that
-// op's kernel) or inside the MLP's kernel (mlp_forward, mlp_backward). backward_input
-// is an input gradient with no row op: cuBLAS's on its own, a stage of the MLP's
-// kernel beside it.
-enum class RowOp { add_layernorm, crossentropy, layernorm_backward, backward_input };
+// op's kernel) or inside the MLP's kernel (mlp_forward, mlp_backward). linear and
+// backward_input are products with no row op (of any width): cuBLAS's on their own,
+// stages of the MLP's kernel beside it.
+enum class RowOp { add_layernorm, crossentropy, layernorm_backward, linear, backward_input };
 struct RowProduct {
   RowOp op;
   float* out;          // [M, R, P]
@@ -142,6 +142,8 @@ RowProduct crossentropy_product(float* row_loss, float* logits, const float* inp
 RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const float* dinp_in, const float* dout,
                                             const float* weight, const float* norm_in, const float* norm_w,
                                             const float* mean, const float* rstd, int N, int C, int OC);
+// out[M,N,OC] = inp[M,N,C] weight^T (matmul_forward's).
+RowProduct linear_product(float* out, const float* inp, const float* weight, int N, int C, int OC);
 // dinp[M,N,C] = dout[M,N,OC] weight (matmul_backward_input's).
 RowProduct backward_input_product(float* dinp, const float* dout, const float* weight, int N, int C, int OC);
 void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
@@ -156,9 +158,10 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // gradient through that norm. Row products of the same N rows run in the same kernel
 // where they fit too (else apart, in order): `before` the MLP, the one that makes its
 // input (forward: an add_layernorm writing ln2; backward: a layernorm_backward writing
-// dresid_out); `after` it, forward a crossentropy reading next_ln and then a
-// layernorm_backward reading its gradient (the head, both ways), backward a
-// backward_input reading dresid_mid (the attention's projection). Null: none. With
+// dresid_out); `after` it, forward either a crossentropy reading next_ln and then a
+// layernorm_backward reading its gradient (the head, both ways) or a linear reading
+// next_ln (the next layer's QKV product), backward a backward_input reading
+// dresid_mid (the attention's projection). Null: none. With
 // `apart`, every product and row op in launches of their own (cuBLAS, then the
 // epilogue or row kernel), whatever fits.
 struct MlpSublayer {
@@ -170,7 +173,7 @@ struct MlpSublayer {
   Act act;
   const RowProduct* before;
   const RowProduct* after;
-  int after_count;  // 0 to 2 forward, 0 or 1 backward
+  int after_count;  // 0 to 2 (the head) or 1 (linear) forward, 0 or 1 backward
   bool apart;
 };
 void prepare_mlp_kernels();
@@ -236,9 +239,9 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
 // kernels where those fit (attention_flash_fits), else each way in one kernel where T <
 // 64, a head is one block, its operands stay within 48 KiB and `apart` is not set (else
 // cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
-// qkv_w[M,3C,C]^T (written without the bias), then attention_forward's out and att
-// with qkv_b; with embedding (the first layer), ln is its norm, formed here too (one
-// block per sequence writes it). Backward: the gradient at the projection's input dproj
+// qkv_w[M,3C,C]^T (written without the bias; with ln null and no embedding, qkv holds
+// it already), then attention_forward's out and att with qkv_b; with embedding (the
+// first layer), ln is its norm, formed here too (one block per sequence writes it). Backward: the gradient at the projection's input dproj
 // [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart; with dproj null, datty
 // holds it already), then attention_backward's dqkv. tf32: flash attention's kernels
 // on the tensor cores.
