@@ -6,8 +6,10 @@
 // holds whole rows (at most 64 columns) the layer norm after a layer's bias and
 // residual, the cross-entropy after the logits, and the layer norm's backward after
 // an input gradient; and a narrow MLP sublayer's two products, each way, in one
-// kernel, with such row products of the same rows before and after it. Where they do
-// not fit, cuBLAS and the op's own kernel.
+// kernel, with such row products of the same rows before and after it, or after it a
+// product of those rows with no row op (the next layer's QKV product, the gradient at
+// the attention's projection's input). Where they do not fit, cuBLAS and the op's own
+// kernel.
 // The weight gradient, a long reduction over N rows into a small output, is split
 // over row blocks as extra batches and the partial products added in order
 // (ColumnSums' stage 2): a deterministic split-K.
