@@ -504,8 +504,13 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
   const float* ln = e ? e->out : a.ln;
   const bool flash = attention_flash_fits(a.T, a.C, a.H, false, a.tf32);
   if (a.apart || flash || !products_fit(a.T, a.C, a.H) || !ln) {
-    if (e) embedding_layernorm_forward(*e, M, a.B, a.T, a.C, stream_of(handle));
-    if (ln) matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
+    if (e) {
+      RowProduct qkv = linear_product(a.qkv, ln, a.qkv_w, a.B * a.T, a.C, 3 * a.C);
+      qkv.apart = a.apart;
+      embedding_linear(handle, *e, qkv, M, a.B, a.T);
+    } else if (ln) {
+      matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
+    }
     if (flash)
       return attention_forward_flash(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, a.tf32, stream_of(handle));
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));

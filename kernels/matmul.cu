@@ -470,6 +470,34 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
   }
 }
 
+// The first layer's QKV product with the embedding's norm before it, 32 rows a block:
+// a warp per row forms encoded = wte[token] + pos and its norm as
+// embedding_layernorm_forward does (the same lane functions; encoded, the norm, mean
+// and rstd written), then product_rows reads the norm's rows back.
+__global__ void __launch_bounds__(kThreads * kRowGroups) embedding_linear_kernel(const EmbeddingNorm e,
+                                                                                 const SmallProduct p, int T) {
+  chain_after_prior_grids();
+  __shared__ float4 storage[kRowTileFloats / 4];  // float4 for the alignment
+  const int64_t m = blockIdx.z;
+  const int row0 = blockIdx.y * kTileRows, C = p.K, lane = threadIdx.x % kWarpSize;
+  for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize) {
+    const int64_t row = m * p.R + row0 + r;
+    const float* token_row = e.wte + (m * e.V + e.tokens[row]) * C;
+    const float* pos_row = e.pos + m * e.pos_model_stride + int64_t((row0 + r) % T) * C;
+    float* x = e.encoded + row * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += kWarpSize) {
+      const float v = token_row[c] + pos_row[c];
+      x[c] = v;  // read back below by this lane only
+      sum += v;
+    }
+    const float2 stats = normalize_lanes(e.out + row * C, 1, x, 1, sum, e.norm_w + m * C, e.norm_b + m * C, C);
+    if (lane == 0) e.mean[row] = stats.x, e.rstd[row] = stats.y;
+  }
+  __syncthreads();
+  product_rows<true>(p, m, row0, reinterpret_cast<float*>(storage));
+}
+
 bool is_small(int M, int R, int P, int K) { return int64_t(M) * R * P <= kSmallOutputs && K <= kSmallK; }
 // Each group's 64 hidden columns hold a whole slice, the rows fit one tile, and the
 // weights fit shared memory.
@@ -480,6 +508,10 @@ bool mlp_fits(int M, int N, int C, int D) {
 // A tile holds whole rows, and the groups' reductions are as short as is_small's.
 bool rows_fit(int M, int R, int P, int K) {
   return P <= kTileCols && int64_t(M) * R * P <= kSmallOutputs && K <= kRowGroups * kSmallK;
+}
+// product_rows' tiles of 64 columns, the same limits on outputs and reductions.
+bool product_rows_fit(int M, const RowProduct& p) {
+  return int64_t(M) * p.R * p.P <= kSmallOutputs && p.K <= kRowGroups * kSmallK;
 }
 
 template <bool kBByRow, Epilogue kEpilogue>
@@ -611,6 +643,17 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
   }
 }
 
+void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowProduct& p, int M, int B, int T) {
+  if (p.op != RowOp::linear || p.a != e.out || p.R != B * T)
+    throw std::invalid_argument("embedding_linear: a linear product of the embedding's norm, B * T rows");
+  if (p.apart || !product_rows_fit(M, p)) {
+    embedding_layernorm_forward(e, M, B, T, p.K, stream_of(handle));
+    return run_row_product(handle, p, M);
+  }
+  launch_chained(embedding_linear_kernel, dim3(1, ceil_div(p.R, kTileRows), M), kThreads * kRowGroups, 0,
+                 stream_of(handle), e, small_of(p), T);
+}
+
 namespace {
 
 // The MLP's row stages in its kernel where each holds whole rows of the same R (a
@@ -618,8 +661,7 @@ namespace {
 bool stages_fit(const MlpSublayer& s, int M) {
   auto fits = [&](const RowProduct& p) {
     const bool any_width = p.op == RowOp::linear || p.op == RowOp::backward_input;
-    return !p.apart && p.R == s.N && rows_fit(M, p.R, any_width ? std::min(p.P, kTileCols) : p.P, p.K) &&
-           int64_t(M) * p.R * p.P <= kSmallOutputs;
+    return !p.apart && p.R == s.N && (any_width ? product_rows_fit(M, p) : rows_fit(M, p.R, p.P, p.K));
   };
   if (s.before && !fits(*s.before)) return false;
   for (int i = 0; i < s.after_count; ++i)

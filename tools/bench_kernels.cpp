@@ -137,6 +137,18 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
     k::embedding_layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), tokens.data(),
                                    w.data(), pos.data(), int64_t(T) * C, w.data(), bias.data(), M, B, T, C, V, s);
   });
+  {  // the first layer's QKV product with the embedding's norm before it
+    DeviceBuffer<float> qkv(static_cast<size_t>(rows) * 3 * C);
+    const k::EmbeddingNorm e{y.data(), stats.data(), stats.data() + size_t(rows), x.data(), tokens.data(), w.data(),
+                             pos.data(), int64_t(T) * C, w.data(), bias.data(), V};
+    const k::RowProduct product = k::linear_product(qkv.data(), y.data(), w.data(), N, C, 3 * C);
+    const double bytes = (rows * C * 4 + rows * 4 * C + 3.0 * M * C * C) * f, flops = rows * C * 9 + 6 * rows * C * C;
+    add("embedding_linear qkv", bytes, flops, [&] { k::embedding_linear(h, e, product, M, B, T); });
+    add("apart: embedding_layernorm_forward + matmul_forward qkv", bytes, flops, [&] {
+      k::embedding_layernorm_forward(e, M, B, T, C, s);
+      k::matmul_forward(h, qkv.data(), y.data(), w.data(), M, N, C, 3 * C);
+    });
+  }
   add("add_layernorm_forward", rows * C * f * 4, rows * C * 10,
       [&] { k::add_layernorm_forward(y.data(), stats.data(), stats.data() + size_t(rows), x.data(), bias.data(), y.data() + size_t(rows) * C, w.data(), bias.data(), M, N, C, s); });
   add("layernorm_backward", rows * C * f * 5, rows * C * 14, [&] {

@@ -235,6 +235,11 @@ inline void embedding_layernorm_forward(const EmbeddingNorm& e, int M, int B, in
   embedding_layernorm_forward(e.out, e.mean, e.rstd, e.encoded, e.tokens, e.wte, e.pos, e.pos_model_stride, e.norm_w,
                               e.norm_b, M, B, T, C, e.V, stream);
 }
+// That norm, then a linear product of it (linear_product with inp = e.out, B * T rows
+// per model: the first layer's QKV product): one kernel where the product is small
+// (matmul.cu's own, 64 columns at a time) and `apart` is not set, else the norm's
+// kernel and cuBLAS; std::invalid_argument for another product.
+void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowProduct& p, int M, int B, int T);
 // The attention with the products at its ends: cuBLAS's products and flash attention's
 // kernels where those fit (attention_flash_fits), else each way in one kernel where T <
 // 64, a head is one block, its operands stay within 48 KiB and `apart` is not set (else
