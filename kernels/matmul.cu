@@ -79,6 +79,7 @@ struct SmallProduct : RowProduct {
   float* post;        // bias_activation: act(out); its bias: RowProduct's
   const float* pre;   // activation_grad: [M, R, P]
   Act act;
+  float* norm_partials;  // layernorm_backward with dnorm_w: [2, M, R / 32 tiles, P] (norm_param_partials)
 };
 
 // Row r of the block's summed tile x (one warp, global row `row` of model m; store:
@@ -194,6 +195,31 @@ __device__ void group_tile_product(float (&acc)[4][4], const float* a, const flo
   }
 }
 
+// The tile's chunk of its norm's weight and bias gradients (a layernorm_backward with
+// norm_partials), from the summed tile `sums` (the gradient at the norm's output, row r
+// at sums + r kRowLd): column c's sums over the tile's rows of dout (x - mean) rstd and
+// of dout, as layernorm_backward_params sums a chunk (kColumnRowGroups interleaved row
+// groups, then the groups in order), into partials [2, M, tiles, P].
+__device__ void norm_param_partials(const SmallProduct& p, const float* sums, int64_t m, int row0) {
+  const int c = threadIdx.x, tiles = ceil_div(p.R, kTileRows);
+  if (c >= p.P) return;
+  float dw = 0.0f, db = 0.0f;
+  for (int g = 0; g < kColumnRowGroups; ++g) {
+    float group_w = 0.0f, group_b = 0.0f;
+    for (int r = g; r < kTileRows && row0 + r < p.R; r += kColumnRowGroups) {
+      const int64_t row = m * p.R + row0 + r;
+      const float dy = sums[r * kRowLd + c];
+      group_b += dy;
+      group_w += (p.norm_in[row * p.P + c] - p.saved_mean[row]) * p.saved_rstd[row] * dy;
+    }
+    dw += group_w;
+    db += group_b;
+  }
+  const int64_t at = (m * tiles + row0 / kTileRows) * p.P + c;
+  p.norm_partials[at] = dw;
+  p.norm_partials[int64_t(gridDim.z) * tiles * p.P + at] = db;
+}
+
 // After the groups' products of one tile: groups 1.. leave their sums in `sums` (room
 // the tiles no longer need); group 0 adds them in order into group 1's place, each
 // element read and written by one thread; then a warp per row runs the row epilogue.
@@ -223,6 +249,8 @@ __device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallPr
   // Every lane of a warp takes the same rows.
   for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize)
     row_epilogue<kEpilogue>(p, sums + r * kRowLd, m, row0 + r, col0);
+  // (the epilogues only read the summed tile: no barrier before)
+  if (kEpilogue == Epilogue::layernorm_backward && p.norm_partials) norm_param_partials(p, sums, m, row0);
 }
 
 // The block's 32-row tile of a row product, whole rows (P <= 64; store: the 64 columns
@@ -535,6 +563,21 @@ SmallProduct small_of(const RowProduct& p) {
   return small;
 }
 
+// Whether the rows' kernel of p can sum its norm's parameter gradients (a
+// layernorm_backward with dnorm_w): layernorm_backward_params' chunks of its R rows are
+// the kernel's 32-row tiles.
+static_assert(kChunkRows == kTileRows);
+bool norm_params_fit(const RowProduct& p) { return !p.dnorm_w || column_chunks(p.R) == ceil_div(p.R, kTileRows); }
+
+// p for the rows' kernel: with dnorm_w, room for its norm parameters' partials taken
+// from p.sums.
+SmallProduct rows_kernel_product(const RowProduct& p, int M) {
+  SmallProduct small = small_of(p);
+  if (p.op == RowOp::layernorm_backward && p.dnorm_w)
+    small.norm_partials = p.sums->add(p.dnorm_w, p.dnorm_b, M, ceil_div(p.R, kTileRows), p.P);
+  return small;
+}
+
 }  // namespace
 
 void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const float* weight, int M, int N, int C,
@@ -619,23 +662,26 @@ RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const flo
 
 void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
   const cudaStream_t stream = stream_of(handle);
-  const SmallProduct small = small_of(p);
-  const bool fits = !p.apart && rows_fit(M, p.R, p.P, p.K);
+  const bool fits = !p.apart && rows_fit(M, p.R, p.P, p.K) && norm_params_fit(p);
   switch (p.op) {
     case RowOp::add_layernorm:
-      if (fits) return launch_small<true, Epilogue::add_layernorm>(small, M, stream);
+      if (fits) return launch_small<true, Epilogue::add_layernorm>(small_of(p), M, stream);
       matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
       return add_layernorm_forward(p.norm_out, p.mean, p.rstd, p.out, p.bias, p.residual, p.norm_w, p.norm_b, M, p.R,
                                    p.P, stream);
     case RowOp::crossentropy:
-      if (fits) return launch_small<true, Epilogue::crossentropy>(small, M, stream);
+      if (fits) return launch_small<true, Epilogue::crossentropy>(small_of(p), M, stream);
       matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
       return crossentropy_forward_backward(p.row_loss, p.out, p.targets, M, p.R, p.P, p.backward, stream);
     case RowOp::layernorm_backward:
-      if (fits) return launch_small<false, Epilogue::layernorm_backward>(small, M, stream);
+      if (fits) return launch_small<false, Epilogue::layernorm_backward>(rows_kernel_product(p, M), M, stream);
       matmul_backward_input(handle, p.out, p.a, p.b, M, p.R, p.P, p.K);
-      return layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M,
-                                      p.R, p.P, stream);
+      layernorm_backward_input(p.dinp, p.dinp_in, p.out, p.norm_in, p.norm_w, p.saved_mean, p.saved_rstd, M, p.R,
+                               p.P, stream);
+      if (p.dnorm_w)
+        layernorm_backward_params(p.dnorm_w, p.dnorm_b, *p.sums, p.out, p.norm_in, p.saved_mean, p.saved_rstd, M,
+                                  p.R, p.P, stream);
+      return;
     case RowOp::linear:  // nothing to take after these: cuBLAS's
       return matmul_forward(handle, p.out, p.a, p.b, M, p.R, p.K, p.P);
     case RowOp::backward_input:
@@ -661,7 +707,8 @@ namespace {
 bool stages_fit(const MlpSublayer& s, int M) {
   auto fits = [&](const RowProduct& p) {
     const bool any_width = p.op == RowOp::linear || p.op == RowOp::backward_input;
-    return !p.apart && p.R == s.N && (any_width ? product_rows_fit(M, p) : rows_fit(M, p.R, p.P, p.K));
+    return !p.apart && p.R == s.N && (any_width ? product_rows_fit(M, p) : rows_fit(M, p.R, p.P, p.K)) &&
+           norm_params_fit(p);
   };
   if (s.before && !fits(*s.before)) return false;
   for (int i = 0; i < s.after_count; ++i)
@@ -694,8 +741,8 @@ void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p
     return;
   }
   p.has_before = s.before != nullptr, p.after_count = s.after_count;
-  if (s.before) p.before = small_of(*s.before);
-  for (int i = 0; i < s.after_count; ++i) p.after[i] = small_of(s.after[i]);
+  if (s.before) p.before = rows_kernel_product(*s.before, M);
+  for (int i = 0; i < s.after_count; ++i) p.after[i] = rows_kernel_product(s.after[i], M);
   launch_chained(mlp_kernel<kBackward>, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups,
                  mlp_shared_bytes(s.D), stream_of(handle), p);
 }

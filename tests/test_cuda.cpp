@@ -265,24 +265,34 @@ TEST_F(Gpu, MatmulRowEpilogues) {
       expect_close(down(d_rstd), rstd, kFp32, "rstd");
 
       // Backward: dnorm = dout W (dout [N, K] as the QKV's or the MLP's input gradient
-      // reaching the norm), dinp = dinp_in + the norm's input gradient, or alone.
+      // reaching the norm), dinp = dinp_in + the norm's input gradient, or alone and
+      // with the norm's parameter gradients.
       const auto dout = random_vector<float>(size_t(s.M) * N * K, 87), dinp_in = random_vector<float>(n, 88);
       auto d_dout = up(dout), d_dinp_in = up(dinp_in);
-      std::vector<float> dnorm(n), dw_unused(w.size()), dnw_unused(norm_w.size()), dnb_unused(norm_w.size());
+      std::vector<float> dnorm(n), dw_unused(w.size());
       cpu::matmul_backward(dnorm.data(), dw_unused.data(), static_cast<float*>(nullptr), dout.data(),
                            std::vector<float>(n).data(), w.data(), s.M, N, C, K);
       for (const bool add : {true, false}) {
-        auto d_dnorm = poisoned(n), d_dinp = poisoned(n);
-        cuda::run_row_product(handle.get(),
-                              cuda::backward_input_layernorm_product(
-                                  d_dnorm.data(), d_dinp.data(), add ? d_dinp_in.data() : nullptr, d_dout.data(),
-                                  d_w.data(), d_resid.data(), d_norm_w.data(), d_mean.data(), d_rstd.data(), N, C, K),
-                              s.M);
+        auto d_dnorm = poisoned(n), d_dinp = poisoned(n), d_dnorm_w = poisoned(norm_w.size()),
+             d_dnorm_b = poisoned(norm_w.size());
+        auto d_scratch = poisoned(static_cast<size_t>(2 * cuda::column_sum_partials(s.M, N, C)));
+        cuda::ColumnSums sums(d_scratch.data(), static_cast<int64_t>(d_scratch.size()));
+        cuda::RowProduct product = cuda::backward_input_layernorm_product(
+            d_dnorm.data(), d_dinp.data(), add ? d_dinp_in.data() : nullptr, d_dout.data(), d_w.data(),
+            d_resid.data(), d_norm_w.data(), d_mean.data(), d_rstd.data(), N, C, K);
+        if (!add) product.dnorm_w = d_dnorm_w.data(), product.dnorm_b = d_dnorm_b.data(), product.sums = &sums;
+        cuda::run_row_product(handle.get(), product, s.M);
+        sums.finish(stream->get());
         std::vector<float> dinp = add ? dinp_in : std::vector<float>(n, 0.0f);
-        cpu::layernorm_backward(dinp.data(), dnw_unused.data(), dnb_unused.data(), dnorm.data(), resid.data(),
+        std::vector<float> dnorm_w(norm_w.size(), 0.0f), dnorm_b(norm_w.size(), 0.0f);
+        cpu::layernorm_backward(dinp.data(), dnorm_w.data(), dnorm_b.data(), dnorm.data(), resid.data(),
                                 norm_w.data(), mean.data(), rstd.data(), s.M, N, C);
         expect_close(down(d_dnorm), dnorm, kFp32, "dnorm");
         expect_close(down(d_dinp), dinp, kFp32, add ? "dinp added" : "dinp alone");
+        if (!add) {
+          expect_close(down(d_dnorm_w), dnorm_w, kFp32, "the norm's weight gradient");
+          expect_close(down(d_dnorm_b), dnorm_b, kFp32, "the norm's bias gradient");
+        }
       }
     }
     // The head: logits [N, V] from a final norm's [N, C], and their cross-entropy.

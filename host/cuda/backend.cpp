@@ -760,10 +760,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       }
       dresid = d.dresid_in;
     }
-    if (pending) {  // the first layer's: no MLP below it
+    if (pending) {  // the first layer's: no MLP below it, its norm's parameter gradients with it
+      pending->dnorm_w = g.blocks[0].ln1_w, pending->dnorm_b = g.blocks[0].ln1_b, pending->sums = &sums;
       cuda::run_row_product(h, *pending, M);
-      fork();
-      ln1_params(0);
+      fork();  // the last stage 2 waits for its partials through the lanes
     }
     cuda::embedding_backward(g.wte, g.wpe, dresid, token_rows_, token_starts_, M, B, T, C, V, s);
     sum_after_lanes(true);

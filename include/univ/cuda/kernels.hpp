@@ -126,6 +126,11 @@ struct RowProduct {
   const float *norm_in, *saved_mean, *saved_rstd;  // layernorm_backward: the norm's input and statistics
   float* dinp;                                     // dinp = dinp_in (null: 0) + the gradient at norm_in
   const float* dinp_in;
+  // layernorm_backward: null, or also the norm's weight and bias gradients [M, P], as
+  // layernorm_backward_params sums them through `sums` (in the rows' kernel where it
+  // runs the product and each 32-row tile is one of those sums' chunks).
+  float *dnorm_w, *dnorm_b;
+  ColumnSums* sums;
   bool apart;  // the product and the row op in launches of their own, whatever fits
 };
 // resid[M,N,OC] = inp[M,N,C] weight^T + bias[M,OC] + residual[M,N,OC]; out, mean, rstd:
