@@ -155,8 +155,8 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // The MLP sublayer, one kernel each way where d_model C <= 64, d_mlp D <= 256 and the
 // two weights fit a block's shared memory (else the products above, two each way;
 // prepare_mlp_kernels() lets the kernel take that memory: once per device, before the
-// first launch, not during graph capture). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b, post =
-// act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
+// first launch, not during graph capture). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b,
+// post = act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
 // next_mean, next_rstd: the layer norm after it (next_w, next_b). Backward, from
 // dresid_out (and pre, resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
 // (dresid_out out_w) * act'(pre), dln2 = dpre fc_w, dresid_mid = dresid_out + the
@@ -166,9 +166,9 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // dresid_out); `after` it, forward either a crossentropy reading next_ln and then a
 // layernorm_backward reading its gradient (the head, both ways) or a linear reading
 // next_ln (the next layer's QKV product), backward a backward_input reading
-// dresid_mid (the attention's projection). Null: none. With
-// `apart`, every product and row op in launches of their own (cuBLAS, then the
-// epilogue or row kernel), whatever fits.
+// dresid_mid (the attention's projection). Null: none. With `apart`, every product and
+// row op in launches of their own (cuBLAS, then the epilogue or row kernel), whatever
+// fits.
 struct MlpSublayer {
   const float *ln2, *fc_w, *fc_b, *out_w, *out_b, *resid_mid, *next_w, *next_b;
   float *pre, *post, *resid_out, *next_ln, *next_mean, *next_rstd;
@@ -251,10 +251,10 @@ void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowPr
 // cuBLAS and the kernels above). Forward: qkv [M,B,T,3C] = ln [M,B,T,C]
 // qkv_w[M,3C,C]^T (written without the bias; with ln null and no embedding, qkv holds
 // it already), then attention_forward's out and att with qkv_b; with embedding (the
-// first layer), ln is its norm, formed here too (one block per sequence writes it). Backward: the gradient at the projection's input dproj
-// [M,B,T,C] proj_w [M,C,C] (into datty where it runs apart; with dproj null, datty
-// holds it already), then attention_backward's dqkv. tf32: flash attention's kernels
-// on the tensor cores.
+// first layer), ln is its norm, formed here too (one block per sequence writes it).
+// Backward: the gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C]
+// (into datty where it runs apart; with dproj null, datty holds it already), then
+// attention_backward's dqkv. tf32: flash attention's kernels on the tensor cores.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
   float *qkv, *att, *out, *datty, *dqkv;
