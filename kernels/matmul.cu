@@ -533,13 +533,15 @@ bool mlp_fits(int M, int N, int C, int D) {
   return C <= std::min(kTileCols, kSmallK) && D <= kRowGroups * kTileCols && int64_t(M) * N * D <= kSmallOutputs &&
          mlp_shared_bytes(D) <= shared_memory_optin_limit();
 }
-// A tile holds whole rows, and the groups' reductions are as short as is_small's.
-bool rows_fit(int M, int R, int P, int K) {
-  return P <= kTileCols && int64_t(M) * R * P <= kSmallOutputs && K <= kRowGroups * kSmallK;
-}
-// product_rows' tiles of 64 columns, the same limits on outputs and reductions.
-bool product_rows_fit(int M, const RowProduct& p) {
-  return int64_t(M) * p.R * p.P <= kSmallOutputs && p.K <= kRowGroups * kSmallK;
+// Whether the own kernel's 32-row tiles take p: `apart` not set, a tile holds whole
+// rows (a product with no row op: any number of 64-column tiles), the groups'
+// reductions are as short as is_small's, and where p also sums its norm's parameter
+// gradients, layernorm_backward_params' chunks of its R rows are the tiles.
+static_assert(kChunkRows == kTileRows);
+bool rows_kernel_fits(int M, const RowProduct& p) {
+  const bool any_width = p.op == RowOp::linear || p.op == RowOp::backward_input;
+  return !p.apart && (any_width || p.P <= kTileCols) && int64_t(M) * p.R * p.P <= kSmallOutputs &&
+         p.K <= kRowGroups * kSmallK && (!p.dnorm_w || column_chunks(p.R) == ceil_div(p.R, kTileRows));
 }
 
 template <bool kBByRow, Epilogue kEpilogue>
@@ -562,12 +564,6 @@ SmallProduct small_of(const RowProduct& p) {
   static_cast<RowProduct&>(small) = p;
   return small;
 }
-
-// Whether the rows' kernel of p can sum its norm's parameter gradients (a
-// layernorm_backward with dnorm_w): layernorm_backward_params' chunks of its R rows are
-// the kernel's 32-row tiles.
-static_assert(kChunkRows == kTileRows);
-bool norm_params_fit(const RowProduct& p) { return !p.dnorm_w || column_chunks(p.R) == ceil_div(p.R, kTileRows); }
 
 // p for the rows' kernel: with dnorm_w, room for its norm parameters' partials taken
 // from p.sums.
@@ -662,7 +658,7 @@ RowProduct backward_input_layernorm_product(float* dnorm, float* dinp, const flo
 
 void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
   const cudaStream_t stream = stream_of(handle);
-  const bool fits = !p.apart && rows_fit(M, p.R, p.P, p.K) && norm_params_fit(p);
+  const bool fits = rows_kernel_fits(M, p);
   switch (p.op) {
     case RowOp::add_layernorm:
       if (fits) return launch_small<true, Epilogue::add_layernorm>(small_of(p), M, stream);
@@ -692,7 +688,7 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M) {
 void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowProduct& p, int M, int B, int T) {
   if (p.op != RowOp::linear || p.a != e.out || p.R != B * T)
     throw std::invalid_argument("embedding_linear: a linear product of the embedding's norm, B * T rows");
-  if (p.apart || !product_rows_fit(M, p)) {
+  if (!rows_kernel_fits(M, p)) {
     embedding_layernorm_forward(e, M, B, T, p.K, stream_of(handle));
     return run_row_product(handle, p, M);
   }
@@ -702,14 +698,10 @@ void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowPr
 
 namespace {
 
-// The MLP's row stages in its kernel where each holds whole rows of the same R (a
-// product with no row op, any number of 64-column tiles of them).
+// The MLP's row stages in its kernel where the own kernel's tiles take each, rows of
+// the same R.
 bool stages_fit(const MlpSublayer& s, int M) {
-  auto fits = [&](const RowProduct& p) {
-    const bool any_width = p.op == RowOp::linear || p.op == RowOp::backward_input;
-    return !p.apart && p.R == s.N && (any_width ? product_rows_fit(M, p) : rows_fit(M, p.R, p.P, p.K)) &&
-           norm_params_fit(p);
-  };
+  auto fits = [&](const RowProduct& p) { return p.R == s.N && rows_kernel_fits(M, p); };
   if (s.before && !fits(*s.before)) return false;
   for (int i = 0; i < s.after_count; ++i)
     if (!fits(s.after[i])) return false;
