@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels, the
-# default pair's training time, the PyTorch comparison, the seed experiment's
-# correlation step on GPU and CPU, then side by side the whole CTest suite,
-# compute-sanitizer memcheck (GPU tests) and racecheck (the training ops' and the Haar
-# QR's tests), and last a per-kernel profile of training steps. Each step has a time
-# limit and a log; ${OUT:-gpu-results} receives machine.txt, log.txt (every step's
-# output), summary.txt (one line per step, also printed last), bench.json,
-# bench_pairs.txt (each fused kernel beside its kernels apart, also printed last) and
-# profile.txt.
+# Everything a GPU machine should run, in one go: the GPU tests, bench_kernels (and a
+# baseline build's, where the pack has one), the default pair's training time, the
+# PyTorch comparison, the seed experiment's correlation step on GPU and CPU, then side
+# by side the whole CTest suite, compute-sanitizer memcheck (GPU tests) and racecheck
+# (the training ops' and the Haar QR's tests), and last Nsight Compute: the detailed
+# report of the kernels whose time is least explained (scripts/kernel_report.sh) and a
+# per-kernel profile of training steps. Each step has a time limit and a log;
+# ${OUT:-gpu-results} receives machine.txt, log.txt (every step's output), summary.txt
+# (one line per step, also printed last), bench.json, bench.txt (each fused kernel
+# beside its kernels apart, and the baseline's times beside these; also printed last),
+# baseline.json, kernels.txt and profile.txt.
 #
 #   scripts/gpu_check.sh              build for sm_90 here, then check
 #   scripts/gpu_check.sh --prebuilt   use build-gpu-dist from scripts/pack_gpu_build.sh
 #                                     (for GPU hosts without the development packages)
 # GPU_CHECK_STEPS="ctest bench ..." runs only the steps named; GPU_CHECK_MEMCHECK_FILTER
-# narrows memcheck (a gtest filter, default Gpu*).
+# narrows memcheck (a gtest filter, default Gpu*); GPU_CHECK_SECONDS bounds the whole
+# check: each step's limit shrinks to the time left, and steps with less than 20 s left
+# are skipped (SKIPPED in the summary), in the order above, the most telling first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -24,13 +28,20 @@ logs="$(mktemp -d)"  # run directories of the steps; only logs and summaries go 
 mkdir -p "$out"
 : >"$out/summary.txt"
 : >"$out/log.txt"
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-1000000}))
 step() {  # step NAME SECONDS COMMAND...: runs under a time limit, logs, records the outcome
   local name="$1" limit="$2" start=$SECONDS rc verdict=PASS
   shift 2
   if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then return 0; fi
-  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
-  rc=$?
-  if [ $rc -eq 124 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAIL($rc)"; fi
+  [ $((deadline - SECONDS)) -lt "$limit" ] && limit=$((deadline - SECONDS))
+  if [ "$limit" -lt 20 ]; then
+    : >"$logs/$name.log"
+    verdict=SKIPPED
+  else
+    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 124 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAIL($rc)"; fi
+  fi
   # Steps may run side by side: each appends its log and line under a lock.
   flock "$logs/lock" bash -c 'printf "\n===== %s: %s\n" "$1" "$2" >>"$3/log.txt"; cat "$4" >>"$3/log.txt"
     printf "%-10s %-12s %4ds\n" "$2" "$1" "$5" | tee -a "$3/summary.txt"' \
@@ -63,7 +74,15 @@ bin="$root/build-gpu"
   ldd "$bin/correlate" | grep "not found" && echo "shared libraries missing: the programs cannot start"; } >"$out/machine.txt" 2>&1
 step gpu_tests 120 "$bin/tests/univ_tests" --gtest_filter='Gpu*'
 step bench 240 "$bin/bench_kernels" --json "$out/bench.json"
-[ -s "$out/bench.json" ] && python3 scripts/bench_pairs.py "$out/bench.json" >"$out/bench_pairs.txt" 2>&1
+[ -s "$out/bench.json" ] && python3 scripts/bench_pairs.py "$out/bench.json" >"$out/bench.txt" 2>&1
+# The baseline right after, on the same card (kernel rows and steps, the current
+# build's time over the baseline's).
+if [ -x "$bin/baseline/bench_kernels" ]; then
+  step baseline 240 "$bin/baseline/bench_kernels" --json "$out/baseline.json"
+  [ -s "$out/baseline.json" ] && [ -s "$out/bench.json" ] &&
+    { echo; echo "== against the baseline, $(cat "$bin/baseline/revision")"
+      python3 scripts/bench_compare.py "$out/baseline.json" "$out/bench.json"; } >>"$out/bench.txt" 2>&1
+fi
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
   python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \
@@ -82,6 +101,7 @@ step racecheck 360 compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/t
 step memcheck 210 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/tests/univ_tests" \
   --gtest_filter="${GPU_CHECK_MEMCHECK_FILTER:-Gpu*}"
 wait
+step kernels 150 env OUT="$out" scripts/kernel_report.sh
 # Where a training step's GPU time goes, kernel by kernel (Nsight Compute, clocks not
 # locked): three steps of the default pair and two of the large configuration; then
 # the seed correlation step (forward, statistics, rotation baseline) on the first run.
@@ -101,5 +121,5 @@ step profile 200 bash -c "$(declare -f profile); bin='$bin' logs='$logs' out='$o
   cat '$out/profile.txt'"
 rm -rf "$logs"
 head -20 "$out/machine.txt"
-cat "$out/bench_pairs.txt" 2>/dev/null
+cat "$out/bench.txt" 2>/dev/null
 cat "$out/summary.txt"
