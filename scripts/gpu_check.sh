@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in one go: the GPU tests, bench_kernels (and a
-# baseline build's, where the pack has one), the default pair's training time, the
+# baseline build's, where the pack has one), the kernels of queued training steps on a
+# timeline (bench_kernels --timeline, in log.txt), the default pair's training time, the
 # PyTorch comparison, the seed experiment's correlation step on GPU and CPU, then side
 # by side the whole CTest suite, compute-sanitizer memcheck (GPU tests) and racecheck
 # (the training ops' and the Haar QR's tests), and last Nsight Compute: the detailed
@@ -83,6 +84,8 @@ if [ -x "$bin/baseline/bench_kernels" ]; then
     { echo; echo "== against the baseline, $(cat "$bin/baseline/revision")"
       python3 scripts/bench_compare.py "$out/baseline.json" "$out/bench.json"; } >>"$out/bench.txt" 2>&1
 fi
+# Every kernel of queued steps (CUPTI): the chain that bounds a step, and its gaps.
+step timeline 90 "$bin/bench_kernels" --timeline
 step train_cuda 45 bash -c "for i in 1 2 3; do time '$bin/train_pair' --device cuda --out '$logs/pair_cuda' --overwrite; done"
 step torch 45 sh -c "'$bin/train_pair' --out '$logs/torch_run' --overwrite --steps 20 --samples 640 --device cuda && \
   python3 tests/torch/check_torch.py '$logs/torch_run' '$bin/tests/dump_step' && \

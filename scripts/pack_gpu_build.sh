@@ -2,9 +2,10 @@
 # Builds the CUDA configuration for sm_90 into build-gpu and stages in build-gpu-dist what
 # a GPU host without this project's development packages needs to run it: the programs,
 # the CTest files, and the shared libraries that neither a base system nor the CUDA
-# toolkit provides (OpenBLAS and its runtime); build-gpu-pack/dist.tar.gz holds the same,
-# a quarter of the size, for copying. There, unpack it in the source tree (tar -xzf
-# build-gpu-pack/dist.tar.gz) and run `scripts/gpu_check.sh --prebuilt`.
+# toolkit's library folder provides (OpenBLAS and its runtime, CUPTI);
+# build-gpu-pack/dist.tar.gz holds the same, a quarter of the size, for copying. There,
+# unpack it in the source tree (tar -xzf build-gpu-pack/dist.tar.gz) and run
+# `scripts/gpu_check.sh --prebuilt`.
 #
 #   scripts/pack_gpu_build.sh [BASELINE]   BASELINE: a git revision whose bench_kernels
 #       goes along (build-gpu-dist/baseline), for gpu_check.sh to time on the same card
@@ -18,8 +19,9 @@ BUILD_DIR=build-gpu scripts/build.sh "${cmake_args[@]}"
 rm -rf build-gpu-dist
 mkdir -p build-gpu-dist/lib
 tar -C build-gpu --exclude=CMakeFiles --exclude='*.a' --exclude=Testing -cf - . | tar -C build-gpu-dist -xf -
-ldd build-gpu/train_pair | awk '$1 ~ /^lib(openblas|gfortran|quadmath|gomp)/ {print $3}' |
-  while read -r lib; do cp -L "$lib" build-gpu-dist/lib/; done
+# (and CUPTI, which toolkits keep beside their other libraries or under extras/)
+ldd build-gpu/train_pair build-gpu/bench_kernels | awk '$1 ~ /^lib(openblas|gfortran|quadmath|gomp|cupti)/ {print $3}' |
+  sort -u | while read -r lib; do cp -L "$lib" build-gpu-dist/lib/; done
 if [ $# -gt 0 ]; then
   # The baseline's own source tree and build, kept between packs (build-gpu-baseline).
   revision="$(git rev-parse --short "$1^{commit}")"

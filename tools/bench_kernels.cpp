@@ -32,6 +32,8 @@
 #include "univ/param_layout.hpp"
 #include "univ/philox.hpp"
 #include "univ/stats.hpp"
+#include "univ/step_timeline.hpp"
+#include "kernel_trace.hpp"
 
 namespace {
 
@@ -379,6 +381,26 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
   return out;
 }
 
+// A backend for rc with its models' initial parameters, and `steps` steps' tokens.
+struct BenchBackend {
+  std::unique_ptr<univ::TrainBackend> backend;
+  std::vector<int32_t> tokens;
+  size_t per_step;
+};
+BenchBackend bench_backend(const univ::RunConfig& rc, univ::Precision precision, int steps, univ::CudaFusion fusion,
+                           univ::CudaLaunch launch) {
+  BenchBackend b{univ::make_backend(univ::Device::cuda, rc, precision, fusion, launch), {},
+                 size_t(rc.models) * rc.batch * rc.model.seq_len};
+  const univ::ParamLayout layout(rc.model, rc.models);
+  univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
+                     std::vector<float>(layout.total()), 0};
+  univ::init_parameters(layout, rc.model, rc.seeds, s.params.data());
+  b.backend->set_state(s);
+  b.tokens.resize(b.per_step * steps);
+  for (size_t i = 0; i < b.tokens.size(); ++i) b.tokens[i] = static_cast<int32_t>(i * 31 % rc.model.vocab);
+  return b;
+}
+
 // Milliseconds per training step of the whole backend: one step() at a time (its batch
 // up, the graph's replay, the wait), median of `steps`; or queued, `steps` of them in
 // one steps() call (runs of replays without the host between them), the median of three
@@ -386,15 +408,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
 double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps,
                univ::CudaFusion fusion = univ::CudaFusion::sublayers, bool queued = false,
                univ::CudaLaunch launch = univ::CudaLaunch::ordered) {
-  auto backend = univ::make_backend(univ::Device::cuda, rc, precision, fusion, launch);
-  const univ::ParamLayout layout(rc.model, rc.models);
-  univ::TrainState s{std::vector<float>(layout.total()), std::vector<float>(layout.total()),
-                     std::vector<float>(layout.total()), 0};
-  univ::init_parameters(layout, rc.model, rc.seeds, s.params.data());
-  backend->set_state(s);
-  const size_t per_step = size_t(rc.models) * rc.batch * rc.model.seq_len;
-  std::vector<int32_t> tokens(per_step * steps);
-  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 31 % rc.model.vocab);
+  auto [backend, tokens, per_step] = bench_backend(rc, precision, steps, fusion, launch);
   const std::vector<double> lr(steps, 1e-4);
   for (int i = 0; i < 10; ++i) backend->step(tokens.data(), tokens.data(), 1e-4);  // capture, warm-up
   std::vector<double> ms;
@@ -409,6 +423,27 @@ double step_ms(const univ::RunConfig& rc, univ::Precision precision, int steps,
   }
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return ms[ms.size() / 2];
+}
+
+// --timeline: `steps` queued steps kernel by kernel after a warm-up run, and the step of
+// median span described (univ::describe_step).
+void print_timeline(univ::KernelTrace& trace, const std::string& name, const univ::RunConfig& rc,
+                    univ::Precision precision, univ::CudaLaunch launch, int steps) {
+  auto [backend, tokens, per_step] = bench_backend(rc, precision, steps, univ::CudaFusion::sublayers, launch);
+  const std::vector<double> lr(steps, 1e-4);
+  backend->steps(tokens.data(), tokens.data(), lr.data(), steps);  // capture, warm-up
+  trace.take();
+  backend->steps(tokens.data(), tokens.data(), lr.data(), steps);
+  std::vector<univ::StepTimeline> timelines =
+      univ::step_timelines(trace.take(), "load_queued_step_kernel", launch == univ::CudaLaunch::chained);
+  std::printf("\n== %s, %s, queued, %s: %zu steps traced\n", name.c_str(), univ::to_string(precision).c_str(),
+              launch == univ::CudaLaunch::chained ? "chained" : "ordered", timelines.size());
+  if (timelines.empty()) return;
+  std::sort(timelines.begin(), timelines.end(),
+            [](const univ::StepTimeline& a, const univ::StepTimeline& b) { return a.span_us < b.span_us; });
+  std::printf("spans %.1f / %.1f / %.1f us (least, median, most); the median step:\n%s", timelines.front().span_us,
+              timelines[timelines.size() / 2].span_us, timelines.back().span_us,
+              univ::describe_step(timelines[timelines.size() / 2]).c_str());
 }
 
 univ::RunConfig seed_config() {
@@ -677,7 +712,12 @@ int main(int argc, char** argv) {
                "GEMM rate"};
   std::string json;
   int repeats = 50, steps = 200;
+  bool timeline = false;
   app.add_option("--json", json, "also write the results to this file as one JSON object");
+  app.add_flag("--timeline", timeline,
+               "instead: record every kernel of 30 queued training steps per configuration (CUPTI) and print the "
+               "median step's span, the chain of kernels that bounded it with the gaps between them, and the time "
+               "per kernel");
   app.add_option("--repeats", repeats, "timed launches per kernel (median reported)")->capture_default_str();
   app.add_option("--steps", steps, "timed training steps per configuration")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -686,6 +726,15 @@ int main(int argc, char** argv) {
     univ::cuda::prepare_attention_kernels();
     univ::cuda::prepare_mlp_kernels();
     univ::cuda::prepare_block_kernels();
+    if (timeline) {
+      univ::KernelTrace trace;
+      for (const auto& [name, rc] :
+           {std::pair{"seed (2 models)", seed_config()}, std::pair{"large (1 model)", large_config()}})
+        for (const univ::Precision precision : {univ::Precision::fp32, univ::Precision::tf32})
+          for (const univ::CudaLaunch launch : {univ::CudaLaunch::ordered, univ::CudaLaunch::chained})
+            print_timeline(trace, name, rc, precision, launch, 30);
+      return 0;
+    }
     Bench b;
     b.repeats = repeats;
     univ::cuda::CublasHandle fp32(b.stream.get(), false), tf32(b.stream.get(), true);
@@ -763,7 +812,7 @@ int main(int argc, char** argv) {
     for (const auto& [phase, value] : r["forward_and_statistics_phases_ms"].items())
       std::printf(" %s %.2f", phase.c_str(), value.get<double>());
     std::printf("\n");
-  } catch (const univ::UserError& e) {
+  } catch (const std::exception& e) {  // a user's error, or CUPTI refusing the trace
     std::cerr << "bench_kernels: error: " << e.what() << '\n';
     return 1;
   }
