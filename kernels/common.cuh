@@ -71,15 +71,17 @@ __device__ inline float round_tf32(float x) {
 }
 
 // *shared_dst = *global_src as an asynchronous copy (PTX cp.async, compute capability
-// 8.0 and up; elsewhere, and on the host emulator, a plain copy): no register holds the
-// value, so a thread may issue many and go on until wait_async_copies(). The source
-// must not change before that wait.
+// 8.0 and up; elsewhere a plain copy; on the host emulator deferred until the wait): no
+// register holds the value, so a thread may issue many and go on until
+// wait_async_copies(). The source must not change before that wait.
 __device__ inline void copy_async(float* shared_dst, const float* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
                    static_cast<unsigned>(__cvta_generic_to_shared(shared_dst))),
                "l"(global_src)
                : "memory");
+#elif defined(UNIV_CUDA_EMULATOR)
+  emu::copy_async(shared_dst, global_src);
 #else
   *shared_dst = *global_src;
 #endif
@@ -90,6 +92,8 @@ __device__ inline void copy_async(float* shared_dst, const float* global_src) {
 __device__ inline void wait_async_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(UNIV_CUDA_EMULATOR)
+  emu::wait_async_copies();
 #endif
 }
 

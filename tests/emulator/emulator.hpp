@@ -7,6 +7,8 @@
 // graph keeps each node's edges and replays in an order they allow.
 // It checks logic, indexing and ordering, not performance or the GPU's memory model.
 #pragma once
+#define UNIV_CUDA_EMULATOR 1  // kernels/common.cuh's asynchronous copies take the emulator's
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -18,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <sys/mman.h>
@@ -73,6 +76,7 @@ struct Block {
   std::vector<char> shared, static_shared;  // dynamic (exact size) and static arrays
   std::vector<double> exchange;             // two slots per thread for shuffles and ballots
   std::vector<char> parity;                 // per thread: which of its slots the next exchange takes
+  std::vector<std::vector<std::pair<float*, const float*>>> async_copies;  // per thread: not yet landed
 };
 inline thread_local Block* current = nullptr;
 inline Block& block() { return *current; }
@@ -255,12 +259,30 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
         b.static_shared.assign(1 << 18, 0x7f);
         b.exchange.assign(2 * (size_t(n + 31) / 32 * 32), 0.0);
         b.parity.assign(n, 0);
+        b.async_copies.assign(n, {});
         Block* const outer = current;
         current = &b;
         blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
         team(n).run(threads, [&] { kernel(); });
         current = outer;
+        for (const auto& copies : b.async_copies)
+          if (!copies.empty()) {
+            std::fprintf(stderr, "emulator: a thread's asynchronous copies were never waited for\n");
+            std::abort();
+          }
       }
+}
+
+// Asynchronous copies (cp.async): each lands only when its thread waits for its copies,
+// reading its source then, so that a read of the destination before the wait, or a
+// source changed before it, shows.
+inline void copy_async(float* shared_dst, const float* global_src) {
+  block().async_copies[thread_rank()].emplace_back(shared_dst, global_src);
+}
+inline void wait_async_copies() {
+  auto& copies = block().async_copies[thread_rank()];
+  for (const auto& [dst, src] : copies) *dst = *src;
+  copies.clear();
 }
 
 inline void sync_block() { Team::wait(Team::State::at_block_barrier); }
