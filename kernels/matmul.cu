@@ -272,13 +272,39 @@ __device__ void row_tile(const SmallProduct& p, int64_t m, int row0, float* stor
   finish_rows<kEpilogue>(acc, storage, p, m, row0, kRowGroups, col0);
 }
 
-// The block's 32 rows of a product with no row op, any P: a row tile per 64 columns,
-// a barrier between (they share the room).
+// The block's 32 rows of a product with no row op, any P. Up to two 64-column tiles:
+// each a row tile (the groups split its reduction), a barrier between (they share the
+// room). From three: each group takes whole tiles (group g tiles g, g + kRowGroups, ...),
+// the whole reduction in 16-deep trips, each load issued a trip ahead, and stores its
+// outputs from its registers: one wait on memory and no sums across groups where each
+// tile had both.
 template <bool kBByRow>
 __device__ void product_rows(const SmallProduct& p, int64_t m, int row0, float* storage) {
-  for (int col0 = 0; col0 < p.P; col0 += kTileCols) {
-    if (col0 > 0) __syncthreads();
-    row_tile<kBByRow, Epilogue::store>(p, m, row0, storage, col0);
+  const int tiles = ceil_div(p.P, kTileCols);
+  if (tiles < 3) {
+    for (int col0 = 0; col0 < p.P; col0 += kTileCols) {
+      if (col0 > 0) __syncthreads();
+      row_tile<kBByRow, Epilogue::store>(p, m, row0, storage, col0);
+    }
+    return;
+  }
+  constexpr int kTileK = tile_k(kRowGroups);
+  const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads, tx = tid % kThreadsX, ty = tid / kThreadsX;
+  float* a_tile = storage + group * group_floats(kTileK);
+  // Every group makes as many trips (the barriers are the block's): past the last tile
+  // a group multiplies zeros and stores nothing.
+  for (int first = 0; first < tiles; first += kRowGroups) {
+    const int col0 = (first + group) * kTileCols;
+    float acc[4][4] = {};
+    group_tile_product<kBByRow, kTileK>(acc, p.a + m * p.R * p.K, p.b + m * p.P * p.K, p.R, p.P, p.K, row0, col0, 0,
+                                        kTileK, ceil_div(p.K, kTileK), a_tile, a_tile + kTileK * kAStride, tid);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = row0 + 4 * ty + i, c = col0 + 4 * tx + j;
+        if (r < p.R && c < p.P) p.out[(m * p.R + r) * p.P + c] = acc[i][j];
+      }
   }
 }
 
