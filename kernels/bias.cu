@@ -23,19 +23,21 @@ constexpr int kThreads = 256;
 // columns. No division per element.
 constexpr int kBiasRowsPerThread = 8;
 constexpr int kBiasGroupRows = kColumnRowGroups * kBiasRowsPerThread;
-__global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* __restrict__ post,
-                                               const float* __restrict__ bias, int N, int D, Act act) {
+// pre null: post holds the product and is overwritten.
+__global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* post, const float* __restrict__ bias,
+                                               int N, int D, Act act) {
   chain_after_prior_grids();
   const int c = blockIdx.x * kColumnTile + threadIdx.x;
   const int64_t m = blockIdx.z;
   if (c >= D) return;
   const float b = bias[m * D + c];
+  const float* product = pre ? pre : post;
   for (int first = blockIdx.y * kBiasGroupRows + threadIdx.y; first < N; first += gridDim.y * kBiasGroupRows) {
     float x[kBiasRowsPerThread];
 #pragma unroll
     for (int k = 0; k < kBiasRowsPerThread; ++k) {
       const int r = first + k * kColumnRowGroups;
-      x[k] = r < N ? pre[(m * N + r) * D + c] : 0.0f;
+      x[k] = r < N ? product[(m * N + r) * D + c] : 0.0f;
     }
 #pragma unroll
     for (int k = 0; k < kBiasRowsPerThread; ++k) {
@@ -43,7 +45,7 @@ __global__ void bias_activation_forward_kernel(float* __restrict__ pre, float* _
       if (r >= N) break;
       const int64_t i = (m * N + r) * D + c;
       const float v = x[k] + b;
-      pre[i] = v;
+      if (pre) pre[i] = v;
       post[i] = activate(v, act);
     }
   }

@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads * (per_row(kEpilogue) ? kRowGroups : 
         const int64_t at = (m * p.R + r) * p.P + c;
         if (kEpilogue == Epilogue::bias_activation) {
           const float pre = acc[i][j] + p.bias[m * p.P + c];
-          p.out[at] = pre;
+          if (p.out) p.out[at] = pre;
           p.post[at] = activate(pre, p.act);
         } else {
           p.out[at] = acc[i][j] * activation_derivative(p.pre[at], p.act);
@@ -369,7 +369,7 @@ struct MlpProduct {
   const float* w2;   // out_w [M, C, D] (forward, read as W^T), or fc_w [M, D, C]
   const float* b1;   // forward: fc_b [M, D]
   const float* pre;  // backward: [M, R, D]
-  float* hidden;     // pre (forward) or dpre (backward), [M, R, D]
+  float* hidden;     // pre (forward; null: not kept) or dpre (backward), [M, R, D]
   float* post;       // forward: act(pre)
   int D;
   Act act;
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
         } else {
           const float pre = acc[i][j] + operand[i][j];
           h[i] = activate(pre, p.act);
-          p.hidden[at] = pre;
+          if (p.hidden) p.hidden[at] = pre;
           p.post[at] = h[i];
         }
       }
@@ -614,7 +614,7 @@ void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const f
 void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
                                const float* bias, int M, int N, int C, int OC, Act act, bool apart) {
   if (apart || !is_small(M, N, OC, C)) {
-    matmul_forward(handle, pre, inp, weight, M, N, C, OC);
+    matmul_forward(handle, pre ? pre : post, inp, weight, M, N, C, OC);
     return bias_activation_forward(pre, post, bias, M, N, OC, act, stream_of(handle));
   }
   SmallProduct p = product(pre, inp, weight, N, OC, C);

@@ -65,6 +65,11 @@ class Gpu : public ::testing::Test {
     for (size_t i = 0; i < gpu.size(); ++i) ASSERT_TRUE(std::isfinite(gpu[i])) << what << ": element " << i;
     EXPECT_LT(relative_error(gpu, cpu), tol) << what;
   }
+  // A poisoned buffer that nothing wrote.
+  void expect_unwritten(const cuda::DeviceBuffer<float>& d, const std::string& what) {
+    const std::vector<float> host = down(d);
+    for (size_t i = 0; i < host.size(); ++i) ASSERT_TRUE(std::isnan(host[i])) << what << ": element " << i;
+  }
   std::unique_ptr<cuda::Stream> stream;  // made after the device check
 };
 
@@ -199,7 +204,8 @@ std::vector<Shape> mlp_product_shapes() {
   return shapes_and({{1, 40, 100, 48, 1, 1, 300}, {1, 40, 100, 300, 1, 1, 48}, {2, 3, 5, 600, 1, 1, 9}});
 }
 
-// pre = inp W1^T + b1 and post = act(pre) forward; dpre = (dout W2) act'(pre) backward.
+// pre = inp W1^T + b1 and post = act(pre) forward; dpre = (dout W2) act'(pre) backward;
+// for ReLU also with pre not kept, the backward taking post.
 TEST_F(Gpu, MatmulActivationEpilogues) {
   cuda::CublasHandle handle(stream->get(), false);
   for (const Shape& s : mlp_product_shapes()) {
@@ -209,13 +215,15 @@ TEST_F(Gpu, MatmulActivationEpilogues) {
     const auto b1 = random_vector<float>(size_t(s.M) * D, 73), w2 = random_vector<float>(size_t(s.M) * C * D, 74);
     const auto dout = random_vector<float>(size_t(s.M) * N * C, 75);
     auto d_inp = up(inp), d_w1 = up(w1), d_b1 = up(b1), d_w2 = up(w2), d_dout = up(dout);
-    for (cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
+    for (const auto& [act, keep_pre] : {std::pair{cuda::Act::relu, false}, std::pair{cuda::Act::relu, true},
+                                       std::pair{cuda::Act::gelu, true}}) {
+      SCOPED_TRACE(keep_pre ? "pre kept" : "pre not kept");
       const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
       auto d_pre = poisoned(n), d_post = poisoned(n), d_dpre = poisoned(n);
-      cuda::matmul_forward_activation(handle.get(), d_pre.data(), d_post.data(), d_inp.data(), d_w1.data(),
-                                      d_b1.data(), s.M, N, C, D, act);
-      cuda::matmul_backward_input_activation(handle.get(), d_dpre.data(), d_dout.data(), d_w2.data(), d_pre.data(),
-                                             s.M, N, D, C, act);
+      cuda::matmul_forward_activation(handle.get(), keep_pre ? d_pre.data() : nullptr, d_post.data(), d_inp.data(),
+                                      d_w1.data(), d_b1.data(), s.M, N, C, D, act);
+      cuda::matmul_backward_input_activation(handle.get(), d_dpre.data(), d_dout.data(), d_w2.data(),
+                                             keep_pre ? d_pre.data() : d_post.data(), s.M, N, D, C, act);
       std::vector<float> pre(n), post(n), dpost(n), dpre(n);
       cpu::matmul_forward(pre.data(), inp.data(), w1.data(), b1.data(), s.M, N, C, D);
       cpu::activation_forward(post.data(), pre.data(), n, cpu_act);
@@ -223,7 +231,8 @@ TEST_F(Gpu, MatmulActivationEpilogues) {
       cpu::matmul_backward(dpost.data(), dw2.data(), static_cast<float*>(nullptr), dout.data(), post.data(), w2.data(),
                            s.M, N, D, C);
       cpu::activation_backward(dpre.data(), dpost.data(), pre.data(), n, cpu_act);
-      expect_close(down(d_pre), pre, kFp32, "pre");
+      if (keep_pre) expect_close(down(d_pre), pre, kFp32, "pre");
+      else expect_unwritten(d_pre, "pre");
       expect_close(down(d_post), post, kFp32, "post");
       expect_close(down(d_dpre), dpre, kFp32, "dpre");
     }
@@ -340,7 +349,9 @@ TEST_F(Gpu, MlpSublayer) {
     auto d_pre = poisoned(h), d_post = poisoned(h), d_resid_out = poisoned(n), d_next = poisoned(n),
          d_next_mean = poisoned(size_t(M) * N), d_next_rstd = poisoned(size_t(M) * N), d_dpre = poisoned(h),
          d_dln2 = poisoned(n), d_dresid_mid = poisoned(n);
-    for (const cuda::Act act : {cuda::Act::relu, cuda::Act::gelu}) {
+    for (const auto& [act, keep_pre] : {std::pair{cuda::Act::relu, false}, std::pair{cuda::Act::relu, true},
+                                       std::pair{cuda::Act::gelu, true}}) {
+      SCOPED_TRACE(keep_pre ? "pre kept" : "pre not kept, the backward taking post");
       const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
       cuda::MlpSublayer mlp{};
       mlp.ln2 = d_ln2.data(), mlp.fc_w = d_fc_w.data(), mlp.fc_b = d_fc_b.data(), mlp.out_w = d_out_w.data();
@@ -350,7 +361,9 @@ TEST_F(Gpu, MlpSublayer) {
       mlp.next_rstd = d_next_rstd.data(), mlp.dresid_out = d_dresid.data(), mlp.ln2_w = d_ln2_w.data();
       mlp.ln2_mean = d_ln2_mean.data(), mlp.ln2_rstd = d_ln2_rstd.data(), mlp.dpre = d_dpre.data();
       mlp.dln2 = d_dln2.data(), mlp.dresid_mid = d_dresid_mid.data(), mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = act;
+      if (!keep_pre) mlp.pre = nullptr;
       cuda::mlp_forward(handle.get(), mlp, M);
+      if (!keep_pre) mlp.pre = d_post.data();
       cuda::mlp_backward(handle.get(), mlp, M);
 
       std::vector<float> pre(h), post(h), resid_out(n), next(n), next_mean(size_t(M) * N), next_rstd(next_mean.size());
@@ -369,7 +382,8 @@ TEST_F(Gpu, MlpSublayer) {
                            std::vector<float>(n).data(), fc_w.data(), M, N, C, D);
       cpu::layernorm_backward(dresid_mid.data(), unused_dnorm.data(), std::vector<float>(unused_dnorm.size()).data(),
                               dln2.data(), resid_mid.data(), ln2_w.data(), ln2_mean.data(), ln2_rstd.data(), M, N, C);
-      expect_close(down(d_pre), pre, kFp32, "pre");
+      if (keep_pre) expect_close(down(d_pre), pre, kFp32, "pre");
+      else expect_unwritten(d_pre, "pre");  // the first case: nothing wrote it yet
       expect_close(down(d_post), post, kFp32, "post");
       expect_close(down(d_resid_out), resid_out, kFp32, "resid_out");
       expect_close(down(d_next), next, kFp32, "next norm");

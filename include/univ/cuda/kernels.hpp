@@ -96,6 +96,7 @@ void matmul_forward(cublasHandle_t handle, float* out, const float* inp, const f
                     int OC);
 // pre = inp weight^T + bias[M,OC]; post = act(pre) (exact GELU, as PyTorch). In the own
 // kernel where the product is small, unless apart (then cuBLAS and the epilogue kernel).
+// pre null: not kept (a ReLU's backward takes post for it: relu'(pre) = relu'(post)).
 void matmul_forward_activation(cublasHandle_t handle, float* pre, float* post, const float* inp, const float* weight,
                                const float* bias, int M, int N, int C, int OC, Act act, bool apart = false);
 // dinp[M,N,C] = dout[M,N,OC] weight (overwritten).
@@ -157,8 +158,9 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // prepare_mlp_kernels() lets the kernel take that memory: once per device, before the
 // first launch, not during graph capture). Forward: pre[M,N,D] = ln2 fc_w^T + fc_b,
 // post = act(pre), resid_out[M,N,C] = post out_w^T + out_b + resid_mid, then next_ln,
-// next_mean, next_rstd: the layer norm after it (next_w, next_b). Backward, from
-// dresid_out (and pre, resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
+// next_mean, next_rstd: the layer norm after it (next_w, next_b); pre null: not kept, as
+// matmul_forward_activation's. Backward, from dresid_out (and pre, or a ReLU's post,
+// resid_mid and the norm's ln2_w, ln2_mean, ln2_rstd): dpre =
 // (dresid_out out_w) * act'(pre), dln2 = dpre fc_w, dresid_mid = dresid_out + the
 // gradient through that norm. Row products of the same N rows run in the same kernel
 // where they fit too (else apart, in order): `before` the MLP, the one that makes its
@@ -191,7 +193,8 @@ void matmul_backward_weight(cublasHandle_t handle, float* dweight, ColumnSums& s
                             const float* inp, int M, int N, int C, int OC);
 
 // bias.cu: the MLP's epilogues and the column sums' stage 2 -----------------------------
-// pre[M,N,D] += bias[M,D]; post = act(pre) (exact GELU, as PyTorch).
+// pre[M,N,D] += bias[M,D]; post = act(pre) (exact GELU, as PyTorch). pre null: post
+// holds the product and becomes act(product + bias) in place.
 void bias_activation_forward(float* pre, float* post, const float* bias, int M, int N, int D, Act act,
                              cudaStream_t stream);
 // dpre[n] *= act'(pre[n]).
