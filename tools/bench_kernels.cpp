@@ -2,7 +2,7 @@
 // median of many launches) beside the card's measured copy bandwidth and GEMM rate,
 // whole training steps per configuration, the correlation statistics and the seed
 // experiment's whole correlation step. Tables on stdout; --json FILE also writes them
-// for machines.
+// for machines. --timeline instead traces queued training steps kernel by kernel.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
