@@ -220,31 +220,67 @@ __device__ void norm_param_partials(const SmallProduct& p, const float* sums, in
   p.norm_partials[int64_t(gridDim.z) * tiles * p.P + at] = db;
 }
 
+// Where a thread's 16 values acc[t][e] of its group's 32 x 64 tile sit (tid: its rank
+// in the group). Fp32Tile, the products' float32 layout: thread (tx, ty) holds rows 4 ty
+// + t and columns 4 tx + e. Tf32Tile, the tensor cores': warp w of the group holds
+// columns 16 w .. 16 w + 15 as four 16 x 8 tiles, t = 2 (row half) + column half, each
+// in mma_tf32's d layout (e = 0, 1: row g, columns 2c, 2c + 1; e = 2, 3: row g + 8).
+// kRun values in a row are adjacent, starting at even e.
+struct Fp32Tile {
+  static constexpr int kRun = 4;
+  __device__ static int row(int tid, int t, int) { return 4 * (tid / kThreadsX) + t; }
+  __device__ static int col(int tid, int, int e) { return 4 * (tid % kThreadsX) + e; }
+};
+struct Tf32Tile {
+  static constexpr int kRun = 2;
+  __device__ static int row(int tid, int t, int e) { return 16 * (t / 2) + tid % kWarpSize / 4 + 8 * (e / 2); }
+  __device__ static int col(int tid, int t, int e) {
+    return 16 * (tid / kWarpSize) + 8 * (t % 2) + 2 * (tid % 4) + e % 2;
+  }
+};
+
+// Values e .. e + Layout::kRun - 1 of acc[t] as one vector at `at` (16- or 8-byte aligned),
+// or added from there.
+template <class Layout>
+__device__ void store_run(float* at, const float (&v)[4], int e) {
+  if constexpr (Layout::kRun == 4) *reinterpret_cast<float4*>(at) = make_float4(v[0], v[1], v[2], v[3]);
+  else *reinterpret_cast<float2*>(at) = make_float2(v[e], v[e + 1]);
+}
+template <class Layout>
+__device__ void add_run(float (&v)[4], const float* at, int e) {
+  if constexpr (Layout::kRun == 4) {
+    const float4 s = *reinterpret_cast<const float4*>(at);
+    v[0] += s.x, v[1] += s.y, v[2] += s.z, v[3] += s.w;
+  } else {
+    const float2 s = *reinterpret_cast<const float2*>(at);
+    v[e] += s.x, v[e + 1] += s.y;
+  }
+}
+
 // After the groups' products of one tile: groups 1.. leave their sums in `sums` (room
 // the tiles no longer need); group 0 adds them in order into group 1's place, each
 // element read and written by one thread; then a warp per row runs the row epilogue.
-template <Epilogue kEpilogue>
-__device__ void finish_rows(const float (&acc)[4][4], float* sums, const SmallProduct& p, int64_t m, int row0,
-                            int groups, int col0 = 0) {
+template <Epilogue kEpilogue, class Layout = Fp32Tile>
+__device__ void finish_rows(float (&acc)[4][4], float* sums, const SmallProduct& p, int64_t m, int row0, int groups,
+                            int col0 = 0) {
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
-  const int tx = tid % kThreadsX, ty = tid / kThreadsX;
-  auto sum_at = [&](int g, int i) {  // row 4 ty + i, columns 4 tx .. of group g + 1's sums
-    return reinterpret_cast<float4*>(sums + (g * kTileRows + 4 * ty + i) * kRowLd + 4 * tx);
+  auto sum_at = [&](int g, int t, int e) {  // value acc[t][e]'s place in group g + 1's sums
+    return sums + (g * kTileRows + Layout::row(tid, t, e)) * kRowLd + Layout::col(tid, t, e);
   };
   if (group > 0)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) *sum_at(group - 1, i) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; e += Layout::kRun) store_run<Layout>(sum_at(group - 1, t, e), acc[t], e);
   __syncthreads();
   if (group == 0)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float4 total = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-      for (int g = 0; g < groups - 1; ++g) {
-        const float4 s = *sum_at(g, i);
-        total.x += s.x, total.y += s.y, total.z += s.z, total.w += s.w;
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; e += Layout::kRun) {
+        for (int g = 0; g < groups - 1; ++g) add_run<Layout>(acc[t], sum_at(g, t, e), e);
+        store_run<Layout>(sum_at(0, t, e), acc[t], e);
       }
-      *sum_at(0, i) = total;
-    }
   __syncthreads();
   // Every lane of a warp takes the same rows.
   for (int r = threadIdx.x / kWarpSize; r < kTileRows && row0 + r < p.R; r += blockDim.x / kWarpSize)
@@ -409,19 +445,41 @@ __device__ void stage_slice(float* dst, const float* __restrict__ w, int64_t k_s
 }
 
 // acc += the group's 32 x 64 tile of a [k][row] (row stride kAStride) times b
-// [k][column] (kBStride) over k < K, both in shared memory.
-__device__ void shared_tile_product(float (&acc)[4][4], const float* a, const float* b, int K, int tx, int ty) {
+// [k][column] (kBStride) over k < K, both in shared memory, in Layout's values (tid: the
+// thread's rank in its group): float32, or on the tensor cores, 8 k at a time (what lies
+// past K in the last 8 must be zero), the operands rounded to TF32 as they are read.
+template <class Layout>
+__device__ void shared_tile_product(float (&acc)[4][4], const float* a, const float* b, int K, int tid) {
+  if constexpr (Layout::kRun == 4) {
+    const int tx = tid % kThreadsX, ty = tid / kThreadsX;
 #pragma unroll 4
-  for (int k = 0; k < K; ++k)
-    add_outer_product(acc, *reinterpret_cast<const float4*>(a + k * kAStride + 4 * ty),
-                      *reinterpret_cast<const float4*>(b + k * kBStride + 4 * tx));
+    for (int k = 0; k < K; ++k)
+      add_outer_product(acc, *reinterpret_cast<const float4*>(a + k * kAStride + 4 * ty),
+                        *reinterpret_cast<const float4*>(b + k * kBStride + 4 * tx));
+  } else {
+    const int g = tid % kWarpSize / 4, c = tid % 4, col0 = 16 * (tid / kWarpSize);
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      const float *a_k = a + (k0 + c) * kAStride, *b_k = b + (k0 + c) * kBStride;
+      float rows[2][4], cols[2][2];  // mma_tf32's a of rows 16 h.., b of columns col0 + 8 h..
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 16 * h + g, n = col0 + 8 * h + g;
+        rows[h][0] = round_tf32(a_k[r]), rows[h][1] = round_tf32(a_k[r + 8]);
+        rows[h][2] = round_tf32(a_k[4 * kAStride + r]), rows[h][3] = round_tf32(a_k[4 * kAStride + r + 8]);
+        cols[h][0] = round_tf32(b_k[n]), cols[h][1] = round_tf32(b_k[4 * kBStride + n]);
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) mma_tf32(acc[t], rows[t / 2], cols[t % 2]);
+    }
+  }
 }
 
 // The forward with its three kinds of row stages spilled at 64 registers (ptxas,
 // sm_90), so both take up to 128, one block per SM: the grids have at most 128 blocks
 // at d_mlp 256 (mlp_fits' limit on outputs), where the weights fill most of an SM's
-// shared memory anyway.
-template <bool kBackward>
+// shared memory anyway. Layout: the two products in float32 (Fp32Tile) or on the tensor
+// cores (Tf32Tile, --precision tf32); the row stages are float32 either way.
+template <bool kBackward, class Layout>
 __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const MlpProduct p) {
   chain_after_prior_grids();
   static_assert(kHiddenLd == kAStride, "the second product reads the hidden columns as its first operand");
@@ -430,7 +488,6 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
   float* input = storage + kMlpStorage;  // [k][row]
   float* slices = input + kMlpInput;
   const int tid = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
-  const int tx = tid % kThreadsX, ty = tid / kThreadsX;
   const int64_t m = blockIdx.z;
   const int row0 = blockIdx.y * kTileRows, R = p.rows.R, C = p.rows.P, D = p.D, groups = mlp_groups(D);
   // The weights' slices: group g's first at slices + g kMlpSlice, its second after all
@@ -448,16 +505,18 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
       stage_slice(second_slice, w2 + first, 1, D, hidden_columns, C);
     }
   }
-  // The element epilogue's operands of this thread's 4 x 4 hidden values, loaded now:
+  // The element epilogue's operands of this thread's 16 hidden values, loaded now:
   // nothing in this kernel writes them.
   const bool holds_hidden = kTileCols * group < D;
+  auto hidden_row = [&](int t, int e) { return row0 + Layout::row(tid, t, e); };
+  auto hidden_col = [&](int t, int e) { return kTileCols * group + Layout::col(tid, t, e); };
   float operand[4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int t = 0; t < 4; ++t)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = row0 + 4 * ty + i, c = kTileCols * group + 4 * tx + j;
-      operand[i][j] = r >= R || c >= D ? 0.0f : kBackward ? p.pre[(m * R + r) * D + c] : p.b1[m * D + c];
+    for (int e = 0; e < 4; ++e) {
+      const int r = hidden_row(t, e), c = hidden_col(t, e);
+      operand[t][e] = r >= R || c >= D ? 0.0f : kBackward ? p.pre[(m * R + r) * D + c] : p.b1[m * D + c];
     }
   if (p.has_before) {
     row_tile<!kBackward, kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(p.before, m, row0,
@@ -474,36 +533,47 @@ __global__ void __launch_bounds__(kThreads * kRowGroups, 1) mlp_kernel(const Mlp
   float acc[4][4] = {};
   float* hidden = storage + group * kTileCols * kHiddenLd;  // [k][row]
   if (holds_hidden) {
-    shared_tile_product(acc, input, slices + group * kMlpSlice, C, tx, ty);
+    // the tensor cores take 8 k at a time: the input and the slice are zero past C
+    shared_tile_product<Layout>(acc, input, slices + group * kMlpSlice, Layout::kRun == 4 ? C : ceil_div(C, 8) * 8,
+                                tid);
+    float h[4][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c = kTileCols * group + 4 * tx + j;
-      float h[4];
+    for (int t = 0; t < 4; ++t)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = row0 + 4 * ty + i;
+      for (int e = 0; e < 4; ++e) {
+        const int r = hidden_row(t, e), c = hidden_col(t, e);
         const int64_t at = (m * R + r) * D + c;
-        h[i] = 0.0f;  // rows and columns past the edges add nothing below
+        h[t][e] = 0.0f;  // rows and columns past the edges add nothing below
         if (r >= R || c >= D) continue;
         if (kBackward) {
-          h[i] = acc[i][j] * activation_derivative(operand[i][j], p.act);
-          p.hidden[at] = h[i];
+          h[t][e] = acc[t][e] * activation_derivative(operand[t][e], p.act);
+          p.hidden[at] = h[t][e];
         } else {
-          const float pre = acc[i][j] + operand[i][j];
-          h[i] = activate(pre, p.act);
+          const float pre = acc[t][e] + operand[t][e];
+          h[t][e] = activate(pre, p.act);
           if (p.hidden) p.hidden[at] = pre;
-          p.post[at] = h[i];
+          p.post[at] = h[t][e];
         }
       }
-      *reinterpret_cast<float4*>(hidden + (4 * tx + j) * kHiddenLd + 4 * ty) = make_float4(h[0], h[1], h[2], h[3]);
-    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float* at = hidden + Layout::col(tid, t, e) * kHiddenLd + Layout::row(tid, t, e);
+        if constexpr (Layout::kRun == 4) {  // a column's four rows at once
+          if (t == 0) *reinterpret_cast<float4*>(at) = make_float4(h[0][e], h[1][e], h[2][e], h[3][e]);
+        } else {
+          *at = h[t][e];
+        }
+      }
   }
   __syncthreads();  // a group's threads read each other's hidden columns
   float out[4][4] = {};
-  if (holds_hidden) shared_tile_product(out, hidden, slices + (groups + group) * kMlpSlice, kTileCols, tx, ty);
+  if (holds_hidden)
+    shared_tile_product<Layout>(out, hidden, slices + (groups + group) * kMlpSlice, kTileCols, tid);
   __syncthreads();  // every group's hidden columns are read before the sums overwrite them
-  finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm>(out, storage, p.rows, m, row0,
-                                                                                    kRowGroups);
+  finish_rows<kBackward ? Epilogue::layernorm_backward : Epilogue::add_layernorm, Layout>(out, storage, p.rows, m,
+                                                                                            row0, kRowGroups);
   if constexpr (kBackward) {
     if (p.after_count > 0) {
       __syncthreads();
@@ -761,16 +831,18 @@ void launch_mlp(cublasHandle_t handle, const MlpSublayer& s, int M, MlpProduct p
   p.has_before = s.before != nullptr, p.after_count = s.after_count;
   if (s.before) p.before = rows_kernel_product(*s.before, M);
   for (int i = 0; i < s.after_count; ++i) p.after[i] = rows_kernel_product(s.after[i], M);
-  launch_chained(mlp_kernel<kBackward>, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups,
-                 mlp_shared_bytes(s.D), stream_of(handle), p);
+  auto kernel = s.tf32 ? mlp_kernel<kBackward, Tf32Tile> : mlp_kernel<kBackward, Fp32Tile>;
+  launch_chained(kernel, dim3(1, ceil_div(s.N, kTileRows), M), kThreads * kRowGroups, mlp_shared_bytes(s.D),
+                 stream_of(handle), p);
 }
 
 }  // namespace
 
 void prepare_mlp_kernels() {
   const int bytes = static_cast<int>(shared_memory_optin_limit());
-  UNIV_CUDA_CHECK(cudaFuncSetAttribute(mlp_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  UNIV_CUDA_CHECK(cudaFuncSetAttribute(mlp_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  for (auto kernel : {mlp_kernel<false, Fp32Tile>, mlp_kernel<true, Fp32Tile>, mlp_kernel<false, Tf32Tile>,
+                      mlp_kernel<true, Tf32Tile>})
+    UNIV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M) {

@@ -32,6 +32,7 @@ using testing::relative_error;
 using testing::TempDir;
 
 constexpr double kFp32 = 1e-5;  // float32 kernels against float32 CPU ops, other summation orders
+constexpr double kTf32 = 3e-3;  // TF32 operands (10 fraction bits), float32 sums
 
 class Gpu : public ::testing::Test {
  protected:
@@ -328,7 +329,8 @@ TEST_F(Gpu, MatmulRowEpilogues) {
 // The MLP sublayer each way (one kernel where d_model <= 64 and d_mlp <= 256; on the
 // last two shapes, d_mlp 300 and d_model 80, the products apart), against the CPU ops:
 // forward from ln2 = norm(resid_mid) to the next norm, backward from the gradient at
-// its output to the gradient at resid_mid.
+// its output to the gradient at resid_mid; with ReLU also without pre kept, and with
+// the kernel's products on the tensor cores (a TF32 tolerance).
 TEST_F(Gpu, MlpSublayer) {
   cuda::CublasHandle handle(stream->get(), false);
   for (const Shape& s : shapes_and({{2, 3, 7, 40, 1, 20, 300}, {1, 2, 5, 80, 1, 90, 100}})) {
@@ -349,9 +351,16 @@ TEST_F(Gpu, MlpSublayer) {
     auto d_pre = poisoned(h), d_post = poisoned(h), d_resid_out = poisoned(n), d_next = poisoned(n),
          d_next_mean = poisoned(size_t(M) * N), d_next_rstd = poisoned(size_t(M) * N), d_dpre = poisoned(h),
          d_dln2 = poisoned(n), d_dresid_mid = poisoned(n);
-    for (const auto& [act, keep_pre] : {std::pair{cuda::Act::relu, false}, std::pair{cuda::Act::relu, true},
-                                       std::pair{cuda::Act::gelu, true}}) {
-      SCOPED_TRACE(keep_pre ? "pre kept" : "pre not kept, the backward taking post");
+    struct Case {
+      cuda::Act act;
+      bool keep_pre, tf32;
+    };
+    for (const Case& k : {Case{cuda::Act::relu, false, false}, Case{cuda::Act::relu, true, false},
+                          Case{cuda::Act::gelu, true, false}, Case{cuda::Act::gelu, true, true}}) {
+      const auto [act, keep_pre, tf32] = k;
+      SCOPED_TRACE(std::string(keep_pre ? "pre kept" : "pre not kept, the backward taking post") +
+                   (tf32 ? ", the MLP's products in TF32" : ""));
+      const double tol = tf32 ? kTf32 : kFp32;
       const Activation cpu_act = act == cuda::Act::relu ? Activation::relu : Activation::gelu;
       cuda::MlpSublayer mlp{};
       mlp.ln2 = d_ln2.data(), mlp.fc_w = d_fc_w.data(), mlp.fc_b = d_fc_b.data(), mlp.out_w = d_out_w.data();
@@ -361,6 +370,7 @@ TEST_F(Gpu, MlpSublayer) {
       mlp.next_rstd = d_next_rstd.data(), mlp.dresid_out = d_dresid.data(), mlp.ln2_w = d_ln2_w.data();
       mlp.ln2_mean = d_ln2_mean.data(), mlp.ln2_rstd = d_ln2_rstd.data(), mlp.dpre = d_dpre.data();
       mlp.dln2 = d_dln2.data(), mlp.dresid_mid = d_dresid_mid.data(), mlp.N = N, mlp.C = C, mlp.D = D, mlp.act = act;
+      mlp.tf32 = tf32;
       if (!keep_pre) mlp.pre = nullptr;
       cuda::mlp_forward(handle.get(), mlp, M);
       if (!keep_pre) mlp.pre = d_post.data();
@@ -382,15 +392,15 @@ TEST_F(Gpu, MlpSublayer) {
                            std::vector<float>(n).data(), fc_w.data(), M, N, C, D);
       cpu::layernorm_backward(dresid_mid.data(), unused_dnorm.data(), std::vector<float>(unused_dnorm.size()).data(),
                               dln2.data(), resid_mid.data(), ln2_w.data(), ln2_mean.data(), ln2_rstd.data(), M, N, C);
-      if (keep_pre) expect_close(down(d_pre), pre, kFp32, "pre");
+      if (keep_pre) expect_close(down(d_pre), pre, tol, "pre");
       else expect_unwritten(d_pre, "pre");  // the first case: nothing wrote it yet
-      expect_close(down(d_post), post, kFp32, "post");
-      expect_close(down(d_resid_out), resid_out, kFp32, "resid_out");
-      expect_close(down(d_next), next, kFp32, "next norm");
-      expect_close(down(d_next_rstd), next_rstd, kFp32, "next rstd");
-      expect_close(down(d_dpre), dpre, kFp32, "dpre");
-      expect_close(down(d_dln2), dln2, kFp32, "dln2");
-      expect_close(down(d_dresid_mid), dresid_mid, kFp32, "dresid_mid");
+      expect_close(down(d_post), post, tol, "post");
+      expect_close(down(d_resid_out), resid_out, tol, "resid_out");
+      expect_close(down(d_next), next, tol, "next norm");
+      expect_close(down(d_next_rstd), next_rstd, tol, "next rstd");
+      expect_close(down(d_dpre), dpre, tol, "dpre");
+      expect_close(down(d_dln2), dln2, tol, "dln2");
+      expect_close(down(d_dresid_mid), dresid_mid, tol, "dresid_mid");
     }
   }
 }
@@ -509,7 +519,6 @@ TEST_F(Gpu, Attention) {
 // only) and T = 40, and T = 200 at head width 32, whose forward fits and whose
 // backward (200 x 200 score gradients of a head) does not.
 TEST_F(Gpu, AttentionFlash) {
-  constexpr double kTf32 = 3e-3;  // operands of 10 fraction bits, float32 sums
   std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
   shapes.push_back({2, 3, 1, 16, 2, 5, 5});
   shapes.push_back({1, 2, 17, 24, 3, 5, 5});
@@ -1243,7 +1252,7 @@ TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
 }
 
 // In TF32 (cuBLAS's products and the attention on the tensor cores, the head width of 8
-// fitting attention_flash.cu; the MLP's own kernels float32) the steps stay near the
+// fitting attention_flash.cu, and the MLP kernel's two products) the steps stay near the
 // float32 CPU backend's: 20 steps, by sublayers and by op.
 TEST_F(Gpu, Tf32StepsStayNearTheCpuBackend) {
   for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops}) {

@@ -502,7 +502,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     m.pre = a.pre, m.post = a.post, m.resid_out = a.resid_out;
     m.ln2_w = w.ln2_w, m.ln2_mean = a.ln2_mean, m.ln2_rstd = a.ln2_rstd;
     m.N = N, m.C = config_.model.d_model, m.D = config_.model.d_mlp, m.act = to_act(config_.model.activation);
-    m.apart = apart_;
+    m.apart = apart_, m.tf32 = tf32_;
     return m;
   }
 

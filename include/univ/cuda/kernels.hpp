@@ -170,7 +170,8 @@ void run_row_product(cublasHandle_t handle, const RowProduct& p, int M);
 // next_ln (the next layer's QKV product), backward a backward_input reading
 // dresid_mid (the attention's projection). Null: none. With `apart`, every product and
 // row op in launches of their own (cuBLAS, then the epilogue or row kernel), whatever
-// fits.
+// fits. tf32: in the kernel, the MLP's two products on the tensor cores (TF32 operands,
+// float32 sums; the row products stay float32).
 struct MlpSublayer {
   const float *ln2, *fc_w, *fc_b, *out_w, *out_b, *resid_mid, *next_w, *next_b;
   float *pre, *post, *resid_out, *next_ln, *next_mean, *next_rstd;
@@ -181,7 +182,7 @@ struct MlpSublayer {
   const RowProduct* before;
   const RowProduct* after;
   int after_count;  // 0 to 2 (the head) or 1 (linear) forward, 0 or 1 backward
-  bool apart;
+  bool apart, tf32;
 };
 void prepare_mlp_kernels();
 void mlp_forward(cublasHandle_t handle, const MlpSublayer& s, int M);
