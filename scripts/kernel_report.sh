@@ -2,9 +2,10 @@
 # Nsight Compute's detailed report (throughput, occupancy, warp stalls, scheduler,
 # memory tables, shared-memory bank conflicts) for the training kernels whose time is
 # least explained, one launch each: the seed step's chain (the MLP kernel each way, 4 x
-# 35.6 us of a 360 us step on an H100, and the attention each way), and the attention
-# kernels of the large configuration; the attention flash attention's way, in float32
-# and at the large configuration on the tensor cores under --precision tf32. Writes
+# 35.6 us of a 360 us step on an H100, in float32 and with its products on the tensor
+# cores, and the attention each way), and the attention kernels of the large
+# configuration; the attention flash attention's way, in float32 and at the large
+# configuration on the tensor cores under --precision tf32. Writes
 # ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
 # unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
@@ -32,8 +33,11 @@ profile() {  # profile KERNEL_REGEX PROGRAM ARGS...: the first launch whose dema
     --print-kernel-base function "$@" >>"$report" 2>&1
 }
 train=("$bin/train_pair" --device cuda --overwrite --test-samples 64 --out "$work/run" --steps 1)
-profile 'mlp_kernel<false>' "${train[@]}" --samples 64
-profile 'mlp_kernel<true>' "${train[@]}" --samples 64
+for precision in fp32 tf32; do
+  tile=$([ "$precision" = tf32 ] && echo Tf32Tile || echo Fp32Tile)
+  profile "mlp_kernel<false, .*$tile>" "${train[@]}" --samples 64 --precision "$precision"
+  profile "mlp_kernel<true, .*$tile>" "${train[@]}" --samples 64 --precision "$precision"
+done
 profile 'attention_forward_flash_kernel<2, false>' "${train[@]}" --samples 64
 profile 'attention_backward_flash_kernel<2, false>' "${train[@]}" --samples 64
 for precision in fp32 tf32; do
