@@ -11,20 +11,35 @@ namespace {
 
 double us(uint64_t ns) { return static_cast<double>(ns) / 1e3; }
 
+// The time some kernel of `stream` (all: any stream) ran, of kernels by start: their
+// intervals' union, which grows by what reaches past the time covered so far.
+double busy_us(const std::vector<KernelSpan>& kernels, const uint32_t* stream) {
+  double busy = 0;
+  uint64_t covered_to = 0;
+  for (const KernelSpan& k : kernels) {
+    if (stream && k.stream != *stream) continue;
+    const uint64_t from = std::max(k.start_ns, covered_to);
+    if (k.end_ns > from) busy += us(k.end_ns - from);
+    covered_to = std::max(covered_to, k.end_ns);
+  }
+  return busy;
+}
+
 StepTimeline make_step(std::vector<KernelSpan> kernels, bool chained) {
   StepTimeline s;
   s.kernels = std::move(kernels);
   const std::vector<KernelSpan>& k = s.kernels;
-  uint64_t covered_to = k.front().start_ns, last_end = 0;
+  uint64_t last_end = 0;
   size_t last = 0;
+  std::set<uint32_t> streams;
   for (size_t i = 0; i < k.size(); ++i) {
     s.kernel_us += us(k[i].end_ns - k[i].start_ns);
-    // by start: the union of the intervals grows by what reaches past covered_to
-    if (k[i].end_ns > covered_to) s.busy_us += us(k[i].end_ns - std::max(k[i].start_ns, covered_to));
-    covered_to = std::max(covered_to, k[i].end_ns);
+    streams.insert(k[i].stream);
     if (k[i].end_ns >= last_end) last_end = k[i].end_ns, last = i;
   }
   s.span_us = us(last_end - k.front().start_ns);
+  s.busy_us = busy_us(k, nullptr);
+  for (const uint32_t stream : streams) s.stream_busy_us.emplace_back(stream, busy_us(k, &stream));
   for (size_t at = last;;) {
     s.chain.push_back(at);
     // the link before: by how late it still held the GPU before `at` started
@@ -94,12 +109,16 @@ std::string short_kernel_name(const std::string& demangled) {
 std::string describe_step(const StepTimeline& s) {
   std::string out;
   char line[256];
-  std::set<uint32_t> streams;
-  for (const KernelSpan& k : s.kernels) streams.insert(k.stream);
   std::snprintf(line, sizeof line,
                 "step: span %.1f us, some kernel running %.1f us (none %.1f us); %zu kernels on %zu streams, %.1f us "
-                "in all\nbounding chain: %zu kernels, %.1f us running, %.1f us between them\n",
-                s.span_us, s.busy_us, s.span_us - s.busy_us, s.kernels.size(), streams.size(), s.kernel_us,
+                "in all\nstreams, us with a kernel running:",
+                s.span_us, s.busy_us, s.span_us - s.busy_us, s.kernels.size(), s.stream_busy_us.size(), s.kernel_us);
+  out += line;
+  for (const auto& [stream, busy] : s.stream_busy_us) {
+    std::snprintf(line, sizeof line, " %u: %.1f", stream, busy);
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "\nbounding chain: %zu kernels, %.1f us running, %.1f us between them\n",
                 s.chain.size(), s.chain_kernel_us, s.chain_gap_us);
   out += line;
   out += "     start      gap     time  stream  kernel\n";

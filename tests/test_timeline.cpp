@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "univ/step_timeline.hpp"
@@ -43,6 +44,7 @@ TEST(StepTimeline, SplitsStepsAndFollowsTheBoundingChain) {
     EXPECT_DOUBLE_EQ(s.span_us, 44.5);
     EXPECT_DOUBLE_EQ(s.kernel_us, 3 + 10 + 20 + 25 + 2);
     EXPECT_DOUBLE_EQ(s.busy_us, 3 + 10 + 25.5 + 2);  // backward and weight_grad overlap
+    EXPECT_EQ(s.stream_busy_us, (std::vector<std::pair<uint32_t, double>>{{1, 3 + 10 + 20 + 2}, {2, 25}}));
     // adamw waited for weight_grad, which started after forward ended (backward still ran)
     EXPECT_EQ(chain_names(s),
               (std::vector<std::string>{"load_queued_step_kernel", "forward", "weight_grad", "adamw"}));
@@ -88,6 +90,7 @@ TEST(StepTimeline, DescribesTheChainAndTheKernels) {
   ASSERT_EQ(steps.size(), 1u);
   const std::string text = univ::describe_step(steps[0]);
   EXPECT_NE(text.find("span 44.5 us"), std::string::npos) << text;
+  EXPECT_NE(text.find("streams, us with a kernel running: 1: 35.0 2: 25.0"), std::string::npos) << text;
   EXPECT_NE(text.find("bounding chain: 4 kernels, 40.0 us running, 4.5 us between them"), std::string::npos) << text;
   EXPECT_NE(text.find("weight_grad"), std::string::npos) << text;
   // the time per kernel, the largest first

@@ -726,8 +726,8 @@ int main(int argc, char** argv) {
   app.add_option("--json", json, "also write the results to this file as one JSON object");
   app.add_flag("--timeline", timeline,
                "instead: record every kernel of 30 queued training steps per configuration (CUPTI) and print the "
-               "median step's span, the chain of kernels that bounded it with the gaps between them, and the time "
-               "per kernel");
+               "median step's span, each stream's busy time, the chain of kernels that bounded it with the gaps "
+               "between them, and the time per kernel");
   app.add_option("--repeats", repeats, "timed launches per kernel (median reported)")->capture_default_str();
   app.add_option("--steps", steps, "timed training steps per configuration")->capture_default_str();
   CLI11_PARSE(app, argc, argv);

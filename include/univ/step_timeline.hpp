@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace univ {
@@ -19,6 +20,7 @@ struct StepTimeline {
   std::vector<KernelSpan> kernels;  // by start
   double span_us = 0;               // the first kernel's start to the last one's end
   double busy_us = 0;               // some kernel running
+  std::vector<std::pair<uint32_t, double>> stream_busy_us;  // the same per stream, by stream
   double kernel_us = 0;             // the kernels' durations added
   // The bounding chain, indices into kernels, first to last: from the kernel that ends
   // last, each link's predecessor is the kernel that ended last before it started (the
@@ -40,8 +42,8 @@ std::vector<StepTimeline> step_timelines(std::vector<KernelSpan> kernels, const 
 // "mlp_kernel<false>".
 std::string short_kernel_name(const std::string& demangled);
 
-// The step as text: its totals, the chain link by link (start, gap, duration, stream),
-// then the time per kernel name, the largest first.
+// The step as text: its totals and each stream's busy time, the chain link by link
+// (start, gap, duration, stream), then the time per kernel name, the largest first.
 std::string describe_step(const StepTimeline& step);
 
 }  // namespace univ
