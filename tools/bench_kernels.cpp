@@ -219,16 +219,10 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
                          M);
     });
     add("mlp_backward", bytes, flops, [&] { k::mlp_backward(h, mlp, M); });
-    add("tf32: mlp_forward", bytes, flops, [&] {  // the kernel's products (or cuBLAS's) on the tensor cores
-      k::MlpSublayer tf32 = mlp;
-      tf32.tf32 = true;
-      k::mlp_forward(h_tf32, tf32, M);
-    });
-    add("tf32: mlp_backward", bytes, flops, [&] {
-      k::MlpSublayer tf32 = mlp;
-      tf32.tf32 = true;
-      k::mlp_backward(h_tf32, tf32, M);
-    });
+    k::MlpSublayer mlp_tf32 = mlp;  // the kernel's products (or cuBLAS's) on the tensor cores
+    mlp_tf32.tf32 = true;
+    add("tf32: mlp_forward", bytes, flops, [&] { k::mlp_forward(h_tf32, mlp_tf32, M); });
+    add("tf32: mlp_backward", bytes, flops, [&] { k::mlp_backward(h_tf32, mlp_tf32, M); });
     add("apart: matmul_backward_input_activation + backward_input_layernorm_product", bytes, flops, [&] {
       k::matmul_backward_input_activation(h, mlp.dpre, mlp.dresid_out, mlp.out_w, mlp.pre, M, N, D, C, mlp.act);
       k::run_row_product(h,

@@ -183,7 +183,6 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
         layout_(config.model, config.models),
         training_(training),
         tf32_(precision == Precision::tf32),
-        relu_(config.model.activation == Activation::relu),
         apart_(fusion == CudaFusion::ops),
         chained_(launch == CudaLaunch::chained),
         fused_(fusion == CudaFusion::blocks && config.model.layers > 0 &&
@@ -509,7 +508,8 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // What the backward's activation derivative reads: pre, or a ReLU's post, which the
   // per-op forward of a step keeps instead (relu'(pre) = relu'(post), NaN too: 0), so
   // that it writes one [N, d_mlp] tensor fewer.
-  float* relu_derivative_input(const LayerActs& a) const { return relu_ ? a.post : a.pre; }
+  bool relu() const { return config_.model.activation == Activation::relu; }
+  float* relu_derivative_input(const LayerActs& a) const { return relu() ? a.post : a.pre; }
 
   // Layer l's attention with its products (B sequences per model): the weights and the
   // activations both directions use; the caller sets the bias and the gradients.
@@ -577,7 +577,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       proj.apart = apart_;
       cuda::MlpSublayer mlp = mlp_sublayer(l, w, N);
       mlp.before = &proj;
-      if (for_backward && relu_) mlp.pre = nullptr;  // the backward takes post (relu_derivative_input)
+      if (for_backward && relu()) mlp.pre = nullptr;  // the backward takes post (relu_derivative_input)
       const bool last = l + 1 == c.layers;  // the next norm: the next layer's first, or the final one
       mlp.next_ln = last ? lnf_ : layers_[l + 1].ln1, mlp.next_mean = last ? lnf_mean_ : layers_[l + 1].ln1_mean;
       mlp.next_rstd = last ? lnf_rstd_ : layers_[l + 1].ln1_rstd;
@@ -802,7 +802,6 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   ParamLayout layout_;
   bool training_;
   bool tf32_;
-  bool relu_;
   bool apart_;           // CudaFusion::ops: every product and row op in launches of their own
   bool chained_;         // CudaLaunch::chained: the step graph's kernels launch early where they may
   bool fused_;           // forward_fused_blocks, else forward_per_op
