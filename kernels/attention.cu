@@ -511,8 +511,12 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
     } else if (ln) {
       matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     }
-    if (flash)
-      return attention_forward_flash(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, a.tf32, stream_of(handle));
+    if (flash) {
+      const bool recompute = a.lse && attention_flash_recomputes(a.T, a.C, a.H, a.tf32);
+      return attention_forward_flash(a.out, a.for_backward && !recompute ? a.att : nullptr,
+                                     a.for_backward && recompute ? a.lse : nullptr, a.qkv, a.qkv_b, M, a.B, a.T, a.C,
+                                     a.H, a.tf32, stream_of(handle));
+    }
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));
   }
   ForwardArgs p{};
@@ -526,9 +530,11 @@ void attention_backward_with_products(cublasHandle_t handle, const AttentionWith
   const bool flash = attention_flash_fits(a.T, a.C, a.H, true, a.tf32);
   if (a.apart || flash || !products_fit(a.T, a.C, a.H) || !a.dproj) {
     if (a.dproj) matmul_backward_input(handle, a.datty, a.dproj, a.proj_w, M, a.B * a.T, a.C, a.C);
-    if (flash)
-      return attention_backward_flash(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H, a.tf32,
-                                      stream_of(handle));
+    if (flash) {
+      const bool recompute = a.lse && attention_flash_recomputes(a.T, a.C, a.H, a.tf32);
+      return attention_backward_flash(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, recompute ? nullptr : a.att,
+                                      recompute ? a.lse : nullptr, M, a.B, a.T, a.C, a.H, a.tf32, stream_of(handle));
+    }
     return attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, a.B, a.T, a.C, a.H,
                               stream_of(handle));
   }

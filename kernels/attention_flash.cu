@@ -5,17 +5,20 @@
 // float32 sums: --precision tf32; common.cuh's mma_tf32) or in float32, each lane
 // forming the four elements mma_tf32's layout gives it. The contract of attention.cu's
 // kernels: the QKV bias added on load (qkv stays as it is), the probabilities written
-// for the backward (float32, zero above the diagonal), dqkv overwritten. Heads of width
-// a multiple of 8 up to 64 (float32: 32), whose tiles fit a block's shared memory
-// (attention_flash_fits). Forward: a warp's first pass over its keys finds each query's
-// largest score and sum of exponentials (online, as flash attention); the second forms
-// the scores again, writes the probabilities and adds p v. Backward: a warp per 16
-// queries forms d(scores) = p (dy v^T - dy . out) scale tile by tile (dy . out: flash
-// attention's identity for the sum over keys of p d(p)), adds dq = d(scores) k and
-// leaves d(scores) in shared memory; then a warp per 16 keys adds dv = p^T dy and dk =
-// d(scores)^T q. A warp's queries and its keys in the two phases balance: 2w + 2 key
-// tiles, then T / 8 - 2w query tiles.
+// for the backward (float32, zero above the diagonal), dqkv overwritten; or in TF32
+// each query's log-sum-exp in their place, from which the backward forms them again.
+// Heads of width a multiple of 8 up to 64 (float32: 32), whose tiles fit a block's
+// shared memory (attention_flash_fits). Forward: a warp's first pass over its keys
+// finds each query's largest score and sum of exponentials (online, as flash
+// attention); the second forms the scores again, writes the probabilities and adds p
+// v. Without the probabilities, one pass does both, rescaling its sums as the largest
+// score grows. Backward: a warp per 16 queries forms d(scores) = p (dy v^T - dy . out)
+// scale tile by tile (dy . out: flash attention's identity for the sum over keys of p
+// d(p)), adds dq = d(scores) k and leaves d(scores) in shared memory; then a warp per
+// 16 keys adds dv = p^T dy and dk = d(scores)^T q. A warp's queries and its keys in the
+// two phases balance: 2w + 2 key tiles, then T / 8 - 2w query tiles.
 #include <cmath>
+#include <stdexcept>
 #include <utility>
 
 #include "common.cuh"
@@ -29,6 +32,9 @@ constexpr int kRows = 16;        // queries or keys per warp: the mma's rows
 constexpr int kMaxWarps = 16;    // T up to 256
 constexpr int kMaxSteps = 8;     // head width up to 8 x 8 ...
 constexpr int kMaxFloatSteps = 4;  // ... in float32 up to 8 x 4 (a lane holds two query rows whole)
+// The backward forms the probabilities again up to this head width: beyond it the
+// scores' operands, held beside the products', would leave too few registers.
+constexpr int kMaxRecomputeWidth = 32;
 __host__ __device__ constexpr int padded(int T) { return (T + kRows - 1) / kRows * kRows; }
 
 // Row strides of shared-memory matrices [rows, n] for the two ways a warp's fragment
@@ -199,9 +205,78 @@ __device__ inline void add_score(float& m, float& l, float x) {
   }
 }
 
+// The backward's kRecompute: a 16 x 8 tile of scores s, unscaled (mma_tf32's d layout,
+// rows from row0, columns from col0; rows queries and columns keys, or the other way),
+// made its probabilities exp(s scale - lse), lse[e] the log-sum-exp of element e's
+// query; 0 where the key is past the query or the query at T or past it.
+__device__ inline void probabilities_again(float (&s)[4], const float (&lse)[4], int row0, int col0,
+                                           bool rows_are_queries, int T, float scale) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int row = row0 + acc_row(e), col = col0 + acc_col(e);
+    const int query = rows_are_queries ? row : col, key = rows_are_queries ? col : row;
+    s[e] = key <= query && query < T ? expf(s[e] * scale - lse[e]) : 0.0f;
+  }
+}
+
+// The forward's one pass over the warp's key tiles: each row's running max m and this
+// lane's share of its sum of exponentials l; when m grows, l and the row's out scale by
+// exp(old m - new m). Then out = o / l (rows below T) and lse = m + log l.
+template <int kSteps, bool kTf32>
+__device__ void one_pass(float* out, float* lse, const WarpRows<kSteps, kTf32>& q, const float* k, int ldk,
+                         const float* v, int ldv, int q0, int tiles, int T, int C, float scale) {
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[kSteps][4] = {};
+  for (int nt = 0; nt < tiles; ++nt) {
+    float s[4];
+    score_tile<kSteps, kTf32>(s, q, k, ldk, nt);
+    float top[2] = {m[0], m[1]};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[e] = 8 * nt + acc_col(e) <= q0 + acc_row(e) ? s[e] * scale : -INFINITY;
+      top[e / 2] = fmaxf(top[e / 2], s[e]);
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // over the 4 lanes of the row; finite from the first tile (key 0) on
+      top[r] = fmaxf(top[r], __shfl_xor_sync(kFullMask, top[r], 1));
+      top[r] = fmaxf(top[r], __shfl_xor_sync(kFullMask, top[r], 2));
+      rescale[r] = expf(m[r] - top[r]);
+      m[r] = top[r];
+      l[r] *= rescale[r];
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[e] = expf(s[e] - m[e / 2]);
+      l[e / 2] += s[e];
+#pragma unroll
+      for (int n = 0; n < kSteps; ++n) o[n][e] *= rescale[e / 2];
+    }
+    add_pv<kSteps, kTf32>(o, s, v, ldv, nt);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+#pragma unroll
+  for (int n = 0; n < kSteps; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] /= l[e / 2];
+    store_rows(out, C, q0, T, 8 * n, o[n]);
+  }
+  if (lse && threadIdx.x % 4 == 0)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (q0 + acc_row(2 * r) < T) lse[q0 + acc_row(2 * r)] = m[r] + logf(l[r]);
+}
+
+// With att: two passes over the keys, the probabilities written. Without: one, out
+// rescaled as each row's running max grows (flash attention's), and with lse each
+// query's log-sum-exp of its scaled scores, from which the backward forms them again.
 template <int kSteps, bool kTf32>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
-    attention_forward_flash_kernel(const __grid_constant__ Args p, float* __restrict__ out, float* __restrict__ att) {
+    attention_forward_flash_kernel(const __grid_constant__ Args p, float* __restrict__ out, float* __restrict__ att,
+                                   float* __restrict__ lse) {
   chain_after_prior_grids();
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, hd = C / p.H, Tp = padded(T), ldk = ld_eight_rows(hd), ldv = ld_four_rows(hd);
@@ -216,6 +291,11 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   load_warp_rows<kSteps, kTf32>(q, q0, [&](int t, int i) { return x.value(0, t, i); });
   __syncthreads();
   const int tiles = ceil_div(min(q0 + kRows, T), 8);  // key tiles up to the warp's last query
+  out += seq * T * C + head % p.H * hd;
+  if (!att) {
+    one_pass<kSteps, kTf32>(out, lse ? lse + head * T : nullptr, q, k, ldk, v, ldv, q0, tiles, T, C, p.scale);
+    return;
+  }
 
   // Pass 1: each row's max and sum of exponentials, then over the 4 lanes of its group.
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -262,17 +342,21 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     }
     if (nt < tiles) add_pv<kSteps, kTf32>(o, s, v, ldv, nt);  // (the same for the whole warp)
   }
-  out += seq * T * C + head % p.H * hd;
 #pragma unroll
   for (int n = 0; n < kSteps; ++n) store_rows(out, C, q0, T, 8 * n, o[n]);
 }
 
-template <int kSteps, bool kTf32>
+// kRecompute (TF32 only, head width up to 32): the probabilities formed again, tile by
+// tile, from q, k (b fragments from memory, loaded a tile ahead as the others) and the
+// forward's lse, where the kernel reads them from att otherwise. The shared memory is
+// the same either way.
+template <int kSteps, bool kTf32, bool kRecompute>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     attention_backward_flash_kernel(const __grid_constant__ Args p, float* __restrict__ dqkv,
                                     const float* __restrict__ dout, const float* __restrict__ out,
-                                    const float* __restrict__ att) {
+                                    const float* __restrict__ att, const float* __restrict__ lse) {
   chain_after_prior_grids();
+  static_assert(kTf32 || !kRecompute, "the probabilities are formed again on the tensor cores only");
   extern __shared__ float4 shared4[];
   const int T = p.T, C = p.C, hd = C / p.H, Tp = padded(T);
   const int ldr = ld_four_rows(hd), ldv = ld_eight_rows(hd), ldd = ld_four_rows(Tp);
@@ -281,7 +365,8 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   const HeadQkv x(p.qkv, p.qkv_bias, p.B, p.T, p.C, p.H, head);
   dout += seq * T * C + channel;
   out += seq * T * C + channel;
-  att += head * T * T;
+  if constexpr (kRecompute) lse += head * T;
+  else att += head * T * T;
   dqkv += seq * T * 3 * C + channel;
   float* dy = reinterpret_cast<float*>(shared4);  // [Tp, ldr]
   float* v = dy + Tp * ldr;                       // [Tp, ldv]
@@ -313,25 +398,47 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   // from memory, not from dy)
   WarpRows<kSteps, kTf32> dy_rows;
   load_warp_rows<kSteps, kTf32>(dy_rows, w0, dy_value);
+  // kRecompute: the scores' first operands (the warp's queries, then its keys) and the
+  // log-sum-exp of the lane's two queries in phase 1
+  WarpRows<kRecompute ? kSteps : 1, true> score_rows;
+  float query_lse[4] = {};
+  if constexpr (kRecompute) {
+    load_warp_rows<kSteps, true>(score_rows, w0, x.part(0));
+#pragma unroll
+    for (int e = 0; e < 4; ++e) query_lse[e] = w0 + acc_row(e) < T ? __ldg(lse + w0 + acc_row(e)) : 0.0f;
+  }
+  // the scores' b fragments of tile `tile` of q or k (part): rows 8 tile + g, channels 8 n + c and + 4
+  auto load_score_columns = [&](float (&b)[kSteps][2], int part, int tile) {
+#pragma unroll
+    for (int n = 0; n < kSteps; ++n) {
+      b[n][0] = round_tf32(x.value(part, 8 * tile + g, 8 * n + c));
+      b[n][1] = round_tf32(x.value(part, 8 * tile + g, 8 * n + c + 4));
+    }
+  };
   __syncthreads();
 
   // Phase 1, queries [w0, w0 + 16): d(scores) tile by tile into ds, dq = d(scores) k.
-  // Each tile's operands from memory (its probabilities; in TF32 k's rows as b
-  // fragments) are loaded while the tile before is used: a tile's loads wait on memory
-  // once.
+  // Each tile's operands from memory (its probabilities, or with kRecompute k's rows for
+  // the scores; in TF32 k's rows as b fragments) are loaded while the tile before is
+  // used: a tile's loads wait on memory once.
+  constexpr int kScoreSteps = kRecompute ? kSteps : 1;
   struct QueryTile {
-    float prob[4], k[kTf32 ? kSteps : 1][2];
+    float prob[4], k[kTf32 ? kSteps : 1][2], k_scores[kScoreSteps][2];
   };
   auto load_query_tile = [&](QueryTile& tile, int nt) {
+    if constexpr (kRecompute) {
+      load_score_columns(tile.k_scores, 1, nt);
+    } else {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {  // two keys at once where T is even (aligned, both within T)
-      const int t = w0 + acc_row(2 * r), t2 = 8 * nt + acc_col(2 * r);
-      const float* at = att + int64_t(t) * T + t2;
-      const float2 pair = t >= T || t2 > t ? make_float2(0.0f, 0.0f)
-                          : T % 2 == 0     ? __ldg(reinterpret_cast<const float2*>(at))
-                                           : make_float2(__ldg(at), t2 + 1 <= t ? __ldg(at + 1) : 0.0f);
-      tile.prob[2 * r] = pair.x;
-      tile.prob[2 * r + 1] = t2 + 1 <= t ? pair.y : 0.0f;
+      for (int r = 0; r < 2; ++r) {  // two keys at once where T is even (aligned, both within T)
+        const int t = w0 + acc_row(2 * r), t2 = 8 * nt + acc_col(2 * r);
+        const float* at = att + int64_t(t) * T + t2;
+        const float2 pair = t >= T || t2 > t ? make_float2(0.0f, 0.0f)
+                            : T % 2 == 0     ? __ldg(reinterpret_cast<const float2*>(at))
+                                             : make_float2(__ldg(at), t2 + 1 <= t ? __ldg(at + 1) : 0.0f);
+        tile.prob[2 * r] = pair.x;
+        tile.prob[2 * r + 1] = t2 + 1 <= t ? pair.y : 0.0f;
+      }
     }
     if constexpr (kTf32) {
 #pragma unroll
@@ -349,6 +456,12 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     if (nt + 1 < tiles) load_query_tile(next, nt + 1);
     float d[4] = {};
     if (nt < tiles) {
+      if constexpr (kRecompute) {
+        tile.prob[0] = tile.prob[1] = tile.prob[2] = tile.prob[3] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < kSteps; ++n) mma_tf32(tile.prob, score_rows[n], tile.k_scores[n]);
+        probabilities_again(tile.prob, query_lse, w0, 8 * nt, true, T, p.scale);
+      }
       score_tile<kSteps, kTf32>(d, dy_rows, v, ldv, nt);  // d(p) = dy v^T
 #pragma unroll
       for (int e = 0; e < 4; ++e) d[e] = tile.prob[e] * (d[e] - dot[e / 2]) * p.scale;
@@ -372,32 +485,40 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     for (int n = 0; n < kSteps; ++n) store_rows(dqkv, 3 * C, w0, T, part * C + 8 * n, acc[n]);
   };
   store(0, dq);
+  if constexpr (kRecompute) load_warp_rows<kSteps, true>(score_rows, w0, x.part(1));
   __syncthreads();
 
   // Phase 2, keys [w0, w0 + 16): dv = p^T dy and dk = d(scores)^T q over the queries
   // from w0 on (p and d(scores) are zero above the diagonal). Each query tile's
   // probabilities, p(query, key) at (key row, query column) (TF32: an a fragment; float32:
   // the lane's two key rows at the tile's 8 queries), and in TF32 q's rows (b
-  // fragments), loaded while the tile before is used.
+  // fragments), loaded while the tile before is used; with kRecompute, in place of the
+  // probabilities, q's rows for the scores and the lse of the lane's two queries.
   struct KeyTile {
-    float p[kTf32 ? 1 : 2][kTf32 ? 4 : 8], q[kTf32 ? kSteps : 1][2];
+    float p[kTf32 ? 1 : 2][kTf32 ? 4 : 8], q[kTf32 ? kSteps : 1][2], q_scores[kScoreSteps][2], lse[4];
   };
   auto probability = [&](int t, int t2) { return t < T && t2 < T ? __ldg(att + int64_t(t) * T + t2) : 0.0f; };
   auto load_key_tile = [&](KeyTile& tile, int qt) {
-    if constexpr (kTf32) {
+    if constexpr (kRecompute) {
+      load_score_columns(tile.q_scores, 0, qt);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tile.lse[e] = 8 * qt + acc_col(e) < T ? __ldg(lse + 8 * qt + acc_col(e)) : 0.0f;
+    } else if constexpr (kTf32) {
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         tile.p[0][e] = round_tf32(probability(8 * qt + c + 4 * (e / 2), w0 + g + 8 * (e % 2)));
-#pragma unroll
-      for (int n = 0; n < kSteps; ++n) {
-        tile.q[n][0] = round_tf32(x.value(0, 8 * qt + c, 8 * n + g));
-        tile.q[n][1] = round_tf32(x.value(0, 8 * qt + c + 4, 8 * n + g));
-      }
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < 8; ++j) tile.p[r][j] = probability(8 * qt + j, w0 + g + 8 * r);
+    }
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int n = 0; n < kSteps; ++n) {
+        tile.q[n][0] = round_tf32(x.value(0, 8 * qt + c, 8 * n + g));
+        tile.q[n][1] = round_tf32(x.value(0, 8 * qt + c + 4, 8 * n + g));
+      }
     }
   };
   float dv[kSteps][4] = {}, dk[kSteps][4] = {};
@@ -405,6 +526,13 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   load_key_tile(key_tile, w0 / 8);
   for (int qt = w0 / 8; qt < Tp / 8; ++qt) {
     if (qt + 1 < Tp / 8) load_key_tile(key_next, qt + 1);
+    if constexpr (kRecompute) {  // the scores with the warp's keys as rows: p^T, then an a fragment
+      float scores[4] = {};
+#pragma unroll
+      for (int n = 0; n < kSteps; ++n) mma_tf32(scores, score_rows[n], key_tile.q_scores[n]);
+      probabilities_again(scores, key_tile.lse, w0, 8 * qt, false, T, p.scale);
+      accumulator_as_a(key_tile.p[0], scores);
+    }
     if constexpr (kTf32) {
       float a_ds[4];
 #pragma unroll
@@ -433,25 +561,26 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
 
 // The kernels for head widths 8, 16, ..., 8 kMaxSteps (float32: up to 8 kMaxFloatSteps):
 // instances kSteps = 1, 2, ... of each, indexed by the head width.
-using ForwardKernel = void (*)(Args, float*, float*);
-using BackwardKernel = void (*)(Args, float*, const float*, const float*, const float*);
+using ForwardKernel = void (*)(Args, float*, float*, float*);
+using BackwardKernel = void (*)(Args, float*, const float*, const float*, const float*, const float*);
 template <bool kTf32, int... kStep>
 ForwardKernel forward_kernel(int hd, std::integer_sequence<int, kStep...>) {
   static const ForwardKernel kernels[] = {attention_forward_flash_kernel<kStep + 1, kTf32>...};
   return kernels[hd / 8 - 1];
 }
-template <bool kTf32, int... kStep>
+template <bool kTf32, bool kRecompute, int... kStep>
 BackwardKernel backward_kernel(int hd, std::integer_sequence<int, kStep...>) {
-  static const BackwardKernel kernels[] = {attention_backward_flash_kernel<kStep + 1, kTf32>...};
+  static const BackwardKernel kernels[] = {attention_backward_flash_kernel<kStep + 1, kTf32, kRecompute>...};
   return kernels[hd / 8 - 1];
 }
 ForwardKernel forward_kernel(int hd, bool tf32) {
   return tf32 ? forward_kernel<true>(hd, std::make_integer_sequence<int, kMaxSteps>())
               : forward_kernel<false>(hd, std::make_integer_sequence<int, kMaxFloatSteps>());
 }
-BackwardKernel backward_kernel(int hd, bool tf32) {
-  return tf32 ? backward_kernel<true>(hd, std::make_integer_sequence<int, kMaxSteps>())
-              : backward_kernel<false>(hd, std::make_integer_sequence<int, kMaxFloatSteps>());
+BackwardKernel backward_kernel(int hd, bool tf32, bool recompute) {
+  if (recompute) return backward_kernel<true, true>(hd, std::make_integer_sequence<int, kMaxRecomputeWidth / 8>());
+  return tf32 ? backward_kernel<true, false>(hd, std::make_integer_sequence<int, kMaxSteps>())
+              : backward_kernel<false, false>(hd, std::make_integer_sequence<int, kMaxFloatSteps>());
 }
 
 }  // namespace
@@ -464,6 +593,10 @@ bool attention_flash_fits(int T, int C, int H, bool backward, bool tf32) {
   return floats * sizeof(float) <= shared_memory_optin_limit();
 }
 
+bool attention_flash_recomputes(int T, int C, int H, bool tf32) {
+  return tf32 && C % H == 0 && C / H <= kMaxRecomputeWidth && attention_flash_fits(T, C, H, true, true);
+}
+
 void prepare_attention_flash_kernels() {
   const int bytes = static_cast<int>(shared_memory_optin_limit());
   for (int hd = 8; hd <= 8 * kMaxSteps; hd += 8)
@@ -471,26 +604,33 @@ void prepare_attention_flash_kernels() {
       if (!tf32 && hd > 8 * kMaxFloatSteps) continue;
       UNIV_CUDA_CHECK(
           cudaFuncSetAttribute(forward_kernel(hd, tf32), cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-      UNIV_CUDA_CHECK(
-          cudaFuncSetAttribute(backward_kernel(hd, tf32), cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      for (const bool recompute : {false, true})
+        if (!recompute || (tf32 && hd <= kMaxRecomputeWidth))
+          UNIV_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel(hd, tf32, recompute),
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     }
 }
 
-void attention_forward_flash(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T,
-                             int C, int H, bool tf32, cudaStream_t stream) {
+void attention_forward_flash(float* out, float* att, float* lse, const float* qkv, const float* qkv_bias, int M,
+                             int B, int T, int C, int H, bool tf32, cudaStream_t stream) {
+  if (att && lse) throw std::invalid_argument("attention_forward_flash: att or lse, not both");
   const Args p{qkv, qkv_bias, B, T, C, H, attention_scale(C / H)};
   const ForwardKernel forward_flash = forward_kernel(C / H, tf32);
   launch_chained(forward_flash, M * B * H, padded(T) / kRows * kWarpSize, forward_floats(T, C / H) * sizeof(float),
-                 stream, p, out, att);
+                 stream, p, out, att, lse);
 }
 
 void attention_backward_flash(float* dqkv, const float* dout, const float* out, const float* qkv,
-                              const float* qkv_bias, const float* att, int M, int B, int T, int C, int H, bool tf32,
-                              cudaStream_t stream) {
+                              const float* qkv_bias, const float* att, const float* lse, int M, int B, int T, int C,
+                              int H, bool tf32, cudaStream_t stream) {
+  if (!att == !lse) throw std::invalid_argument("attention_backward_flash: att or lse, one of them");
+  if (lse && !attention_flash_recomputes(T, C, H, tf32))
+    throw std::invalid_argument("attention_backward_flash: lse where the probabilities are not formed again");
   const Args p{qkv, qkv_bias, B, T, C, H, attention_scale(C / H)};
-  const BackwardKernel backward_flash = backward_kernel(C / H, tf32);
+  const bool recompute = lse != nullptr;
+  const BackwardKernel backward_flash = backward_kernel(C / H, tf32, recompute);
   launch_chained(backward_flash, M * B * H, padded(T) / kRows * kWarpSize,
-                 backward_floats(T, C / H, tf32) * sizeof(float), stream, p, dqkv, dout, out, att);
+                 backward_floats(T, C / H, tf32) * sizeof(float), stream, p, dqkv, dout, out, att, lse);
 }
 
 }  // namespace univ::cuda

@@ -5,7 +5,8 @@
 # 35.6 us of a 360 us step on an H100, in float32 and with its products on the tensor
 # cores, and the attention each way), and the attention kernels of the large
 # configuration; the attention flash attention's way, in float32 and at the large
-# configuration on the tensor cores under --precision tf32. Writes
+# configuration on the tensor cores under --precision tf32 (whose backward forms the
+# probabilities again: its third template argument). Writes
 # ${OUT:-gpu-results}/kernels.txt. Uses build-gpu (scripts/gpu_check.sh's build) or,
 # unpacked from scripts/pack_gpu_build.sh's archive, build-gpu-dist.
 set -uo pipefail
@@ -39,11 +40,11 @@ for precision in fp32 tf32; do
   profile "mlp_kernel<true, .*$tile>" "${train[@]}" --samples 64 --precision "$precision"
 done
 profile 'attention_forward_flash_kernel<2, false>' "${train[@]}" --samples 64
-profile 'attention_backward_flash_kernel<2, false>' "${train[@]}" --samples 64
+profile 'attention_backward_flash_kernel<2, false, false>' "${train[@]}" --samples 64
 for precision in fp32 tf32; do
   tf32=$([ "$precision" = tf32 ] && echo true || echo false)
   profile "attention_forward_flash_kernel<4, $tf32>" "${train[@]}" "${large[@]}" --precision "$precision"
-  profile "attention_backward_flash_kernel<4, $tf32>" "${train[@]}" "${large[@]}" --precision "$precision"
+  profile "attention_backward_flash_kernel<4, $tf32, $tf32>" "${train[@]}" "${large[@]}" --precision "$precision"
 done
 rm -rf "$work"
 wc -l "$report"

@@ -487,6 +487,31 @@ std::vector<float> plus_qkv_bias(std::vector<float> qkv, const std::vector<float
   return qkv;
 }
 
+// Each query's log-sum-exp of its scaled scores over the keys up to it, in float64:
+// [M,B,H,T] from qkv [M,B,T,3C] (bias added).
+std::vector<float> reference_lse(const std::vector<float>& qkv, const Shape& s) {
+  const int hd = s.C / s.H;
+  const double scale = 1.0 / std::sqrt(double(hd));
+  std::vector<float> lse(size_t(s.M) * s.B * s.H * s.T);
+  for (int64_t seq = 0; seq < int64_t(s.M) * s.B; ++seq)
+    for (int h = 0; h < s.H; ++h)
+      for (int t = 0; t < s.T; ++t) {
+        std::vector<double> scores(t + 1);
+        for (int t2 = 0; t2 <= t; ++t2) {
+          double dot = 0;
+          for (int i = 0; i < hd; ++i)
+            dot += double(qkv[(seq * s.T + t) * 3 * s.C + h * hd + i]) *
+                   qkv[(seq * s.T + t2) * 3 * s.C + s.C + h * hd + i];
+          scores[t2] = dot * scale;
+        }
+        const double top = *std::max_element(scores.begin(), scores.end());
+        double sum = 0;
+        for (const double x : scores) sum += std::exp(x - top);
+        lse[(seq * s.H + h) * s.T + t] = static_cast<float>(top + std::log(sum));
+      }
+  return lse;
+}
+
 // With and without the QKV bias, which both kernels add as they load (qkv stays as it
 // is); the shapes, and a sequence of seven chunks of 32, the last cut short.
 TEST_F(Gpu, Attention) {
@@ -524,7 +549,7 @@ TEST_F(Gpu, AttentionFlash) {
   shapes.push_back({1, 2, 17, 24, 3, 5, 5});
   shapes.push_back({2, 2, 40, 128, 2, 5, 5});
   shapes.push_back({1, 1, 200, 32, 1, 5, 5});
-  int forwards = 0, backwards = 0;
+  int forwards = 0, backwards = 0, recomputed = 0;
   for (const Shape& s : shapes) for (const bool tf32 : {true, false}) for (const bool with_bias : {false, true}) {
     SCOPED_TRACE("T " + std::to_string(s.T) + ", C " + std::to_string(s.C) + ", H " + std::to_string(s.H) +
                  (tf32 ? ", tf32" : ", float32"));
@@ -545,7 +570,7 @@ TEST_F(Gpu, AttentionFlash) {
     auto d_out = poisoned(out.size()), d_att = poisoned(att.size()), d_dqkv = poisoned(dqkv.size());
     const float* b = with_bias ? d_bias.data() : nullptr;
     const double tol = tf32 ? kTf32 : kFp32;
-    cuda::attention_forward_flash(d_out.data(), d_att.data(), d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, tf32,
+    cuda::attention_forward_flash(d_out.data(), d_att.data(), nullptr, d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, tf32,
                                   stream->get());
     EXPECT_EQ(down(d_qkv), raw);
     expect_close(down(d_out), out, tol, "out");
@@ -556,13 +581,33 @@ TEST_F(Gpu, AttentionFlash) {
         for (int t2 = t + 1; t2 < s.T; ++t2) ASSERT_EQ(got_att[(head * s.T + t) * s.T + t2], 0.0f);
     ++forwards;
     if (!backward_fits) continue;
-    cuda::attention_backward_flash(d_dqkv.data(), d_dout.data(), d_out.data(), d_qkv.data(), b, d_att.data(), s.M,
-                                   s.B, s.T, s.C, s.H, tf32, stream->get());
+    cuda::attention_backward_flash(d_dqkv.data(), d_dout.data(), d_out.data(), d_qkv.data(), b, d_att.data(), nullptr,
+                                   s.M, s.B, s.T, s.C, s.H, tf32, stream->get());
     expect_close(down(d_dqkv), dqkv, tol, "dqkv");
     ++backwards;
+    // One pass, keeping nothing but out, or each query's log-sum-exp, from which the TF32
+    // backward forms the probabilities again (head width up to 32)
+    const bool recomputes = cuda::attention_flash_recomputes(s.T, s.C, s.H, tf32);
+    EXPECT_EQ(recomputes, tf32 && hd <= 32);
+    auto d_out_once = poisoned(out.size()), d_lse = poisoned(size_t(s.M) * s.B * s.H * s.T);
+    auto d_att_unread = poisoned(att.size()), d_dqkv_again = poisoned(dqkv.size());
+    cuda::attention_forward_flash(d_out_once.data(), nullptr, nullptr, d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H, tf32,
+                                  stream->get());
+    expect_close(down(d_out_once), out, tol, "out, one pass");
+    if (!recomputes) continue;
+    cuda::attention_forward_flash(d_out_once.data(), nullptr, d_lse.data(), d_qkv.data(), b, s.M, s.B, s.T, s.C, s.H,
+                                  tf32, stream->get());
+    expect_close(down(d_out_once), out, tol, "out, one pass keeping lse");
+    expect_close(down(d_lse), reference_lse(qkv, s), tol, "lse");
+    cuda::attention_backward_flash(d_dqkv_again.data(), d_dout.data(), d_out_once.data(), d_qkv.data(), b, nullptr,
+                                   d_lse.data(), s.M, s.B, s.T, s.C, s.H, tf32, stream->get());
+    expect_close(down(d_dqkv_again), dqkv, tol, "dqkv, the probabilities formed again");
+    expect_unwritten(d_att_unread, "att");
+    ++recomputed;
   }
   EXPECT_EQ(forwards, 2 * (7 + 6));   // with and without the bias: TF32 three of kShapes and the four added,
   EXPECT_EQ(backwards, 2 * (6 + 5));  // float32 all but T = 40; backward all but T = 200
+  EXPECT_EQ(recomputed, 2 * 5);       // TF32 where the backward runs, but at head width 64
 }
 
 // The MLP sublayer with the row products a step runs beside it (in its kernel where all
@@ -755,7 +800,7 @@ TEST_F(Gpu, AttentionWithProducts) {
       auto d_ln = embed ? poisoned(n) : up(ln), d_encoded = poisoned(n), d_mean = poisoned(rows),
            d_rstd = poisoned(rows);
       auto d_qkv = poisoned(3 * n), d_att = poisoned(probs), d_out = poisoned(n), d_datty = poisoned(n),
-           d_dqkv = poisoned(3 * n);
+           d_dqkv = poisoned(3 * n), d_lse = poisoned(probs / s.T);
       const cuda::EmbeddingNorm embedding{d_ln.data(), d_mean.data(), d_rstd.data(), d_encoded.data(),
                                           d_tokens.data(), d_wte.data(), d_wpe.data(), int64_t(s.T) * C,
                                           d_norm_w.data(), d_norm_b.data(), s.V};
@@ -764,6 +809,9 @@ TEST_F(Gpu, AttentionWithProducts) {
       a.proj_w = d_proj_w.data(), a.dproj = d_dproj.data(), a.qkv = d_qkv.data(), a.att = d_att.data();
       a.out = d_out.data(), a.datty = d_datty.data(), a.dqkv = d_dqkv.data();
       a.embedding = embed ? &embedding : nullptr, a.B = s.B, a.T = s.T, a.C = C, a.H = s.H, a.tf32 = tf32;
+      a.lse = d_lse.data(), a.for_backward = true;
+      const bool flash = cuda::attention_flash_fits(s.T, C, s.H, false, tf32);
+      const bool keeps_lse = flash && cuda::attention_flash_recomputes(s.T, C, s.H, tf32);
       cuda::attention_forward_with_products(handle.get(), a, M);
       cuda::attention_backward_with_products(handle.get(), a, M);
 
@@ -784,7 +832,13 @@ TEST_F(Gpu, AttentionWithProducts) {
       }
       expect_close(down(d_qkv), raw, tol, "qkv");
       expect_close(down(d_out), out, tol, "out");
-      expect_close(down(d_att), att, tol, "att");
+      // what the forward keeps for the backward
+      auto expect_kept = [&](const cuda::DeviceBuffer<float>& d_att_kept, const std::string& what) {
+        if (!keeps_lse) return expect_close(down(d_att_kept), att, tol, "att" + what);
+        expect_unwritten(d_att_kept, "att" + what);
+        expect_close(down(d_lse), reference_lse(qkv, s), tol, "lse" + what);
+      };
+      expect_kept(d_att, "");
       expect_close(down(d_dqkv), dqkv, tol, "dqkv");
       // With dproj null, the backward takes datty as it is (formed by the MLP's kernel).
       auto d_formed = up(datty), d_dqkv_formed = poisoned(3 * n);
@@ -799,8 +853,17 @@ TEST_F(Gpu, AttentionWithProducts) {
         formed_qkv.att = d_att_formed.data();
         cuda::attention_forward_with_products(handle.get(), formed_qkv, M);
         expect_close(down(d_out_formed), out, tol, "out from a formed qkv");
-        expect_close(down(d_att_formed), att, tol, "att from a formed qkv");
+        expect_kept(d_att_formed, " from a formed qkv");
       }
+      // A forward with no backward after it keeps nothing where flash attention runs.
+      auto d_out_only = poisoned(n), d_att_only = poisoned(probs), d_lse_only = poisoned(probs / s.T);
+      cuda::AttentionWithProducts forward_only = a;
+      forward_only.out = d_out_only.data(), forward_only.att = d_att_only.data(), forward_only.lse = d_lse_only.data();
+      forward_only.for_backward = false;
+      cuda::attention_forward_with_products(handle.get(), forward_only, M);
+      expect_close(down(d_out_only), out, tol, "out, forward only");
+      if (flash) expect_unwritten(d_att_only, "att, forward only");
+      expect_unwritten(d_lse_only, "lse, forward only");
     }
 }
 

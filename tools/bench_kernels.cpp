@@ -112,6 +112,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
   auto w = random_device(size_t(M) * std::max(3 * C, std::max(D, V)) * std::max(C, D), s, 0.05f);
   auto bias = random_device(size_t(M) * std::max({3 * C, D, V}), s), dbias = random_device(size_t(M) * std::max({3 * C, D, V}), s);
   auto att = random_device(size_t(M) * B * H * T * T, s), stats = random_device(size_t(rows) * 2, s);
+  auto lse = random_device(size_t(rows) * H, s);  // rewritten by the flash forward's rows before a backward reads it
   auto pos = random_device(size_t(M) * T * C, s), post = random_device(size_t(rows) * D, s);
   std::vector<int32_t> tok(static_cast<size_t>(rows));
   for (size_t i = 0; i < tok.size(); ++i) tok[i] = static_cast<int32_t>(i * 7 % V);
@@ -314,19 +315,28 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
     const std::string suffix = tf32 ? "_flash_tf32" : "_flash";
     if (k::attention_flash_fits(T, C, H, false, tf32))
       add("attention_forward" + suffix, (rows * 4 * C + double(M) * B * H * T * T) * f, att_flops, [&] {
-        k::attention_forward_flash(y.data(), att.data(), x.data(), bias.data(), M, B, T, C, H, tf32, s);
+        k::attention_forward_flash(y.data(), att.data(), nullptr, x.data(), bias.data(), M, B, T, C, H, tf32, s);
       });
     if (k::attention_flash_fits(T, C, H, true, tf32))
       add("attention_backward" + suffix, (rows * 8 * C + double(M) * B * H * T * T) * f, 2 * att_flops, [&] {
-        k::attention_backward_flash(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), M, B, T, C, H,
-                                    tf32, s);
+        k::attention_backward_flash(y.data(), x.data(), x.data(), x.data(), bias.data(), att.data(), nullptr, M, B, T,
+                                    C, H, tf32, s);
       });
+    if (k::attention_flash_recomputes(T, C, H, tf32)) {  // no T x T matrix through memory
+      add("attention_forward" + suffix + " keeping lse", rows * 4 * C * f, att_flops, [&] {
+        k::attention_forward_flash(y.data(), nullptr, lse.data(), x.data(), bias.data(), M, B, T, C, H, tf32, s);
+      });
+      add("attention_backward" + suffix + " from lse", rows * 8 * C * f, 3 * att_flops, [&] {
+        k::attention_backward_flash(y.data(), x.data(), x.data(), x.data(), bias.data(), nullptr, lse.data(), M, B, T,
+                                    C, H, tf32, s);
+      });
+    }
   }
   {  // the attention with its products: one kernel each way where a sequence is one chunk
     auto qkv = random_device(size_t(rows) * 3 * C, s), dqkv = random_device(size_t(rows) * 3 * C, s);
     k::AttentionWithProducts a{};
     a.ln = a.dproj = x.data(), a.qkv_w = a.proj_w = w.data(), a.qkv_b = bias.data(), a.qkv = qkv.data();
-    a.att = att.data(), a.out = y.data(), a.datty = post.data(), a.dqkv = dqkv.data();
+    a.att = att.data(), a.out = y.data(), a.datty = post.data(), a.dqkv = dqkv.data(), a.for_backward = true;
     a.B = B, a.T = T, a.C = C, a.H = H;
     const double qkv_flops = 2 * rows * C * 3 * C, proj_flops = 2 * rows * C * C;
     add("attention_forward_with_products", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
@@ -344,7 +354,7 @@ std::vector<Row> kernel_rows(Bench& b, cublasHandle_t h, cublasHandle_t h_tf32, 
           k::attention_backward(a.dqkv, a.datty, a.out, a.qkv, a.qkv_b, a.att, M, B, T, C, H, s);
         });
     k::AttentionWithProducts on_tensor_cores = a;  // what --precision tf32 runs
-    on_tensor_cores.tf32 = true;
+    on_tensor_cores.tf32 = true, on_tensor_cores.lse = lse.data();
     if (k::attention_flash_fits(T, C, H, false, true))
       add("tf32: attention_forward_with_products", (rows * 8 * C + double(M) * (B * H * T * T + 3 * C * C)) * f,
           att_flops + qkv_flops, [&] { k::attention_forward_with_products(h_tf32, on_tensor_cores, M); });

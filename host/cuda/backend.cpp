@@ -370,7 +370,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
   // qkv holds the QKV bias where the block forward wrote it, not where the attention
   // kernel added it as it loaded.
   struct LayerActs {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *lse, *atty, *resid_mid, *ln2, *ln2_mean, *ln2_rstd, *pre, *post,
         *resid_out;
   };
   // A layer's gradients that the side stream reads: each written once per pass, so the
@@ -387,12 +387,17 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const ModelConfig& c = config_.model;
     const int64_t M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads;
     const int64_t rows = M * config_.batch * T;
+    // The probabilities, unless flash attention runs and its backward (if any) forms them
+    // again from each query's log-sum-exp (attention_with_products)
+    const bool keeps_att = fused_ || !cuda::attention_flash_fits(c.seq_len, c.d_model, c.heads, false, tf32_) ||
+                           (training_ && !cuda::attention_flash_recomputes(c.seq_len, c.d_model, c.heads, tf32_));
     auto& r = arena_;
     r.reserve(encoded_, rows * C);
     layers_.resize(c.layers);
     for (auto& l : layers_) {
       r.reserve(l.ln1, rows * C), r.reserve(l.ln1_mean, rows), r.reserve(l.ln1_rstd, rows);
-      r.reserve(l.qkv, rows * 3 * C), r.reserve(l.att, M * config_.batch * H * T * T), r.reserve(l.atty, rows * C);
+      r.reserve(l.qkv, rows * 3 * C), r.reserve(l.lse, rows * H), r.reserve(l.atty, rows * C);
+      if (keeps_att) r.reserve(l.att, M * config_.batch * H * T * T);
       r.reserve(l.resid_mid, rows * C), r.reserve(l.ln2, rows * C), r.reserve(l.ln2_mean, rows);
       r.reserve(l.ln2_rstd, rows), r.reserve(l.pre, rows * D), r.reserve(l.post, rows * D);
       r.reserve(l.resid_out, rows * C);
@@ -518,6 +523,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const ModelConfig& c = config_.model;
     cuda::AttentionWithProducts att{};
     att.ln = a.ln1, att.qkv_w = w.qkv_w, att.proj_w = w.proj_w, att.qkv = a.qkv, att.att = a.att, att.out = a.atty;
+    att.lse = fused_ ? nullptr : a.lse;  // the block kernels' forward keeps att
     att.datty = datty_, att.B = B, att.T = c.seq_len, att.C = c.d_model, att.H = c.heads, att.apart = apart_;
     att.tf32 = tf32_;
     return att;
@@ -568,6 +574,7 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
       const float* residual = l == 0 ? encoded_ : layers_[l - 1].resid_out;
       cuda::AttentionWithProducts att = attention_with_products(l, w, B);
       att.qkv_b = w.qkv_b;  // added as q, k and v are formed
+      att.for_backward = for_backward;
       cuda::EmbeddingNorm embedding{};
       if (l == 0) embedding = embedding_norm(a.ln1, a.ln1_mean, a.ln1_rstd, w.ln1_w, w.ln1_b), att.embedding = &embedding;
       if (l > 0) att.ln = nullptr;  // qkv formed after the MLP below

@@ -221,14 +221,19 @@ void attention_backward(float* dqkv, const float* dout, const float* out, const 
 // keys, scores in registers), their products on the tensor cores (tf32: TF32 operands,
 // float32 sums) or in float32, where attention_flash_fits: head width a multiple of 8
 // up to 64 (float32: 32), T up to 256, the block's tiles within shared memory (the
-// backward's hold a head's T x T score gradients: T up to 192 at head width 32); the
-// backward in TF32 only.
+// backward's hold a head's T x T score gradients: T up to 192 at head width 32). The
+// forward writes att, or with att null passes over the keys once and writes nothing
+// but out, and with lse [M,B,H,T] each query's log-sum-exp of its scaled scores. The
+// backward reads att, or in TF32 where attention_flash_recomputes (head width up to 32)
+// forms the probabilities again from lse (att null), so that no T x T matrix goes
+// through memory.
 bool attention_flash_fits(int T, int C, int H, bool backward, bool tf32);
-void attention_forward_flash(float* out, float* att, const float* qkv, const float* qkv_bias, int M, int B, int T,
-                             int C, int H, bool tf32, cudaStream_t stream);
+bool attention_flash_recomputes(int T, int C, int H, bool tf32);
+void attention_forward_flash(float* out, float* att, float* lse, const float* qkv, const float* qkv_bias, int M,
+                             int B, int T, int C, int H, bool tf32, cudaStream_t stream);
 void attention_backward_flash(float* dqkv, const float* dout, const float* out, const float* qkv,
-                              const float* qkv_bias, const float* att, int M, int B, int T, int C, int H, bool tf32,
-                              cudaStream_t stream);
+                              const float* qkv_bias, const float* att, const float* lse, int M, int B, int T, int C,
+                              int H, bool tf32, cudaStream_t stream);
 // The first layer's norm of the embedding as embedding_layernorm_forward takes it (out,
 // the norm, and mean, rstd and encoded written), for the attention to form itself.
 struct EmbeddingNorm {
@@ -258,10 +263,14 @@ void embedding_linear(cublasHandle_t handle, const EmbeddingNorm& e, const RowPr
 // first layer), ln is its norm, formed here too (one block per sequence writes it).
 // Backward: the gradient at the projection's input dproj [M,B,T,C] proj_w [M,C,C]
 // (into datty where it runs apart; with dproj null, datty holds it already), then
-// attention_backward's dqkv. tf32: flash attention's kernels on the tensor cores.
+// attention_backward's dqkv. tf32: flash attention's kernels on the tensor cores. What
+// the forward keeps for the backward, and the backward reads: with lse set, where
+// attention_flash_recomputes, lse, else att. Without for_backward the forward keeps
+// att only where flash attention does not run.
 struct AttentionWithProducts {
   const float *ln, *qkv_w, *qkv_b, *proj_w, *dproj;
-  float *qkv, *att, *out, *datty, *dqkv;
+  float *qkv, *att, *lse, *out, *datty, *dqkv;
+  bool for_backward;
   const EmbeddingNorm* embedding;
   int B, T, C, H;
   bool apart, tf32;
