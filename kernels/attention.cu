@@ -499,6 +499,11 @@ void attention_backward(float* dqkv, const float* dout, const float* out, const 
                   stream);
 }
 
+bool attention_keeps_probabilities(int T, int C, int H, bool tf32, bool for_backward, bool with_lse) {
+  return !attention_flash_fits(T, C, H, false, tf32) ||
+         (for_backward && !(with_lse && attention_flash_recomputes(T, C, H, tf32)));
+}
+
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M) {
   const EmbeddingNorm* e = a.embedding;
   const float* ln = e ? e->out : a.ln;
@@ -512,9 +517,9 @@ void attention_forward_with_products(cublasHandle_t handle, const AttentionWithP
       matmul_forward(handle, a.qkv, ln, a.qkv_w, M, a.B * a.T, a.C, 3 * a.C);
     }
     if (flash) {
-      const bool recompute = a.lse && attention_flash_recomputes(a.T, a.C, a.H, a.tf32);
-      return attention_forward_flash(a.out, a.for_backward && !recompute ? a.att : nullptr,
-                                     a.for_backward && recompute ? a.lse : nullptr, a.qkv, a.qkv_b, M, a.B, a.T, a.C,
+      const bool keep_att = attention_keeps_probabilities(a.T, a.C, a.H, a.tf32, a.for_backward, a.lse != nullptr);
+      return attention_forward_flash(a.out, keep_att ? a.att : nullptr,
+                                     a.for_backward && !keep_att ? a.lse : nullptr, a.qkv, a.qkv_b, M, a.B, a.T, a.C,
                                      a.H, a.tf32, stream_of(handle));
     }
     return attention_forward(a.out, a.att, a.qkv, a.qkv_b, M, a.B, a.T, a.C, a.H, stream_of(handle));

@@ -387,10 +387,10 @@ class CudaBackend final : public TrainBackend, public DeviceForward {
     const ModelConfig& c = config_.model;
     const int64_t M = config_.models, T = c.seq_len, C = c.d_model, D = c.d_mlp, V = c.vocab, H = c.heads;
     const int64_t rows = M * config_.batch * T;
-    // The probabilities, unless flash attention runs and its backward (if any) forms them
-    // again from each query's log-sum-exp (attention_with_products)
-    const bool keeps_att = fused_ || !cuda::attention_flash_fits(c.seq_len, c.d_model, c.heads, false, tf32_) ||
-                           (training_ && !cuda::attention_flash_recomputes(c.seq_len, c.d_model, c.heads, tf32_));
+    // The probabilities, where the block kernels or the attention's forward write them
+    // (attention_with_products sets lse where the block kernels do not run)
+    const bool keeps_att =
+        fused_ || cuda::attention_keeps_probabilities(c.seq_len, c.d_model, c.heads, tf32_, training_, true);
     auto& r = arena_;
     r.reserve(encoded_, rows * C);
     layers_.resize(c.layers);

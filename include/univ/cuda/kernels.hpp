@@ -276,6 +276,9 @@ struct AttentionWithProducts {
   bool apart, tf32;
 };
 void attention_forward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
+// Whether that forward writes att: where flash attention does not run, or for a
+// backward that does not form the probabilities again (with_lse: lse set).
+bool attention_keeps_probabilities(int T, int C, int H, bool tf32, bool for_backward, bool with_lse);
 void attention_backward_with_products(cublasHandle_t handle, const AttentionWithProducts& a, int M);
 // The longest sequence the fused kernels hold in shared memory for a head width.
 int attention_max_seq_len(int head_dim);
