@@ -7,6 +7,8 @@
 #include <cfloat>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "univ/cuda/chained_launch.hpp"
 #include "univ/cuda/check.hpp"
@@ -103,7 +105,9 @@ __device__ inline void wait_async_copies() {
 // {A(g, c), A(g + 8, c), A(g, c + 4), A(g + 8, c + 4)}, b = {B(c, g), B(c + 4, g)}, d =
 // {D(g, 2c), D(g, 2c + 1), D(g + 8, 2c), D(g + 8, 2c + 1)}. The host emulator gathers
 // a lane's rows of A and columns of B by shuffles and adds their products in k order
-// (the tensor cores' order and rounding of the sum are their own: a TF32 tolerance).
+// (the tensor cores' order and rounding of the sum are their own: a TF32 tolerance),
+// and stops at an operand that is not a TF32 value: the tensor cores would drop its 13
+// low bits, a truncation where the kernels mean round_tf32's rounding.
 __device__ inline void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
 #ifdef __CUDA_ARCH__
   asm volatile(
@@ -113,6 +117,11 @@ __device__ inline void mma_tf32(float (&d)[4], const float (&a)[4], const float 
       : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
         "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
 #else
+  for (const float x : {a[0], a[1], a[2], a[3], b[0], b[1]})
+    if (__float_as_uint(x) & 0x1fffu && (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u) {
+      std::fprintf(stderr, "emulator: an operand of mma_tf32 is not rounded to TF32 (%a)\n", x);
+      std::abort();
+    }
   const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
   // A(r, k) is lane 4 (r % 8) + k % 4's a[r / 8 + 2 (k / 4)], B(k, n) lane 4 n + k % 4's b[k / 4]
   for (int k = 0; k < 8; ++k) {

@@ -5,7 +5,8 @@
 // an exchange through memory at a warp barrier. Streams, events and graphs are
 // emulated in include/cuda_runtime.h: outside a capture work runs at once; a captured
 // graph keeps each node's edges and replays in an order they allow.
-// It checks logic, indexing and ordering, not performance or the GPU's memory model.
+// It checks logic, indexing, ordering and the limits a launch must keep, not performance
+// or the GPU's memory model.
 #pragma once
 #define UNIV_CUDA_EMULATOR 1  // kernels/common.cuh's asynchronous copies take the emulator's
 
@@ -17,8 +18,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,7 +35,6 @@
 #define __host__
 #define __forceinline__
 #define __noinline__
-#define __launch_bounds__(...)
 #define __grid_constant__
 #define __restrict__
 
@@ -39,18 +42,20 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
-struct float4 {
+// The vector types with CUDA's alignment, so that the emulated build's alignment check
+// (-fsanitize=alignment) finds the vector loads that would fault on the GPU.
+struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-struct float2 {
+struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
-struct int2 {
+struct alignas(8) int2 {
   int x, y;
 };
-struct uint4 {
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline int2 make_int2(int x, int y) { return {x, y}; }
@@ -73,7 +78,9 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace emu {
 
 struct Block {
-  std::vector<char> shared, static_shared;  // dynamic (exact size) and static arrays
+  std::vector<char> shared;                          // the dynamic array, its exact size
+  std::vector<std::unique_ptr<char[]>> static_arrays;  // per __shared__ declaration of the file, once reached
+  std::vector<size_t> static_bytes;                  // and its size
   std::vector<double> exchange;             // two slots per thread for shuffles and ballots
   std::vector<char> parity;                 // per thread: which of its slots the next exchange takes
   std::vector<std::vector<std::pair<float*, const float*>>> async_copies;  // per thread: not yet landed
@@ -247,16 +254,82 @@ inline Team& team(int n) {
   return *teams[n];
 }
 
+// sm_90's limits on a launch, which the GPU enforces and the emulator checks: threads
+// and grid extents, and shared memory, 48 KiB a block (static and dynamic together)
+// unless the kernel opted into more dynamic memory by cudaFuncSetAttribute, up to 227
+// KiB in all. A block's static arrays are those it reached (the GPU counts every one
+// of the kernel's).
+constexpr size_t kSharedDefault = 48 * 1024, kSharedOptIn = 232448;
+inline std::mutex opt_ins_mutex;
+inline std::map<const void*, size_t> opt_ins;  // kernel -> the dynamic shared memory it may use
+inline void opt_in_shared(const void* kernel, size_t bytes) {
+  std::lock_guard lock(opt_ins_mutex);
+  opt_ins[kernel] = bytes;
+}
+template <class... Params>
+const void* kernel_key(void (*kernel)(Params...)) {
+  return reinterpret_cast<const void*>(kernel);
+}
+inline const void* kernel_key(const void* kernel) { return kernel; }
+[[noreturn]] inline void launch_fails(const char* name, const std::string& why) {
+  std::fprintf(stderr, "emulator: the launch of %s would fail on the GPU: %s\n", name, why.c_str());
+  std::abort();
+}
+inline void check_launch_shape(dim3 grid, dim3 threads, const char* name) {
+  const size_t n = size_t(threads.x) * threads.y * threads.z;
+  if (n == 0 || n > 1024 || threads.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535 || grid.x > 2147483647u)
+    launch_fails(name, "grid " + std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " +
+                           std::to_string(grid.z) + ", block " + std::to_string(threads.x) + " x " +
+                           std::to_string(threads.y) + " x " + std::to_string(threads.z));
+}
+// A kernel's __launch_bounds__ (tests/emulator/translate.py puts the check at its start).
+inline void check_block_size(int max_threads, const char* name) {
+  const size_t n = size_t(blockDim.x) * blockDim.y * blockDim.z;
+  if (n > size_t(max_threads))
+    launch_fails(name, std::to_string(n) + " threads a block, above its launch bounds' " + std::to_string(max_threads));
+}
+inline void check_shared(const Block& b, const void* kernel, const char* name) {
+  size_t static_total = 0;
+  for (size_t bytes : b.static_bytes) static_total += bytes;
+  const size_t dynamic = b.shared.size();
+  size_t opted = 0;
+  {
+    std::lock_guard lock(opt_ins_mutex);
+    if (const auto it = opt_ins.find(kernel); it != opt_ins.end()) opted = it->second;
+  }
+  const auto bytes = [](size_t n) { return std::to_string(n) + " bytes"; };
+  if (static_total > kSharedDefault) launch_fails(name, bytes(static_total) + " of static shared memory");
+  if (opted + static_total > kSharedOptIn)
+    launch_fails(name, "opted into " + bytes(opted) + " of dynamic shared memory beside " + bytes(static_total) +
+                           " static: above 227 KiB");
+  if (dynamic > (opted ? opted : kSharedDefault - static_total))
+    launch_fails(name, bytes(dynamic) + " of dynamic shared memory beside " + bytes(static_total) + " static, " +
+                           (opted ? "opted into " + bytes(opted) : std::string("not opted into more than 48 KiB")));
+}
+// The block's static array number `slot` of its file (a __shared__ declaration), `bytes`
+// long, allocated when a thread first reaches it.
+inline char* static_shared(size_t slot, size_t bytes) {
+  Block& b = block();
+  if (b.static_arrays.size() <= slot) b.static_arrays.resize(slot + 1), b.static_bytes.resize(slot + 1, 0);
+  if (!b.static_arrays[slot]) {
+    b.static_arrays[slot] = std::make_unique<char[]>(bytes);
+    std::memset(b.static_arrays[slot].get(), 0x7f, bytes);
+    b.static_bytes[slot] = bytes;
+  }
+  return b.static_arrays[slot].get();
+}
+
 // kernel() over the grid, block after block.
 template <class Kernel>
-void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) {
+void launch(dim3 grid, dim3 threads, size_t shared_bytes, const void* key, const char* name, const Kernel& kernel) {
+  check_launch_shape(grid, threads, name);
   const int n = threads.x * threads.y * threads.z;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b;
         b.shared.assign(shared_bytes, 0x7f);  // not zeros: what a kernel forgets to write shows
-        b.static_shared.assign(1 << 18, 0x7f);
         b.exchange.assign(2 * (size_t(n + 31) / 32 * 32), 0.0);
         b.parity.assign(n, 0);
         b.async_copies.assign(n, {});
@@ -265,6 +338,7 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
         blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
         team(n).run(threads, [&] { kernel(); });
         current = outer;
+        check_shared(b, key, name);
         for (const auto& copies : b.async_copies)
           if (!copies.empty()) {
             std::fprintf(stderr, "emulator: a thread's asynchronous copies were never waited for\n");
@@ -272,6 +346,7 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const Kernel& kernel) 
           }
       }
 }
+
 
 // Asynchronous copies (cp.async): each lands only when its thread waits for its copies,
 // reading its source then, so that a read of the destination before the wait, or a

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Rewrites a kernels/*.cu file as host C++ for the emulator (emulator.hpp).
 
-Two rewrites: shared-memory arrays become views of the emulated block's shared memory
-(the dynamic one its exact size, so that AddressSanitizer sees overruns), and every
+Three rewrites: a kernel's launch bounds become a check of its block's size,
+shared-memory arrays become arrays of the emulated block, each its exact size (so that
+AddressSanitizer sees overruns) and counted against the GPU's limits, and every
 launch, `kernel<<<grid, block, shared, stream>>>(args)` or `launch_chained(kernel,
 grid, block, shared, stream, args)`, becomes a call that enqueues the kernel on the
 emulated stream (where nothing runs early, the chained launch is an ordinary one).
@@ -11,18 +12,15 @@ Usage: translate.py IN.cu OUT.cpp
 import re
 import sys
 
-STATIC_SLOT = 65536  # bytes of emulated static shared memory per array
-
-
 def shared_arrays(src):
     src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];',
                  r'\1* \2 = reinterpret_cast<\1*>(emu::block().shared.data());', src)
     slot = [0]
 
     def view(type_, name, dims):
-        offset = slot[0] * STATIC_SLOT
         slot[0] += 1
-        return f'auto& {name} = *reinterpret_cast<{type_}(*){dims}>(emu::block().static_shared.data() + {offset});'
+        return (f'auto& {name} = *reinterpret_cast<{type_}(*){dims}>('
+                f'emu::static_shared({slot[0] - 1}, sizeof({type_}{dims})));')
 
     def declaration(m):  # "__shared__ T a[..][..], b[..], c;"
         return ' '.join(view(m.group(1), name, dims) for name, dims in re.findall(r'(\w+)((?:\[[^\]]+\])*)', m.group(2)))
@@ -54,9 +52,19 @@ def node_name(kernel, before):
     return f'"{kernel}"'
 
 
+TEMPLATE_KERNELS = set()  # the file's kernel templates, by name
+
+
+def kernel_key(kernel):
+    """The launch's kernel as a pointer, which cudaFuncSetAttribute's opt-ins are kept by;
+    null for a template whose arguments the launch deduces (no pointer names it)."""
+    return 'nullptr' if kernel in TEMPLATE_KERNELS else f'emu::kernel_key({kernel})'
+
+
 def enqueue(kernel, grid, block, shared, stream, args, before):
+    name = node_name(kernel, before)
     return (f'emu::enqueue({stream}, [=] {{ emu::launch(dim3({grid}), dim3({block}), {shared}, '
-            f'[=] {{ {kernel}({args}); }}); }}, {node_name(kernel, before)})')
+            f'{kernel_key(kernel)}, {name}, [=] {{ {kernel}({args}); }}); }}, {name})')
 
 
 def closing(src, open_at):
@@ -110,6 +118,21 @@ def launches(src):
     return out + src
 
 
+def launch_bounds(src):
+    """`__global__ void __launch_bounds__(max_threads, ...) kernel(...) {` becomes a check at
+    the kernel's start that its block has at most max_threads threads: the GPU refuses
+    a launch of more."""
+    out = ''
+    while (m := re.search(r'__launch_bounds__\(', src)):
+        close = closing(src, m.end() - 1)
+        max_threads = split_top_level(src[m.end():close])[0]
+        body = src.index('{', close)
+        kernel = re.match(r'\s*(\w+)\s*\(', src[close + 1:body]).group(1)
+        out += src[:m.start()] + src[close + 1:body + 1] + f' emu::check_block_size({max_threads}, "{kernel}");'
+        src = src[body + 1:]
+    return out + src
+
+
 def check_chained_kernels(src, source):
     """A file that launches by launch_chained starts each of its kernels with
     chain_after_prior_grids(): without that wait, a kernel launched early would race
@@ -126,6 +149,8 @@ if __name__ == '__main__':
     with open(source) as f:
         text = f.read()
     check_chained_kernels(text, source)
+    text = launch_bounds(text)
+    TEMPLATE_KERNELS.update(re.findall(r'template\s*<[^{;]*?>\s*__global__[^{;(]*?(\w+)\s*\(', text))
     text = chained_launches(launches(shared_arrays(text)))
     with open(target, 'w') as f:
         f.write(f'// Generated from {source} by tests/emulator/translate.py.\n#line 1 "{source}"\n' + text)

@@ -13,7 +13,7 @@
 #include "../emulator.hpp"
 
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDevice = 101 };
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDevice = 101 };
 typedef emu::Stream* cudaStream_t;
 typedef emu::Event* cudaEvent_t;
 struct EmuGraph {
@@ -257,6 +257,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
   return cudaSuccess;
 }
 template <class Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int value) {
+  if (value < 0 || size_t(value) > emu::kSharedOptIn) return cudaErrorInvalidValue;
+  emu::opt_in_shared(emu::kernel_key(kernel), value);
   return cudaSuccess;
 }
