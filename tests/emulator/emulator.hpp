@@ -23,6 +23,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -320,33 +322,36 @@ inline char* static_shared(size_t slot, size_t bytes) {
   return b.static_arrays[slot].get();
 }
 
-// kernel() over the grid, block after block.
+// kernel() over the grid, block after block, in an order shuffled anew at each launch:
+// on the GPU the blocks run at once in no order, so that a result that depends on
+// their order shows as a difference between launches.
+inline std::atomic<unsigned> launches{0};
 template <class Kernel>
 void launch(dim3 grid, dim3 threads, size_t shared_bytes, const void* key, const char* name, const Kernel& kernel) {
   check_launch_shape(grid, threads, name);
   const int n = threads.x * threads.y * threads.z;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block b;
-        b.shared.assign(shared_bytes, 0x7f);  // not zeros: what a kernel forgets to write shows
-        b.exchange.assign(2 * (size_t(n + 31) / 32 * 32), 0.0);
-        b.parity.assign(n, 0);
-        b.async_copies.assign(n, {});
-        Block* const outer = current;
-        current = &b;
-        blockIdx = dim3(x, y, z), gridDim = grid, blockDim = threads;
-        team(n).run(threads, [&] { kernel(); });
-        current = outer;
-        check_shared(b, key, name);
-        for (const auto& copies : b.async_copies)
-          if (!copies.empty()) {
-            std::fprintf(stderr, "emulator: a thread's asynchronous copies were never waited for\n");
-            std::abort();
-          }
+  std::vector<uint64_t> order(uint64_t(grid.x) * grid.y * grid.z);
+  std::iota(order.begin(), order.end(), uint64_t(0));
+  std::shuffle(order.begin(), order.end(), std::mt19937(++launches));
+  for (const uint64_t i : order) {
+    Block b;
+    b.shared.assign(shared_bytes, 0x7f);  // not zeros: what a kernel forgets to write shows
+    b.exchange.assign(2 * (size_t(n + 31) / 32 * 32), 0.0);
+    b.parity.assign(n, 0);
+    b.async_copies.assign(n, {});
+    Block* const outer = current;
+    current = &b;
+    blockIdx = dim3(i % grid.x, i / grid.x % grid.y, i / grid.x / grid.y), gridDim = grid, blockDim = threads;
+    team(n).run(threads, [&] { kernel(); });
+    current = outer;
+    check_shared(b, key, name);
+    for (const auto& copies : b.async_copies)
+      if (!copies.empty()) {
+        std::fprintf(stderr, "emulator: a thread's asynchronous copies were never waited for\n");
+        std::abort();
       }
+  }
 }
-
 
 // Asynchronous copies (cp.async): each lands only when its thread waits for its copies,
 // reading its source then, so that a read of the destination before the wait, or a

@@ -13,6 +13,7 @@ enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
 enum cublasMath_t { CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH };
 struct EmuCublas {
   cudaStream_t stream = nullptr;
+  bool tf32 = false;  // CUBLAS_TF32_TENSOR_OP_MATH
 };
 typedef EmuCublas* cublasHandle_t;
 inline cublasStatus_t cublasCreate(cublasHandle_t* h) {
@@ -32,7 +33,10 @@ inline cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t* s) {
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void*, size_t) { return CUBLAS_STATUS_SUCCESS; }
-inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t mode) {
+  h->tf32 = mode == CUBLAS_TF32_TENSOR_OP_MATH;
+  return CUBLAS_STATUS_SUCCESS;
+}
 inline const char* cublasGetStatusName(cublasStatus_t) { return "emulated"; }
 // C = alpha op(A) op(B) + beta C per batch, column-major; beta 0 does not read C. The
 // operands are read (read_a, read_b: element offset -> T) into rows of op(A) and columns
@@ -65,12 +69,21 @@ cublasStatus_t emulated_gemm(cudaStream_t stream, cublasOperation_t op_a, cublas
   }, "cublas gemm");
   return CUBLAS_STATUS_SUCCESS;
 }
+// In TF32 math the operands are rounded to TF32 first, to nearest (the tensor cores'
+// sums, and whether cuBLAS rounds or truncates, are cuBLAS's own: a TF32 tolerance).
+inline float emulated_tf32(float x) {
+  const unsigned bits = std::bit_cast<unsigned>(x);
+  return (bits & 0x7f800000u) == 0x7f800000u ? x : std::bit_cast<float>((bits + 0x1000u) & 0xffffe000u);
+}
 inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
                                                 int m, int n, int k, const float* alpha, const float* A, int lda,
                                                 long long stride_a, const float* B, int ldb, long long stride_b,
                                                 const float* beta, float* C, int ldc, long long stride_c, int batch) {
-  return emulated_gemm(h->stream, op_a, op_b, m, n, k, *alpha, [A](long long i) { return A[i]; }, lda, stride_a,
-                       [B](long long i) { return B[i]; }, ldb, stride_b, *beta, C, ldc, stride_c, batch);
+  const bool tf32 = h->tf32;
+  return emulated_gemm(h->stream, op_a, op_b, m, n, k, *alpha,
+                       [A, tf32](long long i) { return tf32 ? emulated_tf32(A[i]) : A[i]; }, lda, stride_a,
+                       [B, tf32](long long i) { return tf32 ? emulated_tf32(B[i]) : B[i]; }, ldb, stride_b, *beta, C,
+                       ldc, stride_c, batch);
 }
 inline cublasStatus_t cublasDgemmStridedBatched(cublasHandle_t h, cublasOperation_t op_a, cublasOperation_t op_b,
                                                 int m, int n, int k, const double* alpha, const double* A, int lda,
