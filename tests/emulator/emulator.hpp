@@ -80,11 +80,11 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace emu {
 
 struct Block {
-  std::vector<char> shared;                          // the dynamic array, its exact size
+  std::vector<char> shared;                            // the dynamic array, its exact size
   std::vector<std::unique_ptr<char[]>> static_arrays;  // per __shared__ declaration of the file, once reached
-  std::vector<size_t> static_bytes;                  // and its size
-  std::vector<double> exchange;             // two slots per thread for shuffles and ballots
-  std::vector<char> parity;                 // per thread: which of its slots the next exchange takes
+  std::vector<size_t> static_bytes;                    // and its size
+  std::vector<double> exchange;                        // two slots per thread for shuffles and ballots
+  std::vector<char> parity;                            // per thread: which of its slots the next exchange takes
   std::vector<std::vector<std::pair<float*, const float*>>> async_copies;  // per thread: not yet landed
 };
 inline thread_local Block* current = nullptr;

@@ -3,8 +3,9 @@
 // and gradients of whole steps (every tensor's in the first), the parameters after
 // them, evaluation, and the forward-only network's activations, to 1e-5 (TF32 steps
 // to TF32's tolerances); first the attention kernels alone against the CPU's
-// attention, and the refusal of a sequence longer than they hold. The step graph replays in random orders its edges allow, so a
-// missing edge between its streams shows as a wrong gradient.
+// attention, and the refusal of a sequence longer than they hold. The step graph
+// replays in random orders its edges allow, so a missing edge between its streams
+// shows as a wrong gradient.
 #include <cmath>
 #include <cstdio>
 #include <random>

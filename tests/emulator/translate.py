@@ -12,6 +12,7 @@ Usage: translate.py IN.cu OUT.cpp
 import re
 import sys
 
+
 def shared_arrays(src):
     src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];',
                  r'\1* \2 = reinterpret_cast<\1*>(emu::block().shared.data());', src)
