@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -80,11 +79,10 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace emu {
 
 struct Block {
-  std::vector<char> shared;                            // the dynamic array, its exact size
-  std::vector<std::unique_ptr<char[]>> static_arrays;  // per __shared__ declaration of the file, once reached
-  std::vector<size_t> static_bytes;                    // and its size
-  std::vector<double> exchange;                        // two slots per thread for shuffles and ballots
-  std::vector<char> parity;                            // per thread: which of its slots the next exchange takes
+  std::vector<char> shared;                       // the dynamic array, its exact size
+  std::vector<std::vector<char>> static_arrays;   // per __shared__ declaration of the file: empty until reached
+  std::vector<double> exchange;                   // two slots per thread for shuffles and ballots
+  std::vector<char> parity;                       // per thread: which of its slots the next exchange takes
   std::vector<std::vector<std::pair<float*, const float*>>> async_copies;  // per thread: not yet landed
 };
 inline thread_local Block* current = nullptr;
@@ -291,15 +289,16 @@ inline void check_block_size(int max_threads, const char* name) {
   if (n > size_t(max_threads))
     launch_fails(name, std::to_string(n) + " threads a block, above its launch bounds' " + std::to_string(max_threads));
 }
-inline void check_shared(const Block& b, const void* kernel, const char* name) {
+// The dynamic shared memory `kernel` opted into (0: none).
+inline size_t opted_in_shared(const void* kernel) {
+  std::lock_guard lock(opt_ins_mutex);
+  const auto it = opt_ins.find(kernel);
+  return it == opt_ins.end() ? 0 : it->second;
+}
+inline void check_shared(const Block& b, size_t opted, const char* name) {
   size_t static_total = 0;
-  for (size_t bytes : b.static_bytes) static_total += bytes;
+  for (const auto& array : b.static_arrays) static_total += array.size();
   const size_t dynamic = b.shared.size();
-  size_t opted = 0;
-  {
-    std::lock_guard lock(opt_ins_mutex);
-    if (const auto it = opt_ins.find(kernel); it != opt_ins.end()) opted = it->second;
-  }
   const auto bytes = [](size_t n) { return std::to_string(n) + " bytes"; };
   if (static_total > kSharedDefault) launch_fails(name, bytes(static_total) + " of static shared memory");
   if (opted + static_total > kSharedOptIn)
@@ -313,13 +312,9 @@ inline void check_shared(const Block& b, const void* kernel, const char* name) {
 // long, allocated when a thread first reaches it.
 inline char* static_shared(size_t slot, size_t bytes) {
   Block& b = block();
-  if (b.static_arrays.size() <= slot) b.static_arrays.resize(slot + 1), b.static_bytes.resize(slot + 1, 0);
-  if (!b.static_arrays[slot]) {
-    b.static_arrays[slot] = std::make_unique<char[]>(bytes);
-    std::memset(b.static_arrays[slot].get(), 0x7f, bytes);
-    b.static_bytes[slot] = bytes;
-  }
-  return b.static_arrays[slot].get();
+  if (b.static_arrays.size() <= slot) b.static_arrays.resize(slot + 1);
+  if (b.static_arrays[slot].empty()) b.static_arrays[slot].assign(bytes, 0x7f);
+  return b.static_arrays[slot].data();
 }
 
 // kernel() over the grid, block after block, in an order shuffled anew at each launch:
@@ -329,6 +324,7 @@ inline std::atomic<unsigned> launches{0};
 template <class Kernel>
 void launch(dim3 grid, dim3 threads, size_t shared_bytes, const void* key, const char* name, const Kernel& kernel) {
   check_launch_shape(grid, threads, name);
+  const size_t opted = opted_in_shared(key);
   const int n = threads.x * threads.y * threads.z;
   std::vector<uint64_t> order(uint64_t(grid.x) * grid.y * grid.z);
   std::iota(order.begin(), order.end(), uint64_t(0));
@@ -344,7 +340,7 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, const void* key, const
     blockIdx = dim3(i % grid.x, i / grid.x % grid.y, i / grid.x / grid.y), gridDim = grid, blockDim = threads;
     team(n).run(threads, [&] { kernel(); });
     current = outer;
-    check_shared(b, key, name);
+    check_shared(b, opted, name);
     for (const auto& copies : b.async_copies)
       if (!copies.empty()) {
         std::fprintf(stderr, "emulator: a thread's asynchronous copies were never waited for\n");

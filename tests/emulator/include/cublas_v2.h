@@ -69,8 +69,9 @@ cublasStatus_t emulated_gemm(cudaStream_t stream, cublasOperation_t op_a, cublas
   }, "cublas gemm");
   return CUBLAS_STATUS_SUCCESS;
 }
-// In TF32 math the operands are rounded to TF32 first, to nearest (the tensor cores'
-// sums, and whether cuBLAS rounds or truncates, are cuBLAS's own: a TF32 tolerance).
+// In TF32 math the operands are rounded to TF32 first, to nearest as kernels/common.cuh's
+// round_tf32 (not included here; the tensor cores' sums, and whether cuBLAS rounds or
+// truncates, are cuBLAS's own: a TF32 tolerance).
 inline float emulated_tf32(float x) {
   const unsigned bits = std::bit_cast<unsigned>(x);
   return (bits & 0x7f800000u) == 0x7f800000u ? x : std::bit_cast<float>((bits + 0x1000u) & 0xffffe000u);
