@@ -52,6 +52,13 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
     testing::Process child(
         kTrainPair, resume ? std::vector<std::string>{"--resume", run.string(), "--save-every", "1", "--device", "cpu"} : fresh,
         scratch.path());
+    if (!resume) {
+      // The first run is let write its first checkpoint: on a busy machine (ctest -j on
+      // two cores) that takes longer than any kill delay below, and no trial resumed.
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+      while (!has_checkpoint(run) && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     if (trial % 2 == 0) {
       // Every other kill waits for a write to start, then lands 0-20 ms into it.
       for (int i = 0; i < 10000 && !(fs::exists(run) && write_in_progress(run)); ++i)
