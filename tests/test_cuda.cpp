@@ -9,6 +9,7 @@
 #include <cmath>
 #include <memory>
 
+#include "tensor_errors.hpp"
 #include "test_util.hpp"
 #include "training_faults.hpp"
 #include "univ/backend.hpp"
@@ -1260,7 +1261,8 @@ RunConfig small_run(int models) {
 // CPU's: the first step's gradients and norms, the worst relative loss difference over
 // the steps, the parameters after them, the test losses.
 struct Divergence {
-  double gradients = 0, grad_norms = 0, losses = 0, params = 0, test_losses = 0;
+  testing::TensorError gradient_tensor;  // the first step's gradients: the worst tensor
+  double grad_norms = 0, losses = 0, params = 0, test_losses = 0;
 };
 Divergence steps_against_cpu(const RunConfig& c, Precision precision, CudaFusion fusion) {
   const DataSource source = open_data(c.data);
@@ -1285,7 +1287,7 @@ Divergence steps_against_cpu(const RunConfig& c, Precision precision, CudaFusion
     const StepStats a = cpu->step(in.data(), tg.data(), lr), b = gpu->step(in.data(), tg.data(), lr);
     EXPECT_TRUE(b.finite) << "step " << step;
     if (step == 0) {
-      d.gradients = relative_error(gpu->gradients(), cpu->gradients());
+      d.gradient_tensor = testing::worst_tensor_error(layout, run.models, gpu->gradients(), cpu->gradients());
       for (int m = 0; m < run.models; ++m)
         d.grad_norms = std::max(d.grad_norms, std::abs(b.grad_norm[m] - a.grad_norm[m]) / a.grad_norm[m]);
     }
@@ -1299,13 +1301,14 @@ Divergence steps_against_cpu(const RunConfig& c, Precision precision, CudaFusion
   return d;
 }
 
-// Every way of grouping the work into kernels (this shape fits each).
+// Every way of grouping the work into kernels (this shape fits each). Each tensor's first
+// gradient to 1e-5 (on the host emulator the worst is 2.9e-7 to 3.3e-7).
 TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
   for (const auto& [models, fusion] : {std::pair{1, CudaFusion::blocks}, std::pair{3, CudaFusion::blocks},
                                        std::pair{3, CudaFusion::sublayers}, std::pair{2, CudaFusion::ops}}) {
     SCOPED_TRACE(to_string(fusion) + ", " + std::to_string(models) + " models");
     const Divergence d = steps_against_cpu(small_run(models), Precision::fp32, fusion);
-    EXPECT_LT(d.gradients, 1e-5) << "one whole step's gradients";
+    EXPECT_LT(d.gradient_tensor.error, 1e-5) << "one whole step's gradients, worst " << d.gradient_tensor.tensor;
     EXPECT_LT(d.grad_norms, 1e-5);
     EXPECT_LT(d.losses, 1e-4) << "100-step loss trajectory";
     EXPECT_LT(d.params, 1e-3);
@@ -1315,14 +1318,17 @@ TEST_F(Gpu, WholeStepsFollowTheCpuBackend) {
 
 // In TF32 (cuBLAS's products and the attention on the tensor cores, the head width of 8
 // fitting attention_flash.cu, and the MLP kernel's two products) the steps stay near the
-// float32 CPU backend's: 20 steps, by sublayers and by op.
+// float32 CPU backend's: 20 steps, by sublayers and by op. Each tensor's first gradient
+// to 5e-3, as emulated_cuda_training checks: on the host emulator the worst is 4.8e-4 to
+// 7.9e-4, and 1.3e-2 with a wrong channel in the recomputed scores (the all-gradient
+// norm then only 1.1e-3).
 TEST_F(Gpu, Tf32StepsStayNearTheCpuBackend) {
   for (const CudaFusion fusion : {CudaFusion::sublayers, CudaFusion::ops}) {
     SCOPED_TRACE(to_string(fusion));
     RunConfig c = small_run(2);
     c.steps = 20;
     const Divergence d = steps_against_cpu(c, Precision::tf32, fusion);
-    EXPECT_LT(d.gradients, 1e-2) << "one whole step's gradients";
+    EXPECT_LT(d.gradient_tensor.error, 5e-3) << "one whole step's gradients, worst " << d.gradient_tensor.tensor;
     EXPECT_LT(d.grad_norms, 1e-2);
     EXPECT_LT(d.losses, 1e-3) << "20-step loss trajectory";
     EXPECT_LT(d.test_losses, 1e-2);

@@ -14,6 +14,7 @@
 
 #include "emulator.hpp"
 #include "report.hpp"
+#include "tensor_errors.hpp"
 #include "univ/backend.hpp"
 #include "univ/cpu/model.hpp"
 #include "univ/cpu/ops.hpp"
@@ -34,34 +35,8 @@ namespace {
 using namespace univ;
 using emu::report;
 
-double relative_error(const float* got, const float* expect, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
-    den += double(expect[i]) * expect[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
 double relative_error(const std::vector<float>& got, const std::vector<float>& expect) {
-  return relative_error(got.data(), expect.data(), static_cast<int64_t>(got.size()));
-}
-
-// The largest relative error of one model's tensor (printed with its name): a small
-// error in one tensor shows, which the norm over all parameters would hide.
-double worst_tensor_error(const ParamLayout& layout, int models, const std::vector<float>& got,
-                          const std::vector<float>& expect) {
-  double worst = 0;
-  std::string which;
-  for (const auto& t : layout.tensors())
-    for (int m = 0; m < models; ++m) {
-      const int64_t at = layout.offset(t, m);
-      const double error = relative_error(got.data() + at, expect.data() + at, t.numel);
-      if (error >= worst) worst = error, which = t.name + " of model " + std::to_string(m);
-    }
-  std::printf("  worst tensor: %s\n", which.c_str());
-  return worst;
+  return testing::relative_error(got.data(), expect.data(), static_cast<int64_t>(got.size()));
 }
 
 struct Case {
@@ -131,10 +106,12 @@ bool whole_steps(const Case& k) {
     // as a whole: Adam turns the rounding noise of gradients that are zero in exact
     // arithmetic (the key bias's: softmax ignores a constant per query) into parameter
     // differences of up to lr |g| / eps, which later single tensors feel.
-    if (step == 0)
-      ok &= report("gradients, worst tensor", worst_tensor_error(layout, k.models, gpu->gradients(), cpu->gradients()),
-                   tolerance);
-    else
+    if (step == 0) {
+      const testing::TensorError worst = testing::worst_tensor_error(layout, k.models, gpu->gradients(),
+                                                                     cpu->gradients());
+      std::printf("  worst tensor: %s\n", worst.tensor.c_str());
+      ok &= report("gradients, worst tensor", worst.error, tolerance);
+    } else
       ok &= report("gradients", relative_error(gpu->gradients(), cpu->gradients()), tolerance);
   }
   ok &= report("parameters after the steps", relative_error(gpu->state().params, cpu->state().params),
