@@ -13,16 +13,13 @@ namespace univ::cuda {
 
 namespace {
 
-// Block (channel tile, v, m): the gradient rows of model m's positions holding token v
-// (token_rows[starts[v]], ... in position order), thread (x, y) adding rows y,
-// y + kColumnRowGroups, ... of channel x; the groups then add up in order.
-__global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
-                                              const int32_t* __restrict__ token_rows,
-                                              const int32_t* __restrict__ token_starts, int N, int C, int V) {
-  chain_after_prior_grids();
-  __shared__ float group[kColumnRowGroups][kColumnTile];
-  const int c = blockIdx.x * kColumnTile + threadIdx.x;
-  const int v = blockIdx.y, m = blockIdx.z;
+// Channel tile `tile` of token v's gradient row of model m: the gradient rows of the
+// positions holding v (token_rows[starts[v]], ... in position order), thread (x, y)
+// adding rows y, y + kColumnRowGroups, ... of channel x; the groups then add up in order.
+__device__ void token_gradient(float (&group)[kColumnRowGroups][kColumnTile], float* __restrict__ dwte,
+                               const float* __restrict__ dout, const int32_t* __restrict__ token_rows,
+                               const int32_t* __restrict__ token_starts, int N, int C, int V, int tile, int v, int m) {
+  const int c = tile * kColumnTile + threadIdx.x;
   const int32_t* rows = token_rows + int64_t(m) * N;
   const int begin = token_starts[int64_t(m) * (V + 1) + v], end = token_starts[int64_t(m) * (V + 1) + v + 1];
   const float* grad = dout + int64_t(m) * N * C;
@@ -39,15 +36,12 @@ __global__ void embedding_backward_wte_kernel(float* __restrict__ dwte, const fl
   }
 }
 
-// dwpe[m] [T*C] = sum over sequences b of dout[m, b] [T*C]. Block (column tile,
-// model): thread (x, y) sums sequences y, y + kColumnRowGroups, ... of column x; the
-// groups then add up in order. T*C columns give enough blocks for one stage.
-__global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const float* __restrict__ dout, int B,
-                                              int64_t TC) {
-  chain_after_prior_grids();
-  __shared__ float group[kColumnRowGroups][kColumnTile];
-  const int64_t i = blockIdx.x * int64_t(kColumnTile) + threadIdx.x;
-  const int64_t m = blockIdx.y;
+// Column tile `tile` of dwpe[m] [T*C] = the sum over sequences b of dout[m, b] [T*C]:
+// thread (x, y) sums sequences y, y + kColumnRowGroups, ... of column x; the groups
+// then add up in order. T*C columns give enough blocks for one stage.
+__device__ void position_gradient(float (&group)[kColumnRowGroups][kColumnTile], float* __restrict__ dwpe,
+                                  const float* __restrict__ dout, int B, int64_t TC, int64_t tile, int64_t m) {
+  const int64_t i = tile * kColumnTile + threadIdx.x;
   float sum = 0.0f;
   if (i < TC)
     for (int b = threadIdx.y; b < B; b += kColumnRowGroups) sum += dout[(m * B + b) * TC + i];
@@ -56,6 +50,27 @@ __global__ void embedding_backward_wpe_kernel(float* __restrict__ dwpe, const fl
   if (threadIdx.y == 0 && i < TC) {
     for (int g = 1; g < kColumnRowGroups; ++g) sum += group[g][threadIdx.x];
     dwpe[m * TC + i] = sum;
+  }
+}
+
+// Both gradients in one launch, so that the step's chain has one node for them: blocks
+// [0, channel_tiles V M) the token rows (tile, v, m), the rest (with dwpe) the positions'
+// column tiles (tile, m).
+__global__ void embedding_backward_kernel(float* __restrict__ dwte, float* __restrict__ dwpe,
+                                          const float* __restrict__ dout, const int32_t* __restrict__ token_rows,
+                                          const int32_t* __restrict__ token_starts, int B, int T, int C, int V,
+                                          int token_blocks, int position_tiles) {
+  chain_after_prior_grids();
+  __shared__ float group[kColumnRowGroups][kColumnTile];
+  const int channel_tiles = ceil_div(C, kColumnTile);
+  const int block = blockIdx.x;
+  if (block < token_blocks) {
+    token_gradient(group, dwte, dout, token_rows, token_starts, B * T, C, V, block % channel_tiles,
+                   block / channel_tiles % V, block / (channel_tiles * V));
+  } else {
+    const int position_block = block - token_blocks;
+    position_gradient(group, dwpe, dout, B, int64_t(T) * C, position_block % position_tiles,
+                      position_block / position_tiles);
   }
 }
 
@@ -84,13 +99,11 @@ void sort_positions_by_token(int32_t* token_rows, int32_t* token_starts, const i
 
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* token_rows,
                         const int32_t* token_starts, int M, int B, int T, int C, int V, cudaStream_t stream) {
-  launch_chained(embedding_backward_wte_kernel, dim3(ceil_div(C, kColumnTile), V, M),
-                 dim3(kColumnTile, kColumnRowGroups), 0, stream, dwte, dout, token_rows, token_starts, B * T, C, V);
-  if (dwpe) {
-    const int64_t TC = int64_t(T) * C;
-    launch_chained(embedding_backward_wpe_kernel, dim3(static_cast<unsigned>(ceil_div<int64_t>(TC, kColumnTile)), M),
-                   dim3(kColumnTile, kColumnRowGroups), 0, stream, dwpe, dout, B, TC);
-  }
+  const int token_blocks = ceil_div(C, kColumnTile) * V * M;
+  const int position_tiles = static_cast<int>(ceil_div<int64_t>(int64_t(T) * C, kColumnTile));
+  const int blocks = token_blocks + (dwpe ? position_tiles * M : 0);
+  launch_chained(embedding_backward_kernel, blocks, dim3(kColumnTile, kColumnRowGroups), 0, stream, dwte, dwpe, dout,
+                 token_rows, token_starts, B, T, C, V, token_blocks, position_tiles);
 }
 
 }  // namespace univ::cuda
