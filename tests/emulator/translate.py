@@ -44,12 +44,14 @@ def split_top_level(text):
 
 def node_name(kernel, before):
     """The launch's name in a graph: a kernel template's instance as the compiler names
-    it; a variable set to one of two kernels (`auto k = c ? a<1> : a<4>;`) as both."""
+    it; a variable set to one of two kernels (`auto k = c ? a<1> : a<4>;`) as the one it
+    holds at the launch."""
     if '<' in kernel:
         return f'emu::kernel_name<&{kernel}>()'
     choice = list(re.finditer(rf'auto {re.escape(kernel)} = [^;?]*\?\s*([^:;]+?)\s*:\s*([^;]+?);', before))
     if choice:
-        return '"' + ' or '.join(choice[-1].groups()) + '"'
+        first, second = choice[-1].groups()
+        return f'({kernel} == {first} ? {node_name(first, "")} : {node_name(second, "")})'
     return f'"{kernel}"'
 
 
