@@ -53,8 +53,9 @@ TEST(Faults, SigkillDuringCheckpointWritesAlwaysLeavesALoadableCheckpoint) {
         kTrainPair, resume ? std::vector<std::string>{"--resume", run.string(), "--save-every", "1", "--device", "cpu"} : fresh,
         scratch.path());
     if (!resume) {
-      // The first run is let write its first checkpoint: on a busy machine (ctest -j on
-      // two cores) that takes longer than any kill delay below, and no trial resumed.
+      // The first run writes its first checkpoint before its kill: on a busy machine
+      // (ctest -j on two cores) that takes longer than any kill delay below, and no
+      // trial would ever resume.
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
       while (!has_checkpoint(run) && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
