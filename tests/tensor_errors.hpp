@@ -1,6 +1,6 @@
-// Relative errors of parameter-shaped buffers, one model's tensor at a time: a small
-// error in one tensor shows, which the norm over all parameters would hide. Without
-// GoogleTest, so that the host emulator's checks share it.
+// Relative errors: of whole buffers, and of parameter-shaped buffers one model's tensor
+// at a time (a small error in one tensor shows, which the norm over all parameters
+// would hide). Without GoogleTest, so that the host emulator's checks share it.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -13,14 +13,20 @@
 namespace univ::testing {
 
 // ||got - expect|| / ||expect|| over n elements; infinite where got is not finite.
-inline double relative_error(const float* got, const float* expect, int64_t n) {
-  double num = 0, den = 0;
+template <class A, class B>
+double relative_error(const A* got, const B* expect, int64_t n) {
+  double diff = 0, ref = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (double(got[i]) - expect[i]) * (double(got[i]) - expect[i]);
-    den += double(expect[i]) * expect[i];
+    if (!std::isfinite(double(got[i]))) return INFINITY;
+    diff += (double(got[i]) - double(expect[i])) * (double(got[i]) - double(expect[i]));
+    ref += double(expect[i]) * double(expect[i]);
   }
-  return std::sqrt(num / std::max(den, 1e-300));
+  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-300);
+}
+
+template <class A, class B>
+double relative_error(const std::vector<A>& got, const std::vector<B>& expect) {
+  return relative_error(got.data(), expect.data(), static_cast<int64_t>(got.size()));
 }
 
 struct TensorError {

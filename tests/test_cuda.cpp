@@ -9,7 +9,6 @@
 #include <cmath>
 #include <memory>
 
-#include "tensor_errors.hpp"
 #include "test_util.hpp"
 #include "training_faults.hpp"
 #include "univ/backend.hpp"

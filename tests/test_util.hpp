@@ -1,4 +1,5 @@
-// Helpers shared by the tests: random data, finite differences, error norms, temp dirs.
+// Helpers shared by the tests: random data, finite differences, temp dirs (error norms:
+// tensor_errors.hpp).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tensor_errors.hpp"  // relative_error
 #include "univ/error.hpp"
 #include "univ/train.hpp"
 
@@ -50,17 +52,6 @@ inline std::vector<double> numeric_gradient(std::vector<double>& x, const std::f
     g[i] = (up - down) / (2 * h);
   }
   return g;
-}
-
-// ||a - b|| / ||b||
-template <class A, class B>
-double relative_error(const std::vector<A>& a, const std::vector<B>& b) {
-  double diff = 0, ref = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
-    ref += double(b[i]) * double(b[i]);
-  }
-  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-300);
 }
 
 template <class F>

@@ -35,9 +35,7 @@ namespace {
 using namespace univ;
 using emu::report;
 
-double relative_error(const std::vector<float>& got, const std::vector<float>& expect) {
-  return testing::relative_error(got.data(), expect.data(), static_cast<int64_t>(got.size()));
-}
+using testing::relative_error;
 
 struct Case {
   const char* name;
